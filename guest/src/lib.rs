@@ -1,0 +1,280 @@
+//! ftvm's built-in test guest: a small x86-64 kernel in C and GNU assembly
+//! (`guest/testguest/`), compiled by this crate's `build.rs` with the host
+//! gcc and embedded here as a static ELF64 image.
+//!
+//! # Boot contract
+//!
+//! The VMM loads each `PT_LOAD` segment at its physical address (the image
+//! is linked at 1 MiB, `p_paddr == p_vaddr`; the `.bss` part of the data
+//! segment need not be zeroed, the guest does that) and enters at the ELF
+//! entry point:
+//!
+//! * 64-bit long mode, CPL0, paging on with an identity map of the first
+//!   4 GiB; GDT with a 64-bit code selector 0x08 and data selector 0x10;
+//! * RFLAGS = 0x2 (interrupts off), any (empty) IDT: the guest loads its own;
+//! * RSP anywhere usable (the VMM uses 0x8ff0): the guest switches to its
+//!   own 16 KiB stack in `.bss` before using it;
+//! * RDI = guest-physical address of a NUL-terminated command line (may be
+//!   empty; at most 4095 bytes are read), RSI = guest memory size in bytes.
+//!
+//! The machine it expects: one CPU; a 16550 UART at 0x3f8 on IRQ4; two
+//! 8259A PICs (0x20/0x21, 0xa0/0xa1), which the guest programs with ICW1-4
+//! (vector bases 0x20/0x28, cascade on IRQ2, 8086 mode, edge-triggered) and
+//! masks down to IRQ0, IRQ2 and IRQ4; an 8254 PIT at 0x40-0x43 (1193182 Hz,
+//! channel 0 on IRQ0); a CMOS RTC at 0x70/0x71; and a debug exit port 0xf4,
+//! where a byte written ends the VM with that exit status (0: the run
+//! finished; 3: CPU exception; 4: unexpected interrupt vector).
+//!
+//! The code uses only plain integer instructions plus `in`/`out`, `cli`,
+//! `sti`, `hlt`, `lidt` and `iretq`: no `int`/`int3`, `rdtsc(p)`, `rdrand`,
+//! `rdseed`, `cpuid`, `xsave`/`xrstor`, `cmpxchg16b`, `ud2`, x87, MMX, SSE
+//! or AVX (the unit tests check the disassembly). It idles with `sti; hlt`
+//! and never polls a device in a loop, except for the final wait for the
+//! UART's transmitter to empty and in the fatal-exception path.
+//!
+//! # Command line
+//!
+//! Space-separated `key=value` options: `seconds=N` (run time in guest
+//! seconds, i.e. `N * hz` timer ticks; default 3; 0 runs forever), `hz=N`
+//! (PIT rate, default 100, clamped to 19..=10000), `lines=N` (status lines
+//! per second, default 10, at most `hz`; 0 for none), `quiet=1` (no status
+//! lines; bare `quiet` also works). Unknown options are ignored and
+//! reported as `[boot] ignoring unknown option KEY`.
+//!
+//! # Output (COM1, lines end in `\n`)
+//!
+//! ```text
+//! ftvm test guest: hz=100 lines=10 seconds=3 mem=256 MiB
+//! [boot] rtc 2024-05-01 12:34:56
+//! [0001] ticks=10 pit=11873 sum=1a2b3c4d
+//! ...
+//! [0010] ticks=100 pit=11790 sum=0badf00d rb=b4/11779
+//! [echo] "hello"
+//! [done] ticks=300 lines=30 rx=6 sum=89abcdef
+//! ```
+//!
+//! * Status line `[NNNN] ticks=T pit=P sum=XXXXXXXX` every `hz / lines`
+//!   ticks: `NNNN` the line number from 1, zero-padded to at least 4 digits;
+//!   `T` the tick count; `P` channel 0's count, latched (command 0x00) right
+//!   then; every 10th line adds ` rb=SS/C` from a read-back command (0xc2:
+//!   latch count and status of channel 0), status in hex, count in decimal.
+//! * `sum` is a running FNV-1a 32-bit checksum (offset basis 0x811c9dc5,
+//!   prime 0x01000193) over every byte received on COM1, folded in as it is
+//!   received, and over the values of each status line in the order line
+//!   number, ticks, pit (and then rb status, rb count), each folded as its
+//!   8 little-endian bytes (as a `u64`) before the line is printed.
+//! * `[echo] "..."`: received bytes, shown when a CR or LF arrives (not
+//!   included; the LF of a CR LF pair is swallowed), when 64 are pending, or
+//!   at the next status-line tick. Printable ASCII as is, `"` and `\`
+//!   backslash-escaped, anything else as `\xHH`.
+//! * `[done] ticks=T lines=N rx=R sum=XXXXXXXX` after `seconds * hz` ticks,
+//!   then the guest waits for its output to drain and writes 0 to port 0xf4.
+//! * Faults: `[fatal] exception V error=0xE rip=0xRRRRRRRRRRRRRRRR` (exit
+//!   status 3) or `[fatal] unexpected vector V` (exit status 4), printed
+//!   with polled output; `V` in decimal.
+//!
+//! The output is a function of the command line, when timer interrupts
+//! arrive, the PIT and RTC values read and the bytes received only, so a
+//! VMM replaying those inputs at the same points reproduces it byte for
+//! byte.
+
+/// The test guest's ELF image.
+pub const TEST_GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest.elf"));
+
+/// Human-readable name of the built-in guest.
+pub const TEST_GUEST_NAME: &str = "built-in test guest";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn u16_at(b: &[u8], o: usize) -> u16 {
+        u16::from_le_bytes(b[o..o + 2].try_into().unwrap())
+    }
+    fn u32_at(b: &[u8], o: usize) -> u32 {
+        u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+    }
+    fn u64_at(b: &[u8], o: usize) -> u64 {
+        u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+    }
+
+    struct Phdr {
+        p_type: u32,
+        flags: u32,
+        offset: u64,
+        vaddr: u64,
+        paddr: u64,
+        filesz: u64,
+        memsz: u64,
+    }
+
+    fn phdrs(elf: &[u8]) -> Vec<Phdr> {
+        let phoff = u64_at(elf, 0x20) as usize;
+        let phentsize = u16_at(elf, 0x36) as usize;
+        let phnum = u16_at(elf, 0x38) as usize;
+        assert_eq!(phentsize, 56);
+        (0..phnum)
+            .map(|i| {
+                let o = phoff + i * phentsize;
+                Phdr {
+                    p_type: u32_at(elf, o),
+                    flags: u32_at(elf, o + 4),
+                    offset: u64_at(elf, o + 8),
+                    vaddr: u64_at(elf, o + 16),
+                    paddr: u64_at(elf, o + 24),
+                    filesz: u64_at(elf, o + 32),
+                    memsz: u64_at(elf, o + 40),
+                }
+            })
+            .collect()
+    }
+
+    const PT_LOAD: u32 = 1;
+    const PF_X: u32 = 1;
+
+    #[test]
+    fn is_static_elf64_x86_64_at_1mib() {
+        let e = TEST_GUEST_ELF;
+        assert!(e.len() > 64);
+        assert_eq!(&e[0..4], b"\x7fELF", "ELF magic");
+        assert_eq!(e[4], 2, "ELFCLASS64");
+        assert_eq!(e[5], 1, "little-endian");
+        assert_eq!(u16_at(e, 0x10), 2, "ET_EXEC");
+        assert_eq!(u16_at(e, 0x12), 0x3e, "EM_X86_64");
+
+        let loads: Vec<Phdr> = phdrs(e)
+            .into_iter()
+            .filter(|p| p.p_type == PT_LOAD)
+            .collect();
+        assert!(!loads.is_empty());
+        let entry = u64_at(e, 0x18);
+        let mut entry_ok = false;
+        for p in &loads {
+            assert!(p.vaddr >= 0x10_0000, "segment below 1 MiB: {:#x}", p.vaddr);
+            assert_eq!(p.paddr, p.vaddr, "p_paddr != p_vaddr");
+            assert!(p.memsz >= p.filesz);
+            assert!(p.offset + p.filesz <= e.len() as u64);
+            assert!(p.vaddr + p.memsz < 16 << 20, "guest should stay small");
+            if p.flags & PF_X != 0 && (p.vaddr..p.vaddr + p.filesz).contains(&entry) {
+                entry_ok = true;
+            }
+        }
+        assert!(entry_ok, "entry {entry:#x} not in an executable segment");
+        assert_eq!(entry, 0x10_0000, "entry is at the start of .text");
+        assert!(!TEST_GUEST_NAME.is_empty());
+    }
+
+    /// Mnemonics (or prefixes of them) that must not appear: the local
+    /// KVM's instruction emulator cannot run them, or they are
+    /// nondeterministic, or they touch x87/SSE/AVX state.
+    const FORBIDDEN_EXACT: &[&str] = &[
+        "int",
+        "int1",
+        "int3",
+        "into",
+        "icebp",
+        "rdtsc",
+        "rdtscp",
+        "rdrand",
+        "rdseed",
+        "rdpid",
+        "rdpmc",
+        "cpuid",
+        "cmpxchg16b",
+        "ud0",
+        "ud1",
+        "ud2",
+        "ud2a",
+        "ud2b",
+        "emms",
+        "femms",
+        "ldmxcsr",
+        "stmxcsr",
+        "vzeroupper",
+        "vzeroall",
+        "wait",
+        "(bad)",
+        "syscall",
+        "sysenter",
+        "rdmsr",
+        "wrmsr",
+    ];
+    const FORBIDDEN_PREFIX: &[&str] = &["xsave", "xrstor", "fxsave", "fxrstor"];
+    const FORBIDDEN_OPERAND: &[&str] = &["%xmm", "%ymm", "%zmm", "%mm", "%st", "%k"];
+
+    /// `objdump -d` mnemonic of a disassembly line, without prefixes.
+    fn mnemonic(insn: &str) -> Option<&str> {
+        let mut words = insn.split_whitespace();
+        loop {
+            let w = words.next()?;
+            match w {
+                "rep" | "repz" | "repe" | "repnz" | "repne" | "lock" | "data16" | "addr32"
+                | "cs" | "ds" | "es" | "ss" | "fs" | "gs" | "notrack" | "bnd" | "rex" | "rex.W" => {
+                    continue
+                }
+                _ if w.starts_with("rex.") => continue,
+                _ => return Some(w),
+            }
+        }
+    }
+
+    #[test]
+    fn no_forbidden_instructions() {
+        let path = std::env::temp_dir().join(format!("ftvm-testguest-{}.elf", std::process::id()));
+        std::fs::write(&path, TEST_GUEST_ELF).unwrap();
+        let out = Command::new("objdump")
+            .arg("-d")
+            .arg("--no-show-raw-insn")
+            .arg("-M")
+            .arg("att-mnemonic")
+            .arg(&path)
+            .env("LC_ALL", "C")
+            .output();
+        let _ = std::fs::remove_file(&path);
+        let out = out.expect("running objdump (binutils) to disassemble the test guest");
+        assert!(
+            out.status.success(),
+            "objdump failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+
+        let mut count = 0;
+        let mut bad = Vec::new();
+        for line in text.lines() {
+            // Instruction lines look like "  100000:\tcli" (no raw bytes).
+            let Some((addr, insn)) = line.split_once(":\t") else {
+                continue;
+            };
+            if u64::from_str_radix(addr.trim(), 16).is_err() {
+                continue;
+            }
+            let Some(m) = mnemonic(insn) else { continue };
+            count += 1;
+            let m = m.trim_end_matches(',');
+            let base = m.strip_suffix('q').unwrap_or(m);
+            // No integer mnemonic starts with 'f'; x87 ones all do.
+            let x87 = m.starts_with('f');
+            let avx = m.starts_with('v') && m != "verr" && m != "verw";
+            if FORBIDDEN_EXACT.contains(&m)
+                || FORBIDDEN_EXACT.contains(&base)
+                || FORBIDDEN_PREFIX.iter().any(|p| m.starts_with(p))
+                || FORBIDDEN_OPERAND.iter().any(|r| insn.contains(r))
+                || x87
+                || avx
+            {
+                bad.push(line.to_string());
+            }
+        }
+        assert!(
+            count > 200,
+            "disassembly looks empty ({count} instructions)"
+        );
+        assert!(
+            bad.is_empty(),
+            "forbidden instructions in the test guest:\n{}",
+            bad.join("\n")
+        );
+    }
+}

@@ -1,0 +1,433 @@
+/*
+ * ftvm built-in test guest: command line, boot banner and the main loop.
+ *
+ * Everything printed is a function of the command line, when the timer
+ * interrupts arrive, the PIT and RTC values read and the bytes received on
+ * COM1, so a VMM that replays those inputs reproduces the output exactly.
+ */
+#include "ftvm.h"
+
+#define CMDLINE_MAX 4096
+#define DEFAULT_SECONDS 3
+#define DEFAULT_HZ 100
+#define DEFAULT_LINES 10
+#define HZ_MIN 19	/* PIT divisor must fit in 16 bits */
+#define HZ_MAX 10000
+#define SECONDS_MAX 1000000000ull
+#define KEY_PRINT_MAX 64
+#define ECHO_MAX 64
+#define READBACK_EVERY 10
+
+struct config {
+	u64 seconds;
+	u64 hz;
+	u64 lines;
+	bool quiet;
+};
+
+static char cmdline[CMDLINE_MAX];
+
+static void print(const struct line *l)
+{
+	tx_line(l);
+}
+
+/* ---- command line -------------------------------------------------------- */
+
+static bool is_space(char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+static bool key_is(const char *k, u32 kn, const char *name)
+{
+	u32 i;
+
+	for (i = 0; i < kn; i++)
+		if (name[i] != k[i])
+			return false;
+	return name[kn] == '\0';
+}
+
+static bool parse_u64(const char *s, u32 n, u64 *out)
+{
+	u64 v = 0;
+	u32 i;
+
+	if (n == 0 || n > 19)
+		return false;
+	for (i = 0; i < n; i++) {
+		if (s[i] < '0' || s[i] > '9')
+			return false;
+		v = v * 10 + (u64)(s[i] - '0');
+	}
+	*out = v;
+	return true;
+}
+
+static void boot_note_key(const char *what, const char *k, u32 kn)
+{
+	struct line l;
+	u32 i;
+
+	line_reset(&l);
+	line_str(&l, "[boot] ");
+	line_str(&l, what);
+	for (i = 0; i < kn && i < KEY_PRINT_MAX; i++)
+		line_escaped(&l, (u8)k[i]);
+	if (kn > KEY_PRINT_MAX)
+		line_str(&l, "...");
+	line_ch(&l, '\n');
+	print(&l);
+}
+
+static void boot_note_clamp(const char *key, u64 given, u64 used)
+{
+	struct line l;
+
+	line_reset(&l);
+	line_str(&l, "[boot] ");
+	line_str(&l, key);
+	line_ch(&l, '=');
+	line_dec(&l, given, 0);
+	line_str(&l, " out of range, using ");
+	line_dec(&l, used, 0);
+	line_ch(&l, '\n');
+	print(&l);
+}
+
+/*
+ * Space-separated key=value options. Runs twice: silently before the
+ * devices are set up, then again with `report` to print what it ignored.
+ */
+static void parse_cmdline(struct config *c, bool report)
+{
+	const char *p = cmdline;
+
+	c->seconds = DEFAULT_SECONDS;
+	c->hz = DEFAULT_HZ;
+	c->lines = DEFAULT_LINES;
+	c->quiet = false;
+
+	for (;;) {
+		const char *tok, *key, *val = NULL;
+		u32 tn, kn, vn = 0;
+		u64 v;
+
+		while (*p && is_space(*p))
+			p++;
+		if (!*p)
+			break;
+		tok = p;
+		while (*p && !is_space(*p))
+			p++;
+		tn = (u32)(p - tok);
+		key = tok;
+		for (kn = 0; kn < tn && key[kn] != '='; kn++)
+			;
+		if (kn < tn) {
+			val = key + kn + 1;
+			vn = tn - kn - 1;
+		}
+
+		if (key_is(key, kn, "seconds") || key_is(key, kn, "hz") ||
+		    key_is(key, kn, "lines")) {
+			if (!val || !parse_u64(val, vn, &v)) {
+				if (report)
+					boot_note_key("ignoring bad value for option ", key, kn);
+				continue;
+			}
+			if (key[0] == 's')
+				c->seconds = v;
+			else if (key[0] == 'h')
+				c->hz = v;
+			else
+				c->lines = v;
+		} else if (key_is(key, kn, "quiet")) {
+			if (!val) {
+				c->quiet = true;
+			} else if (parse_u64(val, vn, &v)) {
+				c->quiet = v != 0;
+			} else if (report) {
+				boot_note_key("ignoring bad value for option ", key, kn);
+			}
+		} else if (report) {
+			if (kn)
+				boot_note_key("ignoring unknown option ", key, kn);
+			else
+				boot_note_key("ignoring unknown option ", tok, tn);
+		}
+	}
+
+	if (c->hz < HZ_MIN || c->hz > HZ_MAX) {
+		u64 used = c->hz < HZ_MIN ? HZ_MIN : HZ_MAX;
+
+		if (report)
+			boot_note_clamp("hz", c->hz, used);
+		c->hz = used;
+	}
+	if (c->lines > c->hz) {
+		if (report)
+			boot_note_clamp("lines", c->lines, c->hz);
+		c->lines = c->hz;
+	}
+	if (c->seconds > SECONDS_MAX) {
+		if (report)
+			boot_note_clamp("seconds", c->seconds, SECONDS_MAX);
+		c->seconds = SECONDS_MAX;
+	}
+}
+
+/* ---- echo of received bytes ------------------------------------------- */
+
+static u8 echo_buf[ECHO_MAX];
+static u32 echo_n;
+static bool echo_last_cr;	/* swallow the LF of a CR LF pair */
+static bool echo_partial;	/* part of this input line already shown */
+
+static void echo_emit(void)
+{
+	struct line l;
+	u32 i;
+
+	line_reset(&l);
+	line_str(&l, "[echo] \"");
+	for (i = 0; i < echo_n; i++)
+		line_escaped(&l, echo_buf[i]);
+	line_str(&l, "\"\n");
+	print(&l);
+	echo_n = 0;
+}
+
+static void echo_byte(u8 b)
+{
+	if (b == '\n' && echo_last_cr) {
+		echo_last_cr = false;
+		return;
+	}
+	echo_last_cr = b == '\r';
+	if (b == '\r' || b == '\n') {
+		if (echo_n || !echo_partial)
+			echo_emit();
+		echo_partial = false;
+		return;
+	}
+	echo_buf[echo_n++] = b;
+	if (echo_n == ECHO_MAX) {
+		echo_emit();
+		echo_partial = true;
+	}
+}
+
+static void echo_flush_partial(void)
+{
+	if (echo_n) {
+		echo_emit();
+		echo_partial = true;
+	}
+}
+
+static void rx_process(void)
+{
+	u8 buf[64];
+	u64 dropped;
+	u32 n, i;
+
+	for (;;) {
+		cli();
+		n = rx_take(buf, sizeof(buf), &dropped);
+		sti();
+		if (dropped) {
+			struct line l;
+
+			line_reset(&l);
+			line_str(&l, "[echo] (rx overrun: ");
+			line_dec(&l, dropped, 0);
+			line_str(&l, " bytes not echoed)\n");
+			print(&l);
+		}
+		if (!n)
+			break;
+		for (i = 0; i < n; i++)
+			echo_byte(buf[i]);
+	}
+}
+
+/* ---- periodic status line ---------------------------------------------- */
+
+static u64 line_no;
+
+static void status_line(void)
+{
+	struct line l;
+	u64 t;
+	u16 pit, rb_count = 0;
+	u8 rb_status = 0;
+	bool rb;
+	u32 s;
+
+	line_no++;
+	rb = line_no % READBACK_EVERY == 0;
+
+	cli();
+	t = ticks;
+	pit = pit_read();
+	sum_u64(line_no);
+	sum_u64(t);
+	sum_u64(pit);
+	if (rb) {
+		pit_readback(&rb_status, &rb_count);
+		sum_u64(rb_status);
+		sum_u64(rb_count);
+	}
+	s = sum_get();
+	sti();
+
+	line_reset(&l);
+	line_ch(&l, '[');
+	line_dec(&l, line_no, 4);
+	line_str(&l, "] ticks=");
+	line_dec(&l, t, 0);
+	line_str(&l, " pit=");
+	line_dec(&l, pit, 0);
+	line_str(&l, " sum=");
+	line_hex(&l, s, 8);
+	if (rb) {
+		line_str(&l, " rb=");
+		line_hex(&l, rb_status, 2);
+		line_ch(&l, '/');
+		line_dec(&l, rb_count, 0);
+	}
+	line_ch(&l, '\n');
+	print(&l);
+}
+
+__attribute__((noreturn)) static void finish(void)
+{
+	struct line l;
+	u64 t, rx;
+	u32 s;
+
+	echo_flush_partial();
+	cli();
+	t = ticks;
+	rx = rx_total();
+	s = sum_get();
+	sti();
+
+	line_reset(&l);
+	line_str(&l, "[done] ticks=");
+	line_dec(&l, t, 0);
+	line_str(&l, " lines=");
+	line_dec(&l, line_no, 0);
+	line_str(&l, " rx=");
+	line_dec(&l, rx, 0);
+	line_str(&l, " sum=");
+	line_hex(&l, s, 8);
+	line_ch(&l, '\n');
+	print(&l);
+
+	tx_drain();
+	cli();
+	outb(EXIT_OK, DEBUG_EXIT_PORT);
+	halt_forever();
+}
+
+/* ---- main loop ------------------------------------------------------------ */
+
+__attribute__((noreturn)) static void run(const struct config *c)
+{
+	/* Period events happen every `period` ticks whether or not a status
+	 * line is printed: they also flush a partially received echo line. */
+	u64 period = c->lines ? c->hz / c->lines : c->hz;
+	bool lines_on = c->lines && !c->quiet;
+	u64 next_period = period;
+	u64 end_tick = c->seconds * c->hz;	/* 0: run forever */
+	u64 next_service = c->hz;		/* once a second, see below */
+
+	for (;;) {
+		u64 now;
+
+		cli();
+		now = ticks;
+		if (tx_stalled(now))
+			tx_unstick();
+		if (!rx_pending() && now < next_period && now < next_service &&
+		    !(end_tick && now >= end_tick)) {
+			sti_hlt();
+			continue;
+		}
+		if (now >= next_service) {
+			/* Safety net for a lost UART interrupt edge: one IIR
+			 * read a second when all is well. */
+			uart_service();
+			next_service += c->hz;
+		}
+		sti();
+
+		rx_process();
+		if (now >= next_period) {
+			echo_flush_partial();
+			if (lines_on)
+				status_line();
+			next_period += period;
+		}
+		if (end_tick && now >= end_tick && next_period > end_tick)
+			finish();
+	}
+}
+
+void kmain(const char *cmd, u64 mem_bytes)
+{
+	struct config cfg;
+	struct rtc_time rtc;
+	struct line l;
+	u32 i;
+
+	/* The IDT first, so that even a bad command-line pointer is reported. */
+	idt_init();
+	for (i = 0; cmd && i < CMDLINE_MAX - 1 && cmd[i]; i++)
+		cmdline[i] = cmd[i];
+	cmdline[i] = '\0';
+	parse_cmdline(&cfg, false);
+
+	sum_init();
+	pic_init();
+	pit_init(cfg.hz);
+	uart_init(cfg.hz);
+	pic_unmask_used();
+	sti();
+
+	line_reset(&l);
+	line_str(&l, "ftvm test guest: hz=");
+	line_dec(&l, cfg.hz, 0);
+	line_str(&l, " lines=");
+	line_dec(&l, cfg.lines, 0);
+	line_str(&l, " seconds=");
+	line_dec(&l, cfg.seconds, 0);
+	line_str(&l, " mem=");
+	line_dec(&l, mem_bytes >> 20, 0);
+	line_str(&l, " MiB\n");
+	print(&l);
+
+	parse_cmdline(&cfg, true);
+
+	rtc_read(&rtc);
+	line_reset(&l);
+	line_str(&l, "[boot] rtc ");
+	line_dec(&l, rtc.year, 4);
+	line_ch(&l, '-');
+	line_dec(&l, rtc.month, 2);
+	line_ch(&l, '-');
+	line_dec(&l, rtc.day, 2);
+	line_ch(&l, ' ');
+	line_dec(&l, rtc.hour, 2);
+	line_ch(&l, ':');
+	line_dec(&l, rtc.minute, 2);
+	line_ch(&l, ':');
+	line_dec(&l, rtc.second, 2);
+	line_ch(&l, '\n');
+	print(&l);
+
+	run(&cfg);
+}

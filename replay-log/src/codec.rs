@@ -1,0 +1,384 @@
+//! Bytes ⇄ values for the header payload and record bodies (FORMAT.md).
+//! Pure functions on slices: the reader and writer own all I/O, so the
+//! encoding can be tested and reasoned about without streams.
+//!
+//! Decoders return the complaint as a `String`; the caller knows the source,
+//! offset and record number and wraps it in `LogError::Corrupt`.
+
+use crate::{
+    EndReason, Event, ExitKind, Header, LogError, Position, Record, FORMAT_VERSION, MAGIC,
+    MAX_HEADER_PAYLOAD, MAX_RECORD_BODY,
+};
+
+/// Magic, version and header length: the part of the header every version
+/// must keep, so any reader can say "wrong version" instead of "corrupt".
+pub(crate) const HEADER_PREFIX_LEN: usize = 8 + 2 + 4;
+/// Length field plus checksum around each record body.
+pub(crate) const FRAME_OVERHEAD: usize = 4 + 4;
+/// Event kind, ordinal, rip, exit kind, exit detail.
+const BODY_FIXED_LEN: usize = 1 + 8 + 8 + 1 + 8;
+
+// Codes start at 1 so that a zeroed region never decodes as a record.
+const EV_WALLCLOCK: u8 = 1;
+const EV_TIME: u8 = 2;
+const EV_SERIAL_IN: u8 = 3;
+const EV_INTERRUPT: u8 = 4;
+const EV_VALUE: u8 = 5;
+const EV_CHECK: u8 = 6;
+const EV_PROGRESS: u8 = 7;
+const EV_END: u8 = 8;
+
+const EX_BOOT: u8 = 1;
+const EX_IO_IN: u8 = 2;
+const EX_IO_OUT: u8 = 3;
+const EX_MMIO_READ: u8 = 4;
+const EX_MMIO_WRITE: u8 = 5;
+const EX_HLT: u8 = 6;
+const EX_IRQ_WINDOW: u8 = 7;
+const EX_TRAP: u8 = 8;
+const EX_MSR: u8 = 9;
+const EX_STOP: u8 = 10;
+
+const END_EXIT: u8 = 0;
+const END_RESET: u8 = 1;
+const END_INTERRUPTED: u8 = 2;
+
+pub(crate) fn crc32(parts: &[&[u8]]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize()
+}
+
+/// The whole header, magic through checksum.
+pub(crate) fn encode_header(h: &Header) -> Result<Vec<u8>, LogError> {
+    let mut payload = Vec::with_capacity(128);
+    payload.extend_from_slice(&h.kernel_sha256);
+    match &h.initrd_sha256 {
+        Some(sum) => {
+            payload.push(1);
+            payload.extend_from_slice(sum);
+        }
+        None => payload.push(0),
+    }
+    payload.extend_from_slice(&h.mem_bytes.to_le_bytes());
+    for (name, s) in [
+        ("cmdline", &h.cmdline),
+        ("ftvm_version", &h.ftvm_version),
+        ("kernel_name", &h.kernel_name),
+    ] {
+        let len = u32::try_from(s.len()).map_err(|_| LogError::TooLarge {
+            what: format!("header {name} is {} bytes", s.len()),
+        })?;
+        payload.extend_from_slice(&len.to_le_bytes());
+        payload.extend_from_slice(s.as_bytes());
+    }
+    if payload.len() > MAX_HEADER_PAYLOAD as usize {
+        return Err(LogError::TooLarge {
+            what: format!(
+                "header payload is {} bytes (limit {MAX_HEADER_PAYLOAD})",
+                payload.len()
+            ),
+        });
+    }
+
+    let mut out = Vec::with_capacity(HEADER_PREFIX_LEN + payload.len() + 4);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&payload);
+    let crc = crc32(&[&out[MAGIC.len()..]]);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+/// Bytes after the fields this version knows are allowed and ignored: that
+/// is how a header grows without a version bump (FORMAT.md, "Versioning").
+pub(crate) fn decode_header_payload(p: &[u8]) -> Result<Header, String> {
+    let mut c = Cursor::new(p, "header");
+    let kernel_sha256 = c.array::<32>("kernel_sha256")?;
+    let initrd_sha256 = match c.u8("initrd flag")? {
+        0 => None,
+        1 => Some(c.array::<32>("initrd_sha256")?),
+        f => return Err(format!("header initrd flag is {f} (expected 0 or 1)")),
+    };
+    let mem_bytes = c.u64("mem_bytes")?;
+    let cmdline = c.string("cmdline")?;
+    let ftvm_version = c.string("ftvm_version")?;
+    let kernel_name = c.string("kernel_name")?;
+    Ok(Header {
+        kernel_sha256,
+        initrd_sha256,
+        mem_bytes,
+        cmdline,
+        ftvm_version,
+        kernel_name,
+    })
+}
+
+fn exit_parts(e: ExitKind) -> (u8, u64) {
+    match e {
+        ExitKind::Boot => (EX_BOOT, 0),
+        ExitKind::IoIn(p) => (EX_IO_IN, p.into()),
+        ExitKind::IoOut(p) => (EX_IO_OUT, p.into()),
+        ExitKind::MmioRead(a) => (EX_MMIO_READ, a),
+        ExitKind::MmioWrite(a) => (EX_MMIO_WRITE, a),
+        ExitKind::Hlt => (EX_HLT, 0),
+        ExitKind::IrqWindowOpen => (EX_IRQ_WINDOW, 0),
+        ExitKind::Trap(id) => (EX_TRAP, id),
+        ExitKind::Msr(m) => (EX_MSR, m.into()),
+        ExitKind::Stop => (EX_STOP, 0),
+    }
+}
+
+/// Strict about detail bits a kind cannot carry: they can only come from
+/// damage, and accepting them would make two encodings of one record.
+fn exit_from_parts(code: u8, detail: u64) -> Result<ExitKind, String> {
+    let none = |k: ExitKind| {
+        if detail == 0 {
+            Ok(k)
+        } else {
+            Err(format!("exit kind {code} has nonzero detail {detail:#x}"))
+        }
+    };
+    let port =
+        || u16::try_from(detail).map_err(|_| format!("I/O port {detail:#x} does not fit 16 bits"));
+    Ok(match code {
+        EX_BOOT => none(ExitKind::Boot)?,
+        EX_IO_IN => ExitKind::IoIn(port()?),
+        EX_IO_OUT => ExitKind::IoOut(port()?),
+        EX_MMIO_READ => ExitKind::MmioRead(detail),
+        EX_MMIO_WRITE => ExitKind::MmioWrite(detail),
+        EX_HLT => none(ExitKind::Hlt)?,
+        EX_IRQ_WINDOW => none(ExitKind::IrqWindowOpen)?,
+        EX_TRAP => ExitKind::Trap(detail),
+        EX_MSR => ExitKind::Msr(
+            u32::try_from(detail).map_err(|_| format!("MSR {detail:#x} does not fit 32 bits"))?,
+        ),
+        EX_STOP => none(ExitKind::Stop)?,
+        _ => return Err(format!("unknown exit kind code {code}")),
+    })
+}
+
+fn event_code(e: &Event) -> u8 {
+    match e {
+        Event::WallClock { .. } => EV_WALLCLOCK,
+        Event::Time { .. } => EV_TIME,
+        Event::SerialIn { .. } => EV_SERIAL_IN,
+        Event::Interrupt { .. } => EV_INTERRUPT,
+        Event::Value { .. } => EV_VALUE,
+        Event::Check { .. } => EV_CHECK,
+        Event::Progress => EV_PROGRESS,
+        Event::End { .. } => EV_END,
+    }
+}
+
+fn payload_len(e: &Event) -> usize {
+    match e {
+        Event::WallClock { .. }
+        | Event::Time { .. }
+        | Event::Value { .. }
+        | Event::Check { .. } => 8,
+        Event::SerialIn { bytes } => bytes.len(),
+        Event::Interrupt { .. } => 1,
+        Event::Progress => 0,
+        Event::End { .. } => 2 + 8 + 8,
+    }
+}
+
+impl Record {
+    /// Bytes this record takes in a log, framing included; lets callers
+    /// size buffers or account for bytes without encoding.
+    pub fn encoded_len(&self) -> u64 {
+        (FRAME_OVERHEAD + BODY_FIXED_LEN + payload_len(&self.event)) as u64
+    }
+}
+
+/// Appends one whole frame to `out`. On error `out` is left untouched, so
+/// a refused record never leaves half a frame behind.
+pub(crate) fn encode_frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), LogError> {
+    let body_len = BODY_FIXED_LEN + payload_len(&rec.event);
+    if body_len > MAX_RECORD_BODY as usize {
+        return Err(LogError::TooLarge {
+            what: format!(
+                "{} record at ordinal {} has a {body_len}-byte body (limit {MAX_RECORD_BODY})",
+                rec.event.kind_name(),
+                rec.pos.ordinal
+            ),
+        });
+    }
+    let start = out.len();
+    out.reserve(FRAME_OVERHEAD + body_len);
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.push(event_code(&rec.event));
+    out.extend_from_slice(&rec.pos.ordinal.to_le_bytes());
+    out.extend_from_slice(&rec.pos.rip.to_le_bytes());
+    let (exit_code, detail) = exit_parts(rec.pos.exit);
+    out.push(exit_code);
+    out.extend_from_slice(&detail.to_le_bytes());
+    match &rec.event {
+        Event::WallClock { epoch_secs: v }
+        | Event::Time { ns: v }
+        | Event::Value { value: v }
+        | Event::Check { regs_digest: v } => out.extend_from_slice(&v.to_le_bytes()),
+        Event::SerialIn { bytes } => out.extend_from_slice(bytes),
+        Event::Interrupt { vector } => out.push(*vector),
+        Event::Progress => {}
+        Event::End {
+            reason,
+            regs_digest,
+            mem_digest,
+        } => {
+            let (code, status) = match reason {
+                EndReason::Exit(s) => (END_EXIT, *s),
+                EndReason::Reset => (END_RESET, 0),
+                EndReason::Interrupted => (END_INTERRUPTED, 0),
+            };
+            out.extend_from_slice(&[code, status]);
+            out.extend_from_slice(&regs_digest.to_le_bytes());
+            out.extend_from_slice(&mem_digest.to_le_bytes());
+        }
+    }
+    debug_assert_eq!(out.len() - start, 4 + body_len);
+    let crc = crc32(&[&out[start..]]);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// Decodes a body whose checksum already matched; what can still be wrong
+/// here is a writer bug or a newer writer's event kind.
+pub(crate) fn decode_body(body: &[u8]) -> Result<Record, String> {
+    let mut c = Cursor::new(body, "record");
+    let kind = c.u8("event kind")?;
+    let ordinal = c.u64("ordinal")?;
+    let rip = c.u64("rip")?;
+    let exit_code = c.u8("exit kind")?;
+    let detail = c.u64("exit detail")?;
+    let exit = exit_from_parts(exit_code, detail)?;
+    let payload = c.rest();
+    let fixed = |n: usize| {
+        if payload.len() == n {
+            Ok(())
+        } else {
+            Err(format!(
+                "event kind {kind} needs a {n}-byte payload, found {}",
+                payload.len()
+            ))
+        }
+    };
+    let le64 = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().expect("8 bytes"));
+    let event = match kind {
+        EV_WALLCLOCK => {
+            fixed(8)?;
+            Event::WallClock {
+                epoch_secs: le64(payload),
+            }
+        }
+        EV_TIME => {
+            fixed(8)?;
+            Event::Time { ns: le64(payload) }
+        }
+        EV_SERIAL_IN => Event::SerialIn {
+            bytes: payload.to_vec(),
+        },
+        EV_INTERRUPT => {
+            fixed(1)?;
+            Event::Interrupt { vector: payload[0] }
+        }
+        EV_VALUE => {
+            fixed(8)?;
+            Event::Value {
+                value: le64(payload),
+            }
+        }
+        EV_CHECK => {
+            fixed(8)?;
+            Event::Check {
+                regs_digest: le64(payload),
+            }
+        }
+        EV_PROGRESS => {
+            fixed(0)?;
+            Event::Progress
+        }
+        EV_END => {
+            fixed(18)?;
+            let status = payload[1];
+            let reason = match (payload[0], status) {
+                (END_EXIT, s) => EndReason::Exit(s),
+                (END_RESET, 0) => EndReason::Reset,
+                (END_INTERRUPTED, 0) => EndReason::Interrupted,
+                (END_RESET | END_INTERRUPTED, s) => {
+                    return Err(format!("end reason {} has nonzero status {s}", payload[0]))
+                }
+                (r, _) => return Err(format!("unknown end reason code {r}")),
+            };
+            Event::End {
+                reason,
+                regs_digest: le64(&payload[2..]),
+                mem_digest: le64(&payload[10..]),
+            }
+        }
+        k => return Err(format!("unknown event kind code {k}")),
+    };
+    Ok(Record {
+        pos: Position { ordinal, rip, exit },
+        event,
+    })
+}
+
+/// Bounds-checked little-endian reads whose errors say which field ran out.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    what: &'static str,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(buf: &'a [u8], what: &'static str) -> Self {
+        Cursor { buf, pos: 0, what }
+    }
+
+    fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8], String> {
+        let left = self.buf.len() - self.pos;
+        if left < n {
+            return Err(format!(
+                "{} too short for {field}: needs {n} more bytes at payload byte {}, has {left}",
+                self.what, self.pos
+            ));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, field: &str) -> Result<[u8; N], String> {
+        Ok(self.take(N, field)?.try_into().expect("length checked"))
+    }
+
+    fn u8(&mut self, field: &str) -> Result<u8, String> {
+        Ok(self.take(1, field)?[0])
+    }
+
+    fn u32(&mut self, field: &str) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.array(field)?))
+    }
+
+    fn u64(&mut self, field: &str) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.array(field)?))
+    }
+
+    fn string(&mut self, field: &str) -> Result<String, String> {
+        let len = self.u32(field)? as usize;
+        let bytes = self.take(len, field)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|e| format!("{} {field} is not UTF-8: {e}", self.what))
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        let s = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        s
+    }
+}

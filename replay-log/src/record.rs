@@ -1,0 +1,112 @@
+//! What the log holds. See FORMAT.md for the byte layout.
+
+/// The kind of VM exit a record is attached to, with the port or address
+/// where there is one. Replay checks it: reaching the same ordinal at a
+/// different kind of exit means execution diverged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExitKind {
+    /// Before the first `KVM_RUN` (ordinal 0).
+    Boot,
+    IoIn(u16),
+    IoOut(u16),
+    MmioRead(u64),
+    MmioWrite(u64),
+    Hlt,
+    IrqWindowOpen,
+    /// A trapped instruction the VMM emulates (e.g. a patched `rdtsc`).
+    Trap(u64),
+    /// A model-specific register read or write sent to userspace.
+    Msr(u32),
+    /// The VM stopped (exit port, reset, shutdown).
+    Stop,
+}
+
+/// A point in the guest's execution: the count of deterministic exits so
+/// far, plus what replay must see there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// Deterministic exits completed before this one (0 = boot).
+    pub ordinal: u64,
+    /// Guest RIP at the exit, as KVM reports it.
+    pub rip: u64,
+    pub exit: ExitKind,
+}
+
+/// Why the recorded run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// The guest wrote this status to the debug exit port.
+    Exit(u8),
+    /// The guest reset the machine (i8042 or triple fault).
+    Reset,
+    /// The recorder was stopped from outside (signal); the run is cut here.
+    Interrupted,
+}
+
+/// One nondeterministic input, or one check replay must pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Wall-clock base (seconds since the Unix epoch) for the CMOS clock.
+    WallClock { epoch_secs: u64 },
+    /// The VMM clock read at this exit: nanoseconds of guest time.
+    Time { ns: u64 },
+    /// Bytes that arrived on the serial port at this exit.
+    SerialIn { bytes: Vec<u8> },
+    /// Interrupt vector injected with `KVM_INTERRUPT` after this exit.
+    /// Replay derives the same injection from the device state and checks it.
+    Interrupt { vector: u8 },
+    /// Value returned to an emulated instruction or MSR read (e.g. rdtsc).
+    Value { value: u64 },
+    /// Digest of the vCPU's general registers at this exit.
+    Check { regs_digest: u64 },
+    /// The primary got this far with nothing else to log (a streamed
+    /// high-water mark; never needed in a file).
+    Progress,
+    /// The run ended here: why, the final register digest and a digest of
+    /// guest memory.
+    End {
+        reason: EndReason,
+        regs_digest: u64,
+        mem_digest: u64,
+    },
+}
+
+impl Event {
+    /// Short stable name, used by `log dump` and `log stats`.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            Event::WallClock { .. } => "wallclock",
+            Event::Time { .. } => "time",
+            Event::SerialIn { .. } => "serial-in",
+            Event::Interrupt { .. } => "interrupt",
+            Event::Value { .. } => "value",
+            Event::Check { .. } => "check",
+            Event::Progress => "progress",
+            Event::End { .. } => "end",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub pos: Position,
+    pub event: Event,
+}
+
+/// Names the guest a log was recorded from; replay refuses a log whose
+/// header doesn't match the guest it is asked to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// SHA-256 of the kernel file as loaded.
+    pub kernel_sha256: [u8; 32],
+    /// SHA-256 of the initrd, if any.
+    pub initrd_sha256: Option<[u8; 32]>,
+    /// Guest memory size in bytes.
+    pub mem_bytes: u64,
+    /// The guest's command line.
+    pub cmdline: String,
+    /// `ftvm` version that wrote the log.
+    pub ftvm_version: String,
+    /// Free-form name of the kernel (file name or "built-in test guest").
+    pub kernel_name: String,
+}

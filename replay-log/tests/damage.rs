@@ -1,0 +1,353 @@
+//! Cut and damaged logs: the reader must say Truncated vs Corrupt, and
+//! name the right record and offset.
+
+mod common;
+
+use common::*;
+use replay_log::*;
+
+#[test]
+fn truncation_at_every_byte_offset() {
+    let records = three();
+    let full = encode(&records);
+    let b = boundaries(&records);
+    assert_eq!(*b.last().unwrap(), full.len() as u64);
+    let header_len = b[0] as usize;
+
+    for cut in 0..=full.len() {
+        let data = &full[..cut];
+        if cut < header_len {
+            match LogReader::new(data, "cut.ftlog") {
+                Err(
+                    e @ LogError::Truncated {
+                        offset: 0,
+                        record: 0,
+                        ..
+                    },
+                ) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains("cut.ftlog") && msg.contains("header"), "{msg}");
+                }
+                Err(e) => panic!("cut {cut}: {e}"),
+                Ok(_) => panic!("cut {cut}: header accepted"),
+            }
+            continue;
+        }
+        let mut r = LogReader::new(data, "cut.ftlog").unwrap();
+        let whole = b[1..].iter().filter(|&&e| e as usize <= cut).count();
+        for want in &records[..whole] {
+            assert_eq!(&r.next_record().unwrap().unwrap(), want, "cut {cut}");
+        }
+        let at_boundary = b.contains(&(cut as u64));
+        match r.next_record() {
+            Ok(None) if at_boundary => {}
+            Err(LogError::Truncated {
+                source_name,
+                offset,
+                record,
+            }) if !at_boundary => {
+                assert_eq!(source_name, "cut.ftlog");
+                assert_eq!(offset, b[whole], "cut {cut}");
+                assert_eq!(record, whole as u64, "cut {cut}");
+            }
+            other => panic!("cut {cut}: {other:?}"),
+        }
+        assert_eq!(r.offset(), b[whole]);
+        assert_eq!(r.records_read(), whole as u64);
+    }
+}
+
+#[test]
+fn truncated_message_names_source_offset_and_record() {
+    let records = three();
+    let full = encode(&records);
+    let b = boundaries(&records);
+    let (_, err) = read_all(&full[..b[2] as usize + 3]);
+    let msg = err.unwrap_err().to_string();
+    assert_eq!(
+        msg,
+        format!(
+            "test.ftlog ends inside record #2 at byte offset {} (truncated log)",
+            b[2]
+        )
+    );
+}
+
+#[test]
+fn flipped_byte_in_any_record_body_or_checksum_is_corrupt() {
+    let records = three();
+    let full = encode(&records);
+    let b = boundaries(&records);
+    for i in 0..records.len() {
+        let (start, end) = (b[i] as usize, b[i + 1] as usize);
+        // Everything after the length field: body and checksum.
+        for pos in start + 4..end {
+            let mut data = full.clone();
+            data[pos] ^= 0x5a;
+            let (got, err) = read_all(&data);
+            assert_eq!(got, records[..i], "byte {pos}");
+            match err {
+                Err(e @ LogError::Corrupt { .. }) => {
+                    let LogError::Corrupt {
+                        offset,
+                        record,
+                        ref what,
+                        ..
+                    } = e
+                    else {
+                        unreachable!()
+                    };
+                    assert_eq!((offset, record), (start as u64, i as u64), "byte {pos}");
+                    assert!(what.contains("checksum"), "{what}");
+                    let msg = e.to_string();
+                    assert_eq!(
+                        msg,
+                        format!("corrupt record #{i} at byte offset {start} in test.ftlog: {what}")
+                    );
+                }
+                other => panic!("byte {pos}: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn huge_length_is_corrupt_not_an_allocation() {
+    let records = three();
+    let mut data = encode(&records);
+    let b = boundaries(&records);
+    data[b[1] as usize + 3] = 0x80; // top byte of record 1's length
+    let (got, err) = read_all(&data);
+    assert_eq!(got, records[..1]);
+    match err {
+        Err(LogError::Corrupt {
+            offset,
+            record: 1,
+            what,
+            ..
+        }) => {
+            assert_eq!(offset, b[1]);
+            assert!(what.contains("length"), "{what}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn small_length_change_inside_the_log_is_corrupt() {
+    let records = three();
+    let b = boundaries(&records);
+    for delta in [1u8, 2, 4] {
+        let mut data = encode(&records);
+        data[b[0] as usize] ^= delta; // record 0's length, still within the log
+        let (got, err) = read_all(&data);
+        assert!(got.is_empty());
+        assert!(
+            matches!(err, Err(LogError::Corrupt { record: 0, offset, .. }) if offset == b[0]),
+            "{err:?}"
+        );
+    }
+}
+
+#[test]
+fn length_pointing_past_the_end_is_truncated() {
+    // Documented limit: a length that overshoots EOF can't be told from a cut.
+    let records = three();
+    let b = boundaries(&records);
+    let mut data = encode(&records);
+    data[b[2] as usize] ^= 0x40;
+    let (got, err) = read_all(&data);
+    assert_eq!(got, records[..2]);
+    assert!(
+        matches!(err, Err(LogError::Truncated { record: 2, .. })),
+        "{err:?}"
+    );
+}
+
+/// Writes one frame with a correct checksum around an arbitrary body, to
+/// reach the checks behind the checksum.
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(body);
+    let crc = crc32fast::hash(&f);
+    f.extend_from_slice(&crc.to_le_bytes());
+    f
+}
+
+fn body(kind: u8, exit: u8, detail: u64, payload: &[u8]) -> Vec<u8> {
+    let mut b = vec![kind];
+    b.extend_from_slice(&3u64.to_le_bytes());
+    b.extend_from_slice(&0x1000u64.to_le_bytes());
+    b.push(exit);
+    b.extend_from_slice(&detail.to_le_bytes());
+    b.extend_from_slice(payload);
+    b
+}
+
+#[test]
+fn checksummed_but_invalid_bodies_are_corrupt() {
+    let cases: &[(&str, Vec<u8>)] = &[
+        ("unknown event kind", body(99, 1, 0, &[])),
+        ("event kind code 0", body(0, 1, 0, &[])),
+        ("unknown exit kind", body(7, 42, 0, &[])),
+        ("detail on boot", body(7, 1, 5, &[])),
+        ("port too wide", body(7, 2, 0x1_0000, &[])),
+        ("msr too wide", body(7, 9, 1 << 32, &[])),
+        ("short time payload", body(2, 1, 0, &[1, 2, 3])),
+        ("long progress payload", body(7, 1, 0, &[0])),
+        ("bad end reason", body(8, 10, 0, &[9; 18])),
+        (
+            "status on reset",
+            body(
+                8,
+                10,
+                0,
+                &[1, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ),
+        ),
+        ("body shorter than fixed part", vec![7, 0, 0]),
+    ];
+    let good = three();
+    for (name, b) in cases {
+        let mut data = encode(&good[..1]);
+        let start = data.len() as u64;
+        data.extend_from_slice(&frame(b));
+        let (got, err) = read_all(&data);
+        assert_eq!(got, good[..1], "{name}");
+        match err {
+            Err(LogError::Corrupt {
+                offset, record: 1, ..
+            }) => assert_eq!(offset, start, "{name}"),
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    // Sanity: the helper does make valid frames.
+    let mut data = encode(&[]);
+    data.extend_from_slice(&frame(&body(7, 1, 0, &[])));
+    let (got, err) = read_all(&data);
+    err.unwrap();
+    assert_eq!(got, vec![rec(3, 0x1000, ExitKind::Boot, Event::Progress)]);
+}
+
+#[test]
+fn corruption_is_sticky() {
+    let records = three();
+    let b = boundaries(&records);
+    let mut data = encode(&records);
+    data[b[1] as usize + 6] ^= 1;
+    let mut r = LogReader::new(&data[..], "x").unwrap();
+    r.next_record().unwrap().unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            r.next_record(),
+            Err(LogError::Corrupt { record: 1, .. })
+        ));
+    }
+    assert_eq!(r.offset(), b[1]);
+}
+
+#[test]
+fn bad_magic_is_not_a_log() {
+    for data in [&b"#!/bin/sh\necho hi\n"[..], b"FTVMLOX", b"x"] {
+        let err = LogReader::new(data, "script.sh").err().expect("error");
+        assert!(matches!(err, LogError::NotALog { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "script.sh is not an ftvm log (bad magic at byte 0)"
+        );
+    }
+}
+
+fn set_version(data: &mut [u8], version: u16) {
+    data[8..10].copy_from_slice(&version.to_le_bytes());
+    let payload_len = u32::from_le_bytes(data[10..14].try_into().unwrap()) as usize;
+    let crc_at = 14 + payload_len;
+    let crc = crc32fast::hash(&data[8..crc_at]);
+    data[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[test]
+fn higher_or_zero_version_is_refused() {
+    for v in [FORMAT_VERSION + 1, u16::MAX, 0] {
+        let mut data = encode(&three());
+        set_version(&mut data, v);
+        match LogReader::new(&data[..], "new.ftlog") {
+            Err(e @ LogError::Version { .. }) => {
+                let LogError::Version {
+                    found, supported, ..
+                } = e
+                else {
+                    unreachable!()
+                };
+                assert_eq!((found, supported), (v, FORMAT_VERSION));
+                assert!(e.to_string().contains("new.ftlog"));
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("version {v} accepted"),
+        }
+    }
+}
+
+#[test]
+fn header_damage_is_corrupt_header() {
+    let data = encode(&three());
+    let header_len = boundaries(&[])[0] as usize;
+    // Every header byte after the version field (whose damage reads as a
+    // version error, checked before the checksum).
+    for pos in 10..header_len {
+        let mut d = data.clone();
+        d[pos] ^= 0x01;
+        match LogReader::new(&d[..], "h.ftlog") {
+            Err(
+                e @ LogError::Corrupt {
+                    offset: 0,
+                    record: 0,
+                    ..
+                },
+            ) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.starts_with("corrupt header at byte offset 0 in h.ftlog: header"),
+                    "{msg}"
+                );
+            }
+            // Growing the header length past the data reads as a cut log.
+            Err(LogError::Truncated {
+                offset: 0,
+                record: 0,
+                ..
+            }) if (10..14).contains(&pos) => {}
+            Err(e) => panic!("byte {pos}: {e}"),
+            Ok(_) => panic!("byte {pos}: damaged header accepted"),
+        }
+    }
+}
+
+#[test]
+fn checksummed_but_malformed_header_is_corrupt() {
+    let mut data = encode(&[]);
+    // Initrd flag 2, then fix the checksum so only the field check catches it.
+    data[14 + 32] = 2;
+    set_version(&mut data, FORMAT_VERSION);
+    let err = LogReader::new(&data[..], "h").err().unwrap();
+    assert!(
+        matches!(err, LogError::Corrupt { record: 0, offset: 0, ref what, .. } if what.contains("initrd")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn header_may_grow_within_a_version() {
+    // FORMAT.md: readers ignore header payload bytes after the known fields.
+    let full = encode(&three());
+    let payload_len = u32::from_le_bytes(full[10..14].try_into().unwrap()) as usize;
+    let end = 14 + payload_len;
+    let mut data = full[..end].to_vec();
+    data.extend_from_slice(b"future");
+    data[10..14].copy_from_slice(&((payload_len + 6) as u32).to_le_bytes());
+    data.extend_from_slice(&crc32fast::hash(&data[8..]).to_le_bytes());
+    data.extend_from_slice(&full[end + 4..]);
+    let mut r = LogReader::new(&data[..], "x").unwrap();
+    assert_eq!(r.header(), &header());
+    assert_eq!(r.next_record().unwrap().unwrap(), three()[0]);
+}

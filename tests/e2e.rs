@@ -1,0 +1,230 @@
+//! End-to-end tests: the real `ftvm` binary running guests on the real
+//! `/dev/kvm`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn ftvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ftvm"))
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ftvm-e2e-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn check(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+}
+
+fn record(log: &Path, cmdline: &str, input: &[&[u8]]) -> Output {
+    let mut child = ftvm()
+        .args(["record", "--log"])
+        .arg(log)
+        .args(["--cmdline", cmdline])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let chunks: Vec<Vec<u8>> = input.iter().map(|c| c.to_vec()).collect();
+    let feeder = std::thread::spawn(move || {
+        for c in chunks {
+            std::thread::sleep(Duration::from_millis(150));
+            let _ = stdin.write_all(&c);
+            let _ = stdin.flush();
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    out
+}
+
+fn replay(log: &Path) -> Output {
+    ftvm().args(["replay", "--log"]).arg(log).stdin(Stdio::null()).output().unwrap()
+}
+
+#[test]
+fn test_guest_boots_and_exits_zero() {
+    let o = ftvm()
+        .args(["run", "--no-stdin", "--cmdline", "seconds=1 lines=10"])
+        .output()
+        .unwrap();
+    check(&o, "ftvm run");
+    let out = text(&o.stdout);
+    assert!(out.starts_with("ftvm test guest: hz=100 lines=10 seconds=1"), "{out}");
+    assert!(out.contains("[boot] rtc 20"), "{out}");
+    // One line per 100 ms of guest time, numbered from 1, then the summary.
+    for n in 1..=9 {
+        assert!(out.contains(&format!("[{n:04}] ticks={}", n * 10)), "line {n} missing:\n{out}");
+    }
+    let last = out.lines().last().unwrap();
+    assert!(last.starts_with("[done] ticks=100 lines=10 rx=0 sum="), "{out}");
+    assert!(text(&o.stderr).contains("guest exited with status 0"), "{}", text(&o.stderr));
+}
+
+#[test]
+fn record_then_replay_is_identical_and_recordings_differ() {
+    let dir = tmpdir("rr");
+    let mut outputs = Vec::new();
+    for i in 0..3 {
+        let log = dir.join(format!("run{i}.ftlog"));
+        let rec = record(&log, "seconds=1", &[]);
+        check(&rec, "record");
+        let rep = replay(&log);
+        check(&rep, "replay");
+        assert_eq!(text(&rec.stdout), text(&rep.stdout), "replay {i} differs from its recording");
+        assert!(text(&rep.stderr).contains("replay verified"), "{}", text(&rep.stderr));
+        outputs.push(text(&rec.stdout));
+    }
+    // The timer values the guest prints come from the host clock, so
+    // recordings differ from each other while each replay matches its own.
+    assert!(
+        outputs[0] != outputs[1] || outputs[1] != outputs[2],
+        "three recordings printed identical output: time is not reaching the guest"
+    );
+}
+
+#[test]
+fn typed_input_is_echoed_and_replayed() {
+    let dir = tmpdir("input");
+    let log = dir.join("in.ftlog");
+    let rec = record(&log, "seconds=2", &[b"hello ftvm\n", b"second line\n", b"tail"]);
+    check(&rec, "record");
+    let out = text(&rec.stdout);
+    assert!(out.contains("[echo] \"hello ftvm\""), "{out}");
+    assert!(out.contains("[echo] \"second line\""), "{out}");
+    assert!(out.contains("[echo] \"tail\""), "{out}");
+    assert!(out.contains("rx=27 "), "{out}");
+    let rep = replay(&log);
+    check(&rep, "replay");
+    assert_eq!(out, text(&rep.stdout));
+    let dump = ftvm().args(["log", "dump"]).arg(&log).output().unwrap();
+    check(&dump, "log dump");
+    assert!(text(&dump.stdout).contains("serial-in"), "{}", text(&dump.stdout));
+}
+
+#[test]
+fn corrupt_log_is_refused_with_offset_and_record() {
+    let dir = tmpdir("corrupt");
+    let log = dir.join("c.ftlog");
+    check(&record(&log, "seconds=1", &[]), "record");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&log, &bytes).unwrap();
+    let rep = replay(&log);
+    assert!(!rep.status.success());
+    let err = text(&rep.stderr);
+    assert!(err.contains("corrupt record #") && err.contains("byte offset"), "{err}");
+    assert!(!err.contains("replay verified"), "{err}");
+}
+
+#[test]
+fn truncated_log_replays_to_the_cut() {
+    let dir = tmpdir("trunc");
+    let log = dir.join("t.ftlog");
+    let rec = record(&log, "seconds=1", &[]);
+    check(&rec, "record");
+    let bytes = std::fs::read(&log).unwrap();
+    std::fs::write(&log, &bytes[..bytes.len() * 6 / 10 + 3]).unwrap();
+    let rep = replay(&log);
+    assert_eq!(rep.status.code(), Some(3), "{}", text(&rep.stderr));
+    let err = text(&rep.stderr);
+    assert!(err.contains("replay incomplete") && err.contains("truncated"), "{err}");
+    let full = text(&rec.stdout);
+    let part = text(&rep.stdout);
+    assert!(part.len() > 100 && part.len() < full.len(), "replayed {} of {} bytes", part.len(), full.len());
+    assert!(full.starts_with(&part), "replayed output is not a prefix of the recording");
+}
+
+#[test]
+fn log_for_another_kernel_is_refused_before_boot() {
+    let dir = tmpdir("kernel");
+    let log = dir.join("k.ftlog");
+    check(&record(&log, "seconds=1", &[]), "record");
+    let other = dir.join("other.elf");
+    let mut elf = ftvm_guest_bytes();
+    elf.push(0);
+    std::fs::write(&other, &elf).unwrap();
+    let rep = ftvm().args(["replay", "--log"]).arg(&log).arg("--kernel").arg(&other).output().unwrap();
+    assert!(!rep.status.success());
+    let err = text(&rep.stderr);
+    assert!(err.contains("was recorded with kernel"), "{err}");
+    assert!(rep.stdout.is_empty(), "the guest ran anyway");
+}
+
+fn ftvm_guest_bytes() -> Vec<u8> {
+    ftvm_guest::TEST_GUEST_ELF.to_vec()
+}
+
+#[test]
+fn bad_inputs_get_clear_errors() {
+    let dir = tmpdir("bad");
+    let notlog = dir.join("notes.txt");
+    std::fs::write(&notlog, "just some text, long enough to hold a header and more").unwrap();
+    let o = ftvm().args(["replay", "--log"]).arg(&notlog).output().unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("not an ftvm log"), "{}", text(&o.stderr));
+
+    let o = ftvm().args(["run", "--no-stdin", "--kernel"]).arg(&notlog).output().unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("is not a guest kernel"), "{}", text(&o.stderr));
+
+    let o = ftvm().args(["run", "--no-stdin", "--kernel", "/nonexistent/vmlinux"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("cannot read kernel /nonexistent/vmlinux"), "{}", text(&o.stderr));
+
+    let o = ftvm().args(["replay", "--log", "/nonexistent/x.ftlog"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("/nonexistent/x.ftlog"), "{}", text(&o.stderr));
+}
+
+#[test]
+fn interrupted_recording_still_replays() {
+    let dir = tmpdir("sigint");
+    let log = dir.join("i.ftlog");
+    let child = ftvm()
+        .args(["record", "--no-stdin", "--cmdline", "seconds=0", "--log"])
+        .arg(&log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    nix_kill(child.id(), libc_sigint());
+    let rec = child.wait_with_output().unwrap();
+    assert_eq!(rec.status.code(), Some(130), "{}", text(&rec.stderr));
+    assert!(text(&rec.stdout).contains("[0002]"), "{}", text(&rec.stdout));
+    let rep = replay(&log);
+    check(&rep, "replay of an interrupted recording");
+    assert_eq!(text(&rec.stdout), text(&rep.stdout));
+    let stats = ftvm().args(["log", "stats"]).arg(&log).output().unwrap();
+    check(&stats, "log stats");
+    let s = text(&stats.stdout);
+    assert!(s.contains("interrupt") && s.contains("bytes/s"), "{s}");
+}
+
+fn libc_sigint() -> i32 {
+    2
+}
+
+fn nix_kill(pid: u32, sig: i32) {
+    let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
+    assert!(st.success());
+}

@@ -1,0 +1,326 @@
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use replay_log::{Header, LogReader, LogWriter};
+
+use ftvm::clock::VmClock;
+use ftvm::console::{ConsoleInput, StdoutSink};
+use ftvm::devices::StopRequest;
+use ftvm::engine::{self, Ending, Inputs, Outcome, RunOptions, INTERRUPTED};
+use ftvm::kernel::KernelImage;
+use ftvm::live::Live;
+use ftvm::replay::Replayer;
+use ftvm::vm::{GuestConfig, Vm};
+
+#[derive(Parser)]
+#[command(name = "ftvm", version, about = "Record/replay fault-tolerant VMM for x86-64 KVM")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a guest; its console is stdout, stdin goes to its serial port.
+    Run(GuestArgs),
+    /// Like run, and write every nondeterministic input to a log.
+    Record {
+        /// Log file to write.
+        #[arg(long)]
+        log: PathBuf,
+        #[command(flatten)]
+        guest: GuestArgs,
+    },
+    /// Re-run a recording from its log alone and verify it.
+    Replay {
+        /// Log file to replay.
+        #[arg(long)]
+        log: PathBuf,
+        /// Kernel the log was recorded with (default: the built-in test guest).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// Inspect a log.
+    Log {
+        #[command(subcommand)]
+        cmd: LogCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogCmd {
+    /// One record a line, with its position.
+    Dump { file: PathBuf },
+    /// Counts by kind, bytes, bytes per second of guest time.
+    Stats { file: PathBuf },
+}
+
+#[derive(Args)]
+struct GuestArgs {
+    /// Guest kernel: an x86-64 ELF (default: the built-in test guest).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest memory, e.g. 128M or 1G.
+    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    mem: u64,
+    /// Guest command line (the test guest takes seconds=N hz=N lines=N quiet=1).
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Don't feed stdin to the guest.
+    #[arg(long)]
+    no_stdin: bool,
+    /// Progress and details on stderr.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("unknown size suffix '{c}' (use K, M or G)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1 << 20),
+    };
+    num.parse::<u64>()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 128M)"))?
+        .checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn load_kernel(path: Option<&Path>) -> Result<KernelImage> {
+    Ok(match path {
+        Some(p) => KernelImage::from_file(p)?,
+        None => KernelImage::from_bytes(
+            ftvm_guest::TEST_GUEST_NAME.to_string(),
+            ftvm_guest::TEST_GUEST_ELF.to_vec(),
+        ),
+    })
+}
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// SIGINT/SIGTERM end the run cleanly: the log gets its end record. No
+/// SA_RESTART, so a blocked `KVM_RUN` returns to the loop.
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is a valid starting value; the handler
+        // only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = 0;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+/// The stdin reader must not take SIGINT/SIGTERM away from the vCPU thread
+/// (which needs the signal to leave KVM_RUN), so it starts with them blocked.
+fn spawn_stdin() -> ConsoleInput {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
+    let input = ConsoleInput::spawn(std::io::stdin());
+    let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
+    input
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn exits_summary(o: &Outcome) -> String {
+    let s = &o.stats;
+    format!(
+        "{} exits ({} in, {} out, {} mmio, {} hlt, {} irq-window), {} interrupts injected, {:.2}s",
+        o.exits, s.io_in, s.io_out, s.mmio, s.hlt, s.irq_window, s.interrupts,
+        o.wall.as_secs_f64()
+    )
+}
+
+fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
+    let kernel = load_kernel(guest.kernel.as_deref())?;
+    let header = Header {
+        kernel_sha256: kernel.sha256,
+        initrd_sha256: None,
+        mem_bytes: guest.mem,
+        cmdline: guest.cmdline.clone(),
+        ftvm_version: env!("CARGO_PKG_VERSION").to_string(),
+        kernel_name: kernel.name.clone(),
+    };
+    let cfg = GuestConfig { kernel, mem_bytes: guest.mem, cmdline: guest.cmdline };
+    let clock = Arc::new(VmClock::host());
+    let mut vm = Vm::new(&cfg, clock, Box::new(StdoutSink))?;
+    let writer = match log {
+        Some(p) => {
+            let f = File::create(p).with_context(|| format!("cannot create log {}", p.display()))?;
+            let w: Box<dyn Write + Send> = Box::new(BufWriter::new(f));
+            Some(LogWriter::new(w, &header).with_context(|| format!("writing log {}", p.display()))?)
+        }
+        None => None,
+    };
+    install_signal_handlers();
+    let input = if guest.no_stdin { ConsoleInput::none() } else { spawn_stdin() };
+    let mut live = Live::new(writer, input);
+    if guest.verbose {
+        eprintln!(
+            "ftvm: booting {} ({} MiB, entry {:#x}, cmdline {:?})",
+            cfg.kernel.name, cfg.mem_bytes >> 20, vm.entry, cfg.cmdline
+        );
+    }
+    let out = engine::run(&mut vm, &mut live, &RunOptions { verbose: guest.verbose })?;
+    let _ = std::io::stdout().flush();
+    let (what, code) = match out.ending.clone() {
+        Ending::Guest(StopRequest::Exit(s)) => (format!("guest exited with status {s}"), s as i32),
+        Ending::Guest(StopRequest::Reset) => ("guest reset the machine".to_string(), 0),
+        Ending::Interrupted => ("interrupted".to_string(), 130),
+        Ending::LogIncomplete(w) => (w, 3),
+    };
+    eprintln!("ftvm: {what}: {}", exits_summary(&out));
+    match log {
+        Some(p) => eprintln!("ftvm: {} -> {}", live.summary(), p.display()),
+        None if guest.verbose => eprintln!("ftvm: {}", live.summary()),
+        None => {}
+    }
+    Ok(code)
+}
+
+fn replay(log: &Path, kernel: Option<&Path>, verbose: bool) -> Result<i32> {
+    let reader = LogReader::open(log)?;
+    let h = reader.header().clone();
+    let kernel = load_kernel(kernel)?;
+    if kernel.sha256 != h.kernel_sha256 {
+        bail!(
+            "{} was recorded with kernel '{}' (sha256 {}), but '{}' has sha256 {}: pass --kernel with the kernel it was recorded with",
+            log.display(), h.kernel_name, hex(&h.kernel_sha256), kernel.name, hex(&kernel.sha256)
+        );
+    }
+    if verbose {
+        eprintln!(
+            "ftvm: replaying {} (recorded by ftvm {}, {} MiB, cmdline {:?})",
+            log.display(), h.ftvm_version, h.mem_bytes >> 20, h.cmdline
+        );
+    }
+    let cfg = GuestConfig { kernel, mem_bytes: h.mem_bytes, cmdline: h.cmdline.clone() };
+    let mut vm = Vm::new(&cfg, Arc::new(VmClock::replay()), Box::new(StdoutSink))?;
+    install_signal_handlers();
+    let mut rep = Replayer::new(reader);
+    let res = engine::run(&mut vm, &mut rep, &RunOptions { verbose });
+    let _ = std::io::stdout().flush();
+    let out = res.with_context(|| format!("replaying {}", log.display()))?;
+    match out.ending.clone() {
+        Ending::Guest(req) => {
+            eprintln!(
+                "replay verified: {} ({}); guest {}; {}",
+                log.display(),
+                rep.summary(),
+                match req {
+                    StopRequest::Exit(s) => format!("exited with status {s}"),
+                    StopRequest::Reset => "reset the machine".into(),
+                },
+                exits_summary(&out)
+            );
+            Ok(0)
+        }
+        Ending::Interrupted if rep.end.is_some() => {
+            eprintln!(
+                "replay verified: {} ({}); the recording was interrupted there; {}",
+                log.display(), rep.summary(), exits_summary(&out)
+            );
+            Ok(0)
+        }
+        Ending::Interrupted => {
+            eprintln!("ftvm: replay interrupted: {}", exits_summary(&out));
+            Ok(130)
+        }
+        Ending::LogIncomplete(why) => {
+            eprintln!(
+                "ftvm: replay incomplete: {why}; everything up to there matched ({}); {}",
+                rep.summary(), exits_summary(&out)
+            );
+            Ok(3)
+        }
+    }
+}
+
+fn log_dump(path: &Path) -> Result<i32> {
+    let mut r = LogReader::open(path)?;
+    let h = r.header().clone();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "# {}: ftvm {} kernel '{}' sha256 {} mem {} MiB cmdline {:?}",
+        path.display(), h.ftvm_version, h.kernel_name, hex(&h.kernel_sha256), h.mem_bytes >> 20, h.cmdline
+    )?;
+    loop {
+        let n = r.records_read();
+        match r.next_record() {
+            Ok(Some(rec)) => writeln!(out, "#{n} {rec}")?,
+            Ok(None) => return Ok(0),
+            Err(e) => {
+                out.flush()?;
+                eprintln!("ftvm: {e}");
+                return Ok(if matches!(e, replay_log::LogError::Truncated { .. }) { 3 } else { 1 });
+            }
+        }
+    }
+}
+
+fn log_stats(path: &Path) -> Result<i32> {
+    let r = LogReader::open(path)?;
+    let (s, tail) = replay_log::stats(r);
+    println!("log: {}", path.display());
+    println!("records: {}  bytes: {} (header {})", s.records, s.bytes, s.header_bytes);
+    for (kind, (n, b)) in &s.by_kind {
+        println!("  {kind:<10} {n:>9} records {b:>11} bytes");
+    }
+    println!("exits: {}", s.last_ordinal);
+    match s.guest_ns {
+        Some(ns) if ns > 0 => {
+            let secs = ns as f64 / 1e9;
+            println!(
+                "guest time: {secs:.3} s  log rate: {:.0} bytes/s ({:.4} Mbit/s)  events/s: {:.0}",
+                s.bytes as f64 / secs,
+                s.bytes as f64 * 8.0 / secs / 1e6,
+                s.records as f64 / secs
+            );
+        }
+        _ => println!("guest time: unknown (no time records)"),
+    }
+    println!("complete: {}", if s.ended { "yes (end record present)" } else { "no end record" });
+    if let Some(e) = tail {
+        eprintln!("ftvm: {e}");
+        return Ok(3);
+    }
+    Ok(0)
+}
+
+pub fn main() -> Result<i32> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run(g) => run_live(g, None),
+        Cmd::Record { log, guest } => run_live(guest, Some(&log)),
+        Cmd::Replay { log, kernel, verbose } => replay(&log, kernel.as_deref(), verbose),
+        Cmd::Log { cmd: LogCmd::Dump { file } } => log_dump(&file),
+        Cmd::Log { cmd: LogCmd::Stats { file } } => log_stats(&file),
+    }
+}

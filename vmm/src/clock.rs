@@ -1,0 +1,158 @@
+//! The guest's clock. Devices read time only through `VmClock`, which
+//! samples the host clock at most once per exit when live, and hands back
+//! logged values when replaying. Each value devices saw at an exit is what
+//! the log records, so replay gives every device the same time at the same
+//! position.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::devices::Clock;
+
+#[derive(Debug)]
+enum Source {
+    /// Host monotonic time since `start`.
+    Host { start: Instant },
+    /// Only values set from the log.
+    Log,
+}
+
+#[derive(Debug)]
+struct State {
+    source: Source,
+    /// The value for the current exit, once sampled or set.
+    current: Option<u64>,
+    /// Last value ever handed out: time never runs backwards.
+    last: u64,
+    /// A fresh host sample taken during this exit that still has to be logged.
+    unlogged: Option<u64>,
+    /// A device read the clock at an exit where replay had no value for it.
+    missing_read: bool,
+}
+
+#[derive(Debug)]
+pub struct VmClock(Mutex<State>);
+
+impl VmClock {
+    pub fn host() -> Self {
+        Self::with(Source::Host { start: Instant::now() })
+    }
+
+    pub fn replay() -> Self {
+        Self::with(Source::Log)
+    }
+
+    fn with(source: Source) -> Self {
+        VmClock(Mutex::new(State {
+            source,
+            current: None,
+            last: 0,
+            unlogged: None,
+            missing_read: false,
+        }))
+    }
+
+    /// Forget the value of the previous exit.
+    pub fn begin_exit(&self) {
+        let mut s = self.0.lock().unwrap();
+        s.current = None;
+        s.missing_read = false;
+    }
+
+    /// Host time now, without handing it to the guest (live only; 0 in replay).
+    pub fn peek_host(&self) -> u64 {
+        let s = self.0.lock().unwrap();
+        match &s.source {
+            Source::Host { start } => start.elapsed().as_nanos() as u64,
+            Source::Log => s.last,
+        }
+    }
+
+    /// Take a new host sample for this exit even if one was taken already
+    /// (the recorder does this while the guest waits in `hlt`).
+    pub fn resample(&self) -> u64 {
+        let mut s = self.0.lock().unwrap();
+        s.current = None;
+        drop(s);
+        self.now_ns()
+    }
+
+    /// Replay: the value the log says devices saw at this exit.
+    pub fn set(&self, ns: u64) {
+        let mut s = self.0.lock().unwrap();
+        s.current = Some(ns);
+        s.last = s.last.max(ns);
+    }
+
+    /// Whether devices have a time value at this exit.
+    pub fn has_value(&self) -> bool {
+        self.0.lock().unwrap().current.is_some()
+    }
+
+    /// The sample taken during this exit that must go into the log, if any.
+    pub fn take_unlogged(&self) -> Option<u64> {
+        self.0.lock().unwrap().unlogged.take()
+    }
+
+    /// Replay: whether a device read time where the log had none.
+    pub fn missing_read(&self) -> bool {
+        self.0.lock().unwrap().missing_read
+    }
+}
+
+impl Clock for VmClock {
+    fn now_ns(&self) -> u64 {
+        let mut s = self.0.lock().unwrap();
+        if let Some(v) = s.current {
+            return v;
+        }
+        match &s.source {
+            Source::Host { start } => {
+                let v = (start.elapsed().as_nanos() as u64).max(s.last);
+                s.current = Some(v);
+                s.last = v;
+                s.unlogged = Some(v);
+                v
+            }
+            Source::Log => {
+                s.missing_read = true;
+                s.last
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_clock_samples_once_per_exit() {
+        let c = VmClock::host();
+        c.begin_exit();
+        let a = c.now_ns();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        assert_eq!(c.now_ns(), a);
+        assert_eq!(c.take_unlogged(), Some(a));
+        assert_eq!(c.take_unlogged(), None);
+        c.begin_exit();
+        let b = c.now_ns();
+        assert!(b >= a + 2_000_000);
+        assert_eq!(c.take_unlogged(), Some(b));
+        let r = c.resample();
+        assert!(r >= b);
+    }
+
+    #[test]
+    fn replay_clock_flags_reads_without_a_value() {
+        let c = VmClock::replay();
+        c.begin_exit();
+        c.set(500);
+        assert_eq!(c.now_ns(), 500);
+        assert!(!c.missing_read());
+        c.begin_exit();
+        assert_eq!(c.now_ns(), 500);
+        assert!(c.missing_read());
+        assert_eq!(c.take_unlogged(), None);
+    }
+}

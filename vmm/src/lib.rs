@@ -1,0 +1,23 @@
+//! ftvm: a record/replay fault-tolerant VMM for x86-64 KVM.
+//!
+//! The VMM owns every source of nondeterminism the guest can see (the
+//! interrupt controller, the timer, the clock, console input) and hands
+//! their values to the guest only at deterministic VM exits. `engine` is
+//! the exit loop; `live` supplies inputs from the host (and records them),
+//! `replay` supplies them from a log and checks the run against it.
+
+pub mod boot;
+pub mod bus;
+pub mod clock;
+pub mod console;
+pub mod cpuid;
+pub mod devices;
+pub mod digest;
+pub mod engine;
+pub mod kernel;
+pub mod kvm_ext;
+pub mod layout;
+pub mod live;
+pub mod machine;
+pub mod replay;
+pub mod vm;

@@ -1,0 +1,172 @@
+//! Inputs from the host: a plain run, or a recording when a log writer is
+//! attached. Every value handed to the guest is logged at the exit where it
+//! was handed over.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use replay_log::{EndReason, Event, LogWriter, Record};
+
+use crate::console::ConsoleInput;
+use crate::devices::Clock;
+use crate::engine::{EngineError, ExitPoint, Flow, Inputs};
+use crate::machine::Machine;
+
+/// Register digests go into the log every this many exits.
+pub const CHECK_INTERVAL: u64 = 256;
+/// Longest single wait in `hlt`, so SIGINT is noticed promptly.
+const MAX_WAIT: Duration = Duration::from_millis(100);
+
+pub type LogSink = LogWriter<Box<dyn Write + Send>>;
+
+pub struct Live {
+    log: Option<LogSink>,
+    input: ConsoleInput,
+    pub by_kind: BTreeMap<&'static str, u64>,
+    since_flush: u64,
+}
+
+impl Live {
+    pub fn new(log: Option<LogSink>, input: ConsoleInput) -> Self {
+        Live { log, input, by_kind: BTreeMap::new(), since_flush: 0 }
+    }
+
+    pub fn log_bytes(&self) -> u64 {
+        self.log.as_ref().map_or(0, |l| l.bytes_written())
+    }
+
+    pub fn events(&self) -> u64 {
+        self.by_kind.values().sum()
+    }
+
+    /// Hands the writer back (flushed), e.g. to close a socket.
+    pub fn into_log(self) -> Option<LogSink> {
+        self.log
+    }
+
+    fn log(&mut self, at: &mut ExitPoint, event: Event) -> Result<(), EngineError> {
+        *self.by_kind.entry(event.kind_name()).or_default() += 1;
+        if let Some(w) = &mut self.log {
+            let rec = Record { pos: at.position()?, event };
+            w.append(&rec).map_err(EngineError::LogWrite)?;
+            self.since_flush += 1;
+            if self.since_flush >= 256 {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), EngineError> {
+        self.since_flush = 0;
+        match &mut self.log {
+            Some(w) => w.flush().map_err(EngineError::LogWrite),
+            None => Ok(()),
+        }
+    }
+
+    /// Typed bytes go in only while the guest listens (receive interrupt
+    /// enabled) and as far as the receive FIFO has room; the rest waits.
+    fn push_input(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<(), EngineError> {
+        if self.input.pending() == 0 {
+            return Ok(());
+        }
+        let bytes = {
+            let mut uart = m.uart.lock().unwrap();
+            if !uart.accepting_input() {
+                return Ok(());
+            }
+            let bytes = self.input.take(uart.rx_room());
+            if bytes.is_empty() {
+                return Ok(());
+            }
+            uart.push_input(&bytes);
+            bytes
+        };
+        self.log(at, Event::SerialIn { bytes })
+    }
+
+    /// Advances the timer if its deadline has passed on the host clock.
+    fn poll_timer(&mut self, m: &Machine, at: &mut ExitPoint, fresh: bool) -> Result<(), EngineError> {
+        let Some(deadline) = m.pit.lock().unwrap().next_deadline_ns() else {
+            return Ok(());
+        };
+        if (!fresh && m.clock.has_value()) || m.clock.peek_host() < deadline {
+            return Ok(());
+        }
+        let ns = if fresh { m.clock.resample() } else { m.clock.now_ns() };
+        let _ = m.clock.take_unlogged();
+        self.log(at, Event::Time { ns })?;
+        m.pit.lock().unwrap().update();
+        Ok(())
+    }
+}
+
+impl Inputs for Live {
+    fn boot(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<(), EngineError> {
+        let epoch_secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        m.cmos.lock().unwrap().set_wall_base(epoch_secs);
+        self.log(at, Event::WallClock { epoch_secs })
+    }
+
+    fn before_dispatch(&mut self, _: &Machine, _: u64, _: replay_log::ExitKind) -> Result<(), EngineError> {
+        Ok(())
+    }
+
+    fn deliver(&mut self, m: &Machine, at: &mut ExitPoint, wait: bool) -> Result<Flow, EngineError> {
+        if let Some(ns) = m.clock.take_unlogged() {
+            self.log(at, Event::Time { ns })?;
+        }
+        if !wait {
+            self.poll_timer(m, at, false)?;
+            self.input.poll(None);
+            self.push_input(m, at)?;
+            return Ok(Flow::Continue);
+        }
+        // The guest is idle: a good moment to push the log out.
+        self.flush()?;
+        let deadline = m.pit.lock().unwrap().next_deadline_ns();
+        if deadline.is_none() && !self.input.open() && self.input.pending() == 0 {
+            return Err(EngineError::Stuck { ordinal: at.ordinal, rip: at.rip()? });
+        }
+        let now = m.clock.peek_host();
+        let timeout = deadline.map_or(MAX_WAIT, |d| Duration::from_nanos(d.saturating_sub(now)).min(MAX_WAIT));
+        if self.input.pending() == 0 || !m.uart.lock().unwrap().accepting_input() {
+            self.input.poll(Some(timeout));
+        }
+        self.poll_timer(m, at, true)?;
+        self.push_input(m, at)?;
+        Ok(Flow::Continue)
+    }
+
+    fn injected(&mut self, at: &mut ExitPoint, vector: u8) -> Result<(), EngineError> {
+        self.log(at, Event::Interrupt { vector })
+    }
+
+    fn exit_done(&mut self, at: &mut ExitPoint) -> Result<Flow, EngineError> {
+        if self.log.is_some() && at.ordinal % CHECK_INTERVAL == 0 {
+            let regs_digest = at.regs_digest()?;
+            self.log(at, Event::Check { regs_digest })?;
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn finish(&mut self, at: &mut ExitPoint, reason: EndReason, mem_digest: u64) -> Result<(), EngineError> {
+        let regs_digest = at.regs_digest()?;
+        self.log(at, Event::End { reason, regs_digest, mem_digest })?;
+        self.flush()
+    }
+
+    fn summary(&self) -> String {
+        let kinds: Vec<String> = self.by_kind.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        if self.log.is_some() {
+            format!("logged {} events ({}), {} bytes", self.events(), kinds.join(", "), self.log_bytes())
+        } else {
+            format!("{} inputs ({})", self.events(), kinds.join(", "))
+        }
+    }
+}

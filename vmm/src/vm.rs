@@ -1,0 +1,121 @@
+//! Creating the VM: KVM handles, guest memory, the vCPU in its entry state.
+
+use std::sync::Arc;
+
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::boot;
+use crate::clock::VmClock;
+use crate::cpuid;
+use crate::devices::OutputSink;
+use crate::kernel::KernelImage;
+use crate::machine::Machine;
+
+/// Where the legacy PCI hole would start; guest RAM stays below it.
+const MAX_MEM: u64 = 3 << 30;
+const MIN_MEM: u64 = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0}{hint}", hint = kvm_hint(.0))]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM {what} failed: {err}")]
+    Kvm { what: &'static str, err: kvm_ioctls::Error },
+    #[error("guest memory of {0} bytes is not supported: use between 4 MiB and 3 GiB")]
+    MemSize(u64),
+    #[error("allocating {bytes} bytes of guest memory: {err}")]
+    Memory { bytes: u64, err: String },
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::KernelError),
+    #[error(transparent)]
+    Bus(#[from] crate::bus::BusError),
+}
+
+fn kvm_hint(e: &kvm_ioctls::Error) -> &'static str {
+    match e.errno() {
+        libc::ENOENT => " (no /dev/kvm: is KVM enabled on this host, kvm_intel/kvm_amd loaded?)",
+        libc::EACCES | libc::EPERM => {
+            " (permission denied: add yourself to the 'kvm' group or run as root)"
+        }
+        _ => "",
+    }
+}
+
+/// What the guest is and how it is started.
+pub struct GuestConfig {
+    pub kernel: KernelImage,
+    pub mem_bytes: u64,
+    pub cmdline: String,
+}
+
+pub struct Vm {
+    pub kvm: Kvm,
+    pub vm: VmFd,
+    pub vcpu: VcpuFd,
+    pub mem: GuestMemoryMmap,
+    pub machine: Machine,
+    pub entry: u64,
+}
+
+impl Vm {
+    pub fn new(
+        cfg: &GuestConfig,
+        clock: Arc<VmClock>,
+        console: Box<dyn OutputSink>,
+    ) -> Result<Vm, VmError> {
+        if !(MIN_MEM..=MAX_MEM).contains(&cfg.mem_bytes) {
+            return Err(VmError::MemSize(cfg.mem_bytes));
+        }
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let vm = kvm.create_vm().map_err(|err| VmError::Kvm { what: "create VM", err })?;
+        // Only VT-x needs the TSS region; other backends may refuse it,
+        // which is harmless.
+        let _ = vm.set_tss_address(0xfffb_d000);
+
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), cfg.mem_bytes as usize)])
+            .map_err(|e| VmError::Memory { bytes: cfg.mem_bytes, err: e.to_string() })?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmError::Memory { bytes: cfg.mem_bytes, err: e.to_string() })?;
+            let r = kvm_bindings::kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: `host` is the start of a live mapping of `region.len()`
+            // bytes owned by `mem`. `mem` is moved into the returned `Vm`
+            // together with the VM fd and is never unmapped while the VM fd
+            // exists (the process exits, or both are dropped together).
+            unsafe { vm.set_user_memory_region(r) }
+                .map_err(|err| VmError::Kvm { what: "set user memory region", err })?;
+        }
+
+        let entry = cfg.kernel.load(&mem)?;
+        boot::write_gdt(&mem)?;
+        boot::write_page_tables(&mem)?;
+        boot::write_cmdline(&mem, &cfg.cmdline)?;
+
+        let vcpu = vm.create_vcpu(0).map_err(|err| VmError::Kvm { what: "create vCPU", err })?;
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|err| VmError::Kvm { what: "get supported CPUID", err })?;
+        vcpu.set_cpuid2(&cpuid::guest_cpuid(&supported))
+            .map_err(|err| VmError::Kvm { what: "set CPUID", err })?;
+        let sregs = vcpu.get_sregs().map_err(|err| VmError::Kvm { what: "get sregs", err })?;
+        vcpu.set_sregs(&boot::long_mode_sregs(sregs))
+            .map_err(|err| VmError::Kvm { what: "set sregs", err })?;
+        vcpu.set_regs(&boot::elf_entry_regs(entry, cfg.mem_bytes))
+            .map_err(|err| VmError::Kvm { what: "set regs", err })?;
+        vcpu.set_fpu(&boot::initial_fpu())
+            .map_err(|err| VmError::Kvm { what: "set FPU", err })?;
+
+        let machine = Machine::new(clock, console)?;
+        Ok(Vm { kvm, vm, vcpu, mem, machine, entry })
+    }
+}
