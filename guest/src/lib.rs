@@ -44,13 +44,18 @@
 //! # Output (COM1, lines end in `\n`)
 //!
 //! ```text
-//! ftvm test guest: hz=100 lines=10 seconds=3 mem=256 MiB
+//! ftvm test guest: hz=100 lines=10 seconds=1 mem=64 MiB
+//! [boot] ignoring unknown option console
 //! [boot] rtc 2024-05-01 12:34:56
-//! [0001] ticks=10 pit=11873 sum=1a2b3c4d
+//! [0001] ticks=10 pit=11525 sum=f3bcc294
+//! [0002] ticks=20 pit=11536 sum=b4927619
+//! [0003] ticks=30 pit=11482 sum=47ae7592
+//! [0004] ticks=40 pit=11522 sum=c454e143
+//! [echo] "hi there"
+//! [0005] ticks=50 pit=11642 sum=b315fb07
 //! ...
-//! [0010] ticks=100 pit=11790 sum=0badf00d rb=b4/11779
-//! [echo] "hello"
-//! [done] ticks=300 lines=30 rx=6 sum=89abcdef
+//! [0010] ticks=100 pit=11529 sum=5afa6c57 rb=b4/11370
+//! [done] ticks=100 lines=10 rx=10 sum=5afa6c57
 //! ```
 //!
 //! * Status line `[NNNN] ticks=T pit=P sum=XXXXXXXX` every `hz / lines`
@@ -67,6 +72,18 @@
 //!   included; the LF of a CR LF pair is swallowed), when 64 are pending, or
 //!   at the next status-line tick. Printable ASCII as is, `"` and `\`
 //!   backslash-escaped, anything else as `\xHH`.
+//!   The guest never drops input: while its 1 KiB RX ring is full it turns
+//!   the UART's receive interrupt off (IER = 0x02), leaving bytes in the
+//!   UART, and turns it back on once the ring is half empty. Bytes the UART
+//!   itself lost (LSR.OE) are reported as
+//!   `[echo] (uart overrun xN: bytes were lost before the guest read them)`.
+//! * `T` is the tick count when the line is printed. Status lines are due at
+//!   ticks `k * (hz / lines)`; if output backs up (the 4 KiB TX ring is full)
+//!   the guest waits, and late lines are printed one after another, each
+//!   with the tick count of its own printing, so there are always
+//!   `seconds * lines` of them.
+//! * Other boot lines: `[boot] ignoring bad value for option KEY` and
+//!   `[boot] KEY=V out of range, using U` (hz, lines, seconds).
 //! * `[done] ticks=T lines=N rx=R sum=XXXXXXXX` after `seconds * hz` ticks,
 //!   then the guest waits for its output to drain and writes 0 to port 0xf4.
 //! * Faults: `[fatal] exception V error=0xE rip=0xRRRRRRRRRRRRRRRR` (exit

@@ -134,9 +134,9 @@ void tx_drain(void);
  * looks stuck (a THRE interrupt lost) and tx_unstick() should run. */
 bool tx_stalled(u64 now);
 void tx_unstick(void);
-/* Takes up to `max` received bytes (interrupts off). `*dropped` gets the
- * count of bytes lost to a full RX ring since the last call. */
-u32 rx_take(u8 *buf, u32 max, u64 *dropped);
+/* Takes up to `max` received bytes (interrupts off). `*overruns` gets the
+ * number of overruns (LSR.OE, bytes lost in the UART) since the last call. */
+u32 rx_take(u8 *buf, u32 max, u64 *overruns);
 bool rx_pending(void);
 u64 rx_total(void);
 /* Fatal path: polled output that does not depend on interrupts. */

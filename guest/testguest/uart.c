@@ -6,7 +6,10 @@
  * first byte is written to THR directly; after that each THRE interrupt
  * refills the (empty) 16-byte FIFO from the ring. Receive: the interrupt
  * handler drains RBR while LSR.DR into an RX ring and folds each byte into
- * the running checksum. Ring state is only touched with interrupts off.
+ * the running checksum. When the RX ring is full the receive interrupt is
+ * switched off (bytes then wait in the UART, and the VMM holds further
+ * input back) until the main loop has emptied half of it: the guest never
+ * drops a byte. Ring state is only touched with interrupts off.
  */
 #include "ftvm.h"
 
@@ -27,10 +30,12 @@
 #define FCR_ENABLE_CLEAR 0x07
 #define MCR_DTR_RTS_OUT2 0x0b
 #define IER_RDA_THRE 0x03
+#define IER_THRE 0x02
 #define IIR_NO_INT 0x01
 #define IIR_ID_MASK 0x0f
 #define IIR_ID_MODEM 0x00
 #define LSR_DR 0x01
+#define LSR_OE 0x02
 #define LSR_THRE 0x20
 #define LSR_TEMT 0x40
 
@@ -54,7 +59,8 @@ static u8 rx_ring[RX_SIZE];
 static u32 rx_head;	/* next byte to take */
 static u32 rx_count;
 static u64 rx_bytes;
-static u64 rx_lost;
+static bool rx_throttled;	/* receive interrupt off: ring full */
+static u64 rx_overruns;		/* LSR.OE seen: the UART lost bytes */
 
 void uart_init(u64 hz)
 {
@@ -98,16 +104,23 @@ static void tx_on_thre(void)
 		tx_busy = false;
 }
 
+/* Interrupts off; the caller checked there is room. */
 static void rx_byte(u8 b)
 {
 	rx_bytes++;
 	sum_byte(b);
-	if (rx_count < RX_SIZE) {
-		rx_ring[(rx_head + rx_count) % RX_SIZE] = b;
-		rx_count++;
-	} else {
-		rx_lost++;
-	}
+	rx_ring[(rx_head + rx_count) % RX_SIZE] = b;
+	rx_count++;
+}
+
+/* Interrupts off. Counts overruns the UART reports. */
+static u8 read_lsr(void)
+{
+	u8 lsr = inb(COM1 + UART_LSR);
+
+	if (lsr & LSR_OE)
+		rx_overruns++;
+	return lsr;
 }
 
 void uart_service(void)
@@ -126,10 +139,16 @@ void uart_service(void)
 
 		if (iir & IIR_NO_INT)
 			break;
-		lsr = inb(COM1 + UART_LSR);
+		lsr = read_lsr();
 		for (k = 0; (lsr & LSR_DR) && k < RX_DRAIN_MAX; k++) {
+			if (rx_count == RX_SIZE) {
+				/* Leave the rest in the UART; rx_take resumes. */
+				rx_throttled = true;
+				outb(IER_THRE, COM1 + UART_IER);
+				break;
+			}
 			rx_byte(inb(COM1 + UART_RBR));
-			lsr = inb(COM1 + UART_LSR);
+			lsr = read_lsr();
 		}
 		if (lsr & LSR_THRE)
 			tx_on_thre();
@@ -178,7 +197,7 @@ bool tx_stalled(u64 now)
 
 void tx_unstick(void)
 {
-	u8 lsr = inb(COM1 + UART_LSR);
+	u8 lsr = read_lsr();
 
 	if (lsr & LSR_THRE)
 		tx_on_thre();
@@ -210,7 +229,7 @@ void tx_drain(void)
 	uart_poll_wait_temt();
 }
 
-u32 rx_take(u8 *buf, u32 max, u64 *dropped)
+u32 rx_take(u8 *buf, u32 max, u64 *overruns)
 {
 	u32 n = 0;
 
@@ -219,14 +238,19 @@ u32 rx_take(u8 *buf, u32 max, u64 *dropped)
 		rx_head = (rx_head + 1) % RX_SIZE;
 		rx_count--;
 	}
-	*dropped = rx_lost;
-	rx_lost = 0;
+	if (rx_throttled && rx_count <= RX_SIZE / 2) {
+		/* Data still waiting in the UART raises a fresh interrupt. */
+		rx_throttled = false;
+		outb(IER_RDA_THRE, COM1 + UART_IER);
+	}
+	*overruns = rx_overruns;
+	rx_overruns = 0;
 	return n;
 }
 
 bool rx_pending(void)
 {
-	return rx_count != 0 || rx_lost != 0;
+	return rx_count != 0 || rx_overruns != 0;
 }
 
 u64 rx_total(void)

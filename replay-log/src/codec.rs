@@ -13,7 +13,7 @@ use crate::{
 /// Magic, version and header length: the part of the header every version
 /// must keep, so any reader can say "wrong version" instead of "corrupt".
 pub(crate) const HEADER_PREFIX_LEN: usize = 8 + 2 + 4;
-/// Length field plus checksum around each record body.
+/// Length word (with its check byte) plus checksum around each record body.
 pub(crate) const FRAME_OVERHEAD: usize = 4 + 4;
 /// Event kind, ordinal, rip, exit kind, exit detail.
 const BODY_FIXED_LEN: usize = 1 + 8 + 8 + 1 + 8;
@@ -42,6 +42,47 @@ const EX_STOP: u8 = 10;
 const END_EXIT: u8 = 0;
 const END_RESET: u8 = 1;
 const END_INTERRUPTED: u8 = 2;
+
+/// CRC-8/SMBUS: polynomial 0x07, initial value 0, no reflection, no final
+/// xor. Protects the frame length word; detects every error confined to 8
+/// consecutive bits, so any single damaged byte of the word.
+pub(crate) fn crc8(data: &[u8]) -> u8 {
+    let mut crc = 0u8;
+    for &b in data {
+        crc ^= b;
+        for _ in 0..8 {
+            crc = if crc & 0x80 != 0 {
+                (crc << 1) ^ 0x07
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// The 4-byte length word of a frame: body length in the low 24 bits, the
+/// CRC-8 of those 3 bytes (as stored, little-endian) in the high 8 bits.
+/// `len` must be at most `MAX_RECORD_BODY`.
+pub(crate) fn length_word(len: u32) -> [u8; 4] {
+    debug_assert!(len <= MAX_RECORD_BODY);
+    let [a, b, c, _] = len.to_le_bytes();
+    [a, b, c, crc8(&[a, b, c])]
+}
+
+/// Checks a frame's length word and returns the body length. The check byte
+/// lets a reader tell a damaged length from one pointing at data still to
+/// come, so a damaged length is never mistaken for a truncated log.
+pub(crate) fn parse_length_word(word: [u8; 4]) -> Result<u32, String> {
+    let [a, b, c, stored] = word;
+    let expected = crc8(&[a, b, c]);
+    if stored != expected {
+        return Err(format!(
+            "record length field damaged (check byte {stored:#04x}, expected {expected:#04x})"
+        ));
+    }
+    Ok(u32::from_le_bytes([a, b, c, 0]))
+}
 
 pub(crate) fn crc32(parts: &[&[u8]]) -> u32 {
     let mut h = crc32fast::Hasher::new();
@@ -210,7 +251,7 @@ pub(crate) fn encode_frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), LogErr
     }
     let start = out.len();
     out.reserve(FRAME_OVERHEAD + body_len);
-    out.extend_from_slice(&(body_len as u32).to_le_bytes());
+    out.extend_from_slice(&length_word(body_len as u32));
     out.push(event_code(&rec.event));
     out.extend_from_slice(&rec.pos.ordinal.to_le_bytes());
     out.extend_from_slice(&rec.pos.rip.to_le_bytes());
@@ -380,5 +421,34 @@ impl<'a> Cursor<'a> {
         let s = &self.buf[self.pos..];
         self.pos = self.buf.len();
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc8_is_crc8_smbus() {
+        // The catalogued check value of CRC-8/SMBUS.
+        assert_eq!(crc8(b"123456789"), 0xf4);
+        assert_eq!(crc8(&[]), 0);
+        assert_eq!(crc8(&[0, 0, 0]), 0);
+    }
+
+    #[test]
+    fn length_word_round_trips_and_catches_any_one_damaged_byte() {
+        for len in [0, 1, 26, 34, 0x1234, 0xff_ffff, MAX_RECORD_BODY] {
+            let word = length_word(len);
+            assert_eq!(parse_length_word(word), Ok(len));
+            for i in 0..4 {
+                for x in 1..=255u8 {
+                    let mut w = word;
+                    w[i] ^= x;
+                    let err = parse_length_word(w).unwrap_err();
+                    assert!(err.starts_with("record length field damaged"), "{err}");
+                }
+            }
+        }
     }
 }

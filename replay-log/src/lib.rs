@@ -26,10 +26,10 @@ pub const MAGIC: [u8; 8] = *b"FTVMLOG\0";
 /// Bumped on any change an older reader could misread (FORMAT.md).
 pub const FORMAT_VERSION: u16 = 1;
 
-/// A record body may not exceed this many bytes. Readers enforce it so a
-/// damaged length field is reported as corruption instead of driving a huge
-/// allocation or a long wait for bytes that will never come.
-pub const MAX_RECORD_BODY: u32 = 16 << 20;
+/// A record body may not exceed this many bytes: the body length is the low
+/// 24 bits of the frame's length word (the high 8 bits are its check byte,
+/// FORMAT.md "Records"). The writer refuses larger records.
+pub const MAX_RECORD_BODY: u32 = (1 << 24) - 1;
 
 /// Same idea as [`MAX_RECORD_BODY`], for the header payload.
 pub const MAX_HEADER_PAYLOAD: u32 = 1 << 20;

@@ -160,12 +160,17 @@ impl<R: Read> LogReader<R> {
                 Err(self.truncated())
             };
         }
-        let len = u32::from_le_bytes(self.frame[..4].try_into().expect("4 bytes"));
-        if len > MAX_RECORD_BODY {
-            return Err(self.fail(format!(
-                "record length {len} exceeds the {MAX_RECORD_BODY}-byte limit"
-            )));
-        }
+        // Judged as soon as the word is in, before waiting for the body: a
+        // damaged length must be reported as damage, never as a log that
+        // stops early because the length points past the end of the data.
+        // (A 24-bit length cannot exceed MAX_RECORD_BODY, so no huge
+        // allocation either.)
+        let word = self.frame[..4].try_into().expect("4 bytes");
+        let len = match codec::parse_length_word(word) {
+            Ok(len) => len,
+            Err(what) => return Err(self.fail(what)),
+        };
+        debug_assert!(len <= MAX_RECORD_BODY);
         let body_end = 4 + len as usize;
         if !self.fill_to(body_end + 4)? {
             return Err(self.truncated());

@@ -53,6 +53,9 @@ impl<W: Write> LogWriter<W> {
         Ok(w)
     }
 
+    /// Buffers one record. A record whose body would exceed
+    /// [`MAX_RECORD_BODY`](crate::MAX_RECORD_BODY) (the frame's 24-bit length
+    /// field) is refused with `TooLarge` and nothing is written for it.
     pub fn append(&mut self, rec: &Record) -> Result<(), LogError> {
         self.check_failed()?;
         let before = self.buf.len();

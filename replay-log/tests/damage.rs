@@ -73,64 +73,172 @@ fn truncated_message_names_source_offset_and_record() {
     );
 }
 
+/// Reads `data` to the end and asserts it yields `records[..i]`, then
+/// `Corrupt` for record `i` at `start`, with the full message. Returns the
+/// complaint.
+fn expect_corrupt(data: &[u8], records: &[Record], i: usize, start: u64, ctx: &str) -> String {
+    let (got, err) = read_all(data);
+    assert!(got[..] == records[..i], "{ctx}: got {} records", got.len());
+    match err {
+        Err(
+            ref e @ LogError::Corrupt {
+                offset,
+                record,
+                ref what,
+                ..
+            },
+        ) => {
+            assert_eq!((offset, record), (start, i as u64), "{ctx}");
+            assert_eq!(
+                e.to_string(),
+                format!("corrupt record #{i} at byte offset {start} in test.ftlog: {what}"),
+                "{ctx}"
+            );
+            what.clone()
+        }
+        other => panic!("{ctx}: {other:?}"),
+    }
+}
+
+/// A single damaged byte at `pos` of the frame starting at `start`: the
+/// length word's check byte catches it there, the frame checksum elsewhere.
+fn expected_complaint(pos: usize, start: usize) -> &'static str {
+    if pos < start + 4 {
+        "record length field damaged (check byte "
+    } else {
+        "checksum mismatch"
+    }
+}
+
 #[test]
-fn flipped_byte_in_any_record_body_or_checksum_is_corrupt() {
+fn flipped_byte_anywhere_in_a_record_is_corrupt_never_truncated() {
     let records = three();
     let full = encode(&records);
     let b = boundaries(&records);
     for i in 0..records.len() {
         let (start, end) = (b[i] as usize, b[i + 1] as usize);
-        // Everything after the length field: body and checksum.
-        for pos in start + 4..end {
-            let mut data = full.clone();
-            data[pos] ^= 0x5a;
-            let (got, err) = read_all(&data);
-            assert_eq!(got, records[..i], "byte {pos}");
-            match err {
-                Err(e @ LogError::Corrupt { .. }) => {
-                    let LogError::Corrupt {
-                        offset,
-                        record,
-                        ref what,
-                        ..
-                    } = e
-                    else {
-                        unreachable!()
-                    };
-                    assert_eq!((offset, record), (start as u64, i as u64), "byte {pos}");
-                    assert!(what.contains("checksum"), "{what}");
-                    let msg = e.to_string();
-                    assert_eq!(
-                        msg,
-                        format!("corrupt record #{i} at byte offset {start} in test.ftlog: {what}")
-                    );
-                }
-                other => panic!("byte {pos}: {other:?}"),
+        // Length word, body and checksum, with several kinds of damage.
+        for pos in start..end {
+            for mask in [0x01, 0x5a, 0x80, 0xff] {
+                let mut data = full.clone();
+                data[pos] ^= mask;
+                let ctx = format!("byte {pos} ^ {mask:#04x}");
+                let what = expect_corrupt(&data, &records, i, start as u64, &ctx);
+                assert!(
+                    what.starts_with(expected_complaint(pos, start)),
+                    "{ctx}: {what}"
+                );
             }
         }
     }
 }
 
 #[test]
-fn huge_length_is_corrupt_not_an_allocation() {
+fn every_change_to_a_length_word_is_corrupt() {
     let records = three();
-    let mut data = encode(&records);
+    let full = encode(&records);
     let b = boundaries(&records);
-    data[b[1] as usize + 3] = 0x80; // top byte of record 1's length
+    for (i, &start) in b[..records.len()].iter().enumerate() {
+        let start = start as usize;
+        for pos in start..start + 4 {
+            for mask in 1..=255u8 {
+                let mut data = full.clone();
+                data[pos] ^= mask;
+                let ctx = format!("byte {pos} ^ {mask:#04x}");
+                let what = expect_corrupt(&data, &records, i, start as u64, &ctx);
+                let [l0, l1, l2, check] = data[start..start + 4].try_into().unwrap();
+                assert_eq!(
+                    what,
+                    format!(
+                        "record length field damaged (check byte {check:#04x}, expected {:#04x})",
+                        crc8(&[l0, l1, l2])
+                    ),
+                    "{ctx}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn length_word_is_judged_before_waiting_for_the_body() {
+    // Only the damaged length word has arrived (a file still being written,
+    // a slow socket): that is already corruption, not a frame in progress.
+    let records = three();
+    let b = boundaries(&records);
+    let start = b[1] as usize;
+    let mut data = encode(&records);
+    data[start + 2] ^= 0x10; // length now points far past the end
+    for have in [start + 4, start + 5, b[2] as usize, data.len()] {
+        let (got, err) = read_all(&data[..have]);
+        assert_eq!(got, records[..1], "{have} bytes");
+        match err {
+            Err(LogError::Corrupt {
+                offset,
+                record: 1,
+                what,
+                ..
+            }) => {
+                assert_eq!(offset, b[1]);
+                assert!(what.starts_with("record length field damaged"), "{what}");
+            }
+            other => panic!("{have} bytes: {other:?}"),
+        }
+    }
+    // The same one byte at a time, like a socket.
+    let mut r = LogReader::new(Trickle(&data[..start + 4]), "peer").unwrap();
+    assert_eq!(r.next_record().unwrap().unwrap(), records[0]);
+    assert!(matches!(
+        r.next_record(),
+        Err(LogError::Corrupt { record: 1, .. })
+    ));
+}
+
+#[test]
+fn damaged_length_message() {
+    let records = three();
+    let b = boundaries(&records);
+    let start = b[1] as usize;
+    let mut data = encode(&records);
+    let word: [u8; 4] = data[start..start + 4].try_into().unwrap();
+    data[start + 3] = word[3] ^ 0xff;
+    let (_, err) = read_all(&data);
+    assert_eq!(
+        err.unwrap_err().to_string(),
+        format!(
+            "corrupt record #1 at byte offset {start} in test.ftlog: \
+             record length field damaged (check byte {:#04x}, expected {:#04x})",
+            word[3] ^ 0xff,
+            word[3]
+        )
+    );
+}
+
+#[test]
+fn huge_length_is_corrupt_not_an_allocation() {
+    // The largest length a word can hold, with a valid check byte, is the
+    // body limit: nothing larger can even be expressed.
+    let records = three();
+    let b = boundaries(&records);
+    let mut data = encode(&records);
+    let start = b[1] as usize;
+    data[start..start + 4].copy_from_slice(&length_word(MAX_RECORD_BODY));
+    assert_eq!(length_word(MAX_RECORD_BODY), [0xff, 0xff, 0xff, 0x0f]);
+    // Points past the end, and its check byte is right: a cut log.
     let (got, err) = read_all(&data);
     assert_eq!(got, records[..1]);
-    match err {
-        Err(LogError::Corrupt {
-            offset,
-            record: 1,
-            what,
-            ..
-        }) => {
-            assert_eq!(offset, b[1]);
-            assert!(what.contains("length"), "{what}");
-        }
-        other => panic!("{other:?}"),
-    }
+    assert!(
+        matches!(err, Err(LogError::Truncated { record: 1, offset, .. }) if offset == b[1]),
+        "{err:?}"
+    );
+    // Any other top byte is a damaged length word, judged on 4 bytes.
+    data[start + 3] = 0x80;
+    let (got, err) = read_all(&data[..start + 4]);
+    assert_eq!(got, records[..1]);
+    assert!(
+        matches!(err, Err(LogError::Corrupt { record: 1, ref what, .. }) if what.contains("length")),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -140,34 +248,101 @@ fn small_length_change_inside_the_log_is_corrupt() {
     for delta in [1u8, 2, 4] {
         let mut data = encode(&records);
         data[b[0] as usize] ^= delta; // record 0's length, still within the log
-        let (got, err) = read_all(&data);
-        assert!(got.is_empty());
-        assert!(
-            matches!(err, Err(LogError::Corrupt { record: 0, offset, .. }) if offset == b[0]),
-            "{err:?}"
-        );
+        let what = expect_corrupt(&data, &records, 0, b[0], &format!("delta {delta}"));
+        assert!(what.starts_with("record length field damaged"), "{what}");
     }
 }
 
 #[test]
-fn length_pointing_past_the_end_is_truncated() {
-    // Documented limit: a length that overshoots EOF can't be told from a cut.
+fn only_a_checked_length_past_the_end_is_truncated() {
     let records = three();
     let b = boundaries(&records);
+    let start = b[2] as usize;
+    let len = (b[3] - b[2]) as u32 - 8; // record 2's body
+
+    // A damaged length that overshoots EOF: corrupt, not a cut.
     let mut data = encode(&records);
-    data[b[2] as usize] ^= 0x40;
+    data[start] ^= 0x40;
+    let what = expect_corrupt(&data, &records, 2, b[2], "flipped");
+    assert!(what.starts_with("record length field damaged"), "{what}");
+
+    // A length word that checks out but wants more than there is: the data
+    // ends early, which is a truncated log.
+    let mut data = encode(&records);
+    assert_eq!(data[start..start + 4], length_word(len));
+    data[start..start + 4].copy_from_slice(&length_word(len + 0x40));
     let (got, err) = read_all(&data);
     assert_eq!(got, records[..2]);
     assert!(
-        matches!(err, Err(LogError::Truncated { record: 2, .. })),
+        matches!(err, Err(LogError::Truncated { record: 2, offset, .. }) if offset == b[2]),
         "{err:?}"
     );
+}
+
+#[test]
+fn crc8_helper_is_crc8_smbus() {
+    assert_eq!(crc8(b"123456789"), 0xf4);
+}
+
+/// A log like a real recording: every byte position of the record area
+/// damaged in turn is `Corrupt` at the record holding it, never `Truncated`
+/// and never accepted.
+#[test]
+fn every_byte_of_a_long_recording_flipped_is_corrupt() {
+    let records = recording(300);
+    let full = encode(&records);
+    let b = boundaries(&records);
+    assert_eq!(*b.last().unwrap(), full.len() as u64);
+    // The mix has serial frames whose length needs two bytes.
+    assert!(records.iter().any(|r| r.encoded_len() > 256 + 8));
+    const MASKS: [u8; 8] = [0xff, 0x01, 0x80, 0x5a, 0x10, 0xa5, 0x02, 0x40];
+    let mut data = full.clone();
+    let mut i = 0;
+    for pos in b[0] as usize..full.len() {
+        while pos >= b[i + 1] as usize {
+            i += 1;
+        }
+        let start = b[i] as usize;
+        let mask = MASKS[pos % MASKS.len()];
+        data[pos] ^= mask;
+        let ctx = format!("byte {pos} ^ {mask:#04x} (record #{i})");
+        let what = expect_corrupt(&data, &records, i, start as u64, &ctx);
+        assert!(
+            what.starts_with(expected_complaint(pos, start)),
+            "{ctx}: {what}"
+        );
+        data[pos] ^= mask;
+    }
+    assert_eq!(data, full);
+}
+
+#[test]
+fn a_long_recording_cut_anywhere_is_truncated_or_a_clean_end() {
+    let records = recording(300);
+    let full = encode(&records);
+    let b = boundaries(&records);
+    let mut whole = 0;
+    for cut in b[0] as usize..=full.len() {
+        while whole < records.len() && b[whole + 1] as usize <= cut {
+            whole += 1;
+        }
+        let (got, err) = read_all(&full[..cut]);
+        assert!(got[..] == records[..whole], "cut {cut}");
+        match err {
+            Ok(()) => assert_eq!(cut as u64, b[whole], "cut {cut}: clean end mid-frame"),
+            Err(LogError::Truncated { offset, record, .. }) => {
+                assert_eq!((offset, record), (b[whole], whole as u64), "cut {cut}");
+                assert_ne!(cut as u64, b[whole], "cut {cut}: boundary reported as cut");
+            }
+            Err(e) => panic!("cut {cut}: {e}"),
+        }
+    }
 }
 
 /// Writes one frame with a correct checksum around an arbitrary body, to
 /// reach the checks behind the checksum.
 fn frame(body: &[u8]) -> Vec<u8> {
-    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    let mut f = length_word(body.len() as u32).to_vec();
     f.extend_from_slice(body);
     let crc = crc32fast::hash(&f);
     f.extend_from_slice(&crc.to_le_bytes());

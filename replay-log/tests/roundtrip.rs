@@ -274,16 +274,22 @@ fn oversized_record_is_refused_and_leaves_the_log_valid() {
     let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
     let recs = three();
     w.append(&recs[0]).unwrap();
+    // One byte over the limit: the body length would not fit 24 bits.
     let huge = rec(
         1,
         0,
         ExitKind::Hlt,
         Event::SerialIn {
-            bytes: vec![0; 16 << 20],
+            bytes: vec![0; MAX_RECORD_BODY as usize - 26 + 1],
         },
     );
     let before = w.bytes_written();
-    assert!(matches!(w.append(&huge), Err(LogError::TooLarge { .. })));
+    match w.append(&huge) {
+        Err(LogError::TooLarge { what }) => {
+            assert!(what.contains(&format!("limit {MAX_RECORD_BODY}")), "{what}")
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(w.bytes_written(), before);
     assert_eq!(w.records_written(), 1);
     w.append(&recs[1]).unwrap();
@@ -303,7 +309,11 @@ fn largest_allowed_record_round_trips() {
             bytes: vec![7; payload],
         },
     );
+    assert_eq!(MAX_RECORD_BODY, (1 << 24) - 1);
     let bytes = encode(std::slice::from_ref(&r));
+    let start = boundaries(&[])[0] as usize;
+    // Length ff ff ff, check byte crc8(ff ff ff) = 0x0f.
+    assert_eq!(bytes[start..start + 4], [0xff, 0xff, 0xff, 0x0f]);
     assert_eq!(read_all(&bytes).0, vec![r]);
 }
 
@@ -361,11 +371,11 @@ fn format_md_worked_example() {
     let hex: Vec<String> = frame.iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(
         hex.join(" "),
-        "22 00 00 00 \
+        "22 00 00 95 \
          02 05 00 00 00 00 00 00 00 34 02 10 00 00 00 00 00 \
          02 40 00 00 00 00 00 00 00 \
          87 d6 12 00 00 00 00 00 \
-         e5 e1 cd a2"
+         5f c9 72 b8"
     );
     assert_eq!(r.encoded_len(), 42);
 }

@@ -11,6 +11,8 @@ use replay_log::{Header, LogReader, LogWriter};
 use ftvm::clock::VmClock;
 use ftvm::console::{ConsoleInput, StdoutSink};
 use ftvm::devices::StopRequest;
+use ftvm::ft::roles::{run_backup, run_primary, BackupOpts, PrimaryOpts};
+use ftvm::ft::witness::{Witness, WitnessClient};
 use ftvm::engine::{self, Ending, Inputs, Outcome, RunOptions, INTERRUPTED};
 use ftvm::kernel::KernelImage;
 use ftvm::live::Live;
@@ -46,6 +48,50 @@ enum Cmd {
         kernel: Option<PathBuf>,
         #[arg(long, short)]
         verbose: bool,
+    },
+    /// Hold the view (primary, backup) and the primary's lease.
+    Witness {
+        /// Address to listen on, e.g. 127.0.0.1:7000.
+        #[arg(long)]
+        listen: String,
+    },
+    /// Run the guest as the fault-tolerant primary.
+    Primary {
+        /// The witness, e.g. 127.0.0.1:7000.
+        #[arg(long)]
+        witness: String,
+        /// Where console clients connect (and how the witness names us).
+        #[arg(long, default_value = "127.0.0.1:7100")]
+        listen: String,
+        #[command(flatten)]
+        guest: GuestArgs,
+    },
+    /// Stand by as the backup: replay the primary's log, take over if it dies.
+    Backup {
+        /// The witness, e.g. 127.0.0.1:7000.
+        #[arg(long)]
+        witness: String,
+        /// Where the primary streams its log (and, after a takeover, consoles connect).
+        #[arg(long)]
+        listen: String,
+        /// Kernel of the guest (default: the built-in test guest).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// The guest's console, wherever the primary is.
+    Console {
+        #[arg(long)]
+        witness: String,
+        /// Give up after this many seconds without a primary.
+        #[arg(long, default_value_t = 30)]
+        give_up: u64,
+    },
+    /// Show the view: number, primary, backup, lease, lag.
+    Status {
+        #[arg(long)]
+        witness: String,
     },
     /// Inspect a log.
     Log {
@@ -157,7 +203,7 @@ fn exits_summary(o: &Outcome) -> String {
     )
 }
 
-fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
+fn guest_config(guest: &GuestArgs) -> Result<(GuestConfig, Header)> {
     let kernel = load_kernel(guest.kernel.as_deref())?;
     let header = Header {
         kernel_sha256: kernel.sha256,
@@ -167,9 +213,13 @@ fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
         ftvm_version: env!("CARGO_PKG_VERSION").to_string(),
         kernel_name: kernel.name.clone(),
     };
-    let cfg = GuestConfig { kernel, mem_bytes: guest.mem, cmdline: guest.cmdline };
+    Ok((GuestConfig { kernel, mem_bytes: guest.mem, cmdline: guest.cmdline.clone() }, header))
+}
+
+fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
+    let (cfg, header) = guest_config(&guest)?;
     let clock = Arc::new(VmClock::host());
-    let mut vm = Vm::new(&cfg, clock, Box::new(StdoutSink))?;
+    let mut vm = Vm::new(&cfg, clock, Box::new(StdoutSink), Default::default())?;
     let writer = match log {
         Some(p) => {
             let f = File::create(p).with_context(|| format!("cannot create log {}", p.display()))?;
@@ -221,7 +271,7 @@ fn replay(log: &Path, kernel: Option<&Path>, verbose: bool) -> Result<i32> {
         );
     }
     let cfg = GuestConfig { kernel, mem_bytes: h.mem_bytes, cmdline: h.cmdline.clone() };
-    let mut vm = Vm::new(&cfg, Arc::new(VmClock::replay()), Box::new(StdoutSink))?;
+    let mut vm = Vm::new(&cfg, Arc::new(VmClock::replay()), Box::new(StdoutSink), Default::default())?;
     install_signal_handlers();
     let mut rep = Replayer::new(reader);
     let res = engine::run(&mut vm, &mut rep, &RunOptions { verbose });
@@ -320,6 +370,30 @@ pub fn main() -> Result<i32> {
         Cmd::Run(g) => run_live(g, None),
         Cmd::Record { log, guest } => run_live(guest, Some(&log)),
         Cmd::Replay { log, kernel, verbose } => replay(&log, kernel.as_deref(), verbose),
+        Cmd::Witness { listen } => {
+            let w = Witness::bind(&listen)?;
+            eprintln!("witness: listening on {}", w.local_addr());
+            w.serve()?;
+            Ok(0)
+        }
+        Cmd::Primary { witness, listen, guest } => {
+            let (cfg, header) = guest_config(&guest)?;
+            run_primary(PrimaryOpts { witness, listen, verbose: guest.verbose }, cfg, header)
+        }
+        Cmd::Backup { witness, listen, kernel, verbose } => run_backup(BackupOpts { witness, listen, kernel, verbose }),
+        Cmd::Console { witness, give_up } => ftvm::ft::console::run_client(&witness, std::time::Duration::from_secs(give_up)),
+        Cmd::Status { witness } => {
+            let s = WitnessClient::new(&witness).status()?;
+            println!("view: {}", s.view.number);
+            println!("primary: {}", s.view.primary.as_deref().unwrap_or("none"));
+            println!("backup: {} ({})", s.view.backup.as_deref().unwrap_or("none"), if s.backup_alive { "alive" } else { "silent" });
+            match s.lease_left_ms {
+                Some(ms) => println!("lease: {ms} ms left"),
+                None => println!("lease: none"),
+            }
+            println!("log: primary at exit #{}, backup acknowledged #{} (lag {} exits)", s.primary_sent, s.primary_acked, s.primary_sent.saturating_sub(s.primary_acked));
+            Ok(0)
+        }
         Cmd::Log { cmd: LogCmd::Dump { file } } => log_dump(&file),
         Cmd::Log { cmd: LogCmd::Stats { file } } => log_stats(&file),
     }

@@ -52,6 +52,16 @@ impl VmClock {
         }))
     }
 
+    /// Replay ends and the VM goes live (failover): from now on time comes
+    /// from the host, continuing from the last value the guest saw.
+    pub fn go_live(&self) {
+        let mut s = self.0.lock().unwrap();
+        let back = std::time::Duration::from_nanos(s.last);
+        let start = Instant::now().checked_sub(back).unwrap_or_else(Instant::now);
+        s.source = Source::Host { start };
+        s.missing_read = false;
+    }
+
     /// Forget the value of the previous exit.
     pub fn begin_exit(&self) {
         let mut s = self.0.lock().unwrap();
@@ -141,6 +151,18 @@ mod tests {
         assert_eq!(c.take_unlogged(), Some(b));
         let r = c.resample();
         assert!(r >= b);
+    }
+
+    #[test]
+    fn going_live_continues_from_the_last_logged_time() {
+        let c = VmClock::replay();
+        c.begin_exit();
+        c.set(5_000_000_000);
+        c.go_live();
+        c.begin_exit();
+        let t = c.now_ns();
+        assert!((5_000_000_000..5_500_000_000).contains(&t), "{t}");
+        assert_eq!(c.take_unlogged(), Some(t));
     }
 
     #[test]

@@ -34,6 +34,11 @@ impl ConsoleInput {
         ConsoleInput { rx: None, pending: VecDeque::new() }
     }
 
+    /// Input that arrives on a channel (fault-tolerant console clients).
+    pub fn from_channel(rx: Receiver<Vec<u8>>) -> Self {
+        ConsoleInput { rx: Some(rx), pending: VecDeque::new() }
+    }
+
     /// Reads `src` on its own thread until EOF.
     pub fn spawn<R: Read + Send + 'static>(mut src: R) -> Self {
         let (tx, rx) = crossbeam_channel::unbounded();

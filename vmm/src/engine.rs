@@ -110,11 +110,11 @@ pub trait Inputs {
     /// replay must find one in the log.
     fn deliver(&mut self, m: &Machine, at: &mut ExitPoint, wait: bool) -> Result<Flow, EngineError>;
     /// An interrupt was injected after this exit.
-    fn injected(&mut self, at: &mut ExitPoint, vector: u8) -> Result<(), EngineError>;
+    fn injected(&mut self, m: &Machine, at: &mut ExitPoint, vector: u8) -> Result<(), EngineError>;
     /// The exit is fully handled: periodic checks, end-of-log detection.
-    fn exit_done(&mut self, at: &mut ExitPoint) -> Result<Flow, EngineError>;
+    fn exit_done(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<Flow, EngineError>;
     /// The run ends here.
-    fn finish(&mut self, at: &mut ExitPoint, reason: EndReason, mem_digest: u64) -> Result<(), EngineError>;
+    fn finish(&mut self, m: &Machine, at: &mut ExitPoint, reason: EndReason, mem_digest: u64) -> Result<(), EngineError>;
     /// Live only: guest time of the host clock, for the summary.
     fn summary(&self) -> String;
 }
@@ -180,6 +180,7 @@ fn handle_exit<I: Inputs>(
         other => return Err(fail(format!("unhandled exit {other:?}"))),
     };
     m.clock.begin_exit();
+    m.ordinal.store(next_ordinal, Ordering::Relaxed);
     inputs.before_dispatch(m, next_ordinal, kind)?;
     match exit {
         VcpuExit::IoIn(port, data) => {
@@ -234,7 +235,7 @@ pub fn run<I: Inputs>(vm: &mut Vm, inputs: &mut I, opts: &RunOptions) -> Result<
     let ending = loop {
         if INTERRUPTED.load(Ordering::Relaxed) {
             let mut at = ExitPoint::new(ordinal, last_kind, &mut vm.vcpu);
-            inputs.finish(&mut at, EndReason::Interrupted, digest::mem_digest(&vm.mem))?;
+            inputs.finish(&vm.machine, &mut at, EndReason::Interrupted, digest::mem_digest(&vm.mem))?;
             break Ending::Interrupted;
         }
         if opts.verbose && last_progress.elapsed() >= Duration::from_secs(1) {
@@ -291,7 +292,7 @@ pub fn run<I: Inputs>(vm: &mut Vm, inputs: &mut I, opts: &RunOptions) -> Result<
             }
         }
         if let Some(req) = m.stop.get() {
-            inputs.finish(&mut at, end_reason(req), digest::mem_digest(&vm.mem))?;
+            inputs.finish(m, &mut at, end_reason(req), digest::mem_digest(&vm.mem))?;
             break Ending::Guest(req);
         }
 
@@ -308,11 +309,11 @@ pub fn run<I: Inputs>(vm: &mut Vm, inputs: &mut I, opts: &RunOptions) -> Result<
                 crate::kvm_ext::interrupt(at.vcpu, vector)
                     .map_err(|err| EngineError::Kvm { what: "interrupt", ordinal, err })?;
                 stats.interrupts += 1;
-                inputs.injected(&mut at, vector)?;
+                inputs.injected(m, &mut at, vector)?;
             }
         }
 
-        if let Flow::Stop(e) = inputs.exit_done(&mut at)? {
+        if let Flow::Stop(e) = inputs.exit_done(m, &mut at)? {
             break e;
         }
     };

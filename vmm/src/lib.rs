@@ -14,6 +14,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod digest;
 pub mod engine;
+pub mod ft;
 pub mod kernel;
 pub mod kvm_ext;
 pub mod layout;

@@ -4,13 +4,17 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use replay_log::{EndReason, Event, LogWriter, Record};
 
 use crate::console::ConsoleInput;
 use crate::devices::Clock;
 use crate::engine::{EngineError, ExitPoint, Flow, Inputs};
+use crate::ft::gate::Gate;
+use crate::ft::HEARTBEAT;
 use crate::machine::Machine;
 
 /// Register digests go into the log every this many exits.
@@ -20,16 +24,53 @@ const MAX_WAIT: Duration = Duration::from_millis(100);
 
 pub type LogSink = LogWriter<Box<dyn Write + Send>>;
 
+/// Streaming to a backup: high-water marks tell it (and through its
+/// acknowledgements, the output gate) how far the log is complete.
+struct Streaming {
+    /// Ordinal of the last high-water mark, for status reports.
+    sent: Arc<AtomicU64>,
+    gate: Arc<Gate>,
+    emitted: u64,
+    dirty: bool,
+    last: Instant,
+}
+
 pub struct Live {
     log: Option<LogSink>,
     input: ConsoleInput,
     pub by_kind: BTreeMap<&'static str, u64>,
     since_flush: u64,
+    streaming: Option<Streaming>,
 }
 
 impl Live {
     pub fn new(log: Option<LogSink>, input: ConsoleInput) -> Self {
-        Live { log, input, by_kind: BTreeMap::new(), since_flush: 0 }
+        Live { log, input, by_kind: BTreeMap::new(), since_flush: 0, streaming: None }
+    }
+
+    /// Marks each exit that logged something or produced output with a
+    /// high-water mark, and flushes, so the backup can acknowledge it.
+    pub fn with_progress(mut self, sent: Arc<AtomicU64>, gate: Arc<Gate>) -> Self {
+        let emitted = gate.emitted();
+        self.streaming = Some(Streaming { sent, gate, emitted, dirty: true, last: Instant::now() });
+        self
+    }
+
+    fn progress(&mut self, at: &mut ExitPoint, heartbeat: bool) -> Result<(), EngineError> {
+        let Some(st) = &mut self.streaming else { return Ok(()) };
+        let emitted = st.gate.emitted();
+        let due = st.dirty || emitted != st.emitted || (heartbeat && st.last.elapsed() >= HEARTBEAT);
+        if !due {
+            return Ok(());
+        }
+        st.emitted = emitted;
+        st.last = Instant::now();
+        st.sent.store(at.ordinal, Ordering::Relaxed);
+        self.log(at, Event::Progress)?;
+        if let Some(st) = &mut self.streaming {
+            st.dirty = false;
+        }
+        self.flush()
     }
 
     pub fn log_bytes(&self) -> u64 {
@@ -46,6 +87,9 @@ impl Live {
     }
 
     fn log(&mut self, at: &mut ExitPoint, event: Event) -> Result<(), EngineError> {
+        if let Some(st) = &mut self.streaming {
+            st.dirty = true;
+        }
         *self.by_kind.entry(event.kind_name()).or_default() += 1;
         if let Some(w) = &mut self.log {
             let rec = Record { pos: at.position()?, event };
@@ -128,13 +172,15 @@ impl Inputs for Live {
             return Ok(Flow::Continue);
         }
         // The guest is idle: a good moment to push the log out.
+        self.progress(at, true)?;
         self.flush()?;
         let deadline = m.pit.lock().unwrap().next_deadline_ns();
         if deadline.is_none() && !self.input.open() && self.input.pending() == 0 {
             return Err(EngineError::Stuck { ordinal: at.ordinal, rip: at.rip()? });
         }
         let now = m.clock.peek_host();
-        let timeout = deadline.map_or(MAX_WAIT, |d| Duration::from_nanos(d.saturating_sub(now)).min(MAX_WAIT));
+        let max_wait = if self.streaming.is_some() { HEARTBEAT } else { MAX_WAIT };
+        let timeout = deadline.map_or(max_wait, |d| Duration::from_nanos(d.saturating_sub(now)).min(max_wait));
         if self.input.pending() == 0 || !m.uart.lock().unwrap().accepting_input() {
             self.input.poll(Some(timeout));
         }
@@ -143,21 +189,23 @@ impl Inputs for Live {
         Ok(Flow::Continue)
     }
 
-    fn injected(&mut self, at: &mut ExitPoint, vector: u8) -> Result<(), EngineError> {
+    fn injected(&mut self, _: &Machine, at: &mut ExitPoint, vector: u8) -> Result<(), EngineError> {
         self.log(at, Event::Interrupt { vector })
     }
 
-    fn exit_done(&mut self, at: &mut ExitPoint) -> Result<Flow, EngineError> {
-        if self.log.is_some() && at.ordinal % CHECK_INTERVAL == 0 {
+    fn exit_done(&mut self, _: &Machine, at: &mut ExitPoint) -> Result<Flow, EngineError> {
+        if self.log.is_some() && at.ordinal.is_multiple_of(CHECK_INTERVAL) {
             let regs_digest = at.regs_digest()?;
             self.log(at, Event::Check { regs_digest })?;
         }
+        self.progress(at, false)?;
         Ok(Flow::Continue)
     }
 
-    fn finish(&mut self, at: &mut ExitPoint, reason: EndReason, mem_digest: u64) -> Result<(), EngineError> {
+    fn finish(&mut self, _: &Machine, at: &mut ExitPoint, reason: EndReason, mem_digest: u64) -> Result<(), EngineError> {
         let regs_digest = at.regs_digest()?;
         self.log(at, Event::End { reason, regs_digest, mem_digest })?;
+        self.progress(at, false)?;
         self.flush()
     }
 

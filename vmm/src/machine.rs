@@ -2,6 +2,7 @@
 //! line. Everything here is deterministic given the clock and the input the
 //! VMM pushes in.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use crate::bus::{Bus, BusError};
@@ -24,10 +25,17 @@ pub struct Machine {
     pub cmos: Arc<Mutex<Cmos>>,
     pub clock: Arc<VmClock>,
     pub stop: StopSignal,
+    /// Ordinal of the exit being handled; output sinks tag bytes with it so
+    /// fault tolerance can hold output until the log through it is safe.
+    pub ordinal: Arc<AtomicU64>,
 }
 
 impl Machine {
-    pub fn new(clock: Arc<VmClock>, console: Box<dyn OutputSink>) -> Result<Self, BusError> {
+    pub fn new(
+        clock: Arc<VmClock>,
+        console: Box<dyn OutputSink>,
+        ordinal: Arc<AtomicU64>,
+    ) -> Result<Self, BusError> {
         let stop = StopSignal::new();
         let pic = Arc::new(Mutex::new(Pic::new()));
         let dyn_clock: Arc<dyn Clock> = clock.clone();
@@ -52,6 +60,6 @@ impl Machine {
         pio.insert(Arc::new(Mutex::new(DebugExit::new(stop.clone()))), DEBUG_EXIT_PORT.into(), 1)?;
         pio.insert(uart.clone(), COM1_BASE.into(), 8)?;
 
-        Ok(Machine { pio, mmio: Bus::new(), pic, pit, uart, cmos, clock, stop })
+        Ok(Machine { pio, mmio: Bus::new(), pic, pit, uart, cmos, clock, stop, ordinal })
     }
 }

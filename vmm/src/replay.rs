@@ -7,8 +7,32 @@ use std::io::Read;
 
 use replay_log::{EndReason, Event, ExitKind, LogError, LogReader, Record};
 
+
 use crate::engine::{EngineError, Ending, ExitPoint, Flow, Inputs};
 use crate::machine::Machine;
+
+/// Where replay gets its records: a log file, or the stream from a primary.
+pub trait RecordSource {
+    /// `Ok(None)` when the log ends cleanly (or the stream was closed).
+    fn next_record(&mut self) -> Result<Option<Record>, LogError>;
+    /// Where a log that ended without its end record stopped.
+    fn end_text(&self) -> String;
+}
+
+impl<R: Read> RecordSource for LogReader<R> {
+    fn next_record(&mut self) -> Result<Option<Record>, LogError> {
+        LogReader::next_record(self)
+    }
+
+    fn end_text(&self) -> String {
+        format!(
+            "{} ends after record #{} (byte offset {}) without an end record",
+            self.source_name(),
+            self.records_read().saturating_sub(1),
+            self.offset()
+        )
+    }
+}
 
 enum Tail {
     /// Input ended exactly at a record boundary.
@@ -17,8 +41,8 @@ enum Tail {
     Cut(LogError),
 }
 
-pub struct Replayer<R: Read> {
-    reader: LogReader<R>,
+pub struct Replayer<S: RecordSource> {
+    reader: S,
     next: Option<Record>,
     tail: Option<Tail>,
     /// RIP the record consumed before the device access expects; checked
@@ -34,18 +58,16 @@ fn describe(rec: &Record) -> String {
     format!("{} at {} rip {:#x}", rec.event, rec.pos.exit, rec.pos.rip)
 }
 
-impl<R: Read> Replayer<R> {
-    pub fn new(reader: LogReader<R>) -> Self {
+impl<S: RecordSource> Replayer<S> {
+    pub fn new(reader: S) -> Self {
         Replayer { reader, next: None, tail: None, pre_rip: None, consumed: 0, checks: 0, end: None }
     }
 
-    pub fn header(&self) -> &replay_log::Header {
-        self.reader.header()
-    }
-
     fn peek(&mut self) -> Result<Option<&Record>, EngineError> {
-        if self.next.is_none() && self.tail.is_none() {
+        while self.next.is_none() && self.tail.is_none() {
             match self.reader.next_record() {
+                // High-water marks only matter to the transport.
+                Ok(Some(Record { event: Event::Progress, .. })) => {}
                 Ok(Some(r)) => self.next = Some(r),
                 Ok(None) => self.tail = Some(Tail::Clean),
                 Err(e @ LogError::Truncated { .. }) => self.tail = Some(Tail::Cut(e)),
@@ -53,6 +75,11 @@ impl<R: Read> Replayer<R> {
             }
         }
         Ok(self.next.as_ref())
+    }
+
+    /// Whether the log has nothing more (blocks on a stream until it knows).
+    pub fn exhausted(&mut self) -> Result<bool, EngineError> {
+        Ok(self.peek()?.is_none())
     }
 
     /// The next record if it belongs to this exit.
@@ -83,18 +110,9 @@ impl<R: Read> Replayer<R> {
     fn incomplete(&self, ordinal: u64) -> Ending {
         let what = match &self.tail {
             Some(Tail::Cut(e)) => e.to_string(),
-            _ => format!(
-                "{} ends after record #{} (byte offset {}) without an end record",
-                self.source(),
-                self.consumed.saturating_sub(1),
-                self.reader.offset()
-            ),
+            _ => self.reader.end_text(),
         };
         Ending::LogIncomplete(format!("{what}; replayed through exit #{ordinal}"))
-    }
-
-    fn source(&self) -> String {
-        "the log".to_string()
     }
 
     fn check_regs(&mut self, at: &mut ExitPoint, rec: &Record, want: u64) -> Result<(), EngineError> {
@@ -107,7 +125,7 @@ impl<R: Read> Replayer<R> {
     }
 }
 
-impl<R: Read> Inputs for Replayer<R> {
+impl<S: RecordSource> Inputs for Replayer<S> {
     fn boot(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<(), EngineError> {
         match self.peek_at(0)?.cloned() {
             Some(Record { event: Event::WallClock { epoch_secs }, .. }) => {
@@ -176,7 +194,7 @@ impl<R: Read> Inputs for Replayer<R> {
         }
     }
 
-    fn injected(&mut self, at: &mut ExitPoint, vector: u8) -> Result<(), EngineError> {
+    fn injected(&mut self, _: &Machine, at: &mut ExitPoint, vector: u8) -> Result<(), EngineError> {
         let _ = at.rip()?;
         match self.peek_at(at.ordinal)?.cloned() {
             Some(rec @ Record { event: Event::Interrupt { .. }, .. }) => {
@@ -197,15 +215,12 @@ impl<R: Read> Inputs for Replayer<R> {
         }
     }
 
-    fn exit_done(&mut self, at: &mut ExitPoint) -> Result<Flow, EngineError> {
+    fn exit_done(&mut self, _: &Machine, at: &mut ExitPoint) -> Result<Flow, EngineError> {
         while let Some(rec) = self.peek_at(at.ordinal)?.cloned() {
             match rec.event {
                 Event::Check { regs_digest } => {
                     self.take_checked(at)?;
                     self.check_regs(at, &rec, regs_digest)?;
-                }
-                Event::Progress => {
-                    self.take_checked(at)?;
                 }
                 Event::End { reason: EndReason::Interrupted, regs_digest, .. } => {
                     self.take_checked(at)?;
@@ -225,7 +240,7 @@ impl<R: Read> Inputs for Replayer<R> {
         Ok(Flow::Continue)
     }
 
-    fn finish(&mut self, at: &mut ExitPoint, reason: EndReason, mem_digest: u64) -> Result<(), EngineError> {
+    fn finish(&mut self, _: &Machine, at: &mut ExitPoint, reason: EndReason, mem_digest: u64) -> Result<(), EngineError> {
         let _ = at.rip()?;
         let found = format!("stopped ({reason:?})");
         let Some(rec) = self.peek_at(at.ordinal)?.cloned() else {

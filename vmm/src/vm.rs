@@ -65,6 +65,7 @@ impl Vm {
         cfg: &GuestConfig,
         clock: Arc<VmClock>,
         console: Box<dyn OutputSink>,
+        ordinal: Arc<std::sync::atomic::AtomicU64>,
     ) -> Result<Vm, VmError> {
         if !(MIN_MEM..=MAX_MEM).contains(&cfg.mem_bytes) {
             return Err(VmError::MemSize(cfg.mem_bytes));
@@ -115,7 +116,7 @@ impl Vm {
         vcpu.set_fpu(&boot::initial_fpu())
             .map_err(|err| VmError::Kvm { what: "set FPU", err })?;
 
-        let machine = Machine::new(clock, console)?;
+        let machine = Machine::new(clock, console, ordinal)?;
         Ok(Vm { kvm, vm, vcpu, mem, machine, entry })
     }
 }

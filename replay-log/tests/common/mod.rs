@@ -111,6 +111,90 @@ pub fn three() -> Vec<Record> {
     ]
 }
 
+/// `n` records shaped like a real recording: a boot wall clock, then mostly
+/// clock reads and emulated-instruction values at port and trap exits, with
+/// serial input of varied sizes (some needing 2 length bytes), interrupts,
+/// register checks and progress markers, and an `End` last.
+pub fn recording(n: u64) -> Vec<Record> {
+    assert!(n >= 2);
+    let mut out = vec![rec(
+        0,
+        0x10_0000,
+        ExitKind::Boot,
+        Event::WallClock {
+            epoch_secs: 1_700_000_000,
+        },
+    )];
+    for i in 1..n - 1 {
+        let rip = 0x10_0000 + (i * 0x9e37) % 0x4_0000;
+        let (exit, event) = match i % 11 {
+            0 | 4 | 8 => (ExitKind::IoIn(0x40), Event::Time { ns: i * 1_000_003 }),
+            1 | 5 => (
+                ExitKind::Trap(1),
+                Event::Value {
+                    value: i * i * 0x1_0001,
+                },
+            ),
+            2 => (
+                ExitKind::IoIn(0x3f8),
+                Event::SerialIn {
+                    // 1 .. 600 bytes: lengths from one to two nonzero bytes.
+                    bytes: (0..(i * 37) % 600 + 1).map(|b| (b * 7 + i) as u8).collect(),
+                },
+            ),
+            3 => (
+                ExitKind::IrqWindowOpen,
+                Event::Interrupt {
+                    vector: 0x20 + (i % 16) as u8,
+                },
+            ),
+            6 => (
+                ExitKind::MmioRead(0xfee0_0030),
+                Event::Value { value: 0x5_0014 },
+            ),
+            7 => (
+                ExitKind::Hlt,
+                Event::Check {
+                    regs_digest: i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                },
+            ),
+            9 => (ExitKind::IoOut(0x3f8), Event::Progress),
+            _ => (ExitKind::Msr(0x10), Event::Value { value: i << 20 }),
+        };
+        out.push(rec(i, rip, exit, event));
+    }
+    out.push(rec(
+        n - 1,
+        0x10_0100,
+        ExitKind::Stop,
+        Event::End {
+            reason: EndReason::Exit(0),
+            regs_digest: 0x1234,
+            mem_digest: 0x5678,
+        },
+    ));
+    out
+}
+
+/// CRC-8/SMBUS, written independently of the crate's so the tests check
+/// the format rather than the implementation against itself.
+pub fn crc8(data: &[u8]) -> u8 {
+    data.iter().fold(0u8, |mut crc, &b| {
+        crc ^= b;
+        for _ in 0..8 {
+            crc = (crc << 1) ^ if crc & 0x80 != 0 { 0x07 } else { 0 };
+        }
+        crc
+    })
+}
+
+/// A frame's length word (FORMAT.md): 24-bit length, then its check byte.
+pub fn length_word(len: u32) -> [u8; 4] {
+    assert!(len < 1 << 24);
+    let [a, b, c, _] = len.to_le_bytes();
+    [a, b, c, crc8(&[a, b, c])]
+}
+
 pub fn encode(records: &[Record]) -> Vec<u8> {
     let mut w = LogWriter::new(Vec::new(), &header()).unwrap();
     for r in records {

@@ -1,0 +1,159 @@
+//! The guest console over TCP, for fault tolerance. A client connects to
+//! whichever VMM is primary, says where it is in the stream
+//! (`CONSOLE from=<seq>`), and gets `DATA <seq> <len>` frames, then `END
+//! <message>` when the guest is gone. Bytes it sends are typed input.
+//! After a failover the client reconnects to the new primary and drops
+//! bytes it already has, by sequence number.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Sender;
+
+use super::gate::{Gate, Next, Role};
+use super::read_line;
+use super::witness::WitnessClient;
+
+/// Serves one console client (server side, on any VMM: a backup's gate
+/// releases nothing until it is promoted).
+pub fn serve(mut conn: TcpStream, mut reader: BufReader<TcpStream>, from: u64, gate: Arc<Gate>, input: Sender<Vec<u8>>) {
+    {
+        let gate = gate.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        // Rule 4: only a primary with a live lease takes input.
+                        if matches!(gate.role(), Role::Primary { .. }) && gate.lease_live() {
+                            let _ = input.send(buf[..n].to_vec());
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let mut from = from;
+    loop {
+        match gate.next(from, Duration::from_millis(200)) {
+            Next::Data { seq, bytes } => {
+                let mut frame = format!("DATA {seq} {}\n", bytes.len()).into_bytes();
+                frame.extend_from_slice(&bytes);
+                if conn.write_all(&frame).is_err() {
+                    return;
+                }
+                from = seq + bytes.len() as u64;
+            }
+            Next::End(msg) => {
+                let _ = conn.write_all(format!("END {msg}\n").as_bytes());
+                return;
+            }
+            Next::Nothing => {}
+        }
+    }
+}
+
+fn unix_ms() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+/// `ftvm console`: follows the primary through failovers. Returns when the
+/// guest has ended, or errors after `give_up` without a primary.
+pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
+    let mut w = WitnessClient::new(witness);
+    let conn_slot: Arc<Mutex<Option<TcpStream>>> = Arc::new(Mutex::new(None));
+    {
+        let slot = conn_slot.clone();
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Some(c) = slot.lock().unwrap().as_mut() {
+                    let _ = c.write_all(&buf[..n]);
+                }
+            }
+        });
+    }
+    let mut next_seq = 0u64;
+    let mut last_primary: Option<String> = None;
+    let mut lost_at = Instant::now();
+    let mut out = std::io::stdout();
+    loop {
+        let view = match w.view() {
+            Ok(v) => v,
+            Err(e) => {
+                if lost_at.elapsed() > give_up {
+                    anyhow::bail!("{e}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let Some(addr) = view.primary.clone() else {
+            if lost_at.elapsed() > give_up {
+                anyhow::bail!("the witness at {witness} names no primary (view {})", view.number);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let Ok(mut conn) = TcpStream::connect(&addr) else {
+            if lost_at.elapsed() > give_up {
+                anyhow::bail!("cannot reach the primary {addr} of view {}", view.number);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let _ = conn.set_nodelay(true);
+        if conn.write_all(format!("CONSOLE from={next_seq}\n").as_bytes()).is_err() {
+            continue;
+        }
+        *conn_slot.lock().unwrap() = conn.try_clone().ok();
+        let changed = last_primary.as_deref() != Some(addr.as_str());
+        eprintln!("console: connected to primary {addr} (view {})", view.number);
+        let mut first = changed;
+        let mut r = BufReader::new(conn);
+        loop {
+            let line = match read_line(&mut r) {
+                Ok(Some(l)) => l,
+                _ => break,
+            };
+            if let Some(rest) = line.strip_prefix("DATA ") {
+                let mut it = rest.split(' ').filter_map(|x| x.parse::<u64>().ok());
+                let (Some(seq), Some(len)) = (it.next(), it.next()) else { break };
+                let mut bytes = vec![0u8; len as usize];
+                if r.read_exact(&mut bytes).is_err() {
+                    break;
+                }
+                if first && last_primary.is_some() {
+                    eprintln!("console: first output from new primary {addr} (view {}) at unix_ms={}", view.number, unix_ms());
+                }
+                first = false;
+                let end = seq + len;
+                if end > next_seq {
+                    let skip = next_seq.saturating_sub(seq) as usize;
+                    out.write_all(&bytes[skip..])?;
+                    out.flush()?;
+                    next_seq = end;
+                }
+            } else if let Some(msg) = line.strip_prefix("END ") {
+                eprintln!("console: {msg}");
+                return Ok(0);
+            } else {
+                break;
+            }
+        }
+        *conn_slot.lock().unwrap() = None;
+        eprintln!("console: lost the primary {addr} at unix_ms={}; following the primary", unix_ms());
+        last_primary = Some(addr);
+        lost_at = Instant::now();
+        let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
+        std::thread::sleep(Duration::from_millis(20));
+        let _: &dyn BufRead = &r;
+    }
+}

@@ -1,0 +1,243 @@
+//! The output rule. Guest console bytes are tagged with the exit ordinal
+//! that produced them and leave only when (a) this VMM is the primary with a
+//! live lease and (b) the backup has acknowledged the log through that
+//! ordinal (or there is no backup in the view). Released bytes are numbered
+//! by their offset in the console stream, so a console client that follows
+//! the primary across a failover drops what it has already seen.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::devices::OutputSink;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Never releases anything (a backup, or a fenced primary).
+    Silent,
+    /// Releases under a lease; `need_ack` while the view has a backup.
+    Primary { need_ack: bool },
+}
+
+struct State {
+    role: Role,
+    lease_until: Option<Instant>,
+    acked: u64,
+    pending: VecDeque<(u64, u8)>,
+    released: Vec<u8>,
+    emitted: u64,
+    ended: Option<String>,
+}
+
+pub struct Gate {
+    s: Mutex<State>,
+    changed: Condvar,
+}
+
+/// What a console client is sent next.
+pub enum Next {
+    Data { seq: u64, bytes: Vec<u8> },
+    End(String),
+    Nothing,
+}
+
+impl Gate {
+    pub fn new(role: Role) -> Arc<Gate> {
+        Arc::new(Gate {
+            s: Mutex::new(State {
+                role,
+                lease_until: None,
+                acked: 0,
+                pending: VecDeque::new(),
+                released: Vec::new(),
+                emitted: 0,
+                ended: None,
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    fn release(&self, s: &mut State) {
+        let Role::Primary { need_ack } = s.role else { return };
+        if !s.lease_until.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let before = s.released.len();
+        while let Some(&(ord, b)) = s.pending.front() {
+            if need_ack && ord > s.acked {
+                break;
+            }
+            s.released.push(b);
+            s.pending.pop_front();
+        }
+        if s.released.len() != before {
+            self.changed.notify_all();
+        }
+    }
+
+    pub fn emit(&self, ordinal: u64, bytes: &[u8]) {
+        let mut s = self.s.lock().unwrap();
+        s.emitted += bytes.len() as u64;
+        s.pending.extend(bytes.iter().map(|&b| (ordinal, b)));
+        self.release(&mut s);
+    }
+
+    /// The backup has the log through `ordinal`.
+    pub fn ack(&self, ordinal: u64) {
+        let mut s = self.s.lock().unwrap();
+        s.acked = s.acked.max(ordinal);
+        self.release(&mut s);
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.s.lock().unwrap().acked
+    }
+
+    pub fn set_lease(&self, until: Instant) {
+        let mut s = self.s.lock().unwrap();
+        s.lease_until = Some(until);
+        self.release(&mut s);
+    }
+
+    /// A new view: who we are and whether output waits for a backup.
+    pub fn set_role(&self, role: Role) {
+        let mut s = self.s.lock().unwrap();
+        s.role = role;
+        self.release(&mut s);
+    }
+
+    /// A new backup starts with nothing acknowledged.
+    pub fn reset_acks(&self) {
+        self.s.lock().unwrap().acked = 0;
+    }
+
+    pub fn role(&self) -> Role {
+        self.s.lock().unwrap().role
+    }
+
+    pub fn lease_live(&self) -> bool {
+        self.s.lock().unwrap().lease_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Bytes emitted so far, released or not.
+    pub fn emitted(&self) -> u64 {
+        self.s.lock().unwrap().emitted
+    }
+
+    pub fn released_len(&self) -> u64 {
+        self.s.lock().unwrap().released.len() as u64
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.s.lock().unwrap().pending.len()
+    }
+
+    /// The guest is gone; clients get `msg` once they have everything.
+    pub fn end(&self, msg: String) {
+        let mut s = self.s.lock().unwrap();
+        s.ended = Some(msg);
+        self.changed.notify_all();
+    }
+
+    /// Waits until everything emitted has been released, up to `timeout`.
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut s = self.s.lock().unwrap();
+            self.release(&mut s);
+            if s.pending.is_empty() {
+                return true;
+            }
+            drop(s);
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// For a console client that has everything before `from`.
+    pub fn next(&self, from: u64, timeout: Duration) -> Next {
+        let s = self.s.lock().unwrap();
+        let (s, _) = self
+            .changed
+            .wait_timeout_while(s, timeout, |s| s.released.len() as u64 <= from && s.ended.is_none())
+            .unwrap();
+        if (s.released.len() as u64) > from {
+            Next::Data { seq: from, bytes: s.released[from as usize..].to_vec() }
+        } else if let Some(m) = &s.ended {
+            Next::End(m.clone())
+        } else {
+            Next::Nothing
+        }
+    }
+}
+
+/// The guest's console sink when fault tolerance is on.
+pub struct GateSink {
+    pub gate: Arc<Gate>,
+    pub ordinal: Arc<AtomicU64>,
+}
+
+impl OutputSink for GateSink {
+    fn emit(&mut self, bytes: &[u8]) {
+        self.gate.emit(self.ordinal.load(Ordering::Relaxed), bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(n: Next) -> String {
+        match n {
+            Next::Data { bytes, .. } => String::from_utf8(bytes).unwrap(),
+            Next::End(m) => format!("END {m}"),
+            Next::Nothing => "nothing".into(),
+        }
+    }
+
+    #[test]
+    fn output_waits_for_the_ack_of_its_ordinal() {
+        let g = Gate::new(Role::Primary { need_ack: true });
+        g.set_lease(Instant::now() + Duration::from_secs(10));
+        g.emit(5, b"ab");
+        g.emit(7, b"cd");
+        assert_eq!(text(g.next(0, Duration::ZERO)), "nothing");
+        g.ack(6);
+        assert_eq!(text(g.next(0, Duration::ZERO)), "ab");
+        g.ack(7);
+        assert_eq!(text(g.next(1, Duration::ZERO)), "bcd");
+        g.end("bye".into());
+        assert_eq!(text(g.next(4, Duration::ZERO)), "END bye");
+    }
+
+    #[test]
+    fn no_lease_or_silent_role_releases_nothing() {
+        let g = Gate::new(Role::Silent);
+        g.set_lease(Instant::now() + Duration::from_secs(10));
+        g.emit(1, b"x");
+        g.ack(100);
+        assert_eq!(g.released_len(), 0);
+        let g = Gate::new(Role::Primary { need_ack: false });
+        g.emit(1, b"x");
+        assert_eq!(g.released_len(), 0, "released without a lease");
+        g.set_lease(Instant::now() - Duration::from_millis(1));
+        g.emit(2, b"y");
+        assert_eq!(g.released_len(), 0, "released on an expired lease");
+        g.set_lease(Instant::now() + Duration::from_secs(1));
+        assert_eq!(g.released_len(), 2);
+    }
+
+    #[test]
+    fn backup_leaving_the_view_frees_output() {
+        let g = Gate::new(Role::Primary { need_ack: true });
+        g.set_lease(Instant::now() + Duration::from_secs(10));
+        g.emit(3, b"z");
+        assert_eq!(g.released_len(), 0);
+        g.set_role(Role::Primary { need_ack: false });
+        assert_eq!(g.released_len(), 1);
+        assert!(g.drain(Duration::ZERO));
+    }
+}
