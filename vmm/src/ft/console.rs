@@ -51,6 +51,10 @@ pub fn serve(mut conn: TcpStream, mut reader: BufReader<TcpStream>, from: u64, g
                 let _ = conn.write_all(format!("END {msg}\n").as_bytes());
                 return;
             }
+            Next::HangUp => {
+                let _ = conn.shutdown(std::net::Shutdown::Both);
+                return;
+            }
             Next::Nothing => {}
         }
     }
@@ -114,6 +118,25 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
             continue;
         }
         *conn_slot.lock().unwrap() = conn.try_clone().ok();
+        // A primary that lost its lease goes quiet without hanging up; if
+        // the witness names another primary, drop this one.
+        let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        {
+            let (watching, waddr, addr) = (watching.clone(), witness.to_string(), addr.clone());
+            let conn = conn.try_clone()?;
+            std::thread::spawn(move || {
+                let mut w = WitnessClient::new(&waddr);
+                while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if let Ok(v) = w.view() {
+                        if v.primary.is_some() && v.primary.as_deref() != Some(addr.as_str()) {
+                            let _ = conn.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
         let changed = last_primary.as_deref() != Some(addr.as_str());
         eprintln!("console: connected to primary {addr} (view {})", view.number);
         let mut first = changed;
@@ -149,6 +172,7 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
             }
         }
         *conn_slot.lock().unwrap() = None;
+        watching.store(false, std::sync::atomic::Ordering::Relaxed);
         eprintln!("console: lost the primary {addr} at unix_ms={}; following the primary", unix_ms());
         last_primary = Some(addr);
         lost_at = Instant::now();

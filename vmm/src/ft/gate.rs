@@ -40,6 +40,9 @@ pub enum Next {
     Data { seq: u64, bytes: Vec<u8> },
     End(String),
     Nothing,
+    /// The guest is gone but this VMM may not speak for it (no lease, or
+    /// not primary): hang up, the client will find the primary.
+    HangUp,
 }
 
 impl Gate {
@@ -167,7 +170,12 @@ impl Gate {
         if (s.released.len() as u64) > from {
             Next::Data { seq: from, bytes: s.released[from as usize..].to_vec() }
         } else if let Some(m) = &s.ended {
-            Next::End(m.clone())
+            let may_speak = matches!(s.role, Role::Primary { .. }) && s.lease_until.is_some_and(|t| Instant::now() < t);
+            if may_speak && s.pending.is_empty() {
+                Next::End(m.clone())
+            } else {
+                Next::HangUp
+            }
         } else {
             Next::Nothing
         }
@@ -195,6 +203,7 @@ mod tests {
             Next::Data { bytes, .. } => String::from_utf8(bytes).unwrap(),
             Next::End(m) => format!("END {m}"),
             Next::Nothing => "nothing".into(),
+            Next::HangUp => "hang up".into(),
         }
     }
 
@@ -211,6 +220,8 @@ mod tests {
         assert_eq!(text(g.next(1, Duration::ZERO)), "bcd");
         g.end("bye".into());
         assert_eq!(text(g.next(4, Duration::ZERO)), "END bye");
+        g.set_role(Role::Silent);
+        assert_eq!(text(g.next(4, Duration::ZERO)), "hang up");
     }
 
     #[test]

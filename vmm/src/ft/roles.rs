@@ -146,6 +146,8 @@ impl PrimaryDuty {
 
     fn run(mut self) {
         let mut warned = false;
+        let mut last_ok = Instant::now();
+        let mut cut_off = false;
         loop {
             std::thread::sleep(PING_INTERVAL);
             let t0 = Instant::now();
@@ -153,8 +155,10 @@ impl PrimaryDuty {
             match self.witness.primary_ping(&self.me, self.view.number, sent, self.gate.acked()) {
                 Ok(v) if v.primary.as_deref() == Some(self.me.as_str()) => {
                     warned = false;
+                    last_ok = t0;
                     self.gate.set_lease(t0 + LEASE);
-                    self.apply_view(v, false);
+                    self.apply_view(v, cut_off);
+                    cut_off = false;
                 }
                 Ok(v) => self.fenced(&format!("view {} has primary {:?}", v.number, v.primary)),
                 Err(WitnessError::Refused { msg, .. }) => self.fenced(&msg),
@@ -162,6 +166,16 @@ impl PrimaryDuty {
                     if !warned {
                         eprintln!("primary: {e}; output stops when the lease runs out");
                         warned = true;
+                    }
+                    // Rule 4: without a lease we release nothing (the gate
+                    // checks it), and we let go of the backup so that it
+                    // can ask the witness to take over.
+                    if !cut_off && last_ok.elapsed() > LEASE {
+                        cut_off = true;
+                        eprintln!("primary: lease expired; output held, log stream to the backup closed");
+                        if let Some(s) = self.sender_stop.take() {
+                            s.store(true, Ordering::Relaxed);
+                        }
                     }
                 }
             }

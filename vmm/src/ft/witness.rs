@@ -182,11 +182,8 @@ impl State {
 
     fn primary_ping(&mut self, me: &str, sent: u64, acked: u64, now: Instant) -> Result<String, String> {
         if self.view.primary.as_deref() != Some(me) {
-            return Err(format!(
-                "not the primary of view {} (primary is {})",
-                self.view.number,
-                or_dash(&self.view.primary)
-            ));
+            let (n, p) = (self.view.number, or_dash(&self.view.primary));
+            return Err(format!("not the primary of view {n} (primary is {p})"));
         }
         self.lease_until = Some(now + self.t.lease);
         self.sent = sent;
@@ -231,13 +228,8 @@ impl State {
             Some(u) if self.lease_alive(now) => u.saturating_duration_since(now).as_millis().to_string(),
             _ => "-".to_string(),
         };
-        format!(
-            "{} lease_left_ms={left} sent={} acked={} backup_alive={}",
-            view_kv(&self.view),
-            self.sent,
-            self.acked,
-            self.backup_alive(now) as u8
-        )
+        let (kv, alive) = (view_kv(&self.view), self.backup_alive(now) as u8);
+        format!("{kv} lease_left_ms={left} sent={} acked={} backup_alive={alive}", self.sent, self.acked)
     }
 }
 
@@ -273,11 +265,7 @@ fn handle_inner(state: &Mutex<State>, line: &str) -> Result<String, String> {
             st.primary_ping(me, sent, acked, now)
         }
         "promote" => {
-            let lost = match get("lost")? {
-                "1" | "true" => true,
-                "0" | "false" => false,
-                _ => return Err("lost= must be 0 or 1".into()),
-            };
+            let lost = match get("lost")? { "1" | "true" => true, "0" | "false" => false, _ => return Err("lost= must be 0 or 1".into()) };
             st.promote(me()?, num("view")?, lost, now)
         }
         "view" => Ok(view_kv(&st.view)),
@@ -293,9 +281,8 @@ fn serve_conn(stream: TcpStream, state: &Mutex<State>) {
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        match (&mut reader).take(MAX_LINE).read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
+        if matches!((&mut reader).take(MAX_LINE).read_until(b'\n', &mut buf), Ok(0) | Err(_)) {
+            return;
         }
         if buf.last() != Some(&b'\n') && buf.len() as u64 >= MAX_LINE {
             let _ = writer.write_all(b"err request line too long\n");
@@ -332,6 +319,7 @@ impl Witness {
 
     /// Accept connections forever, one thread each. Returns only if the listener fails.
     pub fn serve(self) -> io::Result<()> {
+        use io::ErrorKind as K;
         for conn in self.listener.incoming() {
             match conn {
                 Ok(stream) => {
@@ -342,14 +330,7 @@ impl Witness {
                         eprintln!("witness: cannot start a connection thread: {e}");
                     }
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::ConnectionAborted
-                            | io::ErrorKind::ConnectionReset
-                            | io::ErrorKind::Interrupted
-                            | io::ErrorKind::WouldBlock
-                    ) => {}
+                Err(e) if matches!(e.kind(), K::ConnectionAborted | K::ConnectionReset | K::Interrupted) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -516,16 +497,25 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    const T: Timeouts = Timeouts { lease: Duration::from_millis(150), backup_timeout: Duration::from_millis(500) };
+    const T: Timeouts = Timeouts { lease: Duration::from_millis(250), backup_timeout: Duration::from_millis(600) };
     const P: &str = "127.0.0.1:7101";
     const B: &str = "127.0.0.1:7102";
     const S: &str = "127.0.0.1:7103";
 
-    fn start() -> String {
+    fn start() -> (String, WitnessClient) {
         let w = Witness::bind_with("127.0.0.1:0", T).unwrap();
         let addr = w.local_addr().to_string();
         thread::spawn(move || w.serve());
-        addr
+        let c = WitnessClient::new(&addr);
+        (addr, c)
+    }
+
+    /// A witness in view 2: primary P, backup B.
+    fn start_pair() -> (String, WitnessClient) {
+        let (addr, mut c) = start();
+        assert_eq!(c.become_primary(P).unwrap(), v(1, Some(P), None));
+        assert_eq!(c.backup_ping(B, 1).unwrap(), v(2, Some(P), Some(B)));
+        (addr, c)
     }
 
     fn v(number: u64, p: Option<&str>, b: Option<&str>) -> View {
@@ -552,8 +542,7 @@ mod tests {
 
     #[test]
     fn first_primary_and_second_refused() {
-        let addr = start();
-        let mut c = WitnessClient::new(&addr);
+        let (addr, mut c) = start();
         assert_eq!(c.view().unwrap(), v(0, None, None));
         assert_eq!(c.become_primary(P).unwrap(), v(1, Some(P), None));
         assert_eq!(c.become_primary(P).unwrap(), v(1, Some(P), None), "idempotent");
@@ -563,8 +552,7 @@ mod tests {
 
     #[test]
     fn backup_joins_and_slot_is_held() {
-        let addr = start();
-        let mut c = WitnessClient::new(&addr);
+        let (_, mut c) = start();
         c.become_primary(P).unwrap();
         assert_eq!(c.backup_ping(B, 1).unwrap(), v(2, Some(P), Some(B)));
         assert_eq!(c.backup_ping(B, 2).unwrap(), v(2, Some(P), Some(B)));
@@ -574,10 +562,7 @@ mod tests {
 
     #[test]
     fn promote_waits_then_granted() {
-        let addr = start();
-        let mut c = WitnessClient::new(&addr);
-        c.become_primary(P).unwrap();
-        c.backup_ping(B, 1).unwrap();
+        let (addr, mut c) = start_pair();
         let stop = Arc::new(AtomicBool::new(false));
         let h = pinger(&addr, P, stop.clone());
         let t0 = Instant::now();
@@ -605,10 +590,7 @@ mod tests {
 
     #[test]
     fn rule1_only_the_backup_takes_over() {
-        let addr = start();
-        let mut c = WitnessClient::new(&addr);
-        c.become_primary(P).unwrap();
-        c.backup_ping(B, 1).unwrap();
+        let (_, mut c) = start_pair();
         thread::sleep(T.lease + Duration::from_millis(50));
         refused(c.become_primary(S), "primary 127.0.0.1:7101 of view 2 is silent; its backup 127.0.0.1:7102 takes over");
         refused(c.become_primary(P), "takes over");
@@ -619,8 +601,7 @@ mod tests {
 
     #[test]
     fn non_primary_ping_refused() {
-        let addr = start();
-        let mut c = WitnessClient::new(&addr);
+        let (_, mut c) = start();
         refused(c.primary_ping(S, 0, 1, 1), "not the primary of view 0 (primary is -)");
         c.become_primary(P).unwrap();
         refused(c.primary_ping(S, 1, 1, 1), "not the primary of view 1");
@@ -630,10 +611,7 @@ mod tests {
 
     #[test]
     fn silent_backup_dropped_on_primary_ping() {
-        let addr = start();
-        let mut c = WitnessClient::new(&addr);
-        c.become_primary(P).unwrap();
-        c.backup_ping(B, 1).unwrap();
+        let (_, mut c) = start_pair();
         let t0 = Instant::now();
         let mut view = c.primary_ping(P, 2, 0, 0).unwrap();
         while view.backup.is_some() && t0.elapsed() < Duration::from_secs(2) {
@@ -647,10 +625,7 @@ mod tests {
 
     #[test]
     fn lost_link_to_live_primary_drops_backup() {
-        let addr = start();
-        let mut c = WitnessClient::new(&addr);
-        c.become_primary(P).unwrap();
-        c.backup_ping(B, 1).unwrap();
+        let (addr, mut c) = start_pair();
         let stop = Arc::new(AtomicBool::new(false));
         let h = pinger(&addr, P, stop.clone());
         let t0 = Instant::now();
@@ -670,8 +645,7 @@ mod tests {
 
     #[test]
     fn status_fields() {
-        let addr = start();
-        let mut c = WitnessClient::new(&addr);
+        let (_, mut c) = start();
         let st = c.status().unwrap();
         assert_eq!((st.view, st.lease_left_ms, st.backup_alive), (v(0, None, None), None, false));
         c.become_primary(P).unwrap();
@@ -679,7 +653,7 @@ mod tests {
         c.backup_ping(B, 1).unwrap();
         let st = c.status().unwrap();
         assert_eq!(st.view, v(2, Some(P), Some(B)));
-        assert!(st.lease_left_ms.is_some_and(|ms| ms <= 150), "{:?}", st.lease_left_ms);
+        assert!(st.lease_left_ms.is_some_and(|ms| ms <= T.lease.as_millis() as u64), "{:?}", st.lease_left_ms);
         assert_eq!((st.primary_sent, st.primary_acked, st.backup_alive), (10, 7, true));
         thread::sleep(T.lease + Duration::from_millis(30));
         let st = c.status().unwrap();
@@ -709,14 +683,14 @@ mod tests {
         assert_eq!(c.view().unwrap(), v(6, Some("a:1"), None));
         srv.join().unwrap();
         // A client per request against a real witness works too.
-        let addr = start();
+        let (addr, _) = start();
         assert_eq!(WitnessClient::new(&addr).become_primary(P).unwrap().number, 1);
         assert_eq!(WitnessClient::new(&addr).view().unwrap().number, 1);
     }
 
     #[test]
     fn malformed_requests_get_err_and_connection_survives() {
-        let addr = start();
+        let (addr, _) = start();
         let s = TcpStream::connect(&addr).unwrap();
         let mut r = BufReader::new(s.try_clone().unwrap());
         let mut ask = |req: &str| {

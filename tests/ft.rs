@@ -1,0 +1,421 @@
+//! Fault tolerance end to end: witness, primary, backup and console as real
+//! processes on real /dev/kvm, talking TCP on loopback.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+fn ftvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ftvm"))
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+fn unix_ms() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()
+}
+
+/// A child process whose output is collected; killed on drop.
+struct Proc {
+    child: Child,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
+}
+
+fn collect<R: Read + Send + 'static>(mut r: R) -> Arc<Mutex<Vec<u8>>> {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let b = buf.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            b.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    buf
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Proc {
+        let mut child = ftvm()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = collect(child.stdout.take().unwrap());
+        let err = collect(child.stderr.take().unwrap());
+        Proc { child, out, err }
+    }
+    fn out(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+    fn err(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
+    }
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    fn signal(&self, sig: &str) {
+        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(st.success());
+    }
+    /// Waits for exit (up to `t`), then a moment for the output threads.
+    fn wait(&mut self, t: Duration) -> Option<i32> {
+        let deadline = Instant::now() + t;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50));
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(what: &str, t: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + t;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Cluster {
+    w: String,
+    witness: Proc,
+    backup: Proc,
+    b: String,
+    primary: Proc,
+    p: String,
+    console: Proc,
+}
+
+fn start(seconds: u32) -> Cluster {
+    let (w, b, p) = (addr(), addr(), addr());
+    let witness = Proc::spawn(&["witness", "--listen", &w]);
+    wait_for("the witness", Duration::from_secs(5), || TcpStream::connect(&w).is_ok());
+    let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
+    wait_for("the backup", Duration::from_secs(5), || backup.err().contains("waiting for the primary"));
+    let cmdline = format!("seconds={seconds}");
+    let primary = Proc::spawn(&["primary", "--witness", &w, "--listen", &p, "--no-stdin", "--cmdline", &cmdline]);
+    wait_for("the primary", Duration::from_secs(5), || primary.err().contains("is primary of view"));
+    let console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
+    Cluster { w, witness, backup, b, primary, p, console }
+}
+
+/// Lines [0001]..[n] each exactly once, in order, then [done].
+fn check_console(out: &str, n: usize) -> Result<(), String> {
+    let nums: Vec<usize> = out
+        .lines()
+        .filter(|l| l.starts_with("[0") || l.starts_with("[1"))
+        .filter_map(|l| l.get(1..5)?.parse().ok())
+        .collect();
+    let want: Vec<usize> = (1..=n).collect();
+    if nums != want {
+        let missing: Vec<_> = want.iter().filter(|i| !nums.contains(i)).collect();
+        let mut seen = std::collections::HashSet::new();
+        let dups: Vec<_> = nums.iter().filter(|i| !seen.insert(**i)).collect();
+        return Err(format!("lines wrong: missing {missing:?}, duplicated {dups:?}\n{out}"));
+    }
+    if !out.lines().last().unwrap_or("").starts_with("[done]") {
+        return Err(format!("no [done] line at the end:\n{out}"));
+    }
+    Ok(())
+}
+
+fn status(w: &str) -> String {
+    let o = ftvm().args(["status", "--witness", w]).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn primary_exit(w: &str) -> u64 {
+    let s = status(w);
+    s.lines()
+        .find_map(|l| l.strip_prefix("log: primary at exit #"))
+        .and_then(|r| r.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One kill-the-primary trial; returns the failover time.
+fn primary_kill_trial(kill_after: Duration) -> Result<u128, String> {
+    let mut c = start(3);
+    std::thread::sleep(kill_after);
+    let killed = unix_ms();
+    c.primary.kill9();
+    let code = c.console.wait(Duration::from_secs(30));
+    let out = c.console.out();
+    let err = c.console.err();
+    if code != Some(0) {
+        return Err(format!("console exited {code:?}\n{err}\nbackup:\n{}", c.backup.err()));
+    }
+    check_console(&out, 30).map_err(|e| format!("{e}\nconsole:\n{err}\nbackup:\n{}", c.backup.err()))?;
+    let first = err
+        .lines()
+        .find_map(|l| l.split("first output from new primary").nth(1)?.split("unix_ms=").nth(1)?.trim().parse::<u128>().ok());
+    // The primary may have finished before the kill landed, or the
+    // console may have been behind: then there is no "new primary" output.
+    Ok(first.map_or(0, |f| f.saturating_sub(killed)))
+}
+
+#[test]
+fn primary_killed_at_random_moments_console_stays_whole() {
+    // 20 trials, four at a time, kill points spread over the whole run
+    // (boot, steady state, near the end).
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let mut seed = (unix_ms() as u64) | 1;
+    let mut delays = Vec::new();
+    for _ in 0..20 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        delays.push(Duration::from_millis(200 + seed % 2800));
+    }
+    for batch in delays.chunks(4) {
+        let hs: Vec<_> = batch
+            .iter()
+            .map(|&d| {
+                let (f, t) = (failures.clone(), times.clone());
+                std::thread::spawn(move || match primary_kill_trial(d) {
+                    Ok(ms) => t.lock().unwrap().push(ms),
+                    Err(e) => f.lock().unwrap().push(format!("kill after {d:?}: {e}")),
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+    }
+    let f = failures.lock().unwrap();
+    assert!(f.is_empty(), "{} of 20 trials failed:\n{}", f.len(), f.join("\n-----\n"));
+    let mut t = times.lock().unwrap().clone();
+    t.sort();
+    eprintln!("failover ms over 20 trials: {t:?}");
+}
+
+#[test]
+fn backup_killed_at_random_moments_primary_carries_on() {
+    let mut seed = (unix_ms() as u64) | 3;
+    let hs: Vec<_> = (0..8)
+        .map(|i| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let d = Duration::from_millis(200 + (seed >> 33) % 2500);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300 * (i % 4)));
+                let mut c = start(3);
+                std::thread::sleep(d);
+                c.backup.kill9();
+                let code = c.console.wait(Duration::from_secs(30));
+                let out = c.console.out();
+                if code != Some(0) {
+                    return Err(format!("kill after {d:?}: console exited {code:?}: {}", c.console.err()));
+                }
+                check_console(&out, 30).map_err(|e| format!("kill after {d:?}: {e}\nprimary:\n{}", c.primary.err()))?;
+                match c.primary.wait(Duration::from_secs(10)) {
+                    Some(0) => Ok(()),
+                    other => Err(format!("primary exited {other:?}: {}", c.primary.err())),
+                }
+            })
+        })
+        .collect();
+    let errs: Vec<String> = hs.into_iter().filter_map(|h| h.join().unwrap().err()).collect();
+    assert!(errs.is_empty(), "{}", errs.join("\n-----\n"));
+}
+
+#[test]
+fn stopped_backup_holds_output_while_the_guest_runs_on() {
+    let mut c = start(4);
+    wait_for("console output", Duration::from_secs(10), || c.console.out().contains("[0005]"));
+    c.backup.signal("STOP");
+    std::thread::sleep(Duration::from_millis(300));
+    let held = c.console.out().len();
+    let exit_before = primary_exit(&c.w);
+    std::thread::sleep(Duration::from_millis(900));
+    let exit_after = primary_exit(&c.w);
+    assert_eq!(c.console.out().len(), held, "output advanced while the backup could not acknowledge it");
+    assert!(exit_after > exit_before + 50, "the guest did not keep running: exit #{exit_before} -> #{exit_after}");
+    c.backup.signal("CONT");
+    assert_eq!(c.console.wait(Duration::from_secs(30)), Some(0), "{}", c.console.err());
+    check_console(&c.console.out(), 40).unwrap();
+    assert!(c.console.out().len() > held);
+}
+
+#[test]
+fn log_stream_of_an_older_view_is_refused() {
+    let (w, b) = (addr(), addr());
+    let _witness = Proc::spawn(&["witness", "--listen", &w]);
+    wait_for("the witness", Duration::from_secs(5), || TcpStream::connect(&w).is_ok());
+    let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
+    wait_for("the backup", Duration::from_secs(5), || backup.err().contains("waiting for the primary"));
+    // The backup joined view 1; a stream that claims view 0 is stale.
+    let mut s = TcpStream::connect(&b).unwrap();
+    s.write_all(b"FTVM-LOG view=0\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    assert!(line.starts_with("ERR stale view 0"), "{line}");
+    wait_for("the refusal on stderr", Duration::from_secs(2), || backup.err().contains("refused a log stream for view 0"));
+}
+
+#[test]
+fn a_second_primary_is_refused() {
+    let c = start(3);
+    let other = addr();
+    let o = ftvm()
+        .args(["primary", "--witness", &c.w, "--listen", &other, "--no-stdin", "--cmdline", "seconds=1"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("a primary is already running"), "{err}");
+    // And a primary on a port in use is a clear error too.
+    let o = ftvm()
+        .args(["primary", "--witness", &c.w, "--listen", &c.p, "--no-stdin"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("port is in use"));
+}
+
+#[test]
+fn witness_unreachable_is_a_clear_error() {
+    let nobody = addr();
+    let o = ftvm().args(["primary", "--witness", &nobody, "--listen", &addr(), "--no-stdin"]).output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("cannot reach the witness at {nobody}")), "{err}");
+}
+
+#[test]
+fn reprotected_vm_survives_a_second_failover() {
+    let mut c = start(6);
+    wait_for("output", Duration::from_secs(10), || c.console.out().contains("[0005]"));
+    c.primary.kill9();
+    wait_for("the first takeover", Duration::from_secs(10), || c.backup.err().contains("live at exit"));
+    // A fresh backup joins the running VM: it gets the log from boot and
+    // replays up to the present.
+    let b2 = addr();
+    let mut backup2 = Proc::spawn(&["backup", "--witness", &c.w, "--listen", &b2]);
+    wait_for("re-protection", Duration::from_secs(10), || backup2.err().contains("replaying in lockstep"));
+    wait_for("the backup to catch up", Duration::from_secs(10), || {
+        let s = status(&c.w);
+        s.contains(&format!("backup: {b2}")) && s.contains("(lag 0 exits)") || s.contains("(lag 1 exits)")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    c.backup.kill9();
+    assert_eq!(c.console.wait(Duration::from_secs(30)), Some(0), "{}\n{}", c.console.err(), backup2.err());
+    check_console(&c.console.out(), 60).unwrap();
+    assert!(backup2.err().contains("live at exit"), "{}", backup2.err());
+    assert_eq!(backup2.wait(Duration::from_secs(10)), Some(0));
+    let _ = (&c.b, &c.witness);
+}
+
+/// A TCP proxy that can be cut: the primary talks to the witness through it.
+fn proxy(listen: &str, to: String, cut: Arc<AtomicBool>) {
+    let l = TcpListener::bind(listen).unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { continue };
+            if cut.load(Ordering::SeqCst) {
+                continue;
+            }
+            let Ok(s) = TcpStream::connect(&to) else { continue };
+            for (mut a, mut b) in [(c.try_clone().unwrap(), s.try_clone().unwrap()), (s, c)] {
+                let cut = cut.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    let _ = a.set_read_timeout(Some(Duration::from_millis(50)));
+                    loop {
+                        if cut.load(Ordering::SeqCst) {
+                            let _ = a.shutdown(std::net::Shutdown::Both);
+                            let _ = b.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                        match a.read(&mut buf) {
+                            Ok(0) => return,
+                            Ok(n) => {
+                                if b.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        }
+    });
+}
+
+#[test]
+fn primary_cut_from_the_witness_goes_quiet_before_the_backup_goes_live() {
+    let (w, wp, b, p) = (addr(), addr(), addr(), addr());
+    let _witness = Proc::spawn(&["witness", "--listen", &w]);
+    wait_for("the witness", Duration::from_secs(5), || TcpStream::connect(&w).is_ok());
+    let cut = Arc::new(AtomicBool::new(false));
+    proxy(&wp, w.clone(), cut.clone());
+    let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
+    wait_for("the backup", Duration::from_secs(5), || backup.err().contains("waiting for the primary"));
+    let primary = Proc::spawn(&["primary", "--witness", &wp, "--listen", &p, "--no-stdin", "--cmdline", "seconds=5"]);
+    wait_for("the primary", Duration::from_secs(5), || primary.err().contains("is primary of view"));
+    // A console attached to the old primary directly, timestamping frames.
+    let mut direct = TcpStream::connect(&p).unwrap();
+    direct.write_all(b"CONSOLE from=0\n").unwrap();
+    let last_old = Arc::new(Mutex::new(0u128));
+    {
+        let last_old = last_old.clone();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(direct);
+            let mut line = String::new();
+            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+                if let Some(rest) = line.strip_prefix("DATA ") {
+                    let len: usize = rest.split(' ').nth(1).unwrap().trim().parse().unwrap();
+                    let mut b = vec![0u8; len];
+                    r.read_exact(&mut b).unwrap();
+                    *last_old.lock().unwrap() = unix_ms();
+                }
+                line.clear();
+            }
+        });
+    }
+    let mut console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
+    wait_for("output", Duration::from_secs(10), || console.out().contains("[0005]"));
+    cut.store(true, Ordering::SeqCst);
+    let cut_at = unix_ms();
+    assert_eq!(console.wait(Duration::from_secs(30)), Some(0), "{}\n{}", console.err(), backup.err());
+    check_console(&console.out(), 50).map_err(|e| format!("{e}\nconsole:\n{}\nbackup:\n{}\nprimary:\n{}", console.err(), backup.err(), primary.err())).unwrap();
+    let first_new = console
+        .err()
+        .lines()
+        .find_map(|l| l.split("first output from new primary").nth(1)?.split("unix_ms=").nth(1)?.trim().parse::<u128>().ok())
+        .expect("the backup never went live");
+    let last_old = *last_old.lock().unwrap();
+    assert!(
+        last_old < first_new,
+        "the old primary released output at {last_old}, after the new one started at {first_new} (cut at {cut_at})"
+    );
+    assert!(primary.err().contains("lease expired"), "{}", primary.err());
+}
