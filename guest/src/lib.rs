@@ -38,8 +38,28 @@
 //! seconds, i.e. `N * hz` timer ticks; default 3; 0 runs forever), `hz=N`
 //! (PIT rate, default 100, clamped to 19..=10000), `lines=N` (status lines
 //! per second, default 10, at most `hz`; 0 for none), `quiet=1` (no status
-//! lines; bare `quiet` also works). Unknown options are ignored and
-//! reported as `[boot] ignoring unknown option KEY`.
+//! lines; bare `quiet` also works), `burst=N` (default 0; see below).
+//! Unknown options are ignored and reported as
+//! `[boot] ignoring unknown option KEY`.
+//!
+//! # Burst mode
+//!
+//! With `burst=N` (N > 0, at most 10^9) the guest is work-bound instead of
+//! timer-paced, so the wall time of a run measures VMM overhead. The
+//! banner gains ` burst=N` (`... seconds=S burst=N mem=M MiB`); right
+//! after the rtc line the guest prints N lines
+//! `[bNNNN] pit=P sum=XXXXXXXX` back to back, as fast as its
+//! interrupt-driven UART transmit allows (it sleeps in `sti; hlt` only
+//! while the 4 KiB TX ring is full), then
+//! `[done] ticks=T lines=N rx=R sum=XXXXXXXX`, drains its output and writes
+//! 0 to port 0xf4 at once (`seconds`, `lines` and `quiet` do not apply).
+//! `NNNN` is the burst line number from 1 (at least 4 digits), `P` channel
+//! 0's latched count; line number and `P` are folded into the running
+//! checksum (8 little-endian bytes each) before the line is printed. The
+//! PIT is read with interrupts enabled: those port exits are the burst's
+//! only exits with IF=1, where a VMM that injects interrupts only at exits
+//! (ftvm) delivers the timer and THRE interrupts, so the timer keeps
+//! ticking throughout the burst.
 //!
 //! # Output (COM1, lines end in `\n`)
 //!

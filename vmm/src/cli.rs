@@ -46,6 +46,9 @@ enum Cmd {
         /// Kernel the log was recorded with (default: the built-in test guest).
         #[arg(long)]
         kernel: Option<PathBuf>,
+        /// Initrd the log was recorded with, if any.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
         #[arg(long, short)]
         verbose: bool,
     },
@@ -77,6 +80,9 @@ enum Cmd {
         /// Kernel of the guest (default: the built-in test guest).
         #[arg(long)]
         kernel: Option<PathBuf>,
+        /// Initrd of the guest, if it has one.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
         #[arg(long, short)]
         verbose: bool,
     },
@@ -113,6 +119,9 @@ struct GuestArgs {
     /// Guest kernel: an x86-64 ELF (default: the built-in test guest).
     #[arg(long)]
     kernel: Option<PathBuf>,
+    /// Initial ramdisk (Linux guests).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
     /// Guest memory, e.g. 128M or 1G.
     #[arg(long, default_value = "128M", value_parser = parse_size)]
     mem: u64,
@@ -205,15 +214,22 @@ fn exits_summary(o: &Outcome) -> String {
 
 fn guest_config(guest: &GuestArgs) -> Result<(GuestConfig, Header)> {
     let kernel = load_kernel(guest.kernel.as_deref())?;
+    let initrd = match &guest.initrd {
+        Some(p) => {
+            let data = std::fs::read(p).with_context(|| format!("cannot read initrd {}", p.display()))?;
+            Some((p.display().to_string(), data))
+        }
+        None => None,
+    };
     let header = Header {
         kernel_sha256: kernel.sha256,
-        initrd_sha256: None,
+        initrd_sha256: initrd.as_ref().map(|(_, d)| ftvm::kernel::sha256(d)),
         mem_bytes: guest.mem,
         cmdline: guest.cmdline.clone(),
         ftvm_version: env!("CARGO_PKG_VERSION").to_string(),
         kernel_name: kernel.name.clone(),
     };
-    Ok((GuestConfig { kernel, mem_bytes: guest.mem, cmdline: guest.cmdline.clone() }, header))
+    Ok((GuestConfig { kernel, mem_bytes: guest.mem, cmdline: guest.cmdline.clone(), initrd }, header))
 }
 
 fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
@@ -254,7 +270,7 @@ fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
     Ok(code)
 }
 
-fn replay(log: &Path, kernel: Option<&Path>, verbose: bool) -> Result<i32> {
+fn replay(log: &Path, kernel: Option<&Path>, initrd: Option<&Path>, verbose: bool) -> Result<i32> {
     let reader = LogReader::open(log)?;
     let h = reader.header().clone();
     let kernel = load_kernel(kernel)?;
@@ -270,7 +286,8 @@ fn replay(log: &Path, kernel: Option<&Path>, verbose: bool) -> Result<i32> {
             log.display(), h.ftvm_version, h.mem_bytes >> 20, h.cmdline
         );
     }
-    let cfg = GuestConfig { kernel, mem_bytes: h.mem_bytes, cmdline: h.cmdline.clone() };
+    let initrd = ftvm::ft::roles::load_initrd(initrd, h.initrd_sha256)?;
+    let cfg = GuestConfig { kernel, mem_bytes: h.mem_bytes, cmdline: h.cmdline.clone(), initrd };
     let mut vm = Vm::new(&cfg, Arc::new(VmClock::replay()), Box::new(StdoutSink), Default::default())?;
     install_signal_handlers();
     let mut rep = Replayer::new(reader);
@@ -369,7 +386,7 @@ pub fn main() -> Result<i32> {
     match cli.cmd {
         Cmd::Run(g) => run_live(g, None),
         Cmd::Record { log, guest } => run_live(guest, Some(&log)),
-        Cmd::Replay { log, kernel, verbose } => replay(&log, kernel.as_deref(), verbose),
+        Cmd::Replay { log, kernel, initrd, verbose } => replay(&log, kernel.as_deref(), initrd.as_deref(), verbose),
         Cmd::Witness { listen } => {
             let w = Witness::bind(&listen)?;
             eprintln!("witness: listening on {}", w.local_addr());
@@ -380,7 +397,9 @@ pub fn main() -> Result<i32> {
             let (cfg, header) = guest_config(&guest)?;
             run_primary(PrimaryOpts { witness, listen, verbose: guest.verbose }, cfg, header)
         }
-        Cmd::Backup { witness, listen, kernel, verbose } => run_backup(BackupOpts { witness, listen, kernel, verbose }),
+        Cmd::Backup { witness, listen, kernel, initrd, verbose } => {
+            run_backup(BackupOpts { witness, listen, kernel, initrd, verbose })
+        }
         Cmd::Console { witness, give_up } => ftvm::ft::console::run_client(&witness, std::time::Duration::from_secs(give_up)),
         Cmd::Status { witness } => {
             let s = WitnessClient::new(&witness).status()?;

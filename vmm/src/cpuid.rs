@@ -12,6 +12,8 @@ const LEAF1_ECX_XSAVE_OSXSAVE: u32 = (1 << 26) | (1 << 27);
 const LEAF1_ECX_RDRAND: u32 = 1 << 30;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_APIC: u32 = 1 << 9;
+const LEAF1_EDX_TSC: u32 = 1 << 4;
+const LEAF_80000001_EDX_RDTSCP: u32 = 1 << 27;
 const LEAF7_EBX_RDSEED: u32 = 1 << 18;
 const LEAF7_EBX_TSC_ADJUST: u32 = 1 << 1;
 const LEAF7_ECX_WAITPKG: u32 = 1 << 5;
@@ -26,7 +28,9 @@ pub fn filter_entry(e: &mut kvm_cpuid_entry2) {
                 | LEAF1_ECX_RDRAND
                 | LEAF1_ECX_HYPERVISOR
                 | LEAF1_ECX_XSAVE_OSXSAVE);
-            e.edx &= !LEAF1_EDX_APIC;
+            // No local APIC (the PIC is ours) and no TSC (it can't be
+            // made to exit; Linux's remaining uses are patched to traps).
+            e.edx &= !(LEAF1_EDX_APIC | LEAF1_EDX_TSC);
             // One logical processor, APIC ID 0.
             e.ebx &= 0x0000_ffff;
             e.ebx |= 1 << 16;
@@ -36,6 +40,7 @@ pub fn filter_entry(e: &mut kvm_cpuid_entry2) {
             e.ecx &= !LEAF7_ECX_WAITPKG;
             e.edx &= !LEAF7_EDX_HYBRID;
         }
+        0x8000_0001 => e.edx &= !LEAF_80000001_EDX_RDTSCP,
         0x8000_0007 => e.edx &= !LEAF_80000007_EDX_INVTSC,
         _ => {}
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use replay_log::{EndReason, ExitKind, Position};
 
-use crate::devices::StopRequest;
+use crate::devices::{Clock, StopRequest};
 use crate::digest;
 use crate::machine::Machine;
 use crate::vm::Vm;
@@ -126,13 +126,15 @@ pub struct ExitStats {
     pub mmio: u64,
     pub hlt: u64,
     pub irq_window: u64,
+    pub msr: u64,
+    pub traps: u64,
     pub interrupts: u64,
     pub signals: u64,
 }
 
 impl ExitStats {
     pub fn total(&self) -> u64 {
-        self.io_in + self.io_out + self.mmio + self.hlt + self.irq_window
+        self.io_in + self.io_out + self.mmio + self.hlt + self.irq_window + self.msr
     }
 }
 
@@ -164,7 +166,14 @@ fn handle_exit<I: Inputs>(
         VcpuExit::IoOut(port, _) => ExitKind::IoOut(*port),
         VcpuExit::MmioRead(a, _) => ExitKind::MmioRead(*a),
         VcpuExit::MmioWrite(a, _) => ExitKind::MmioWrite(*a),
-        VcpuExit::Hlt => ExitKind::Hlt,
+        // A `hlt` may be a patched rdtsc: classified by the caller, which
+        // can read the registers.
+        VcpuExit::Hlt => {
+            stats.hlt += 1;
+            return Ok(Some(ExitKind::Hlt));
+        }
+        VcpuExit::X86Rdmsr(ref e) => ExitKind::Msr(e.index),
+        VcpuExit::X86Wrmsr(ref e) => ExitKind::Msr(e.index),
         VcpuExit::IrqWindowOpen => ExitKind::IrqWindowOpen,
         VcpuExit::Shutdown => ExitKind::Stop,
         VcpuExit::Intr => {
@@ -208,7 +217,22 @@ fn handle_exit<I: Inputs>(
             stats.mmio += 1;
             m.mmio.write(addr, data);
         }
-        VcpuExit::Hlt => stats.hlt += 1,
+        VcpuExit::X86Rdmsr(e) => {
+            stats.msr += 1;
+            // Only the time MSRs are sent here (see vm::TIME_MSRS).
+            if e.index == 0x10 {
+                *e.data = m.clock.now_ns() * crate::linux::TSC_HZ / 1_000_000_000;
+            } else {
+                *e.error = 1;
+            }
+        }
+        VcpuExit::X86Wrmsr(e) => {
+            stats.msr += 1;
+            // Writing the TSC is ignored: the guest's TSC is guest time.
+            if e.index != 0x10 {
+                *e.error = 1;
+            }
+        }
         VcpuExit::IrqWindowOpen => stats.irq_window += 1,
         VcpuExit::Shutdown => m.stop.request(StopRequest::Reset),
         _ => unreachable!("filtered above"),
@@ -266,6 +290,34 @@ pub fn run<I: Inputs>(vm: &mut Vm, inputs: &mut I, opts: &RunOptions) -> Result<
             Err(e) => return Err(e),
         };
         ordinal += 1;
+        let kind = if kind == ExitKind::Hlt {
+            let m = &vm.machine;
+            let mut regs = vm.vcpu.get_regs().map_err(|err| EngineError::Kvm { what: "get regs", ordinal, err })?;
+            let trap = vm.traps.as_ref().and_then(|t| t.lookup(&vm.mem, regs.rip));
+            let kind = match trap {
+                Some((site, _)) => ExitKind::Trap(site),
+                None => ExitKind::Hlt,
+            };
+            m.clock.begin_exit();
+            m.ordinal.store(ordinal, Ordering::Relaxed);
+            inputs.before_dispatch(m, ordinal, kind)?;
+            if let Some((site, tk)) = trap {
+                // Emulate the rdtsc/rdtscp that was patched into this hlt.
+                stats.hlt -= 1;
+                stats.traps += 1;
+                let tsc = m.clock.now_ns() * crate::linux::TSC_HZ / 1_000_000_000;
+                regs.rax = tsc & 0xffff_ffff;
+                regs.rdx = tsc >> 32;
+                if tk == crate::linux::TrapKind::Rdtscp {
+                    regs.rcx = 0;
+                }
+                regs.rip = site + tk.len();
+                vm.vcpu.set_regs(&regs).map_err(|err| EngineError::Kvm { what: "set regs", ordinal, err })?;
+            }
+            kind
+        } else {
+            kind
+        };
         last_kind = kind;
         let mut at = ExitPoint::new(ordinal, kind, &mut vm.vcpu);
 

@@ -18,7 +18,7 @@ pub enum KernelError {
     NotAKernel { name: String, why: String },
     #[error("{name}: cannot load ELF guest: {err}")]
     Elf { name: String, err: linux_loader::loader::Error },
-    #[error("{name} is a Linux bzImage; this ftvm boots ELF guests only (bzImage support is issue 3)")]
+    #[error("{name} is a compressed Linux bzImage: boot the uncompressed vmlinux that scripts/linux-guest.sh extracts (guest/linux/out/vmlinux); ftvm patches the kernel's rdtsc instructions before boot, which needs the uncompressed image")]
     BzImage { name: String },
 }
 
@@ -49,7 +49,12 @@ impl KernelImage {
 
     /// Loads the image and returns its entry point.
     pub fn load(&self, mem: &GuestMemoryMmap) -> Result<u64, KernelError> {
-        let b = &self.bytes;
+        self.load_bytes(mem, &self.bytes).map(|(entry, _)| entry)
+    }
+
+    /// Loads `b` (this image, possibly patched); returns the entry point
+    /// and the end of the loaded image.
+    pub fn load_bytes(&self, mem: &GuestMemoryMmap, b: &[u8]) -> Result<(u64, u64), KernelError> {
         if b.len() >= 0x206 && &b[0x202..0x206] == b"HdrS" {
             return Err(KernelError::BzImage { name: self.name.clone() });
         }
@@ -70,11 +75,11 @@ impl KernelImage {
         let res = Elf::load(
             mem,
             None,
-            &mut Cursor::new(b.as_slice()),
+            &mut Cursor::new(b),
             Some(GuestAddress(HIMEM_START)),
         )
         .map_err(|err| KernelError::Elf { name: self.name.clone(), err })?;
-        Ok(res.kernel_load.0)
+        Ok((res.kernel_load.0, res.kernel_end))
     }
 }
 

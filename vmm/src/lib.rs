@@ -18,6 +18,7 @@ pub mod ft;
 pub mod kernel;
 pub mod kvm_ext;
 pub mod layout;
+pub mod linux;
 pub mod live;
 pub mod machine;
 pub mod replay;

@@ -10,6 +10,7 @@ use crate::clock::VmClock;
 use crate::cpuid;
 use crate::devices::OutputSink;
 use crate::kernel::KernelImage;
+use crate::linux;
 use crate::machine::Machine;
 
 /// Where the legacy PCI hole would start; guest RAM stays below it.
@@ -32,6 +33,8 @@ pub enum VmError {
     Kernel(#[from] crate::kernel::KernelError),
     #[error(transparent)]
     Bus(#[from] crate::bus::BusError),
+    #[error(transparent)]
+    Linux(#[from] linux::LinuxError),
 }
 
 fn kvm_hint(e: &kvm_ioctls::Error) -> &'static str {
@@ -49,6 +52,19 @@ pub struct GuestConfig {
     pub kernel: KernelImage,
     pub mem_bytes: u64,
     pub cmdline: String,
+    /// Initial ramdisk for a Linux guest: (name, contents).
+    pub initrd: Option<(String, Vec<u8>)>,
+}
+
+impl GuestConfig {
+    /// The command line the guest sees: for Linux, ftvm's own words first.
+    pub fn effective_cmdline(&self) -> String {
+        if linux::is_linux_elf(&self.kernel.bytes) {
+            format!("{} {}", linux::LINUX_CMDLINE, self.cmdline).trim().to_string()
+        } else {
+            self.cmdline.clone()
+        }
+    }
 }
 
 pub struct Vm {
@@ -58,6 +74,8 @@ pub struct Vm {
     pub mem: GuestMemoryMmap,
     pub machine: Machine,
     pub entry: u64,
+    /// Patched `rdtsc`/`rdtscp` sites of a Linux guest.
+    pub traps: Option<linux::Traps>,
 }
 
 impl Vm {
@@ -97,10 +115,27 @@ impl Vm {
                 .map_err(|err| VmError::Kvm { what: "set user memory region", err })?;
         }
 
-        let entry = cfg.kernel.load(&mem)?;
+        let is_linux = linux::is_linux_elf(&cfg.kernel.bytes);
+        let cmdline = cfg.effective_cmdline();
+        let mut traps = None;
+        let entry = if is_linux {
+            let mut image = cfg.kernel.bytes.clone();
+            let t = linux::patch_rdtsc(&mut image, &cfg.kernel.name)?;
+            let (entry, kernel_end) = cfg.kernel.load_bytes(&mem, &image)?;
+            let initrd = match &cfg.initrd {
+                Some((name, data)) => Some(linux::load_initrd(&mem, cfg.mem_bytes, name, data, kernel_end)?),
+                None => None,
+            };
+            linux::write_zero_page(&mem, cfg.mem_bytes, cmdline.len(), initrd)?;
+            enable_msr_traps(&kvm, &vm)?;
+            traps = Some(t);
+            entry
+        } else {
+            cfg.kernel.load(&mem)?
+        };
         boot::write_gdt(&mem)?;
         boot::write_page_tables(&mem)?;
-        boot::write_cmdline(&mem, &cfg.cmdline)?;
+        boot::write_cmdline(&mem, &cmdline)?;
 
         let vcpu = vm.create_vcpu(0).map_err(|err| VmError::Kvm { what: "create vCPU", err })?;
         let supported = kvm
@@ -111,12 +146,53 @@ impl Vm {
         let sregs = vcpu.get_sregs().map_err(|err| VmError::Kvm { what: "get sregs", err })?;
         vcpu.set_sregs(&boot::long_mode_sregs(sregs))
             .map_err(|err| VmError::Kvm { what: "set sregs", err })?;
-        vcpu.set_regs(&boot::elf_entry_regs(entry, cfg.mem_bytes))
+        let mut regs = boot::elf_entry_regs(entry, cfg.mem_bytes);
+        if is_linux {
+            // 64-bit boot protocol: RSI points at the zero page.
+            regs.rsi = crate::layout::ZERO_PAGE_ADDR;
+            regs.rdi = 0;
+        }
+        vcpu.set_regs(&regs)
             .map_err(|err| VmError::Kvm { what: "set regs", err })?;
         vcpu.set_fpu(&boot::initial_fpu())
             .map_err(|err| VmError::Kvm { what: "set FPU", err })?;
 
         let machine = Machine::new(clock, console, ordinal)?;
-        Ok(Vm { kvm, vm, vcpu, mem, machine, entry })
+        Ok(Vm { kvm, vm, vcpu, mem, machine, entry, traps })
     }
+}
+
+/// MSRs that carry time: reads and writes exit to ftvm, which answers
+/// from the VM clock (and logs it) or refuses with #GP.
+pub const TIME_MSRS: &[(u32, u32)] = &[
+    (0x10, 1),          // IA32_TIME_STAMP_COUNTER
+    (0x11, 2),          // KVM's old wall clock / system time
+    (0x3b, 1),          // IA32_TSC_ADJUST
+    (0x6e0, 1),         // IA32_TSC_DEADLINE
+    (0x4b56_4d00, 8),   // KVM's paravirtual clock and friends
+];
+
+fn enable_msr_traps(kvm: &Kvm, vm: &VmFd) -> Result<(), VmError> {
+    use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
+    if kvm.check_extension_raw(kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR.into()) <= 0 {
+        return Ok(());
+    }
+    let cap = kvm_bindings::kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+        args: [kvm_bindings::KVM_MSR_EXIT_REASON_FILTER as u64, 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap).map_err(|err| VmError::Kvm { what: "enable userspace MSR exits", err })?;
+    let deny = [0u8; 1];
+    let ranges: Vec<MsrFilterRange> = TIME_MSRS
+        .iter()
+        .map(|&(base, n)| MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base,
+            msr_count: n,
+            bitmap: &deny,
+        })
+        .collect();
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+        .map_err(|err| VmError::Kvm { what: "set MSR filter", err })
 }

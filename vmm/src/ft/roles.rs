@@ -246,6 +246,7 @@ pub struct BackupOpts {
     pub witness: String,
     pub listen: String,
     pub kernel: Option<std::path::PathBuf>,
+    pub initrd: Option<std::path::PathBuf>,
     pub verbose: bool,
 }
 
@@ -254,6 +255,22 @@ fn load_kernel(path: Option<&std::path::Path>) -> Result<KernelImage> {
         Some(p) => KernelImage::from_file(p)?,
         None => KernelImage::from_bytes(ftvm_guest::TEST_GUEST_NAME.into(), ftvm_guest::TEST_GUEST_ELF.to_vec()),
     })
+}
+
+/// Reads the initrd a log names, checking it is the one recorded.
+pub fn load_initrd(path: Option<&std::path::Path>, want: Option<[u8; 32]>) -> Result<Option<(String, Vec<u8>)>> {
+    match (path, want) {
+        (None, None) => Ok(None),
+        (Some(p), Some(sum)) => {
+            let data = std::fs::read(p).with_context(|| format!("cannot read initrd {}", p.display()))?;
+            if crate::kernel::sha256(&data) != sum {
+                bail!("initrd {} is not the one the log was recorded with (sha256 differs)", p.display());
+            }
+            Ok(Some((p.display().to_string(), data)))
+        }
+        (None, Some(_)) => bail!("the log was recorded with an initrd: pass --initrd with the same file"),
+        (Some(p), None) => bail!("the log was recorded without an initrd, but --initrd {} was given", p.display()),
+    }
 }
 
 pub fn run_backup(opts: BackupOpts) -> Result<i32> {
@@ -331,7 +348,7 @@ pub fn run_backup(opts: BackupOpts) -> Result<i32> {
         std::thread::spawn(move || ctx.run(recv));
     }
 
-    let cfg = GuestConfig { kernel, mem_bytes: h.mem_bytes, cmdline: h.cmdline.clone() };
+    let cfg = GuestConfig { kernel, mem_bytes: h.mem_bytes, cmdline: h.cmdline.clone(), initrd: load_initrd(opts.initrd.as_deref(), h.initrd_sha256)? };
     let sink = GateSink { gate: gate.clone(), ordinal: ordinal.clone() };
     let mut vm = Vm::new(&cfg, Arc::new(VmClock::replay()), Box::new(sink), ordinal)?;
     let mut inputs = Failover::new(Replayer::new(stream::ChannelSource { rx: rec_rx, taken: 0 }), slot);
