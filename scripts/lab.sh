@@ -30,7 +30,8 @@ Options:
 Exit status: COMMAND's status; 124 on timeout; 125 when the lab itself failed.
 Cache: build/lab/ (kernel, modules, base initramfs; delete it to refresh).
 Environment: LAB_KERNEL_PKG overrides the kernel package (default: the
-dependency of linux-image-amd64, e.g. linux-image-6.1.0-56-amd64).
+dependency of linux-image-amd64, e.g. linux-image-6.1.0-56-amd64);
+LAB_MACHINE the QEMU machine type (default pc; q35 works too).
 EOF
 }
 
@@ -154,8 +155,8 @@ if ! kernel_cached; then
             *) die "unknown module compression: $f" ;;
         esac
     done
-    dpkg-deb -f "$deb" Package Version | tr '\n' ' ' >"$tmp/k/VERSION"; echo >>"$tmp/k/VERSION"
-    rm -rf "$KDIR" "$CACHE/base.cpio.gz"
+    echo "$(dpkg-deb -f "$deb" Package) $(dpkg-deb -f "$deb" Version)" >"$tmp/k/VERSION"
+    rm -rf "$KDIR" "$CACHE/base.cpio"
     mv "$tmp/k" "$KDIR"
     rm -rf "$tmp"; trap - EXIT
     log "L1 kernel: $(cat "$KDIR/VERSION")"
@@ -163,7 +164,7 @@ fi
 
 # --------------------------------------------------------- base initramfs
 # busybox with its applet links and the modules; cached.
-BASE=$CACHE/base.cpio.gz
+BASE=$CACHE/base.cpio
 if [ ! -s "$BASE" ] || [ "$BUSYBOX" -nt "$BASE" ] || [ "$KDIR/VERSION" -nt "$BASE" ]; then
     log "building base initramfs"
     tmp=$(mktemp -d "$CACHE/base.XXXXXX")
@@ -175,8 +176,8 @@ if [ ! -s "$BASE" ] || [ "$BUSYBOX" -nt "$BASE" ] || [ "$KDIR/VERSION" -nt "$BAS
     done
     [ -e "$tmp/bin/sh" ] || ln -s busybox "$tmp/bin/sh"
     for m in "${MODULES[@]}"; do cp "$KDIR/$m.ko" "$tmp/lib/modules/lab/"; done
-    (cd "$tmp" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | gzip -6 >"$tmp.cpio.gz"
-    mv "$tmp.cpio.gz" "$BASE"
+    (cd "$tmp" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$tmp.cpio"
+    mv "$tmp.cpio" "$BASE"
     rm -rf "$tmp"; trap - EXIT
 fi
 
@@ -214,12 +215,12 @@ add_file() { # spec
     place "$host" "$guest"
     local f
     while IFS= read -r -d '' f; do
-        [ -x "$f" ] && is_elf "$f" && ELFS+=("$f")
+        if [ -x "$f" ] && is_elf "$f"; then ELFS+=("$f"); fi
     done < <(find "$STAGE/${guest#/}" -type f -print0)
 }
 
 have_ftvm=0
-for spec in "${FILES[@]}"; do [[ $spec == *:/bin/ftvm ]] && have_ftvm=1; done
+for spec in "${FILES[@]}"; do if [[ $spec == *:/bin/ftvm ]]; then have_ftvm=1; fi; done
 if ((NO_FTVM == 0 && have_ftvm == 0)); then
     if [ -z "$FTVM" ]; then
         if [ -x "$ROOT/target/release/ftvm" ]; then FTVM=$ROOT/target/release/ftvm
@@ -293,33 +294,37 @@ rm -rf "$STAGE" "$RUN/run.cpio"
 # ------------------------------------------------------------------ boot
 APPEND="console=ttyS0 panic=-1 quiet"
 ((VERBOSE)) && APPEND="console=ttyS0 panic=-1"
-QEMU=(qemu-system-x86_64 -accel tcg -cpu EPYC,+svm,+npt -m "$MEM" -smp 1
+QEMU=(qemu-system-x86_64 -machine "${LAB_MACHINE:-pc}" -accel tcg -cpu EPYC,+svm,+npt -m "$MEM" -smp 1
       -kernel "$KDIR/vmlinuz" -initrd "$RUN/initrd" -append "$APPEND"
       -nographic -no-reboot -nic none -monitor none -serial stdio)
-log "booting the lab ($(cut -d' ' -f1,2 "$KDIR/VERSION"), ${MEM} MB, timeout ${TIMEOUT}s)"
+log "booting the lab ($(cat "$KDIR/VERSION"), ${MEM} MB, timeout ${TIMEOUT}s)"
 
 STATUS_FILE=$RUN/status
 CONSOLE_LOG=$CACHE/last-console.log
 : >"$CONSOLE_LOG"
 filter() {
-    local started=$VERBOSE line
+    # The init prints a newline, then the status marker: one empty line held
+    # back just before the marker is that newline, not the command's output.
+    local started=$VERBOSE line held=0
     while IFS= read -r line || [ -n "$line" ]; do
         line=${line%$'\r'}
         printf '%s\n' "$line" >>"$CONSOLE_LOG"
-        if [[ $line == *"LAB-EXIT-STATUS="* ]] && [[ ${line##*LAB-EXIT-STATUS=} =~ ^[0-9]+$ ]]; then
-            echo "${line##*LAB-EXIT-STATUS=}" >"$STATUS_FILE"
-            local pre=${line%LAB-EXIT-STATUS=*}
-            [ -n "$pre" ] && ((started)) && printf '%s\n' "$pre"
-            started=0
+        if [[ $line == "LAB-EXIT-STATUS="* ]] && [[ ${line#LAB-EXIT-STATUS=} =~ ^[0-9]+$ ]]; then
+            echo "${line#LAB-EXIT-STATUS=}" >"$STATUS_FILE"
+            held=0; started=$VERBOSE
+            ((VERBOSE)) && printf '%s\n' "$line"
             continue
         fi
-        if [[ $line == *"LAB-FAILED: "* ]]; then
-            echo "${line##*LAB-FAILED: }" >"$RUN/failed"
+        if [[ $line == "LAB-FAILED: "* ]]; then
+            echo "${line#LAB-FAILED: }" >"$RUN/failed"
         fi
-        if ((started)); then printf '%s\n' "$line"
-        elif [[ $line == "$START" ]]; then started=1; : >"$RUN/started"
+        if ((started)); then
+            if ((held)); then echo; held=0; fi
+            if [ -z "$line" ] && ((!VERBOSE)); then held=1; else printf '%s\n' "$line"; fi
+        elif [[ $line == "$START" ]]; then started=1
         fi
     done
+    if ((held)); then echo; fi
 }
 set +e
 timeout -k 5 "$TIMEOUT" "${QEMU[@]}" </dev/null 2>"$RUN/qemu.err" | filter

@@ -117,12 +117,12 @@ struct Cluster {
 fn start(seconds: u32) -> Cluster {
     let (w, b, p) = (addr(), addr(), addr());
     let witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(5), || TcpStream::connect(&w).is_ok());
+    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
     let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
-    wait_for("the backup", Duration::from_secs(5), || backup.err().contains("waiting for the primary"));
+    wait_for("the backup", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
     let cmdline = format!("seconds={seconds}");
     let primary = Proc::spawn(&["primary", "--witness", &w, "--listen", &p, "--no-stdin", "--cmdline", &cmdline]);
-    wait_for("the primary", Duration::from_secs(5), || primary.err().contains("is primary of view"));
+    wait_for("the primary", Duration::from_secs(20), || primary.err().contains("is primary of view"));
     let console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
     Cluster { w, witness, backup, b, primary, p, console }
 }
@@ -268,9 +268,9 @@ fn stopped_backup_holds_output_while_the_guest_runs_on() {
 fn log_stream_of_an_older_view_is_refused() {
     let (w, b) = (addr(), addr());
     let _witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(5), || TcpStream::connect(&w).is_ok());
+    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
     let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
-    wait_for("the backup", Duration::from_secs(5), || backup.err().contains("waiting for the primary"));
+    wait_for("the backup", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
     // The backup joined view 1; a stream that claims view 0 is stale.
     let mut s = TcpStream::connect(&b).unwrap();
     s.write_all(b"FTVM-LOG view=0\n").unwrap();
@@ -374,13 +374,13 @@ fn proxy(listen: &str, to: String, cut: Arc<AtomicBool>) {
 fn primary_cut_from_the_witness_goes_quiet_before_the_backup_goes_live() {
     let (w, wp, b, p) = (addr(), addr(), addr(), addr());
     let _witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(5), || TcpStream::connect(&w).is_ok());
+    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
     let cut = Arc::new(AtomicBool::new(false));
     proxy(&wp, w.clone(), cut.clone());
     let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
-    wait_for("the backup", Duration::from_secs(5), || backup.err().contains("waiting for the primary"));
+    wait_for("the backup", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
     let primary = Proc::spawn(&["primary", "--witness", &wp, "--listen", &p, "--no-stdin", "--cmdline", "seconds=5"]);
-    wait_for("the primary", Duration::from_secs(5), || primary.err().contains("is primary of view"));
+    wait_for("the primary", Duration::from_secs(20), || primary.err().contains("is primary of view"));
     // A console attached to the old primary directly, timestamping frames.
     let mut direct = TcpStream::connect(&p).unwrap();
     direct.write_all(b"CONSOLE from=0\n").unwrap();

@@ -1,0 +1,862 @@
+#!/usr/bin/env python3
+"""Fault-tolerance benchmark for ftvm (driven by scripts/bench-ft.sh).
+
+Runs witness/backup/primary/console processes on this machine and measures:
+  1. failover time (kill -9 of the primary -> first byte from the new primary),
+     plus lost/duplicated console lines;
+  2. the latency the output rule adds to console output (FT primary with a
+     live backup vs an FT primary alone in its view), with a console client
+     of our own that timestamps every line;
+  3. backup lag (exits), polled with `ftvm status` every 100 ms;
+  4. guest progress under FT vs a plain `ftvm run` (work-bound workload);
+  5. log bandwidth of a timer-paced run.
+
+Python 3 standard library only. Every process started here is recorded in
+a pid file (for the shell wrapper) and killed on exit, Ctrl-C included.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+# --------------------------------------------------------------------------
+# small utilities
+
+
+def now_ms():
+    return time.time() * 1000.0
+
+
+def pct(xs, p):
+    """Percentile with linear interpolation between closest ranks."""
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    if len(xs) == 1:
+        return float(xs[0])
+    k = (len(xs) - 1) * p / 100.0
+    lo = math.floor(k)
+    hi = math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def median(xs):
+    return pct(xs, 50)
+
+
+def fmt(x, nd=1):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{nd}f}"
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+class PortInUse(BenchError):
+    pass
+
+
+# --------------------------------------------------------------------------
+# processes
+
+
+class Proc:
+    """A child process; stderr (optionally stdout) lines are timestamped."""
+
+    def __init__(self, reg, name, argv, stdout_path=None, stderr_path=None, capture_stdout=False):
+        self.name = name
+        self.argv = argv
+        self.err_lines = []  # (unix_ms, line)
+        self.out_lines = []
+        self._lock = threading.Lock()
+        out = subprocess.PIPE if capture_stdout else (open(stdout_path, "wb") if stdout_path else subprocess.DEVNULL)
+        self.t_spawn_ms = now_ms()
+        self.t_spawn_mono = time.monotonic()
+        self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE)
+        if stdout_path and not capture_stdout:
+            out.close()
+        self.t_exit_mono = None
+        self.t_exit_ms = None
+        reg.add(self)
+        self._errf = open(stderr_path, "w") if stderr_path else None
+        self._threads = [threading.Thread(target=self._pump, args=(self.p.stderr, self.err_lines, self._errf), daemon=True)]
+        if capture_stdout:
+            self._threads.append(threading.Thread(target=self._pump, args=(self.p.stdout, self.out_lines, None), daemon=True))
+        self._threads.append(threading.Thread(target=self._reap, daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def _pump(self, f, dst, copy):
+        for raw in iter(f.readline, b""):
+            t = now_ms()
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self._lock:
+                dst.append((t, line))
+            if copy:
+                copy.write(line + "\n")
+                copy.flush()
+        f.close()
+
+    def _reap(self):
+        self.p.wait()
+        self.t_exit_mono = time.monotonic()
+        self.t_exit_ms = now_ms()
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def wait(self, timeout):
+        try:
+            self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        # let the reader threads see EOF
+        for t in self._threads:
+            t.join(timeout=2)
+        if self._errf:
+            self._errf.flush()
+        return self.p.returncode
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.p.poll() is None:
+            try:
+                os.kill(self.p.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def err_text(self):
+        with self._lock:
+            return "\n".join(l for _, l in self.err_lines)
+
+    def find_err(self, pattern):
+        """(unix_ms, match) of the first stderr line matching pattern."""
+        rx = re.compile(pattern)
+        with self._lock:
+            for t, l in self.err_lines:
+                m = rx.search(l)
+                if m:
+                    return t, m
+        return None, None
+
+
+class Registry:
+    def __init__(self, pidfile):
+        self.procs = []
+        self.pidfile = pidfile
+
+    def add(self, proc):
+        self.procs.append(proc)
+        if self.pidfile:
+            with open(self.pidfile, "a") as f:
+                f.write(f"{proc.pid}\n")
+
+    def kill_all(self):
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            try:
+                p.p.wait(timeout=5)
+            except Exception:
+                pass
+        self.procs = [p for p in self.procs if p.alive()]
+
+    def stop(self, procs):
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(5)
+        self.procs = [p for p in self.procs if p.alive()]
+
+
+_used_ports = set()
+
+
+def free_port():
+    for _ in range(100):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        if port not in _used_ports:
+            _used_ports.add(port)
+            return port
+    raise BenchError("no free port")
+
+
+def wait_listening(port, proc, timeout=5.0):
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        if not proc.alive():
+            raise_port_or(proc, f"{proc.name} exited early")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.005)
+    raise BenchError(f"{proc.name} did not listen on port {port} within {timeout}s")
+
+
+def raise_port_or(proc, msg):
+    proc.wait(2)
+    text = proc.err_text()
+    if "port is in use" in text:
+        raise PortInUse(text)
+    raise BenchError(f"{msg}: {text[-800:]}")
+
+
+def witness_query(waddr, line="op=status", timeout=1.0):
+    host, port = waddr.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall((line + "\n").encode())
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+    toks = buf.decode().split()
+    if not toks or toks[0] != "ok":
+        raise BenchError(f"witness said: {buf!r}")
+    return dict(t.split("=", 1) for t in toks[1:] if "=" in t)
+
+
+def wait_until(pred, timeout, what, step=0.01):
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        try:
+            if pred():
+                return
+        except (OSError, BenchError):
+            pass
+        time.sleep(step)
+    raise BenchError(f"timed out waiting for {what}")
+
+
+# --------------------------------------------------------------------------
+# status poller (backup lag) and our own console client
+
+
+STATUS_LOG_RE = re.compile(r"log: primary at exit #(\d+), backup acknowledged #(\d+) \(lag (\d+) exits\)")
+
+
+class LagPoller:
+    """Runs `ftvm status --witness W` every `period` s and keeps the lag."""
+
+    def __init__(self, ftvm, waddr, primary, period=0.1):
+        self.ftvm, self.waddr, self.primary, self.period = ftvm, waddr, primary, period
+        self.samples = []  # (unix_ms, sent, acked, lag)
+        self.errors = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        nxt = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                r = subprocess.run([self.ftvm, "status", "--witness", self.waddr], capture_output=True, text=True, timeout=2)
+                out = r.stdout
+                m = STATUS_LOG_RE.search(out)
+                prim = re.search(r"^primary: (\S+)", out, re.M)
+                alive = re.search(r"^backup: \S+ \(alive\)", out, re.M)
+                if m and prim and prim.group(1) == self.primary and alive:
+                    sent, acked, lag = map(int, m.groups())
+                    if sent > 0:
+                        self.samples.append((now_ms(), sent, acked, lag))
+                elif r.returncode != 0:
+                    self.errors += 1
+            except Exception:
+                self.errors += 1
+            nxt += self.period
+            delay = nxt - time.monotonic()
+            if delay < 0:
+                nxt = time.monotonic()
+                delay = 0
+            self._stop.wait(delay)
+
+    def stop(self):
+        self._stop.set()
+        self._t.join(timeout=3)
+        return self.samples
+
+
+LINE_RE = re.compile(r"^\[(\d{4,})\] ticks=")
+
+
+class ConsoleClient:
+    """Speaks the console protocol to one VMM; timestamps each line."""
+
+    def __init__(self, addr, connect_timeout=5.0):
+        self.addr = addr
+        self.lines = []  # (monotonic, unix_ms, text)
+        self.end = None
+        self.error = None
+        self.bytes = 0
+        self.connect_timeout = connect_timeout
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        host, port = self.addr.rsplit(":", 1)
+        t_end = time.monotonic() + self.connect_timeout
+        s = None
+        while s is None:
+            try:
+                s = socket.create_connection((host, int(port)), timeout=1)
+            except OSError:
+                if time.monotonic() > t_end:
+                    self.error = "could not connect"
+                    return
+                time.sleep(0.002)
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.settimeout(60)
+            s.sendall(b"CONSOLE from=0\n")
+            buf = b""
+            partial = b""
+            expect = 0
+            while True:
+                chunk = s.recv(65536)
+                tm, tu = time.monotonic(), now_ms()
+                if not chunk:
+                    if self.end is None:
+                        self.error = "connection closed without END"
+                    break
+                buf += chunk
+                while True:
+                    if expect == 0:
+                        nl = buf.find(b"\n")
+                        if nl < 0:
+                            break
+                        hdr = buf[:nl].decode("utf-8", "replace")
+                        buf = buf[nl + 1:]
+                        if hdr.startswith("DATA "):
+                            _, seq, ln = hdr.split()
+                            seq, ln = int(seq), int(ln)
+                            if seq != self.bytes:
+                                # the server restarts from what we have; drop overlap
+                                pass
+                            expect = ln
+                            self._skip = max(0, self.bytes - seq)
+                        elif hdr.startswith("END"):
+                            self.end = hdr[4:]
+                            return
+                        else:
+                            self.error = f"unexpected frame {hdr!r}"
+                            return
+                    else:
+                        if len(buf) < expect:
+                            break
+                        data, buf = buf[:expect], buf[expect:]
+                        expect = 0
+                        data = data[self._skip:]
+                        self.bytes += len(data)
+                        partial += data
+                        while b"\n" in partial:
+                            line, partial = partial.split(b"\n", 1)
+                            self.lines.append((tm, tu, line.decode("utf-8", "replace")))
+        except OSError as e:
+            self.error = str(e)
+        finally:
+            s.close()
+
+    def join(self, timeout):
+        self._t.join(timeout)
+        return not self._t.is_alive()
+
+
+# --------------------------------------------------------------------------
+# the bench
+
+
+class Bench:
+    def __init__(self, args, reg):
+        self.a = args
+        self.reg = reg
+        self.ftvm = args.ftvm
+        self.work = args.work
+        self.problems = []
+        self.run_no = 0
+        self.results = {}
+
+    def note(self, msg):
+        self.problems.append(msg)
+        log("PROBLEM: " + msg)
+
+    def path(self, name):
+        return os.path.join(self.work, f"r{self.run_no:03d}-{name}")
+
+    # ---- process helpers
+
+    def start_witness(self):
+        for attempt in range(5):
+            port = free_port()
+            w = Proc(self.reg, "witness", [self.ftvm, "witness", "--listen", f"127.0.0.1:{port}"],
+                     stderr_path=self.path("witness.err"))
+            try:
+                wait_listening(port, w)
+                return w, f"127.0.0.1:{port}"
+            except PortInUse:
+                continue
+        raise BenchError("could not start a witness")
+
+    def start_backup(self, waddr):
+        for attempt in range(5):
+            baddr = f"127.0.0.1:{free_port()}"
+            b = Proc(self.reg, "backup", [self.ftvm, "backup", "--witness", waddr, "--listen", baddr],
+                     stdout_path=self.path("backup.out"), stderr_path=self.path("backup.err"))
+            try:
+                wait_until(lambda: witness_query(waddr).get("backup") == baddr or not b.alive(), 5, "the backup to join the view")
+                if not b.alive():
+                    raise_port_or(b, "backup exited early")
+                return b, baddr
+            except PortInUse:
+                continue
+        raise BenchError("could not start a backup")
+
+    def start_primary(self, waddr, cmdline):
+        for attempt in range(5):
+            paddr = f"127.0.0.1:{free_port()}"
+            p = Proc(self.reg, "primary", [self.ftvm, "primary", "--witness", waddr, "--listen", paddr, "--no-stdin", "--cmdline", cmdline],
+                     stdout_path=self.path("primary.out"), stderr_path=self.path("primary.err"))
+            # a port clash shows up at once; anything else is the caller's business
+            time.sleep(0.0)
+            if p.wait(0.05) is not None and "port is in use" in p.err_text():
+                continue
+            return p, paddr
+        raise BenchError("could not start a primary")
+
+    def next_run(self):
+        self.run_no += 1
+
+    # ---- 1. failover
+
+    def failover_once(self, i):
+        self.next_run()
+        secs = self.a.failover_seconds
+        w, waddr = self.start_witness()
+        b, baddr = self.start_backup(waddr)
+        p, paddr = self.start_primary(waddr, f"seconds={secs}")
+        c = Proc(self.reg, "console", [self.ftvm, "console", "--witness", waddr, "--give-up", "20"],
+                 stdout_path=self.path("console.out"), stderr_path=self.path("console.err"))
+        delay_ms = random.uniform(self.a.kill_min_ms, self.a.kill_max_ms)
+        t_kill_target = p.t_spawn_mono + delay_ms / 1000.0
+        while time.monotonic() < t_kill_target:
+            time.sleep(min(0.01, max(0.0, t_kill_target - time.monotonic())))
+        r = {"run": i, "kill_after_ms": round(delay_ms)}
+        if not p.alive():
+            self.note(f"failover run {i}: the primary died before the kill: {p.err_text()[-300:]}")
+        st = {}
+        try:
+            st = witness_query(waddr)
+        except Exception:
+            pass
+        r["view_before"] = st.get("view")
+        r["lag_before"] = int(st.get("sent", 0)) - int(st.get("acked", 0)) if st else None
+        kill_ms = now_ms()
+        p.kill(signal.SIGKILL)
+        crc = c.wait(30)
+        brc = b.wait(15)
+        p.wait(2)
+        r["console_rc"] = crc
+        r["new_primary_rc"] = brc
+        try:
+            r["view_after"] = witness_query(waddr).get("view")
+        except Exception:
+            r["view_after"] = None
+        self.reg.stop([w, b, c, p])
+        t_lost, _ = c.find_err(r"console: lost the primary")
+        _, m_first = c.find_err(r"first output from new primary \S+ \(view (\d+)\) at unix_ms=(\d+)")
+        t_prom, _ = b.find_err(r"backup: promoted to primary")
+        t_live, m_live = b.find_err(r"primary: live at exit #(\d+) after replaying (\d+) records")
+        t_lost_stream, _ = b.find_err(r"backup: lost the primary's log stream")
+        r["failover_ms"] = (int(m_first.group(2)) - kill_ms) if m_first else None
+        r["console_noticed_ms"] = (t_lost - kill_ms) if t_lost else None
+        r["backup_noticed_ms"] = (t_lost_stream - kill_ms) if t_lost_stream else None
+        r["promoted_ms"] = (t_prom - kill_ms) if t_prom else None
+        r["live_ms"] = (t_live - kill_ms) if t_live else None
+        # console content
+        with open(self.path("console.out"), "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+        nums = [int(m.group(1)) for m in (LINE_RE.match(l) for l in text.split("\n")) if m]
+        done = re.search(r"^\[done\] ticks=\d+ lines=(\d+)", text, re.M)
+        expected = int(done.group(1)) if done else secs * 10
+        seen = {}
+        for n in nums:
+            seen[n] = seen.get(n, 0) + 1
+        r["lost"] = sum(1 for n in range(1, expected + 1) if n not in seen) + (0 if done else 1)
+        r["duplicated"] = sum(c_ - 1 for c_ in seen.values() if c_ > 1)
+        r["out_of_order"] = sum(1 for a_, b_ in zip(nums, nums[1:]) if b_ < a_)
+        other = [l for l in text.split("\n") if l and not LINE_RE.match(l) and not l.startswith(("[done]", "[boot]", "ftvm test guest"))]
+        r["garbled"] = len(other)
+        r["done"] = bool(done)
+        if r["failover_ms"] is None:
+            self.note(f"failover run {i}: no 'first output from new primary' line from the console (console rc {crc}); see {self.path('console.err')}")
+        if r["lost"] or r["duplicated"] or r["out_of_order"] or r["garbled"]:
+            self.note(f"failover run {i}: lost={r['lost']} duplicated={r['duplicated']} out_of_order={r['out_of_order']} garbled={r['garbled']} (kill at {r['kill_after_ms']} ms); files r{self.run_no:03d}-* in {self.work}")
+        if crc != 0 or brc != 0:
+            self.note(f"failover run {i}: console exit {crc}, new primary exit {brc}")
+        return r
+
+    def bench_failover(self):
+        K = self.a.k
+        log(f"[1/5] failover: {K} runs, seconds={self.a.failover_seconds} guest, kill -9 at {self.a.kill_min_ms}-{self.a.kill_max_ms} ms")
+        runs = []
+        for i in range(1, K + 1):
+            r = self.failover_once(i)
+            runs.append(r)
+            log(f"  run {i}/{K}: kill at {r['kill_after_ms']} ms -> failover {fmt(r['failover_ms'], 0)} ms "
+                f"(backup saw EOF +{fmt(r['backup_noticed_ms'], 0)}, promoted +{fmt(r['promoted_ms'], 0)}, live +{fmt(r['live_ms'], 0)}) "
+                f"lost={r['lost']} dup={r['duplicated']} view {r['view_before']}->{r['view_after']}")
+        self.results["failover"] = runs
+
+    # ---- 2 + 3 + 5. output-rule latency, lag, bandwidth (timer-paced runs)
+
+    def paced_once(self, mode, rnd):
+        """mode 'ft': witness + backup + primary; 'solo': witness + primary."""
+        self.next_run()
+        secs = self.a.latency_seconds
+        w, waddr = self.start_witness()
+        procs = [w]
+        b = None
+        if mode == "ft":
+            b, baddr = self.start_backup(waddr)
+            procs.append(b)
+        p, paddr = self.start_primary(waddr, f"seconds={secs}")
+        procs.append(p)
+        cl = ConsoleClient(paddr)
+        poller = LagPoller(self.ftvm, waddr, paddr) if mode == "ft" else None
+        prc = p.wait(secs + 30)
+        cl.join(5)
+        samples = poller.stop() if poller else []
+        brc = b.wait(15) if b else None
+        self.reg.stop(procs)
+        r = {"mode": mode, "round": rnd, "primary_rc": prc, "backup_rc": brc, "end": cl.end, "client_error": cl.error}
+        if prc != 0 or (b and brc != 0) or cl.error:
+            self.note(f"{mode} run (round {rnd}): primary exit {prc}, backup exit {brc}, console client: {cl.error or 'ok'}; files r{self.run_no:03d}-* in {self.work}")
+        t0 = p.t_spawn_mono
+        status = []
+        for tm, tu, text in cl.lines:
+            m = LINE_RE.match(text)
+            if m:
+                status.append((int(m.group(1)), tm))
+        r["lines"] = len(status)
+        if len(status) != secs * 10:
+            self.note(f"{mode} run (round {rnd}): console client got {len(status)} status lines, expected {secs * 10}")
+        if status:
+            n1, t1 = status[0]
+            r["rel"] = [((tm - t1) - (n - n1) * 0.1) * 1000 for n, tm in status]
+            r["abs"] = [((tm - t0) - n * 0.1) * 1000 for n, tm in status]
+            # lines arriving in the same frame as their predecessor = batched release
+        else:
+            r["rel"], r["abs"] = [], []
+        r["lag"] = [s[3] for s in samples]
+        r["lag_samples"] = len(samples)
+        _, m = p.find_err(r"logged (\d+) events \(([^)]*)\), (\d+) bytes")
+        if m:
+            r["log_events"] = int(m.group(1))
+            r["log_detail"] = m.group(2)
+            r["log_bytes"] = int(m.group(3))
+            r["guest_seconds"] = secs
+        else:
+            self.note(f"{mode} run (round {rnd}): no 'logged ... bytes' line on the primary's stderr")
+        _, mx = p.find_err(r"guest exited with status \d+; (\d+) exits")
+        r["exits"] = int(mx.group(1)) if mx else None
+        return r
+
+    def bench_paced(self):
+        R = self.a.latency_rounds
+        log(f"[2/5] output-rule latency: {R} rounds x (FT with backup, FT without backup), seconds={self.a.latency_seconds}, interleaved; lag polled meanwhile")
+        runs = []
+        for rnd in range(1, R + 1):
+            order = ["ft", "solo"] if rnd % 2 else ["solo", "ft"]
+            for mode in order:
+                r = self.paced_once(mode, rnd)
+                runs.append(r)
+                log(f"  round {rnd} {mode:4s}: {r['lines']} lines, lateness vs first line p50 {fmt(median(r['rel']))} ms p99 {fmt(pct(r['rel'], 99))} ms; "
+                    f"vs spawn p50 {fmt(median(r['abs']))} ms" + (f"; lag p50 {fmt(median(r['lag']), 0)} max {max(r['lag']) if r['lag'] else '-'} exits" if mode == "ft" else ""))
+        self.results["paced"] = runs
+
+    # ---- 4. progress: plain vs FT
+
+    def plain_once(self, rnd):
+        self.next_run()
+        p = Proc(self.reg, "plain", [self.ftvm, "run", "--no-stdin", "--cmdline", self.workload],
+                 stdout_path=self.path("plain.out"), stderr_path=self.path("plain.err"))
+        rc = p.wait(120)
+        self.reg.stop([p])
+        t_end, m = p.find_err(r"ftvm: guest exited with status (\d+): (\d+) exits.* ([0-9.]+)s$")
+        r = {"kind": "plain", "round": rnd, "rc": rc,
+             "exit_s": p.t_exit_mono - p.t_spawn_mono if p.t_exit_mono else None,
+             "guest_end_s": (t_end - p.t_spawn_ms) / 1000 if t_end else None,
+             "self_reported_s": float(m.group(3)) if m else None,
+             "exits": int(m.group(2)) if m else None}
+        if rc != 0:
+            self.note(f"plain run (round {rnd}) exited {rc}")
+        return r
+
+    def ft_once(self, rnd):
+        self.next_run()
+        w, waddr = self.start_witness()
+        b, baddr = self.start_backup(waddr)
+        p, paddr = self.start_primary(waddr, self.workload)
+        poller = LagPoller(self.ftvm, waddr, paddr)
+        rc = p.wait(180)
+        samples = poller.stop()
+        brc = b.wait(60)
+        self.reg.stop([w, b, p])
+        t_end, m = p.find_err(r"primary: guest exited with status (\d+); (\d+) exits")
+        _, mb = p.find_err(r"logged (\d+) events \(([^)]*)\), (\d+) bytes")
+        t_bend, _ = b.find_err(r"backup: replayed to the end")
+        r = {"kind": "ft", "round": rnd, "rc": rc, "backup_rc": brc,
+             "exit_s": p.t_exit_mono - p.t_spawn_mono if p.t_exit_mono else None,
+             "guest_end_s": (t_end - p.t_spawn_ms) / 1000 if t_end else None,
+             "backup_end_after_primary_ms": (t_bend - t_end) if (t_bend and t_end) else None,
+             "exits": int(m.group(2)) if m else None,
+             "log_bytes": int(mb.group(3)) if mb else None,
+             "log_detail": mb.group(2) if mb else None,
+             "lag": [s[3] for s in samples]}
+        if rc != 0 or brc != 0:
+            self.note(f"FT run (round {rnd}) of {self.workload}: primary exit {rc}, backup exit {brc}; files r{self.run_no:03d}-* in {self.work}")
+        if "never acknowledged" in p.err_text():
+            self.note(f"FT run (round {rnd}): primary reports unacknowledged output: {p.err_text()[-300:]}")
+        return r
+
+    def bench_progress(self):
+        R = self.a.progress_rounds
+        log(f"[4/5] guest progress: {R} rounds x (plain run, FT primary with backup) of '{self.workload}', interleaved")
+        runs = []
+        for rnd in range(1, R + 1):
+            order = ["plain", "ft"] if rnd % 2 else ["ft", "plain"]
+            pair = {}
+            for kind in order:
+                pair[kind] = self.plain_once(rnd) if kind == "plain" else self.ft_once(rnd)
+                runs.append(pair[kind])
+            pl, ft = pair["plain"], pair["ft"]
+            log(f"  round {rnd}: plain guest-end {fmt(pl['guest_end_s'], 2)} s (exit {fmt(pl['exit_s'], 2)} s); "
+                f"FT guest-end {fmt(ft['guest_end_s'], 2)} s (exit {fmt(ft['exit_s'], 2)} s); "
+                f"ratio plain/FT {fmt(pl['guest_end_s'] / ft['guest_end_s'] if pl['guest_end_s'] and ft['guest_end_s'] else None, 3)}; "
+                f"FT lag p50 {fmt(median(ft['lag']), 0)} max {max(ft['lag']) if ft['lag'] else '-'} exits")
+        self.results["progress"] = runs
+
+    def detect_workload(self):
+        if self.a.workload:
+            self.workload = self.a.workload
+            return
+        try:
+            r = subprocess.run([self.ftvm, "run", "--no-stdin", "--cmdline", "burst=3"], capture_output=True, text=True, timeout=20)
+            ok = r.returncode == 0 and "[b0003]" in r.stdout
+        except Exception:
+            ok = False
+        self.workload = f"burst={self.a.burst}" if ok else "seconds=3 hz=1000 lines=100"
+        if not ok:
+            log("the guest has no burst=N; falling back to the timer-paced 'seconds=3 hz=1000 lines=100'")
+
+    # ---- report
+
+    def report(self):
+        out = []
+        P = out.append
+        res = self.results
+        summary = []  # (metric, value, note)
+
+        if "failover" in res:
+            runs = res["failover"]
+            fo = [r["failover_ms"] for r in runs if r["failover_ms"] is not None]
+            P("")
+            P(f"== 1. Failover (kill -9 of the primary -> first byte from the new primary at the console), {len(runs)} runs")
+            P(f"{'run':>4} {'kill@ms':>8} {'lag@kill':>9} {'bk EOF':>7} {'promoted':>9} {'live':>6} {'failover':>9} {'lost':>5} {'dup':>4} {'view':>7}")
+            for r in runs:
+                P(f"{r['run']:>4} {r['kill_after_ms']:>8} {fmt(r['lag_before'], 0):>9} {fmt(r['backup_noticed_ms'], 0):>7} {fmt(r['promoted_ms'], 0):>9} "
+                  f"{fmt(r['live_ms'], 0):>6} {fmt(r['failover_ms'], 0):>9} {r['lost']:>5} {r['duplicated']:>4} {str(r['view_before']) + '->' + str(r['view_after']):>7}")
+            P("  (times in ms after the kill; 'promoted'/'live' are when the backup logged them; lag@kill = exits, from the witness)")
+            if fo:
+                P(f"  failover_ms: p50 {fmt(pct(fo, 50), 0)}  p90 {fmt(pct(fo, 90), 0)}  p99 {fmt(pct(fo, 99), 0)}  max {fmt(max(fo), 0)}  (min {fmt(min(fo), 0)}, n={len(fo)})")
+            prom = [r["promoted_ms"] for r in runs if r["promoted_ms"] is not None]
+            if prom:
+                P(f"  of which kill -> promotion: p50 {fmt(pct(prom, 50), 0)}  max {fmt(max(prom), 0)} ms (the witness waits out the 500 ms lease)")
+            lost = sum(r["lost"] for r in runs)
+            dup = sum(r["duplicated"] for r in runs)
+            bad = [r["run"] for r in runs if r["lost"] or r["duplicated"] or r["out_of_order"] or r["garbled"] or r["console_rc"] != 0 or r["new_primary_rc"] != 0]
+            P(f"  lines lost: {lost}, duplicated: {dup}, runs with any problem: {bad if bad else 'none'}")
+            summary.append(("failover p50 / p90 / p99 / max (ms)", f"{fmt(pct(fo, 50), 0)} / {fmt(pct(fo, 90), 0)} / {fmt(pct(fo, 99), 0)} / {fmt(max(fo) if fo else None, 0)}", f"{len(fo)}/{len(runs)} runs"))
+            summary.append(("failover lines lost / duplicated", f"{lost} / {dup}", f"{len(bad)} bad runs"))
+
+        if "paced" in res:
+            runs = res["paced"]
+            ft = [r for r in runs if r["mode"] == "ft"]
+            so = [r for r in runs if r["mode"] == "solo"]
+            rel_ft = [x for r in ft for x in r["rel"]]
+            rel_so = [x for r in so for x in r["rel"]]
+            abs_ft = [x for r in ft for x in r["abs"]]
+            abs_so = [x for r in so for x in r["abs"]]
+            P("")
+            P(f"== 2. Output-rule latency: console line arrival, FT primary with a live backup (a) vs FT primary alone in its view (b)")
+            P(f"   {len(ft)}+{len(so)} runs of seconds={self.a.latency_seconds} (line n due at n*100 ms guest time), own console client on the primary")
+            P(f"   lateness vs first line = (t_n - t_first) - (n - first)*100 ms   [what the brief asks; a constant delay cancels out]")
+            P(f"   lateness vs spawn      = (t_n - t_spawn(primary)) - n*100 ms   [includes boot (same in both); keeps a constant delay]")
+            P(f"{'':34} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'n':>5}")
+            for name, xs in (("(a) with backup, vs first line", rel_ft), ("(b) no backup,   vs first line", rel_so),
+                             ("(a) with backup, vs spawn", abs_ft), ("(b) no backup,   vs spawn", abs_so)):
+                P(f"  {name:32} {fmt(pct(xs, 50)):>8} {fmt(pct(xs, 90)):>8} {fmt(pct(xs, 99)):>8} {fmt(max(xs) if xs else None):>8} {len(xs):>5}")
+            d50 = pct(rel_ft, 50) - pct(rel_so, 50)
+            d99 = pct(rel_ft, 99) - pct(rel_so, 99)
+            a50 = pct(abs_ft, 50) - pct(abs_so, 50)
+            a99 = pct(abs_ft, 99) - pct(abs_so, 99)
+            P(f"  added by the output rule (a - b): vs first line p50 {fmt(d50)} ms, p99 {fmt(d99)} ms;  vs spawn p50 {fmt(a50)} ms, p99 {fmt(a99)} ms")
+            # per-run medians vs spawn show run-to-run spread
+            P("  per-run p50 vs spawn (ms): (a) " + ", ".join(fmt(median(r["abs"])) for r in ft) + ";  (b) " + ", ".join(fmt(median(r["abs"])) for r in so))
+            summary.append(("output rule: lateness p50 / p99, (a) backup (ms)", f"{fmt(pct(rel_ft, 50))} / {fmt(pct(rel_ft, 99))}", "vs first line"))
+            summary.append(("output rule: lateness p50 / p99, (b) alone (ms)", f"{fmt(pct(rel_so, 50))} / {fmt(pct(rel_so, 99))}", "vs first line"))
+            summary.append(("output rule: added p50 / p99 (ms)", f"{fmt(d50)} / {fmt(d99)}", "vs first line"))
+            summary.append(("output rule: added p50 / p99 (ms)", f"{fmt(a50)} / {fmt(a99)}", "vs primary spawn"))
+
+        ft = [r for r in res.get("paced", []) if r["mode"] == "ft"]
+        so = [r for r in res.get("paced", []) if r["mode"] == "solo"]
+        P("")
+        P("== 3. Backup lag (exits the primary is ahead of the backup's acknowledgement; `ftvm status` every 100 ms)")
+        lag_paced = [x for r in ft for x in r["lag"]]
+        lag_burst = [x for r in res.get("progress", []) if r["kind"] == "ft" for x in r["lag"]]
+        for name, xs in ((f"timer-paced (seconds={self.a.latency_seconds})", lag_paced), (f"work-bound ({self.workload})", lag_burst)):
+            if xs:
+                P(f"  {name:32} p50 {fmt(pct(xs, 50), 0):>6}  p90 {fmt(pct(xs, 90), 0):>6}  max {max(xs):>6}  ({len(xs)} samples, {sum(1 for x in xs if x == 0)} at 0)")
+                summary.append((f"backup lag p50 / max (exits), {name.split(' ')[0]}", f"{fmt(pct(xs, 50), 0)} / {max(xs)}", f"{len(xs)} samples"))
+            else:
+                P(f"  {name:32} no samples")
+        P("  (the witness only learns sent/acked from the primary's pings, every 100 ms)")
+
+        if "progress" in res:
+            runs = res["progress"]
+            pl = [r for r in runs if r["kind"] == "plain"]
+            ftp = [r for r in runs if r["kind"] == "ft"]
+            P("")
+            P(f"== 4. Guest progress, '{self.workload}': plain `ftvm run` vs FT primary with a live backup")
+            P(f"{'round':>6} {'plain end':>10} {'plain exit':>11} {'FT end':>8} {'FT exit':>8} {'ratio(end)':>11} {'ratio(exit)':>12}")
+            re_, rx_ = [], []
+            for a_, b_ in zip(pl, ftp):
+                e = a_["guest_end_s"] / b_["guest_end_s"] if a_["guest_end_s"] and b_["guest_end_s"] else None
+                x = a_["exit_s"] / b_["exit_s"] if a_["exit_s"] and b_["exit_s"] else None
+                if e:
+                    re_.append(e)
+                if x:
+                    rx_.append(x)
+                P(f"{a_['round']:>6} {fmt(a_['guest_end_s'], 3):>10} {fmt(a_['exit_s'], 3):>11} {fmt(b_['guest_end_s'], 3):>8} {fmt(b_['exit_s'], 3):>8} {fmt(e, 3):>11} {fmt(x, 3):>12}")
+            P("  'end' = process start -> its 'guest exited' stderr line; 'exit' = process start -> process exit")
+            P("  (the FT primary's exit also includes waiting for the last acks and a fixed 300 ms for consoles)")
+            if re_:
+                P(f"  throughput ratio plain/FT: median {fmt(median(re_), 3)} (guest end), {fmt(median(rx_), 3)} (process exit); VMware FT reports 0.94-0.99")
+                summary.append(("progress ratio plain/FT (guest end)", fmt(median(re_), 3), f"{self.workload}, {len(re_)} rounds"))
+                summary.append(("progress ratio plain/FT (process exit)", fmt(median(rx_), 3), ""))
+            bl = [r["backup_end_after_primary_ms"] for r in ftp if r["backup_end_after_primary_ms"] is not None]
+            if bl:
+                P(f"  backup finished replaying {fmt(median(bl), 0)} ms (median) after the primary's guest ended")
+
+        P("")
+        P("== 5. Log bandwidth (bytes the primary logged / guest seconds), timer-paced runs")
+        for name, rs in (("(a) with backup", ft), ("(b) no backup", so)):
+            bw = [r["log_bytes"] / r["guest_seconds"] for r in rs if r.get("log_bytes")]
+            if bw:
+                b50 = median(bw)
+                P(f"  {name:16} {fmt(b50, 0):>8} B/s = {b50 * 8 / 1e6:.3f} Mbit/s  (min {fmt(min(bw), 0)}, max {fmt(max(bw), 0)} B/s; events: {rs[0].get('log_detail', '?')})")
+                if name.startswith("(a)"):
+                    summary.append(("log bandwidth, timer-paced (Mbit/s)", f"{b50 * 8 / 1e6:.3f}", f"{fmt(b50, 0)} B/s; goal < 20"))
+        fts = [r for r in res.get("progress", []) if r["kind"] == "ft" and r.get("log_bytes") and r.get("guest_end_s")]
+        if fts:
+            bw = [r["log_bytes"] / r["guest_end_s"] for r in fts]
+            b50 = median(bw)
+            P(f"  work-bound ({self.workload}), bytes / primary run time: {fmt(b50, 0)} B/s = {b50 * 8 / 1e6:.2f} Mbit/s  (log {fts[0]['log_bytes']} bytes; {fts[0]['log_detail']})")
+            summary.append(("log bandwidth, work-bound (Mbit/s)", f"{b50 * 8 / 1e6:.2f}", f"{self.workload}"))
+
+        P("")
+        P("== Summary")
+        w1 = max(len(s[0]) for s in summary) if summary else 10
+        w2 = max(len(s[1]) for s in summary) if summary else 10
+        P(f"  {'metric':{w1}}  {'value':>{w2}}  note")
+        P(f"  {'-' * w1}  {'-' * w2}  {'-' * 20}")
+        for a_, b_, c_ in summary:
+            P(f"  {a_:{w1}}  {b_:>{w2}}  {c_}")
+        P("")
+        if self.problems:
+            P(f"Problems seen ({len(self.problems)}):")
+            for pr in self.problems:
+                P("  - " + pr)
+        else:
+            P("Problems seen: none")
+        print("\n".join(out), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ftvm", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--pidfile")
+    ap.add_argument("-k", type=int, default=10)
+    ap.add_argument("--failover-seconds", type=int, default=5)
+    ap.add_argument("--kill-min-ms", type=int, default=1000)
+    ap.add_argument("--kill-max-ms", type=int, default=3000)
+    ap.add_argument("--latency-rounds", type=int, default=3)
+    ap.add_argument("--latency-seconds", type=int, default=5)
+    ap.add_argument("--progress-rounds", type=int, default=3)
+    ap.add_argument("--burst", type=int, default=3000)
+    ap.add_argument("--workload")
+    ap.add_argument("--only", default="1,2,3,4,5")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    if a.seed is not None:
+        random.seed(a.seed)
+    only = set(a.only.split(","))
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    reg = Registry(a.pidfile)
+    b = Bench(a, reg)
+    t0 = time.monotonic()
+    try:
+        b.detect_workload()
+        if "1" in only:
+            b.bench_failover()
+        if only & {"2", "3", "5"}:
+            b.bench_paced()
+        if only & {"3", "4", "5"}:
+            b.bench_progress()
+        log(f"measurements took {time.monotonic() - t0:.0f} s")
+        b.report()
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"results": b.results, "problems": b.problems, "workload": b.workload}, f, indent=1)
+    except KeyboardInterrupt:
+        log("interrupted; stopping every process started")
+        return 130
+    except BenchError as e:
+        log(f"error: {e}")
+        return 1
+    finally:
+        reg.kill_all()
+    return 1 if b.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
