@@ -544,29 +544,35 @@ class Bench:
         p, paddr = self.start_primary(waddr, f"seconds={secs}")
         procs.append(p)
         cl = ConsoleClient(paddr)
-        poller = LagPoller(self.ftvm, waddr, paddr) if mode == "ft" else None
+        # Polled in both modes, so that both carry the same extra load; a
+        # view without a backup gives no samples.
+        poller = LagPoller(self.ftvm, waddr, paddr)
         prc = p.wait(secs + 30)
         cl.join(5)
-        samples = poller.stop() if poller else []
+        samples = poller.stop()
         brc = b.wait(15) if b else None
         self.reg.stop(procs)
         r = {"mode": mode, "round": rnd, "primary_rc": prc, "backup_rc": brc, "end": cl.end, "client_error": cl.error}
         if prc != 0 or (b and brc != 0) or cl.error:
             self.note(f"{mode} run (round {rnd}): primary exit {prc}, backup exit {brc}, console client: {cl.error or 'ok'}; files r{self.run_no:03d}-* in {self.work}")
-        t0 = p.t_spawn_mono
+        # Anchor: the primary prints "... is primary of view N" after it has
+        # built the VM and just before it runs it (same in both modes).
+        t_vm, _ = p.find_err(r"is primary of view \d+")
+        if t_vm is None:
+            self.note(f"{mode} run (round {rnd}): no 'is primary of view' line on the primary's stderr")
+            t_vm = p.t_spawn_ms
         status = []
         for tm, tu, text in cl.lines:
             m = LINE_RE.match(text)
             if m:
-                status.append((int(m.group(1)), tm))
+                status.append((int(m.group(1)), tm, tu))
         r["lines"] = len(status)
         if len(status) != secs * 10:
             self.note(f"{mode} run (round {rnd}): console client got {len(status)} status lines, expected {secs * 10}")
         if status:
-            n1, t1 = status[0]
-            r["rel"] = [((tm - t1) - (n - n1) * 0.1) * 1000 for n, tm in status]
-            r["abs"] = [((tm - t0) - n * 0.1) * 1000 for n, tm in status]
-            # lines arriving in the same frame as their predecessor = batched release
+            n1, t1, _ = status[0]
+            r["rel"] = [((tm - t1) - (n - n1) * 0.1) * 1000 for n, tm, _ in status]
+            r["abs"] = [(tu - t_vm) - n * 100.0 for n, _, tu in status]
         else:
             r["rel"], r["abs"] = [], []
         r["lag"] = [s[3] for s in samples]
@@ -593,7 +599,7 @@ class Bench:
                 r = self.paced_once(mode, rnd)
                 runs.append(r)
                 log(f"  round {rnd} {mode:4s}: {r['lines']} lines, lateness vs first line p50 {fmt(median(r['rel']))} ms p99 {fmt(pct(r['rel'], 99))} ms; "
-                    f"vs spawn p50 {fmt(median(r['abs']))} ms" + (f"; lag p50 {fmt(median(r['lag']), 0)} max {max(r['lag']) if r['lag'] else '-'} exits" if mode == "ft" else ""))
+                    f"vs VM start p50 {fmt(median(r['abs']))} ms" + (f"; lag p50 {fmt(median(r['lag']), 0)} max {max(r['lag']) if r['lag'] else '-'} exits" if mode == "ft" else ""))
         self.results["paced"] = runs
 
     # ---- 4. progress: plain vs FT
@@ -614,20 +620,25 @@ class Bench:
             self.note(f"plain run (round {rnd}) exited {rc}")
         return r
 
-    def ft_once(self, rnd):
+    def ft_once(self, rnd, with_backup=True):
         self.next_run()
         w, waddr = self.start_witness()
-        b, baddr = self.start_backup(waddr)
+        procs = [w]
+        b = None
+        if with_backup:
+            b, baddr = self.start_backup(waddr)
+            procs.append(b)
         p, paddr = self.start_primary(waddr, self.workload)
+        procs.append(p)
         poller = LagPoller(self.ftvm, waddr, paddr)
         rc = p.wait(180)
         samples = poller.stop()
-        brc = b.wait(60)
-        self.reg.stop([w, b, p])
+        brc = b.wait(60) if b else 0
+        self.reg.stop(procs)
         t_end, m = p.find_err(r"primary: guest exited with status (\d+); (\d+) exits")
         _, mb = p.find_err(r"logged (\d+) events \(([^)]*)\), (\d+) bytes")
-        t_bend, _ = b.find_err(r"backup: replayed to the end")
-        r = {"kind": "ft", "round": rnd, "rc": rc, "backup_rc": brc,
+        t_bend, _ = b.find_err(r"backup: replayed to the end") if b else (None, None)
+        r = {"kind": "ft" if b else "solo", "round": rnd, "rc": rc, "backup_rc": brc,
              "exit_s": p.t_exit_mono - p.t_spawn_mono if p.t_exit_mono else None,
              "guest_end_s": (t_end - p.t_spawn_ms) / 1000 if t_end else None,
              "backup_end_after_primary_ms": (t_bend - t_end) if (t_bend and t_end) else None,
@@ -636,25 +647,28 @@ class Bench:
              "log_detail": mb.group(2) if mb else None,
              "lag": [s[3] for s in samples]}
         if rc != 0 or brc != 0:
-            self.note(f"FT run (round {rnd}) of {self.workload}: primary exit {rc}, backup exit {brc}; files r{self.run_no:03d}-* in {self.work}")
+            self.note(f"FT run{'' if b else ' without backup'} (round {rnd}) of {self.workload}: primary exit {rc}, backup exit {brc}; files r{self.run_no:03d}-* in {self.work}")
         if "never acknowledged" in p.err_text():
             self.note(f"FT run (round {rnd}): primary reports unacknowledged output: {p.err_text()[-300:]}")
         return r
 
     def bench_progress(self):
         R = self.a.progress_rounds
-        log(f"[4/5] guest progress: {R} rounds x (plain run, FT primary with backup) of '{self.workload}', interleaved")
+        log(f"[4/5] guest progress: {R} rounds x (plain run, FT primary with backup, FT primary alone) of '{self.workload}', interleaved")
         runs = []
+        kinds = ["plain", "ft", "solo"]
         for rnd in range(1, R + 1):
-            order = ["plain", "ft"] if rnd % 2 else ["ft", "plain"]
+            k = (rnd - 1) % 3
+            order = kinds[k:] + kinds[:k]
             pair = {}
             for kind in order:
-                pair[kind] = self.plain_once(rnd) if kind == "plain" else self.ft_once(rnd)
+                pair[kind] = self.plain_once(rnd) if kind == "plain" else self.ft_once(rnd, with_backup=(kind == "ft"))
                 runs.append(pair[kind])
-            pl, ft = pair["plain"], pair["ft"]
-            log(f"  round {rnd}: plain guest-end {fmt(pl['guest_end_s'], 2)} s (exit {fmt(pl['exit_s'], 2)} s); "
-                f"FT guest-end {fmt(ft['guest_end_s'], 2)} s (exit {fmt(ft['exit_s'], 2)} s); "
-                f"ratio plain/FT {fmt(pl['guest_end_s'] / ft['guest_end_s'] if pl['guest_end_s'] and ft['guest_end_s'] else None, 3)}; "
+            pl, ft, so = pair["plain"], pair["ft"], pair["solo"]
+            ratio = lambda a, b: a / b if a and b else None
+            log(f"  round {rnd}: guest end after plain {fmt(pl['guest_end_s'], 2)} s, FT+backup {fmt(ft['guest_end_s'], 2)} s, "
+                f"FT alone {fmt(so['guest_end_s'], 2)} s; ratio plain/FT {fmt(ratio(pl['guest_end_s'], ft['guest_end_s']), 3)} "
+                f"(plain/FT-alone {fmt(ratio(pl['guest_end_s'], so['guest_end_s']), 3)}); "
                 f"FT lag p50 {fmt(median(ft['lag']), 0)} max {max(ft['lag']) if ft['lag'] else '-'} exits")
         self.results["progress"] = runs
 
@@ -684,11 +698,12 @@ class Bench:
             fo = [r["failover_ms"] for r in runs if r["failover_ms"] is not None]
             P("")
             P(f"== 1. Failover (kill -9 of the primary -> first byte from the new primary at the console), {len(runs)} runs")
-            P(f"{'run':>4} {'kill@ms':>8} {'lag@kill':>9} {'bk EOF':>7} {'promoted':>9} {'live':>6} {'failover':>9} {'lost':>5} {'dup':>4} {'view':>7}")
+            P(f"{'run':>4} {'kill@ms':>8} {'lag@kill':>9} {'bk EOF':>7} {'con EOF':>8} {'promoted':>9} {'live':>6} {'failover':>9} {'lost':>5} {'dup':>4} {'view':>7}")
             for r in runs:
-                P(f"{r['run']:>4} {r['kill_after_ms']:>8} {fmt(r['lag_before'], 0):>9} {fmt(r['backup_noticed_ms'], 0):>7} {fmt(r['promoted_ms'], 0):>9} "
+                P(f"{r['run']:>4} {r['kill_after_ms']:>8} {fmt(r['lag_before'], 0):>9} {fmt(r['backup_noticed_ms'], 0):>7} {fmt(r['console_noticed_ms'], 0):>8} {fmt(r['promoted_ms'], 0):>9} "
                   f"{fmt(r['live_ms'], 0):>6} {fmt(r['failover_ms'], 0):>9} {r['lost']:>5} {r['duplicated']:>4} {str(r['view_before']) + '->' + str(r['view_after']):>7}")
-            P("  (times in ms after the kill; 'promoted'/'live' are when the backup logged them; lag@kill = exits, from the witness)")
+            P("  (ms after the kill: bk/con EOF = the backup / the console lost the primary; promoted, live = logged by the backup;")
+            P("   failover = the console's 'first output from new primary'; lag@kill = exits, from the witness just before the kill)")
             if fo:
                 P(f"  failover_ms: p50 {fmt(pct(fo, 50), 0)}  p90 {fmt(pct(fo, 90), 0)}  p99 {fmt(pct(fo, 99), 0)}  max {fmt(max(fo), 0)}  (min {fmt(min(fo), 0)}, n={len(fo)})")
             prom = [r["promoted_ms"] for r in runs if r["promoted_ms"] is not None]
@@ -713,22 +728,22 @@ class Bench:
             P(f"== 2. Output-rule latency: console line arrival, FT primary with a live backup (a) vs FT primary alone in its view (b)")
             P(f"   {len(ft)}+{len(so)} runs of seconds={self.a.latency_seconds} (line n due at n*100 ms guest time), own console client on the primary")
             P(f"   lateness vs first line = (t_n - t_first) - (n - first)*100 ms   [what the brief asks; a constant delay cancels out]")
-            P(f"   lateness vs spawn      = (t_n - t_spawn(primary)) - n*100 ms   [includes boot (same in both); keeps a constant delay]")
+            P(f"   lateness vs VM start   = (t_n - t_start) - n*100 ms, t_start = when the primary logs 'is primary of view' (VM built,")
+            P(f"                            about to run); includes the guest's boot (same in both), keeps a constant delay")
             P(f"{'':34} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8} {'n':>5}")
             for name, xs in (("(a) with backup, vs first line", rel_ft), ("(b) no backup,   vs first line", rel_so),
-                             ("(a) with backup, vs spawn", abs_ft), ("(b) no backup,   vs spawn", abs_so)):
+                             ("(a) with backup, vs VM start", abs_ft), ("(b) no backup,   vs VM start", abs_so)):
                 P(f"  {name:32} {fmt(pct(xs, 50)):>8} {fmt(pct(xs, 90)):>8} {fmt(pct(xs, 99)):>8} {fmt(max(xs) if xs else None):>8} {len(xs):>5}")
             d50 = pct(rel_ft, 50) - pct(rel_so, 50)
             d99 = pct(rel_ft, 99) - pct(rel_so, 99)
             a50 = pct(abs_ft, 50) - pct(abs_so, 50)
             a99 = pct(abs_ft, 99) - pct(abs_so, 99)
-            P(f"  added by the output rule (a - b): vs first line p50 {fmt(d50)} ms, p99 {fmt(d99)} ms;  vs spawn p50 {fmt(a50)} ms, p99 {fmt(a99)} ms")
-            # per-run medians vs spawn show run-to-run spread
-            P("  per-run p50 vs spawn (ms): (a) " + ", ".join(fmt(median(r["abs"])) for r in ft) + ";  (b) " + ", ".join(fmt(median(r["abs"])) for r in so))
+            P(f"  added by the output rule (a - b): vs first line p50 {fmt(d50)} ms, p99 {fmt(d99)} ms;  vs VM start p50 {fmt(a50)} ms, p99 {fmt(a99)} ms")
+            P("  per-run p50 vs VM start (ms): (a) " + ", ".join(fmt(median(r["abs"])) for r in ft) + ";  (b) " + ", ".join(fmt(median(r["abs"])) for r in so))
             summary.append(("output rule: lateness p50 / p99, (a) backup (ms)", f"{fmt(pct(rel_ft, 50))} / {fmt(pct(rel_ft, 99))}", "vs first line"))
             summary.append(("output rule: lateness p50 / p99, (b) alone (ms)", f"{fmt(pct(rel_so, 50))} / {fmt(pct(rel_so, 99))}", "vs first line"))
             summary.append(("output rule: added p50 / p99 (ms)", f"{fmt(d50)} / {fmt(d99)}", "vs first line"))
-            summary.append(("output rule: added p50 / p99 (ms)", f"{fmt(a50)} / {fmt(a99)}", "vs primary spawn"))
+            summary.append(("output rule: added p50 / p99 (ms)", f"{fmt(a50)} / {fmt(a99)}", "vs VM start"))
 
         ft = [r for r in res.get("paced", []) if r["mode"] == "ft"]
         so = [r for r in res.get("paced", []) if r["mode"] == "solo"]
@@ -748,24 +763,30 @@ class Bench:
             runs = res["progress"]
             pl = [r for r in runs if r["kind"] == "plain"]
             ftp = [r for r in runs if r["kind"] == "ft"]
+            fts = [r for r in runs if r["kind"] == "solo"]
             P("")
-            P(f"== 4. Guest progress, '{self.workload}': plain `ftvm run` vs FT primary with a live backup")
-            P(f"{'round':>6} {'plain end':>10} {'plain exit':>11} {'FT end':>8} {'FT exit':>8} {'ratio(end)':>11} {'ratio(exit)':>12}")
-            re_, rx_ = [], []
-            for a_, b_ in zip(pl, ftp):
-                e = a_["guest_end_s"] / b_["guest_end_s"] if a_["guest_end_s"] and b_["guest_end_s"] else None
-                x = a_["exit_s"] / b_["exit_s"] if a_["exit_s"] and b_["exit_s"] else None
+            P(f"== 4. Guest progress, '{self.workload}': plain `ftvm run` vs FT primary with a live backup (and, to split the cost, FT primary alone)")
+            P(f"{'':6} {'plain':>15} {'FT + backup':>15} {'FT alone':>15} {'plain/FT':>15} {'plain/FT alone':>15}")
+            P(f"{'round':>6} {'end':>7} {'exit':>7} {'end':>7} {'exit':>7} {'end':>7} {'exit':>7} {'end':>7} {'exit':>7} {'end':>7} {'exit':>7}")
+            re_, rx_, rs_ = [], [], []
+            q = lambda a, b: a / b if a and b else None
+            for a_, b_, c_ in zip(pl, ftp, fts):
+                e, x, es, xs_ = q(a_["guest_end_s"], b_["guest_end_s"]), q(a_["exit_s"], b_["exit_s"]), q(a_["guest_end_s"], c_["guest_end_s"]), q(a_["exit_s"], c_["exit_s"])
                 if e:
                     re_.append(e)
                 if x:
                     rx_.append(x)
-                P(f"{a_['round']:>6} {fmt(a_['guest_end_s'], 3):>10} {fmt(a_['exit_s'], 3):>11} {fmt(b_['guest_end_s'], 3):>8} {fmt(b_['exit_s'], 3):>8} {fmt(e, 3):>11} {fmt(x, 3):>12}")
-            P("  'end' = process start -> its 'guest exited' stderr line; 'exit' = process start -> process exit")
-            P("  (the FT primary's exit also includes waiting for the last acks and a fixed 300 ms for consoles)")
+                if es:
+                    rs_.append(es)
+                P(f"{a_['round']:>6} " + " ".join(f"{fmt(v, 3):>7}" for v in (a_["guest_end_s"], a_["exit_s"], b_["guest_end_s"], b_["exit_s"], c_["guest_end_s"], c_["exit_s"], e, x, es, xs_)))
+            P("  seconds; 'end' = process start -> its 'guest exited' stderr line; 'exit' = process start -> process exit")
+            P("  (an FT primary's exit also includes waiting for the last acks and a fixed 300 ms for consoles)")
             if re_:
                 P(f"  throughput ratio plain/FT: median {fmt(median(re_), 3)} (guest end), {fmt(median(rx_), 3)} (process exit); VMware FT reports 0.94-0.99")
+                P(f"  plain/FT primary without a backup (logging, progress marks, gate; no replay competing for CPUs): median {fmt(median(rs_), 3)} (guest end)")
                 summary.append(("progress ratio plain/FT (guest end)", fmt(median(re_), 3), f"{self.workload}, {len(re_)} rounds"))
                 summary.append(("progress ratio plain/FT (process exit)", fmt(median(rx_), 3), ""))
+                summary.append(("progress ratio plain/FT without backup", fmt(median(rs_), 3), "guest end"))
             bl = [r["backup_end_after_primary_ms"] for r in ftp if r["backup_end_after_primary_ms"] is not None]
             if bl:
                 P(f"  backup finished replaying {fmt(median(bl), 0)} ms (median) after the primary's guest ended")
@@ -813,7 +834,7 @@ def main():
     ap.add_argument("--failover-seconds", type=int, default=5)
     ap.add_argument("--kill-min-ms", type=int, default=1000)
     ap.add_argument("--kill-max-ms", type=int, default=3000)
-    ap.add_argument("--latency-rounds", type=int, default=3)
+    ap.add_argument("--latency-rounds", type=int, default=4)
     ap.add_argument("--latency-seconds", type=int, default=5)
     ap.add_argument("--progress-rounds", type=int, default=3)
     ap.add_argument("--burst", type=int, default=3000)
@@ -829,6 +850,9 @@ def main():
     def on_term(signum, frame):
         raise KeyboardInterrupt
 
+    # A background job of a non-interactive shell starts with SIGINT ignored;
+    # take it back so that Ctrl-C stops the bench in any case.
+    signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_term)
     reg = Registry(a.pidfile)
@@ -854,6 +878,8 @@ def main():
         log(f"error: {e}")
         return 1
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         reg.kill_all()
     return 1 if b.problems else 0
 

@@ -94,7 +94,7 @@ command -v ldd >/dev/null || need+=(libc-bin)
 command -v xz >/dev/null || need+=(xz-utils)
 command -v zstd >/dev/null || need+=(zstd)
 ((${#need[@]} == 0)) || apt_install "${need[@]}"
-for t in qemu-system-x86_64 cpio gzip timeout ldd apt-get dpkg-deb; do
+for t in qemu-system-x86_64 cpio gzip timeout ldd apt-get dpkg-deb flock od; do
     command -v "$t" >/dev/null || die "missing tool after install: $t"
 done
 BUSYBOX=/bin/busybox
@@ -125,8 +125,12 @@ apt_download() { # dir pkg
 
 KDIR=$CACHE/kernel
 mkdir -p "$CACHE"
+# one lab at a time builds the cache
+exec 9>"$CACHE/.lock"
+flock 9 || die "cannot lock $CACHE/.lock"
 kernel_cached() {
     [ -s "$KDIR/vmlinuz" ] && [ -s "$KDIR/VERSION" ] || return 1
+    if [ -n "${LAB_KERNEL_PKG-}" ] && [ "$(cut -d' ' -f1 "$KDIR/VERSION")" != "$LAB_KERNEL_PKG" ]; then return 1; fi
     local m
     for m in "${MODULES[@]}"; do [ -s "$KDIR/$m.ko" ] || return 1; done
 }
@@ -180,10 +184,10 @@ if [ ! -s "$BASE" ] || [ "$BUSYBOX" -nt "$BASE" ] || [ "$KDIR/VERSION" -nt "$BAS
     mv "$tmp.cpio" "$BASE"
     rm -rf "$tmp"; trap - EXIT
 fi
+flock -u 9; exec 9>&-
 
 # ------------------------------------------------------------ per-run archive
 RUN=$(mktemp -d "${TMPDIR:-/tmp}/ftvm-lab.XXXXXX")
-QEMU_PID=
 cleanup() { rm -rf "$RUN"; }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -294,14 +298,16 @@ rm -rf "$STAGE" "$RUN/run.cpio"
 # ------------------------------------------------------------------ boot
 APPEND="console=ttyS0 panic=-1 quiet"
 ((VERBOSE)) && APPEND="console=ttyS0 panic=-1"
+# shellcheck disable=SC2054
 QEMU=(qemu-system-x86_64 -machine "${LAB_MACHINE:-pc}" -accel tcg -cpu EPYC,+svm,+npt -m "$MEM" -smp 1
       -kernel "$KDIR/vmlinuz" -initrd "$RUN/initrd" -append "$APPEND"
       -nographic -no-reboot -nic none -monitor none -serial stdio)
 log "booting the lab ($(cat "$KDIR/VERSION"), ${MEM} MB, timeout ${TIMEOUT}s)"
 
 STATUS_FILE=$RUN/status
-CONSOLE_LOG=$CACHE/last-console.log
+CONSOLE_LOG=$RUN/console.log
 : >"$CONSOLE_LOG"
+LAST_LOG=$CACHE/last-console.log
 filter() {
     # The init prints a newline, then the status marker: one empty line held
     # back just before the marker is that newline, not the command's output.
@@ -327,12 +333,13 @@ filter() {
     if ((held)); then echo; fi
 }
 set +e
-timeout -k 5 "$TIMEOUT" "${QEMU[@]}" </dev/null 2>"$RUN/qemu.err" | filter
+timeout --foreground -k 5 "$TIMEOUT" "${QEMU[@]}" </dev/null 2>"$RUN/qemu.err" | filter
 rcs=("${PIPESTATUS[@]}")
 set -e
+cp "$CONSOLE_LOG" "$LAST_LOG.$$" && mv -f "$LAST_LOG.$$" "$LAST_LOG"
 qrc=${rcs[0]}
 if [ "$qrc" -eq 124 ] || [ "$qrc" -eq 137 ]; then
-    log "timed out after ${TIMEOUT}s (console log: $CONSOLE_LOG)"
+    log "timed out after ${TIMEOUT}s (console log: $LAST_LOG)"
     exit 124
 fi
 if [ -s "$STATUS_FILE" ]; then
@@ -347,6 +354,6 @@ elif [ "$qrc" -ne 0 ]; then
 else
     log "lab failed: the machine stopped without reporting a status"
 fi
-log "last console lines (full log: $CONSOLE_LOG):"
+log "last console lines (full log: $LAST_LOG):"
 tail -15 "$CONSOLE_LOG" >&2
 exit 125

@@ -13,12 +13,14 @@ use replay_log::{EndReason, Event, LogWriter, Record};
 use crate::console::ConsoleInput;
 use crate::devices::Clock;
 use crate::engine::{EngineError, ExitPoint, Flow, Inputs};
-use crate::ft::gate::Gate;
+use crate::ft::gate::{Gate, Role};
 use crate::ft::HEARTBEAT;
 use crate::machine::Machine;
 
 /// Register digests go into the log every this many exits.
 pub const CHECK_INTERVAL: u64 = 256;
+/// How far (in exits) the backup may fall behind before the guest is slowed.
+pub const MAX_LAG_EXITS: u64 = 50_000;
 /// Longest single wait in `hlt`, so SIGINT is noticed promptly.
 const MAX_WAIT: Duration = Duration::from_millis(100);
 
@@ -70,7 +72,25 @@ impl Live {
         if let Some(st) = &mut self.streaming {
             st.dirty = false;
         }
-        self.flush()
+        self.flush()?;
+        self.throttle(at.ordinal);
+        Ok(())
+    }
+
+    /// A backup that falls too far behind slows the guest down rather than
+    /// letting the unacknowledged log (and held output) grow without bound,
+    /// as VMware FT does. If the backup is gone, the witness drops it from
+    /// the view and the gate stops waiting for it, which ends the wait.
+    fn throttle(&self, ordinal: u64) {
+        let Some(st) = &self.streaming else { return };
+        let mut slept = Duration::ZERO;
+        while matches!(st.gate.role(), Role::Primary { need_ack: true })
+            && ordinal.saturating_sub(st.gate.acked()) > MAX_LAG_EXITS
+            && slept < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+            slept += Duration::from_millis(1);
+        }
     }
 
     pub fn log_bytes(&self) -> u64 {
