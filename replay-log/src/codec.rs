@@ -42,6 +42,7 @@ const EX_STOP: u8 = 10;
 const END_EXIT: u8 = 0;
 const END_RESET: u8 = 1;
 const END_INTERRUPTED: u8 = 2;
+const END_HALTED: u8 = 3;
 
 /// CRC-8/SMBUS: polynomial 0x07, initial value 0, no reflection, no final
 /// xor. Protects the frame length word; detects every error confined to 8
@@ -275,6 +276,7 @@ pub(crate) fn encode_frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), LogErr
                 EndReason::Exit(s) => (END_EXIT, *s),
                 EndReason::Reset => (END_RESET, 0),
                 EndReason::Interrupted => (END_INTERRUPTED, 0),
+                EndReason::Halted => (END_HALTED, 0),
             };
             out.extend_from_slice(&[code, status]);
             out.extend_from_slice(&regs_digest.to_le_bytes());
@@ -350,7 +352,8 @@ pub(crate) fn decode_body(body: &[u8]) -> Result<Record, String> {
                 (END_EXIT, s) => EndReason::Exit(s),
                 (END_RESET, 0) => EndReason::Reset,
                 (END_INTERRUPTED, 0) => EndReason::Interrupted,
-                (END_RESET | END_INTERRUPTED, s) => {
+                (END_HALTED, 0) => EndReason::Halted,
+                (END_RESET | END_INTERRUPTED | END_HALTED, s) => {
                     return Err(format!("end reason {} has nonzero status {s}", payload[0]))
                 }
                 (r, _) => return Err(format!("unknown end reason code {r}")),

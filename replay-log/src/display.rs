@@ -28,6 +28,7 @@ impl fmt::Display for EndReason {
             EndReason::Exit(status) => write!(f, "exit({status})"),
             EndReason::Reset => f.write_str("reset"),
             EndReason::Interrupted => f.write_str("interrupted"),
+            EndReason::Halted => f.write_str("halted"),
         }
     }
 }

@@ -41,6 +41,9 @@ pub enum EndReason {
     Reset,
     /// The recorder was stopped from outside (signal); the run is cut here.
     Interrupted,
+    /// The guest halted the CPU with interrupts disabled: how a machine
+    /// without ACPI powers off (Linux's `poweroff` ends in `cli; hlt`).
+    Halted,
 }
 
 /// One nondeterministic input, or one check replay must pass.

@@ -258,6 +258,7 @@ fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
     let (what, code) = match out.ending.clone() {
         Ending::Guest(StopRequest::Exit(s)) => (format!("guest exited with status {s}"), s as i32),
         Ending::Guest(StopRequest::Reset) => ("guest reset the machine".to_string(), 0),
+        Ending::Guest(StopRequest::Halt) => ("guest powered off (halted with interrupts disabled)".to_string(), 0),
         Ending::Interrupted => ("interrupted".to_string(), 130),
         Ending::LogIncomplete(w) => (w, 3),
     };
@@ -303,6 +304,7 @@ fn replay(log: &Path, kernel: Option<&Path>, initrd: Option<&Path>, verbose: boo
                 match req {
                     StopRequest::Exit(s) => format!("exited with status {s}"),
                     StopRequest::Reset => "reset the machine".into(),
+                    StopRequest::Halt => "powered off".into(),
                 },
                 exits_summary(&out)
             );

@@ -244,6 +244,7 @@ fn end_reason(req: StopRequest) -> EndReason {
     match req {
         StopRequest::Exit(s) => EndReason::Exit(s),
         StopRequest::Reset => EndReason::Reset,
+        StopRequest::Halt => EndReason::Halted,
     }
 }
 
@@ -328,10 +329,12 @@ pub fn run<I: Inputs>(vm: &mut Vm, inputs: &mut I, opts: &RunOptions) -> Result<
         if let Flow::Stop(e) = inputs.deliver(m, &mut at, false)? {
             break e;
         }
+        if kind == ExitKind::Hlt && at.kvm_run().if_flag == 0 {
+            // `cli; hlt`: nothing can ever wake the guest. This is how
+            // Linux powers off a machine without ACPI.
+            m.stop.request(StopRequest::Halt);
+        }
         if kind == ExitKind::Hlt && m.stop.get().is_none() {
-            if at.kvm_run().if_flag == 0 {
-                return Err(EngineError::HaltedForever { ordinal, rip: at.rip()? });
-            }
             let mut stop = None;
             while !m.pic.lock().unwrap().has_interrupt() && !INTERRUPTED.load(Ordering::Relaxed) {
                 if let Flow::Stop(e) = inputs.deliver(m, &mut at, true)? {

@@ -47,6 +47,8 @@ pub enum StopRequest {
     Exit(u8),
     /// The i8042 reset line was pulsed (or the guest triple-faulted).
     Reset,
+    /// The guest halted with interrupts disabled: powered off.
+    Halt,
 }
 
 /// Shared slot where devices post a stop request; the vCPU loop checks it

@@ -195,6 +195,7 @@ fn end_message(ending: &Ending) -> (String, i32) {
     match ending {
         Ending::Guest(StopRequest::Exit(s)) => (format!("guest exited with status {s}"), *s as i32),
         Ending::Guest(StopRequest::Reset) => ("guest reset the machine".into(), 0),
+        Ending::Guest(StopRequest::Halt) => ("guest powered off (halted)".into(), 0),
         Ending::Interrupted => ("the VMM was interrupted".into(), 130),
         Ending::LogIncomplete(w) => (w.clone(), 3),
     }
