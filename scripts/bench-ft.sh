@@ -91,6 +91,7 @@ if [ -e /dev/kvm ]; then
     kvm="yes"; { [ -r /dev/kvm ] && [ -w /dev/kvm ]; } || kvm="yes, but not read/writable by $(id -un)"
 else kvm="no"; fi
 echo "  /dev/kvm: $kvm"
+echo "  load:    $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min; other busy processes skew the timings)"
 echo "  memory:  $(awk '/MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
 echo "  ftvm:    $FTVM ($(stat -c %y "$FTVM" | cut -d. -f1))"
 echo "  git:     $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- vmm replay-log guest 2>/dev/null || echo ' + uncommitted changes')"
@@ -111,5 +112,5 @@ rc=0
 wait "$py" || rc=$?
 # (`wait` returns early when a trapped signal arrives; the EXIT trap then stops the helper.)
 py=
-echo "bench-ft: total $(( $(date +%s) - start )) s" >&2
+echo "bench-ft: total $(( $(date +%s) - start )) s; load average now $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 exit "$rc"

@@ -8,11 +8,18 @@ need_pkgs=()
 command -v gcc >/dev/null || need_pkgs+=(gcc)
 command -v objdump >/dev/null || need_pkgs+=(binutils)
 command -v python3 >/dev/null || need_pkgs+=(python3)
+# The lab (a standard KVM inside QEMU's emulator, for Linux guests):
+command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
+[ -x /bin/busybox ] || need_pkgs+=(busybox-static)
+command -v cpio >/dev/null || need_pkgs+=(cpio)
+command -v xz >/dev/null || need_pkgs+=(xz-utils)
+command -v lz4 >/dev/null || need_pkgs+=(lz4)
+command -v zstd >/dev/null || need_pkgs+=(zstd)
 if ((${#need_pkgs[@]})); then
     echo "setup: installing ${need_pkgs[*]}" >&2
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
     $SUDO apt-get update -qq
-    $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { echo "setup: cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 
@@ -24,3 +31,5 @@ fi
 
 cargo build --release --locked --workspace >&2
 echo "setup: built target/release/ftvm" >&2
+# The Linux guest (a stock Debian cloud kernel and a busybox initramfs).
+scripts/linux-guest.sh >&2

@@ -228,3 +228,29 @@ fn nix_kill(pid: u32, sig: i32) {
     let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap();
     assert!(st.success());
 }
+
+#[test]
+fn linux_argument_errors_are_clear() {
+    let dir = tmpdir("linuxargs");
+    // A missing initrd is refused before anything runs.
+    let o = ftvm()
+        .args(["run", "--no-stdin", "--initrd", "/nonexistent/initrd.gz"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("cannot read initrd /nonexistent/initrd.gz"), "{}", text(&o.stderr));
+    // A compressed bzImage is named as such, with what to use instead.
+    let mut bz = vec![0u8; 0x400];
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    let f = dir.join("bzImage");
+    std::fs::write(&f, &bz).unwrap();
+    let o = ftvm().args(["run", "--no-stdin", "--kernel"]).arg(&f).output().unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("compressed Linux bzImage"), "{}", text(&o.stderr));
+    // Replaying a log with the wrong initrd situation is refused.
+    let log = dir.join("g.ftlog");
+    check(&record(&log, "seconds=1", &[]), "record");
+    let o = ftvm().args(["replay", "--log"]).arg(&log).args(["--initrd", "/etc/hostname"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o.stderr).contains("recorded without an initrd"), "{}", text(&o.stderr));
+}

@@ -206,8 +206,8 @@ fn hex(b: &[u8]) -> String {
 fn exits_summary(o: &Outcome) -> String {
     let s = &o.stats;
     format!(
-        "{} exits ({} in, {} out, {} mmio, {} hlt, {} irq-window), {} interrupts injected, {:.2}s",
-        o.exits, s.io_in, s.io_out, s.mmio, s.hlt, s.irq_window, s.interrupts,
+        "{} exits ({} in, {} out, {} mmio, {} hlt, {} trap, {} msr), {} interrupts injected, {:.2}s",
+        o.exits, s.io_in, s.io_out, s.mmio, s.hlt, s.traps, s.msr, s.interrupts,
         o.wall.as_secs_f64()
     )
 }
@@ -230,6 +230,13 @@ fn guest_config(guest: &GuestArgs) -> Result<(GuestConfig, Header)> {
         kernel_name: kernel.name.clone(),
     };
     Ok((GuestConfig { kernel, mem_bytes: guest.mem, cmdline: guest.cmdline.clone(), initrd }, header))
+}
+
+fn traps_summary(t: &ftvm::linux::Traps, o: &Outcome) -> String {
+    format!(
+        "rdtsc/rdtscp: {} sites patched ({} in kernel code, {} in boot-time alternatives), {} traps taken",
+        t.in_text + t.in_alternatives, t.in_text, t.in_alternatives, o.stats.traps
+    )
 }
 
 fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
@@ -263,6 +270,9 @@ fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
         Ending::LogIncomplete(w) => (w, 3),
     };
     eprintln!("ftvm: {what}: {}", exits_summary(&out));
+    if let Some(t) = &vm.traps {
+        eprintln!("ftvm: {}", traps_summary(t, &out));
+    }
     match log {
         Some(p) => eprintln!("ftvm: {} -> {}", live.summary(), p.display()),
         None if guest.verbose => eprintln!("ftvm: {}", live.summary()),
