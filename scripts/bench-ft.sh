@@ -11,8 +11,10 @@
 #      a work-bound guest (burst=N, or a fast timer-paced one if the guest
 #      has no burst mode), interleaved; ratio plain/FT;
 #   5. log bandwidth (bytes logged / guest second, and Mbit/s);
-# then a summary table and any problems seen. Exits 1 if there were problems
-# (lost/duplicated lines, failed runs), 130 when interrupted.
+# then how busy other processes kept the CPUs meanwhile (with a warning when
+# that skews the timings), a summary table and any problems seen. Exits 1 if
+# there were problems (lost/duplicated lines, failed runs), 130 when
+# interrupted.
 #
 # Usage: scripts/bench-ft.sh [options]
 #   -k N          failover runs (default 10)

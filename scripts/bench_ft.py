@@ -258,6 +258,66 @@ def wait_until(pred, timeout, what, step=0.01):
 STATUS_LOG_RE = re.compile(r"log: primary at exit #(\d+), backup acknowledged #(\d+) \(lag (\d+) exits\)")
 
 
+class ForeignLoad:
+    """Samples /proc every 0.5 s: how many CPUs processes that are not ours
+    (not this helper or its descendants) keep busy. Timings on a small host
+    mean little while something else runs."""
+
+    def __init__(self):
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.me = os.getpid()
+        self.samples = []  # (monotonic, foreign CPUs busy since the last sample)
+        self.top = {}  # comm -> CPU-seconds
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _snap(self):
+        procs = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    st = f.read()
+            except OSError:
+                continue
+            r = st.rfind(")")
+            comm = st[st.find("(") + 1:r]
+            f_ = st[r + 2:].split()
+            procs[int(d)] = (int(f_[1]), int(f_[11]) + int(f_[12]), comm)
+        ours = {self.me}
+        changed = True
+        while changed:
+            changed = False
+            for pid, (ppid, _, _) in procs.items():
+                if ppid in ours and pid not in ours:
+                    ours.add(pid)
+                    changed = True
+        return {pid: (t, comm) for pid, (_, t, comm) in procs.items() if pid not in ours}
+
+    def _run(self):
+        prev, tprev = self._snap(), time.monotonic()
+        while not self._stop.wait(0.5):
+            cur, t = self._snap(), time.monotonic()
+            busy = 0
+            for pid, (ticks, comm) in cur.items():
+                d = ticks - prev[pid][0] if pid in prev else ticks  # a new process: all of its time is recent
+                if d > 0:
+                    busy += d
+                    self.top[comm] = self.top.get(comm, 0) + d / self.hz
+            self.samples.append((t, busy / self.hz / (t - tprev)))
+            prev, tprev = cur, t
+
+    def mean_between(self, t0, t1):
+        xs = [x for t, x in self.samples if t0 <= t <= t1]
+        return sum(xs) / len(xs) if xs else None
+
+    def stop(self):
+        self._stop.set()
+        self._t.join(timeout=2)
+
+
 class LagPoller:
     """Runs `ftvm status --witness W` every `period` s and keeps the lag."""
 
@@ -397,6 +457,8 @@ class Bench:
         self.problems = []
         self.run_no = 0
         self.results = {}
+        self.section_load = {}
+        self.foreign = None
 
     def note(self, msg):
         self.problems.append(msg)
@@ -692,6 +754,7 @@ class Bench:
         P = out.append
         res = self.results
         summary = []  # (metric, value, note)
+        warnings = []
 
         if "failover" in res:
             runs = res["failover"]
@@ -807,6 +870,21 @@ class Bench:
             P(f"  work-bound ({self.workload}), bytes / primary run time: {fmt(b50, 0)} B/s = {b50 * 8 / 1e6:.2f} Mbit/s  (log {fts[0]['log_bytes']} bytes; {fts[0]['log_detail']})")
             summary.append(("log bandwidth, work-bound (Mbit/s)", f"{b50 * 8 / 1e6:.2f}", f"{self.workload}"))
 
+        if self.section_load:
+            P("")
+            P("== Other processes on this host (CPUs they kept busy, mean over each part; not ftvm processes of this bench)")
+            names = {"failover": "1 failover", "paced": "2/3/5 timer-paced runs", "progress": "4 progress runs"}
+            for k, v in self.section_load.items():
+                flag = "  <-- timings of this part are suspect" if v is not None and v > 0.2 else ""
+                P(f"  {names[k]:24} {fmt(v, 2)} CPUs{flag}")
+            top = sorted(self.foreign.top.items(), key=lambda kv: -kv[1])[:5] if self.foreign else []
+            if top:
+                P("  busiest: " + ", ".join(f"{c} {t:.1f} CPU-s" for c, t in top))
+            worst = max((v for v in self.section_load.values() if v is not None), default=None)
+            summary.append(("other processes' CPU use, worst part", fmt(worst, 2), "CPUs; > 0.2 skews timings"))
+            if worst is not None and worst > 0.2:
+                warnings.append(f"other processes kept {worst:.2f} of {os.cpu_count()} CPUs busy during part of the bench: timings are skewed (see above)")
+
         P("")
         P("== Summary")
         w1 = max(len(s[0]) for s in summary) if summary else 10
@@ -816,6 +894,8 @@ class Bench:
         for a_, b_, c_ in summary:
             P(f"  {a_:{w1}}  {b_:>{w2}}  {c_}")
         P("")
+        for w_ in warnings:
+            P("Warning: " + w_)
         if self.problems:
             P(f"Problems seen ({len(self.problems)}):")
             for pr in self.problems:
@@ -860,12 +940,14 @@ def main():
     t0 = time.monotonic()
     try:
         b.detect_workload()
-        if "1" in only:
-            b.bench_failover()
-        if only & {"2", "3", "5"}:
-            b.bench_paced()
-        if only & {"3", "4", "5"}:
-            b.bench_progress()
+        b.foreign = ForeignLoad()
+        for key, sections, fn in (("failover", {"1"}, b.bench_failover), ("paced", {"2", "3", "5"}, b.bench_paced),
+                                  ("progress", {"3", "4", "5"}, b.bench_progress)):
+            if only & sections:
+                ts = time.monotonic()
+                fn()
+                b.section_load[key] = b.foreign.mean_between(ts, time.monotonic())
+        b.foreign.stop()
         log(f"measurements took {time.monotonic() - t0:.0f} s")
         b.report()
         if a.json:

@@ -126,3 +126,29 @@ fn the_test_guest_runs_on_standard_kvm_too() {
     assert_eq!(rep.rc, 0, "{}", sec("guest-replay.stderr").text);
     assert_eq!(rec.text, rep.text);
 }
+
+#[test]
+fn linux_fails_over_from_a_killed_primary_with_nothing_lost_or_repeated() {
+    let c = sec("ft-console");
+    let err = &sec("ft-console.stderr").text;
+    assert_eq!(c.rc, 0, "{}\n{err}", c.text);
+    assert!(err.contains("live at exit"), "the backup never went live:\n{err}");
+    // Each of the workload's lines exactly once, in order.
+    let want = [
+        "FTVM-LINUX-UP",
+        "FTVM-WORKLOAD-BEGIN",
+        "pipe top3: 2000 1999 1998",
+        "pipe sum: 2001000",
+        "ramfs: copy identical",
+        "ramfs: 328929 bytes in 4 files",
+        "FTVM-WORKLOAD-END",
+        "FTVM-LINUX-POWEROFF",
+    ];
+    let mut at = 0;
+    for w in want {
+        assert_eq!(c.text.matches(w).count(), 1, "{w:?} not exactly once:\n{}", c.text);
+        let pos = c.text.find(w).unwrap();
+        assert!(pos >= at, "{w:?} out of order:\n{}", c.text);
+        at = pos;
+    }
+}

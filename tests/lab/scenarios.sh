@@ -32,6 +32,32 @@ mkfifo /tmp/typed.fifo
 run linux-input-record sh -c "/bin/ftvm record --log /tmp/in.ftlog $K --cmdline quiet </tmp/typed.fifo"
 run linux-input-replay /bin/ftvm replay --log /tmp/in.ftlog $R
 
+# Fault tolerance with Linux: witness, backup, primary and a console; the
+# primary is killed in the middle of the workload.
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+W=127.0.0.1:7000
+/bin/ftvm witness --listen $W 2>/tmp/ft-witness.err &
+sleep 0.5
+/bin/ftvm backup --witness $W --listen 127.0.0.1:7101 $R >/dev/null 2>/tmp/ft-backup.err &
+B=$!
+sleep 1
+/bin/ftvm primary --witness $W --listen 127.0.0.1:7100 --no-stdin $K --cmdline "ftvm.poweroff=1 quiet" >/dev/null 2>/tmp/ft-primary.err &
+P=$!
+sleep 1
+/bin/ftvm console --witness $W --give-up 60 >/tmp/ft-console.out 2>/tmp/ft-console.err &
+C=$!
+# Wait until the workload has started, then kill the primary.
+i=0
+while ! grep -q FTVM-WORKLOAD-BEGIN /tmp/ft-console.out 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+sleep 1
+kill -9 $P
+wait $C
+rc=$?
+wait $B
+section ft-console $rc /tmp/ft-console.out
+cat /tmp/ft-console.err /tmp/ft-backup.err /tmp/ft-witness.err >/tmp/ft-all.err
+section ft-console.stderr $rc /tmp/ft-all.err
+
 run guest-record /bin/ftvm record --no-stdin --log /tmp/g.ftlog --cmdline seconds=1
 run guest-replay /bin/ftvm replay --log /tmp/g.ftlog
 exit 0

@@ -214,9 +214,15 @@ impl State {
             self.last_promotion = Some((view, me.to_string()));
             return Ok(format!("result=granted {}", view_kv(&self.view)));
         }
+        // Only a broken link starts the clock: a backup that merely heard
+        // nothing for a while (a slow primary) asks with lost=0 and must not
+        // be dropped for it later.
+        if !lost {
+            return Ok(format!("result=wait {}", view_kv(&self.view)));
+        }
         let first = *self.promote_asked.get_or_insert(now);
         // The lease is alive, so the primary renewed it after `first` once this much time passed.
-        if lost && now.saturating_duration_since(first) > 2 * self.t.lease {
+        if now.saturating_duration_since(first) > 2 * self.t.lease {
             self.change(self.view.primary.clone(), None, now, "backup lost its link to a live primary");
             return Err(format!("dropped from view {n}: the primary is alive"));
         }
