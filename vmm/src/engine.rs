@@ -114,7 +114,9 @@ pub trait Inputs {
     /// The exit is fully handled: periodic checks, end-of-log detection.
     fn exit_done(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<Flow, EngineError>;
     /// The run ends here.
-    fn finish(&mut self, m: &Machine, at: &mut ExitPoint, reason: EndReason, mem_digest: u64) -> Result<(), EngineError>;
+    /// `mem_digest` hashes guest memory (a fraction of a second for a large
+    /// guest): call it only when the digest is needed.
+    fn finish(&mut self, m: &Machine, at: &mut ExitPoint, reason: EndReason, mem_digest: &dyn Fn() -> u64) -> Result<(), EngineError>;
     /// Live only: guest time of the host clock, for the summary.
     fn summary(&self) -> String;
 }
@@ -260,7 +262,7 @@ pub fn run<I: Inputs>(vm: &mut Vm, inputs: &mut I, opts: &RunOptions) -> Result<
     let ending = loop {
         if INTERRUPTED.load(Ordering::Relaxed) {
             let mut at = ExitPoint::new(ordinal, last_kind, &mut vm.vcpu);
-            inputs.finish(&vm.machine, &mut at, EndReason::Interrupted, digest::mem_digest(&vm.mem))?;
+            inputs.finish(&vm.machine, &mut at, EndReason::Interrupted, &|| digest::mem_digest(&vm.mem))?;
             break Ending::Interrupted;
         }
         if opts.verbose && last_progress.elapsed() >= Duration::from_secs(1) {
@@ -312,7 +314,7 @@ pub fn run<I: Inputs>(vm: &mut Vm, inputs: &mut I, opts: &RunOptions) -> Result<
                 if tk == crate::linux::TrapKind::Rdtscp {
                     regs.rcx = 0;
                 }
-                regs.rip = site + tk.len();
+                regs.rip = site + tk.insn_len();
                 vm.vcpu.set_regs(&regs).map_err(|err| EngineError::Kvm { what: "set regs", ordinal, err })?;
             }
             kind
@@ -347,7 +349,8 @@ pub fn run<I: Inputs>(vm: &mut Vm, inputs: &mut I, opts: &RunOptions) -> Result<
             }
         }
         if let Some(req) = m.stop.get() {
-            inputs.finish(m, &mut at, end_reason(req), digest::mem_digest(&vm.mem))?;
+            let mem = &vm.mem;
+            inputs.finish(m, &mut at, end_reason(req), &|| digest::mem_digest(mem))?;
             break Ending::Guest(req);
         }
 

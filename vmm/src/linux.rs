@@ -50,7 +50,7 @@ pub enum TrapKind {
 }
 
 impl TrapKind {
-    pub fn len(self) -> u64 {
+    pub fn insn_len(self) -> u64 {
         match self {
             TrapKind::Rdtsc => 2,
             TrapKind::Rdtscp => 3,
@@ -67,6 +67,11 @@ pub struct Traps {
     pub in_text: usize,
     pub in_alternatives: usize,
 }
+
+/// (type, offset, vaddr, paddr, filesz, memsz)
+type Phdr = (u32, u64, u64, u64, u64, u64);
+/// (name, flags, addr, offset, size, type)
+type Shdr = (String, u64, u64, u64, u64, u32);
 
 struct Elf<'a> {
     b: &'a [u8],
@@ -87,7 +92,7 @@ impl Elf<'_> {
         self.b.get(o..o + 8).map(|s| u64::from_le_bytes(s.try_into().unwrap())).ok_or_else(|| self.err("short file"))
     }
     /// (type, offset, vaddr, paddr, filesz, memsz) of each program header.
-    fn phdrs(&self) -> Result<Vec<(u32, u64, u64, u64, u64, u64)>, LinuxError> {
+    fn phdrs(&self) -> Result<Vec<Phdr>, LinuxError> {
         let (off, n, sz) = (self.u64(0x20)? as usize, self.u16(0x38)? as usize, self.u16(0x36)? as usize);
         (0..n)
             .map(|i| {
@@ -96,8 +101,8 @@ impl Elf<'_> {
             })
             .collect()
     }
-    /// (name, flags, addr, offset, size) of each section.
-    fn sections(&self) -> Result<Vec<(String, u64, u64, u64, u64, u32)>, LinuxError> {
+    /// (name, flags, addr, offset, size, type) of each section.
+    fn sections(&self) -> Result<Vec<Shdr>, LinuxError> {
         let (off, n, sz, strndx) =
             (self.u64(0x28)? as usize, self.u16(0x3c)? as usize, self.u16(0x3a)? as usize, self.u16(0x3e)? as usize);
         if n == 0 {

@@ -222,8 +222,12 @@ impl Inputs for Live {
         Ok(Flow::Continue)
     }
 
-    fn finish(&mut self, _: &Machine, at: &mut ExitPoint, reason: EndReason, mem_digest: u64) -> Result<(), EngineError> {
+    fn finish(&mut self, _: &Machine, at: &mut ExitPoint, reason: EndReason, mem_digest: &dyn Fn() -> u64) -> Result<(), EngineError> {
+        if self.log.is_none() {
+            return Ok(());
+        }
         let regs_digest = at.regs_digest()?;
+        let mem_digest = mem_digest();
         self.log(at, Event::End { reason, regs_digest, mem_digest })?;
         self.progress(at, false)?;
         self.flush()

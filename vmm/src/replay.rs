@@ -240,7 +240,7 @@ impl<S: RecordSource> Inputs for Replayer<S> {
         Ok(Flow::Continue)
     }
 
-    fn finish(&mut self, _: &Machine, at: &mut ExitPoint, reason: EndReason, mem_digest: u64) -> Result<(), EngineError> {
+    fn finish(&mut self, _: &Machine, at: &mut ExitPoint, reason: EndReason, mem_digest: &dyn Fn() -> u64) -> Result<(), EngineError> {
         let _ = at.rip()?;
         let found = format!("stopped ({reason:?})");
         let Some(rec) = self.peek_at(at.ordinal)?.cloned() else {
@@ -253,6 +253,7 @@ impl<S: RecordSource> Inputs for Replayer<S> {
             Event::End { reason: r, regs_digest, mem_digest: m } if r == reason => {
                 self.take_checked(at)?;
                 self.check_regs(at, &rec, regs_digest)?;
+                let mem_digest = mem_digest();
                 if m != mem_digest {
                     return Err(at.diverged(describe(&rec), format!("has memory digest {mem_digest:#018x}")));
                 }

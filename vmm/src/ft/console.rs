@@ -141,11 +141,7 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
         eprintln!("console: connected to primary {addr} (view {})", view.number);
         let mut first = changed;
         let mut r = BufReader::new(conn);
-        loop {
-            let line = match read_line(&mut r) {
-                Ok(Some(l)) => l,
-                _ => break,
-            };
+        while let Ok(Some(line)) = read_line(&mut r) {
             if let Some(rest) = line.strip_prefix("DATA ") {
                 let mut it = rest.split(' ').filter_map(|x| x.parse::<u64>().ok());
                 let (Some(seq), Some(len)) = (it.next(), it.next()) else { break };

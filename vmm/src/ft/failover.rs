@@ -118,7 +118,7 @@ impl Inputs for Failover {
         }
     }
 
-    fn finish(&mut self, m: &Machine, at: &mut ExitPoint, reason: EndReason, mem_digest: u64) -> Result<(), EngineError> {
+    fn finish(&mut self, m: &Machine, at: &mut ExitPoint, reason: EndReason, mem_digest: &dyn Fn() -> u64) -> Result<(), EngineError> {
         self.check(m, at.ordinal)?;
         match &mut self.live {
             Some(l) => l.finish(m, at, reason, mem_digest),

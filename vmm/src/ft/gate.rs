@@ -63,7 +63,7 @@ impl Gate {
 
     fn release(&self, s: &mut State) {
         let Role::Primary { need_ack } = s.role else { return };
-        if !s.lease_until.is_some_and(|t| Instant::now() < t) {
+        if s.lease_until.is_none_or(|t| Instant::now() >= t) {
             return;
         }
         let before = s.released.len();
