@@ -48,9 +48,13 @@ fn collect<R: Read + Send + 'static>(mut r: R) -> Arc<Mutex<Vec<u8>>> {
 
 impl Proc {
     fn spawn(args: &[&str]) -> Proc {
+        Self::spawn_with(args, Stdio::null())
+    }
+
+    fn spawn_with(args: &[&str], stdin: Stdio) -> Proc {
         let mut child = ftvm()
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -418,4 +422,29 @@ fn primary_cut_from_the_witness_goes_quiet_before_the_backup_goes_live() {
         "the old primary released output at {last_old}, after the new one started at {first_new} (cut at {cut_at})"
     );
     assert!(primary.err().contains("lease expired"), "{}", primary.err());
+}
+
+#[test]
+fn typed_input_is_neither_lost_nor_repeated_across_a_failover() {
+    let (w, b, p) = (addr(), addr(), addr());
+    let _witness = Proc::spawn(&["witness", "--listen", &w]);
+    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
+    let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
+    wait_for("the backup", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
+    let mut primary = Proc::spawn(&["primary", "--witness", &w, "--listen", &p, "--no-stdin", "--cmdline", "seconds=5"]);
+    wait_for("the primary", Duration::from_secs(20), || primary.err().contains("is primary of view"));
+    let mut console = Proc::spawn_with(&["console", "--witness", &w, "--give-up", "15"], Stdio::piped());
+    let mut typing = console.child.stdin.take().unwrap();
+    wait_for("output", Duration::from_secs(10), || console.out().contains("[0005]"));
+    typing.write_all(b"before-kill\n").unwrap();
+    wait_for("the echo", Duration::from_secs(10), || console.out().contains("before-kill"));
+    primary.kill9();
+    // Typed while there is no primary: held by the client, sent to the next.
+    typing.write_all(b"during-failover\n").unwrap();
+    assert_eq!(console.wait(Duration::from_secs(30)), Some(0), "{}\n{}", console.err(), backup.err());
+    let out = console.out();
+    assert_eq!(out.matches("[echo] \"before-kill\"").count(), 1, "{out}");
+    assert_eq!(out.matches("[echo] \"during-failover\"").count(), 1, "{out}");
+    assert!(out.contains("rx=28 "), "the guest did not count 28 typed bytes:\n{out}");
+    check_console(&out, 50).unwrap();
 }

@@ -146,6 +146,9 @@ impl Live {
                 return Ok(());
             }
             uart.push_input(&bytes);
+            if let Some(st) = &self.streaming {
+                st.gate.note_input(at.ordinal, uart.rx_total());
+            }
             bytes
         };
         self.log(at, Event::SerialIn { bytes })

@@ -77,6 +77,9 @@ pub struct Uart {
     /// the holding register stays empty.
     thr_ipending: bool,
     rx: VecDeque<u8>,
+    /// Bytes ever pushed in from the line: fault tolerance acknowledges
+    /// console input by this count.
+    rx_total: u64,
     irq: Box<dyn IrqLine>,
     out: Box<dyn OutputSink>,
     /// Last level handed to `irq`, so the line only sees changes.
@@ -95,6 +98,7 @@ impl Uart {
             overrun: false,
             thr_ipending: false,
             rx: VecDeque::with_capacity(FIFO_LEN),
+            rx_total: 0,
             irq,
             out,
             irq_level: false,
@@ -129,6 +133,11 @@ impl Uart {
         }
     }
 
+    /// Bytes pushed in from the line since power-on.
+    pub fn rx_total(&self) -> u64 {
+        self.rx_total
+    }
+
     /// Whether the guest is listening for input: its receive interrupt is
     /// enabled and the receiver is on the line. Input pushed while this is
     /// false would sit unread or overrun, so the VMM holds it back instead.
@@ -144,6 +153,7 @@ impl Uart {
         if self.loopback() {
             return;
         }
+        self.rx_total += bytes.len() as u64;
         for &b in bytes {
             self.receive(b);
         }

@@ -37,8 +37,21 @@ pub fn serve(mut conn: TcpStream, mut reader: BufReader<TcpStream>, from: u64, g
         });
     }
     let mut from = from;
+    // Where the client must resume its typing: input past this point is not
+    // in the log, and the client sends it again.
+    let mut inacked = gate.input_acked();
+    if conn.write_all(format!("INPUT {inacked}\n").as_bytes()).is_err() {
+        return;
+    }
     loop {
-        match gate.next(from, Duration::from_millis(200)) {
+        let n = gate.input_acked();
+        if n != inacked {
+            inacked = n;
+            if conn.write_all(format!("INACK {n}\n").as_bytes()).is_err() {
+                return;
+            }
+        }
+        match gate.next(from, Duration::from_millis(50)) {
             Next::Data { seq, bytes } => {
                 let mut frame = format!("DATA {seq} {}\n", bytes.len()).into_bytes();
                 frame.extend_from_slice(&bytes);
@@ -68,9 +81,9 @@ fn unix_ms() -> u128 {
 /// guest has ended, or errors after `give_up` without a primary.
 pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
     let mut w = WitnessClient::new(witness);
-    let conn_slot: Arc<Mutex<Option<TcpStream>>> = Arc::new(Mutex::new(None));
+    let typed = Arc::new(Mutex::new(Typed::default()));
     {
-        let slot = conn_slot.clone();
+        let typed = typed.clone();
         std::thread::spawn(move || {
             let mut stdin = std::io::stdin();
             let mut buf = [0u8; 1024];
@@ -78,9 +91,7 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
                 if n == 0 {
                     break;
                 }
-                if let Some(c) = slot.lock().unwrap().as_mut() {
-                    let _ = c.write_all(&buf[..n]);
-                }
+                typed.lock().unwrap().send(&buf[..n]);
             }
         });
     }
@@ -117,7 +128,6 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
         if conn.write_all(format!("CONSOLE from={next_seq}\n").as_bytes()).is_err() {
             continue;
         }
-        *conn_slot.lock().unwrap() = conn.try_clone().ok();
         // A primary that lost its lease goes quiet without hanging up; if
         // the witness names another primary, drop this one.
         let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -160,6 +170,12 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
                     out.flush()?;
                     next_seq = end;
                 }
+            } else if let Some(n) = line.strip_prefix("INPUT ").and_then(|n| n.parse().ok()) {
+                // This primary's log holds our typing up to byte n: send the
+                // rest (again), then keep typing into this connection.
+                typed.lock().unwrap().resume(n, r.get_ref().try_clone().ok());
+            } else if let Some(n) = line.strip_prefix("INACK ").and_then(|n| n.parse().ok()) {
+                typed.lock().unwrap().acked(n);
             } else if let Some(msg) = line.strip_prefix("END ") {
                 eprintln!("console: {msg}");
                 return Ok(0);
@@ -167,7 +183,7 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
                 break;
             }
         }
-        *conn_slot.lock().unwrap() = None;
+        typed.lock().unwrap().conn = None;
         watching.store(false, std::sync::atomic::Ordering::Relaxed);
         eprintln!("console: lost the primary {addr} at unix_ms={}; following the primary", unix_ms());
         last_primary = Some(addr);
@@ -175,5 +191,45 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
         let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
         std::thread::sleep(Duration::from_millis(20));
         let _: &dyn BufRead = &r;
+    }
+}
+
+/// What the console client has typed that the primary's log may not hold
+/// yet: kept until acknowledged, and sent again to a new primary.
+#[derive(Default)]
+struct Typed {
+    /// Input bytes acknowledged so far (the offset of `pending[0]`).
+    base: u64,
+    pending: Vec<u8>,
+    conn: Option<TcpStream>,
+}
+
+impl Typed {
+    fn send(&mut self, b: &[u8]) {
+        self.pending.extend_from_slice(b);
+        if let Some(c) = self.conn.as_mut() {
+            if c.write_all(b).is_err() {
+                self.conn = None;
+            }
+        }
+    }
+
+    fn acked(&mut self, n: u64) {
+        let drop = n.saturating_sub(self.base).min(self.pending.len() as u64) as usize;
+        self.pending.drain(..drop);
+        self.base += drop as u64;
+    }
+
+    fn resume(&mut self, n: u64, conn: Option<TcpStream>) {
+        if n < self.base {
+            eprintln!("console: the primary's log holds less of our input ({n} bytes) than was acknowledged ({})", self.base);
+        }
+        self.acked(n);
+        self.conn = conn;
+        if let Some(c) = self.conn.as_mut() {
+            if !self.pending.is_empty() && c.write_all(&self.pending).is_err() {
+                self.conn = None;
+            }
+        }
     }
 }

@@ -55,6 +55,8 @@ impl Failover {
             });
         };
         m.clock.go_live();
+        // Everything typed so far is in the log we replayed.
+        kit.output.note_input(ordinal, m.uart.lock().unwrap().rx_total());
         (kit.on_live)(ordinal);
         self.live = Some(Live::new(Some(kit.log), kit.input).with_progress(kit.progress, kit.output));
         Ok(())

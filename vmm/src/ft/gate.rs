@@ -28,6 +28,11 @@ struct State {
     released: Vec<u8>,
     emitted: u64,
     ended: Option<String>,
+    /// Console input delivered to the guest: (ordinal, total bytes so far),
+    /// waiting for the backup to acknowledge that ordinal.
+    inputs: VecDeque<(u64, u64)>,
+    /// Console input bytes that are in the log and safe with the backup.
+    input_acked: u64,
 }
 
 pub struct Gate {
@@ -56,12 +61,39 @@ impl Gate {
                 released: Vec::new(),
                 emitted: 0,
                 ended: None,
+                inputs: VecDeque::new(),
+                input_acked: 0,
             }),
             changed: Condvar::new(),
         })
     }
 
+    fn settle_inputs(s: &mut State) {
+        let all = matches!(s.role, Role::Primary { need_ack: false });
+        while let Some(&(ord, total)) = s.inputs.front() {
+            if !all && ord > s.acked {
+                break;
+            }
+            s.input_acked = s.input_acked.max(total);
+            s.inputs.pop_front();
+        }
+    }
+
+    /// Console input up to `total` bytes was delivered at exit `ordinal`.
+    pub fn note_input(&self, ordinal: u64, total: u64) {
+        let mut s = self.s.lock().unwrap();
+        s.inputs.push_back((ordinal, total));
+        Self::settle_inputs(&mut s);
+    }
+
+    /// How many console input bytes the log holds safely (logged, and
+    /// acknowledged by the backup if there is one).
+    pub fn input_acked(&self) -> u64 {
+        self.s.lock().unwrap().input_acked
+    }
+
     fn release(&self, s: &mut State) {
+        Self::settle_inputs(s);
         let Role::Primary { need_ack } = s.role else { return };
         if s.lease_until.is_none_or(|t| Instant::now() >= t) {
             return;
