@@ -363,7 +363,9 @@ LINE_RE = re.compile(r"^\[(\d{4,})\] ticks=")
 
 
 class ConsoleClient:
-    """Speaks the console protocol to one VMM; timestamps each line."""
+    """Speaks the console protocol to one VMM; timestamps each line.
+    `CONSOLE from=0`, then `DATA <seq> <len>` frames and `END <msg>`; the
+    `INPUT <n>` / `INACK <n>` lines about typed input are ignored."""
 
     def __init__(self, addr, connect_timeout=5.0):
         self.addr = addr
@@ -371,6 +373,7 @@ class ConsoleClient:
         self.end = None
         self.error = None
         self.bytes = 0
+        self.unknown = []
         self.connect_timeout = connect_timeout
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -420,9 +423,11 @@ class ConsoleClient:
                         elif hdr.startswith("END"):
                             self.end = hdr[4:]
                             return
+                        elif hdr.split(" ", 1)[0] in ("INPUT", "INACK"):
+                            pass  # typed-input acknowledgements; we type nothing
                         else:
-                            self.error = f"unexpected frame {hdr!r}"
-                            return
+                            # a frame kind this client does not know: note it, go on
+                            self.unknown.append(hdr)
                     else:
                         if len(buf) < expect:
                             break
@@ -615,6 +620,8 @@ class Bench:
         brc = b.wait(15) if b else None
         self.reg.stop(procs)
         r = {"mode": mode, "round": rnd, "primary_rc": prc, "backup_rc": brc, "end": cl.end, "client_error": cl.error}
+        if cl.unknown:
+            self.note(f"{mode} run (round {rnd}): the console server sent frames this client does not know: {cl.unknown[:3]}")
         if prc != 0 or (b and brc != 0) or cl.error:
             self.note(f"{mode} run (round {rnd}): primary exit {prc}, backup exit {brc}, console client: {cl.error or 'ok'}; files r{self.run_no:03d}-* in {self.work}")
         # Anchor: the primary prints "... is primary of view N" after it has

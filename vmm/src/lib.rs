@@ -8,6 +8,7 @@
 
 pub mod boot;
 pub mod bus;
+pub mod bzimage;
 pub mod clock;
 pub mod console;
 pub mod cpuid;

@@ -234,19 +234,7 @@ impl fmt::Debug for Cmos {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    #[derive(Default)]
-    struct ManualClock {
-        now: AtomicU64,
-        reads: AtomicU64,
-    }
-    impl Clock for ManualClock {
-        fn now_ns(&self) -> u64 {
-            self.reads.fetch_add(1, Ordering::SeqCst);
-            self.now.load(Ordering::SeqCst)
-        }
-    }
+    use crate::devices::test_support::ManualClock;
 
     fn cmos(base: u64) -> (Cmos, Arc<ManualClock>) {
         let clock = Arc::new(ManualClock::default());
@@ -283,7 +271,7 @@ mod tests {
         let (mut c, clock) = cmos(1_709_251_198);
         assert_eq!(all(&mut c), [0x58, 0x59, 0x23, 5, 0x29, 0x02, 0x24, 0x20]);
         // Two and a half seconds of guest time later: Friday 1 March.
-        clock.now.store(2_500_000_000, Ordering::SeqCst);
+        clock.set(2_500_000_000);
         assert_eq!(all(&mut c), [0x00, 0x00, 0x00, 6, 0x01, 0x03, 0x24, 0x20]);
     }
 
@@ -368,10 +356,10 @@ mod tests {
         ] {
             reg(&mut c, r);
         }
-        assert_eq!(clock.reads.load(Ordering::SeqCst), 0);
+        assert_eq!(clock.reads(), 0);
         reg(&mut c, SECONDS);
         reg(&mut c, CENTURY);
-        assert_eq!(clock.reads.load(Ordering::SeqCst), 2);
+        assert_eq!(clock.reads(), 2);
     }
 
     #[test]

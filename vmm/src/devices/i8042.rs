@@ -145,16 +145,11 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::test_support::rd;
 
     fn dev() -> (I8042, StopSignal) {
         let stop = StopSignal::new();
         (I8042::new(stop.clone()), stop)
-    }
-
-    fn rd(d: &mut I8042, off: u64) -> u8 {
-        let mut b = [0xff];
-        d.read(off, &mut b);
-        b[0]
     }
 
     #[test]

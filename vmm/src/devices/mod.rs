@@ -9,6 +9,8 @@ pub mod debug_exit;
 pub mod i8042;
 pub mod pic;
 pub mod pit;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub mod uart;
 
 use std::sync::{Arc, Mutex};

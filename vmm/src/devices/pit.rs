@@ -364,57 +364,13 @@ impl fmt::Debug for Pit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Mutex;
-
-    #[derive(Default)]
-    struct ManualClock {
-        now: AtomicU64,
-        reads: AtomicU64,
-    }
-    impl Clock for ManualClock {
-        fn now_ns(&self) -> u64 {
-            self.reads.fetch_add(1, Ordering::SeqCst);
-            self.now.load(Ordering::SeqCst)
-        }
-    }
-    impl ManualClock {
-        fn set(&self, ns: u64) {
-            self.now.store(ns, Ordering::SeqCst);
-        }
-        fn reads(&self) -> u64 {
-            self.reads.load(Ordering::SeqCst)
-        }
-    }
-
-    #[derive(Clone, Default)]
-    struct Levels(Arc<Mutex<Vec<bool>>>);
-    impl IrqLine for Levels {
-        fn set_level(&self, high: bool) {
-            self.0.lock().unwrap().push(high);
-        }
-    }
-    impl Levels {
-        fn take(&self) -> Vec<bool> {
-            std::mem::take(&mut *self.0.lock().unwrap())
-        }
-    }
+    use crate::devices::test_support::{rd, wr, Levels, ManualClock};
 
     fn pit() -> (Pit, Arc<ManualClock>, Levels) {
         let clock = Arc::new(ManualClock::default());
         let levels = Levels::default();
         let p = Pit::new(clock.clone(), Box::new(levels.clone()));
         (p, clock, levels)
-    }
-
-    fn wr(p: &mut Pit, off: u64, v: u8) {
-        p.write(off, &[v]);
-    }
-
-    fn rd(p: &mut Pit, off: u64) -> u8 {
-        let mut d = [0xff];
-        p.read(off, &mut d);
-        d[0]
     }
 
     /// Channel `ch`, lohi access, `mode`, count `n`.

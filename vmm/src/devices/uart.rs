@@ -350,44 +350,13 @@ impl fmt::Debug for Uart {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Levels(Arc<Mutex<Vec<bool>>>);
-    impl IrqLine for Levels {
-        fn set_level(&self, high: bool) {
-            self.0.lock().unwrap().push(high);
-        }
-    }
-    impl Levels {
-        fn take(&self) -> Vec<bool> {
-            std::mem::take(&mut *self.0.lock().unwrap())
-        }
-    }
-
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl OutputSink for Sink {
-        fn emit(&mut self, bytes: &[u8]) {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-        }
-    }
+    use crate::devices::test_support::{rd, wr, Levels, Sink};
 
     fn uart() -> (Uart, Levels, Sink) {
         let levels = Levels::default();
         let sink = Sink::default();
         let u = Uart::new(Box::new(levels.clone()), Box::new(sink.clone()));
         (u, levels, sink)
-    }
-
-    fn rd(u: &mut Uart, off: u64) -> u8 {
-        let mut d = [0xffu8];
-        u.read(off, &mut d);
-        d[0]
-    }
-
-    fn wr(u: &mut Uart, off: u64, v: u8) {
-        u.write(off, &[v]);
     }
 
     #[test]
@@ -408,7 +377,7 @@ mod tests {
             wr(&mut u, RBR_THR_DLL, b);
             assert_eq!(rd(&mut u, LSR) & (LSR_THRE | LSR_TEMT), LSR_THRE | LSR_TEMT);
         }
-        assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
+        assert_eq!(sink.bytes(), b"hi\n");
         // No interrupt enabled, no edge.
         assert!(levels.take().is_empty());
     }
@@ -423,7 +392,7 @@ mod tests {
         assert_eq!(rd(&mut u, IER_DLM), 0x02);
         wr(&mut u, LCR, 0x03);
         assert_eq!(rd(&mut u, IER_DLM), 0);
-        assert!(sink.0.lock().unwrap().is_empty());
+        assert!(sink.bytes().is_empty());
         assert_eq!(rd(&mut u, LCR), 0x03);
     }
 
@@ -589,7 +558,7 @@ mod tests {
         wr(&mut u, RBR_THR_DLL, 0x5a);
         assert_eq!(rd(&mut u, LSR) & LSR_DR, LSR_DR);
         assert_eq!(rd(&mut u, RBR_THR_DLL), 0x5a);
-        assert!(sink.0.lock().unwrap().is_empty());
+        assert!(sink.bytes().is_empty());
         assert!(levels.take().is_empty());
         wr(&mut u, MCR, 0);
         assert_eq!(rd(&mut u, MSR), 0xb0);
@@ -604,7 +573,7 @@ mod tests {
         u.read(SCR, &mut d);
         assert_eq!(d, [0xa5, 0, 0, 0]);
         u.write(RBR_THR_DLL, &[b'w', b'x', 0, 0]);
-        assert_eq!(&*sink.0.lock().unwrap(), b"w");
+        assert_eq!(sink.bytes(), b"w");
         u.write(RBR_THR_DLL, &[]);
         u.read(SCR, &mut []);
         assert_eq!(rd(&mut u, 8), 0);
