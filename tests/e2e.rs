@@ -239,14 +239,14 @@ fn linux_argument_errors_are_clear() {
         .unwrap();
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("cannot read initrd /nonexistent/initrd.gz"), "{}", text(&o.stderr));
-    // A compressed bzImage is named as such, with what to use instead.
+    // A broken bzImage is named as such, with what is wrong with it.
     let mut bz = vec![0u8; 0x400];
     bz[0x202..0x206].copy_from_slice(b"HdrS");
     let f = dir.join("bzImage");
     std::fs::write(&f, &bz).unwrap();
     let o = ftvm().args(["run", "--no-stdin", "--kernel"]).arg(&f).output().unwrap();
     assert!(!o.status.success());
-    assert!(text(&o.stderr).contains("compressed Linux bzImage"), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("cannot extract the kernel from this bzImage"), "{}", text(&o.stderr));
     // Replaying a log with the wrong initrd situation is refused.
     let log = dir.join("g.ftlog");
     check(&record(&log, "seconds=1", &[]), "record");

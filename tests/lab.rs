@@ -32,6 +32,8 @@ fn lab() -> &'static HashMap<String, Section> {
             .arg("--file")
             .arg(format!("{}:/g/vmlinux", out.join("vmlinux").display()))
             .arg("--file")
+            .arg(format!("{}:/g/bzImage", out.join("bzImage").display()))
+            .arg("--file")
             .arg(format!("{}:/g/initrd", out.join("initramfs.cpio.gz").display()))
             .arg("--file")
             .arg(format!("{}:/scenarios.sh", root().join("tests/lab/scenarios.sh").display()))

@@ -18,7 +18,8 @@ run() { # name, command...
     section "$name.stderr" $rc /tmp/$name.err
 }
 
-run linux-run /bin/ftvm run --no-stdin $K --cmdline "ftvm.poweroff=1 quiet"
+# The compressed bzImage, as users pass it: ftvm extracts the vmlinux.
+run linux-run /bin/ftvm run --no-stdin --kernel /g/bzImage --initrd /g/initrd --mem 256M --cmdline "ftvm.poweroff=1 quiet"
 for n in 1 2; do
     run linux-record-$n /bin/ftvm record --log /tmp/l$n.ftlog --no-stdin $K --cmdline "ftvm.poweroff=1 quiet"
     run linux-replay-$n /bin/ftvm replay --log /tmp/l$n.ftlog $R

@@ -20,6 +20,8 @@ pub enum KernelError {
     Elf { name: String, err: linux_loader::loader::Error },
     #[error("{name} is a compressed Linux bzImage: boot the uncompressed vmlinux that scripts/linux-guest.sh extracts (guest/linux/out/vmlinux); ftvm patches the kernel's rdtsc instructions before boot, which needs the uncompressed image")]
     BzImage { name: String },
+    #[error("{name}: cannot extract the kernel from this bzImage: {err}")]
+    Extract { name: String, err: crate::bzimage::BzImageError },
 }
 
 /// A kernel file's contents and identity.
@@ -39,7 +41,16 @@ impl KernelImage {
             path: path.to_owned(),
             err,
         })?;
-        Ok(Self::from_bytes(path.display().to_string(), bytes))
+        let name = path.display().to_string();
+        if crate::bzimage::is_bzimage(&bytes) {
+            // ftvm patches the kernel's code before boot, so it needs the
+            // uncompressed vmlinux; the log names the guest by the file given.
+            let sha256 = sha256(&bytes);
+            let (vmlinux, _format) = crate::bzimage::extract_vmlinux(&bytes)
+                .map_err(|err| KernelError::Extract { name: name.clone(), err })?;
+            return Ok(KernelImage { name, bytes: vmlinux, sha256 });
+        }
+        Ok(Self::from_bytes(name, bytes))
     }
 
     pub fn from_bytes(name: String, bytes: Vec<u8>) -> Self {
