@@ -325,7 +325,7 @@ fn reprotected_vm_survives_a_second_failover() {
     wait_for("re-protection", Duration::from_secs(10), || backup2.err().contains("replaying in lockstep"));
     wait_for("the backup to catch up", Duration::from_secs(10), || {
         let s = status(&c.w);
-        s.contains(&format!("backup: {b2}")) && s.contains("(lag 0 exits)") || s.contains("(lag 1 exits)")
+        s.contains(&format!("backup: {b2}")) && (s.contains("(lag 0 exits)") || s.contains("(lag 1 exits)"))
     });
     std::thread::sleep(Duration::from_millis(500));
     c.backup.kill9();
