@@ -23,7 +23,7 @@ const EV_WALLCLOCK: u8 = 1;
 const EV_TIME: u8 = 2;
 const EV_SERIAL_IN: u8 = 3;
 const EV_INTERRUPT: u8 = 4;
-const EV_VALUE: u8 = 5;
+// Code 5 was `Value` in version 1; no ftvm ever wrote it (retired in 2).
 const EV_CHECK: u8 = 6;
 const EV_PROGRESS: u8 = 7;
 const EV_END: u8 = 8;
@@ -209,7 +209,6 @@ fn event_code(e: &Event) -> u8 {
         Event::Time { .. } => EV_TIME,
         Event::SerialIn { .. } => EV_SERIAL_IN,
         Event::Interrupt { .. } => EV_INTERRUPT,
-        Event::Value { .. } => EV_VALUE,
         Event::Check { .. } => EV_CHECK,
         Event::Progress => EV_PROGRESS,
         Event::End { .. } => EV_END,
@@ -220,7 +219,6 @@ fn payload_len(e: &Event) -> usize {
     match e {
         Event::WallClock { .. }
         | Event::Time { .. }
-        | Event::Value { .. }
         | Event::Check { .. } => 8,
         Event::SerialIn { bytes } => bytes.len(),
         Event::Interrupt { .. } => 1,
@@ -262,7 +260,6 @@ pub(crate) fn encode_frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), LogErr
     match &rec.event {
         Event::WallClock { epoch_secs: v }
         | Event::Time { ns: v }
-        | Event::Value { value: v }
         | Event::Check { regs_digest: v } => out.extend_from_slice(&v.to_le_bytes()),
         Event::SerialIn { bytes } => out.extend_from_slice(bytes),
         Event::Interrupt { vector } => out.push(*vector),
@@ -328,12 +325,6 @@ pub(crate) fn decode_body(body: &[u8]) -> Result<Record, String> {
         EV_INTERRUPT => {
             fixed(1)?;
             Event::Interrupt { vector: payload[0] }
-        }
-        EV_VALUE => {
-            fixed(8)?;
-            Event::Value {
-                value: le64(payload),
-            }
         }
         EV_CHECK => {
             fixed(8)?;

@@ -42,7 +42,6 @@ impl fmt::Display for Event {
             // Escaped so control bytes from the guest can't mangle a terminal.
             Event::SerialIn { bytes } => write!(f, "{name} \"{}\"", bytes.escape_ascii()),
             Event::Interrupt { vector } => write!(f, "{name} vector={vector:#x}"),
-            Event::Value { value } => write!(f, "{name} value={value:#x}"),
             Event::Check { regs_digest } => write!(f, "{name} regs_digest={regs_digest:#018x}"),
             Event::Progress => f.write_str(name),
             Event::End {

@@ -29,6 +29,10 @@ pub struct LogReader<R: Read> {
     /// Once framing is in doubt nothing after it can be trusted, so the
     /// first corruption is repeated rather than decoding garbage.
     corrupt: Option<(u64, u64, String)>,
+    /// An `End` record was returned.
+    ended: bool,
+    /// Refuse anything after an `End` record (see [`LogReader::end_is_final`]).
+    end_is_final: bool,
 }
 
 impl LogReader<BufReader<File>> {
@@ -116,7 +120,17 @@ impl<R: Read> LogReader<R> {
             frame: Vec::new(),
             filled: 0,
             corrupt: None,
+            ended: false,
+            end_is_final: false,
         })
+    }
+
+    /// A recording ends at its `End` record: with this, any byte after it
+    /// is reported as corruption (a second run appended, junk), so that
+    /// `replay`, `log dump` and `log stats` agree on what the file is.
+    pub fn end_is_final(mut self) -> Self {
+        self.end_is_final = true;
+        self
     }
 
     pub fn header(&self) -> &Header {
@@ -153,6 +167,15 @@ impl<R: Read> LogReader<R> {
             });
         }
 
+        if self.ended && self.end_is_final {
+            // Anything after the end record (a second run appended, junk)
+            // makes the file something other than one recording.
+            return if self.fill_to(1)? {
+                Err(self.fail("data after the end record".into()))
+            } else {
+                Ok(None)
+            };
+        }
         if !self.fill_to(4)? {
             return if self.filled == 0 {
                 Ok(None)
@@ -199,6 +222,7 @@ impl<R: Read> LogReader<R> {
         if self.frame.len() > 1 << 20 {
             self.frame = Vec::new();
         }
+        self.ended = matches!(rec.event, crate::Event::End { .. });
         Ok(Some(rec))
     }
 

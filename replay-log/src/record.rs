@@ -58,8 +58,6 @@ pub enum Event {
     /// Interrupt vector injected with `KVM_INTERRUPT` after this exit.
     /// Replay derives the same injection from the device state and checks it.
     Interrupt { vector: u8 },
-    /// Value returned to an emulated instruction or MSR read (e.g. rdtsc).
-    Value { value: u64 },
     /// Digest of the vCPU's general registers at this exit.
     Check { regs_digest: u64 },
     /// The primary got this far with nothing else to log (a streamed
@@ -82,7 +80,6 @@ impl Event {
             Event::Time { .. } => "time",
             Event::SerialIn { .. } => "serial-in",
             Event::Interrupt { .. } => "interrupt",
-            Event::Value { .. } => "value",
             Event::Check { .. } => "check",
             Event::Progress => "progress",
             Event::End { .. } => "end",

@@ -364,6 +364,7 @@ fn checksummed_but_invalid_bodies_are_corrupt() {
     let cases: &[(&str, Vec<u8>)] = &[
         ("unknown event kind", body(99, 1, 0, &[])),
         ("event kind code 0", body(0, 1, 0, &[])),
+        ("retired event kind 5 (version 1's Value)", body(5, 1, 0, &[0; 8])),
         ("unknown exit kind", body(7, 42, 0, &[])),
         ("detail on boot", body(7, 1, 5, &[])),
         ("port too wide", body(7, 2, 0x1_0000, &[])),
@@ -525,4 +526,36 @@ fn header_may_grow_within_a_version() {
     let mut r = LogReader::new(&data[..], "x").unwrap();
     assert_eq!(r.header(), &header());
     assert_eq!(r.next_record().unwrap().unwrap(), three()[0]);
+}
+
+#[test]
+fn data_after_the_end_record_is_corrupt_when_the_end_is_final() {
+    let mut records = three();
+    records.retain(|r| !matches!(r.event, Event::End { .. }));
+    records.push(rec(9, 0x100300, ExitKind::Stop, Event::End { reason: EndReason::Exit(0), regs_digest: 1, mem_digest: 2 }));
+    let clean = encode(&records);
+    let end_off = clean.len() as u64;
+    // A whole valid record after the end, or a single junk byte.
+    let mut more = records.clone();
+    more.push(rec(10, 0x100400, ExitKind::Hlt, Event::Check { regs_digest: 3 }));
+    for (what, data) in [("a record", encode(&more)), ("a byte", [clean.clone(), vec![0]].concat())] {
+        let mut r = LogReader::new(&data[..], "tail.ftlog").unwrap().end_is_final();
+        for _ in 0..records.len() {
+            r.next_record().unwrap().unwrap();
+        }
+        let e = r.next_record().unwrap_err();
+        assert!(matches!(e, LogError::Corrupt { offset, .. } if offset == end_off), "{what}: {e}");
+        assert!(e.to_string().contains("data after the end record"), "{e}");
+        // Without the flag, a reader still reads on (streams, tests).
+        let mut r = LogReader::new(&data[..], "tail.ftlog").unwrap();
+        for _ in 0..records.len() {
+            r.next_record().unwrap().unwrap();
+        }
+        assert!(r.next_record().is_ok() || what == "a byte");
+    }
+    let mut r = LogReader::new(&clean[..], "ok.ftlog").unwrap().end_is_final();
+    for _ in 0..records.len() {
+        r.next_record().unwrap().unwrap();
+    }
+    assert!(r.next_record().unwrap().is_none());
 }

@@ -1,23 +1,27 @@
+//! The `ftvm` command line: parses arguments, runs one command, and turns
+//! how it ended into a message on stderr and an exit code (see
+//! `Ending::describe`). Everything else lives in the library.
+
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use replay_log::{Header, LogReader, LogWriter};
+use replay_log::{LogReader, LogWriter};
 
 use ftvm::clock::VmClock;
-use ftvm::console::{ConsoleInput, StdoutSink};
-use ftvm::devices::StopRequest;
-use ftvm::ft::roles::{run_backup, run_primary, BackupOpts, PrimaryOpts};
+use ftvm::config::{hex, GuestConfig};
+use ftvm::console_io::{ConsoleInput, StdoutSink};
+use ftvm::engine::{self, Ending, Inputs, Outcome, RunOptions};
+use ftvm::ft::backup::{run_backup, BackupOpts};
+use ftvm::ft::primary::{run_primary, PrimaryOpts};
 use ftvm::ft::witness::{Witness, WitnessClient};
-use ftvm::engine::{self, Ending, Inputs, Outcome, RunOptions, INTERRUPTED};
-use ftvm::kernel::KernelImage;
-use ftvm::live::Live;
+use ftvm::recorder::Recorder;
 use ftvm::replay::Replayer;
-use ftvm::vm::{GuestConfig, Vm};
+use ftvm::stop::install_interrupt_handlers;
+use ftvm::vm::Vm;
 
 #[derive(Parser)]
 #[command(name = "ftvm", version, about = "Record/replay fault-tolerant VMM for x86-64 KVM")]
@@ -131,7 +135,7 @@ struct GuestArgs {
     /// Don't feed stdin to the guest.
     #[arg(long)]
     no_stdin: bool,
-    /// Progress and details on stderr.
+    /// Progress every second and details (unmapped ports) on stderr.
     #[arg(long, short)]
     verbose: bool,
 }
@@ -156,36 +160,6 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
-fn load_kernel(path: Option<&Path>) -> Result<KernelImage> {
-    Ok(match path {
-        Some(p) => KernelImage::from_file(p)?,
-        None => KernelImage::from_bytes(
-            ftvm_guest::TEST_GUEST_NAME.to_string(),
-            ftvm_guest::TEST_GUEST_ELF.to_vec(),
-        ),
-    })
-}
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
-}
-
-/// SIGINT/SIGTERM end the run cleanly: the log gets its end record. No
-/// SA_RESTART, so a blocked `KVM_RUN` returns to the loop.
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: a zeroed sigaction is a valid starting value; the handler
-        // only stores to an atomic, which is async-signal-safe.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-            libc::sigemptyset(&mut sa.sa_mask);
-            sa.sa_flags = 0;
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
-}
-
 /// The stdin reader must not take SIGINT/SIGTERM away from the vCPU thread
 /// (which needs the signal to leave KVM_RUN), so it starts with them blocked.
 fn spawn_stdin() -> ConsoleInput {
@@ -193,156 +167,101 @@ fn spawn_stdin() -> ConsoleInput {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
+    set.add(Signal::SIGUSR1);
     let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
     let input = ConsoleInput::spawn(std::io::stdin());
     let _ = pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&set), None);
     input
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+impl GuestArgs {
+    fn config(&self) -> Result<GuestConfig> {
+        Ok(GuestConfig::load(self.kernel.as_deref(), self.initrd.as_deref(), self.mem, &self.cmdline)?)
+    }
 }
 
-fn exits_summary(o: &Outcome) -> String {
-    let s = &o.stats;
-    format!(
-        "{} exits ({} in, {} out, {} mmio, {} hlt, {} trap, {} msr), {} interrupts injected, {:.2}s",
-        o.exits, s.io_in, s.io_out, s.mmio, s.hlt, s.traps, s.msr, s.interrupts,
-        o.wall.as_secs_f64()
-    )
-}
-
-fn guest_config(guest: &GuestArgs) -> Result<(GuestConfig, Header)> {
-    let kernel = load_kernel(guest.kernel.as_deref())?;
-    let initrd = match &guest.initrd {
-        Some(p) => {
-            let data = std::fs::read(p).with_context(|| format!("cannot read initrd {}", p.display()))?;
-            Some((p.display().to_string(), data))
-        }
-        None => None,
-    };
-    let header = Header {
-        kernel_sha256: kernel.sha256,
-        initrd_sha256: initrd.as_ref().map(|(_, d)| ftvm::kernel::sha256(d)),
-        mem_bytes: guest.mem,
-        cmdline: guest.cmdline.clone(),
-        ftvm_version: env!("CARGO_PKG_VERSION").to_string(),
-        kernel_name: kernel.name.clone(),
-    };
-    Ok((GuestConfig { kernel, mem_bytes: guest.mem, cmdline: guest.cmdline.clone(), initrd }, header))
-}
-
-fn traps_summary(t: &ftvm::linux::Traps, o: &Outcome) -> String {
-    format!(
-        "rdtsc/rdtscp: {} sites patched ({} in kernel code, {} in boot-time alternatives), {} traps taken",
-        t.in_text + t.in_alternatives, t.in_text, t.in_alternatives, o.stats.traps
-    )
+/// The run's summary lines on stderr (the guest's console is stdout).
+fn report(vm: &Vm, out: &Outcome, what: &str) {
+    eprintln!("ftvm: {what}: {}", out.summary());
+    if let Some(t) = &vm.traps {
+        eprintln!(
+            "ftvm: rdtsc/rdtscp: {} sites patched ({} in kernel code, {} in boot-time alternatives), {} traps taken",
+            t.in_text + t.in_alternatives, t.in_text, t.in_alternatives, out.stats.traps
+        );
+    }
 }
 
 fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
-    let (cfg, header) = guest_config(&guest)?;
-    let clock = Arc::new(VmClock::host());
-    let mut vm = Vm::new(&cfg, clock, Box::new(StdoutSink), Default::default())?;
+    let cfg = guest.config()?;
+    let mut vm = Vm::new(&cfg, Arc::new(VmClock::host()), Box::new(StdoutSink), Default::default())?;
     let writer = match log {
         Some(p) => {
             let f = File::create(p).with_context(|| format!("cannot create log {}", p.display()))?;
             let w: Box<dyn Write + Send> = Box::new(BufWriter::new(f));
-            Some(LogWriter::new(w, &header).with_context(|| format!("writing log {}", p.display()))?)
+            Some(LogWriter::with_name(w, &cfg.header(), &p.display().to_string()).with_context(|| format!("writing log {}", p.display()))?)
         }
         None => None,
     };
-    install_signal_handlers();
+    install_interrupt_handlers();
     let input = if guest.no_stdin { ConsoleInput::none() } else { spawn_stdin() };
-    let mut live = Live::new(writer, input);
-    if guest.verbose {
-        eprintln!(
-            "ftvm: booting {} ({} MiB, entry {:#x}, cmdline {:?})",
-            cfg.kernel.name, cfg.mem_bytes >> 20, vm.entry, cfg.cmdline
-        );
-    }
-    let out = engine::run(&mut vm, &mut live, &RunOptions { verbose: guest.verbose })?;
+    let mut rec = Recorder::new(writer, input);
+    log::debug!(
+        "ftvm: booting {} ({} MiB, entry {:#x}, cmdline {:?})",
+        cfg.kernel.name, cfg.mem_bytes >> 20, vm.entry, cfg.cmdline
+    );
+    let out = engine::run(vm.guest(), &mut rec, &RunOptions { progress: guest.verbose, ..Default::default() })?;
     let _ = std::io::stdout().flush();
-    let (what, code) = match out.ending.clone() {
-        Ending::Guest(StopRequest::Exit(s)) => (format!("guest exited with status {s}"), s as i32),
-        Ending::Guest(StopRequest::Reset) => ("guest reset the machine".to_string(), 0),
-        Ending::Guest(StopRequest::Halt) => ("guest powered off (halted with interrupts disabled)".to_string(), 0),
-        Ending::Interrupted => ("interrupted".to_string(), 130),
-        Ending::LogIncomplete(w) => (w, 3),
-    };
-    eprintln!("ftvm: {what}: {}", exits_summary(&out));
-    if let Some(t) = &vm.traps {
-        eprintln!("ftvm: {}", traps_summary(t, &out));
-    }
+    let (what, code) = out.ending.describe();
+    report(&vm, &out, &what);
     match log {
-        Some(p) => eprintln!("ftvm: {} -> {}", live.summary(), p.display()),
-        None if guest.verbose => eprintln!("ftvm: {}", live.summary()),
+        Some(p) => eprintln!("ftvm: {} -> {}", rec.summary(), p.display()),
+        None if guest.verbose => eprintln!("ftvm: {}", rec.summary()),
         None => {}
     }
     Ok(code)
 }
 
 fn replay(log: &Path, kernel: Option<&Path>, initrd: Option<&Path>, verbose: bool) -> Result<i32> {
-    let reader = LogReader::open(log)?;
+    let reader = LogReader::open(log)?.end_is_final();
     let h = reader.header().clone();
-    let kernel = load_kernel(kernel)?;
-    if kernel.sha256 != h.kernel_sha256 {
-        bail!(
-            "{} was recorded with kernel '{}' (sha256 {}), but '{}' has sha256 {}: pass --kernel with the kernel it was recorded with",
-            log.display(), h.kernel_name, hex(&h.kernel_sha256), kernel.name, hex(&kernel.sha256)
-        );
-    }
-    if verbose {
-        eprintln!(
-            "ftvm: replaying {} (recorded by ftvm {}, {} MiB, cmdline {:?})",
-            log.display(), h.ftvm_version, h.mem_bytes >> 20, h.cmdline
-        );
-    }
-    let initrd = ftvm::ft::roles::load_initrd(initrd, h.initrd_sha256)?;
-    let cfg = GuestConfig { kernel, mem_bytes: h.mem_bytes, cmdline: h.cmdline.clone(), initrd };
+    let name = log.display().to_string();
+    let cfg = GuestConfig::for_log(&h, &name, kernel, initrd)?;
+    log::debug!("ftvm: replaying {name} (recorded by ftvm {}, {} MiB, cmdline {:?})", h.ftvm_version, h.mem_bytes >> 20, h.cmdline);
     let mut vm = Vm::new(&cfg, Arc::new(VmClock::replay()), Box::new(StdoutSink), Default::default())?;
-    install_signal_handlers();
+    install_interrupt_handlers();
     let mut rep = Replayer::new(reader);
-    let res = engine::run(&mut vm, &mut rep, &RunOptions { verbose });
+    let res = engine::run(vm.guest(), &mut rep, &RunOptions { progress: verbose, ..Default::default() });
     let _ = std::io::stdout().flush();
-    let out = res.with_context(|| format!("replaying {}", log.display()))?;
-    match out.ending.clone() {
-        Ending::Guest(req) => {
-            eprintln!(
-                "replay verified: {} ({}); guest {}; {}",
-                log.display(),
-                rep.summary(),
-                match req {
-                    StopRequest::Exit(s) => format!("exited with status {s}"),
-                    StopRequest::Reset => "reset the machine".into(),
-                    StopRequest::Halt => "powered off".into(),
-                },
-                exits_summary(&out)
-            );
+    let out = res.with_context(|| format!("replaying {name}"))?;
+    let (what, code) = out.ending.describe();
+    match &out.ending {
+        Ending::Guest(_) => {
+            eprintln!("replay verified: {name} ({}); {what}; {}", rep.summary(), out.summary());
             Ok(0)
         }
         Ending::Interrupted if rep.end.is_some() => {
-            eprintln!(
-                "replay verified: {} ({}); the recording was interrupted there; {}",
-                log.display(), rep.summary(), exits_summary(&out)
-            );
+            eprintln!("replay verified: {name} ({}); the recording was interrupted there; {}", rep.summary(), out.summary());
             Ok(0)
         }
-        Ending::Interrupted => {
-            eprintln!("ftvm: replay interrupted: {}", exits_summary(&out));
-            Ok(130)
-        }
         Ending::LogIncomplete(why) => {
-            eprintln!(
-                "ftvm: replay incomplete: {why}; everything up to there matched ({}); {}",
-                rep.summary(), exits_summary(&out)
-            );
-            Ok(3)
+            eprintln!("ftvm: replay incomplete: {why}; everything up to there matched ({}); {}", rep.summary(), out.summary());
+            Ok(code)
+        }
+        _ => {
+            eprintln!("ftvm: replay {what}: {}", out.summary());
+            Ok(code)
         }
     }
 }
 
+/// Exit codes of `log dump` and `log stats`, as for `replay`: 0 a whole
+/// log, 1 a damaged one, 3 one that stops early.
+fn log_error_code(e: &replay_log::LogError) -> i32 {
+    if e.is_truncated() { 3 } else { 1 }
+}
+
 fn log_dump(path: &Path) -> Result<i32> {
-    let mut r = LogReader::open(path)?;
+    let mut r = LogReader::open(path)?.end_is_final();
     let h = r.header().clone();
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -358,14 +277,14 @@ fn log_dump(path: &Path) -> Result<i32> {
             Err(e) => {
                 out.flush()?;
                 eprintln!("ftvm: {e}");
-                return Ok(if matches!(e, replay_log::LogError::Truncated { .. }) { 3 } else { 1 });
+                return Ok(log_error_code(&e));
             }
         }
     }
 }
 
 fn log_stats(path: &Path) -> Result<i32> {
-    let r = LogReader::open(path)?;
+    let r = LogReader::open(path)?.end_is_final();
     let (s, tail) = replay_log::stats(r);
     println!("log: {}", path.display());
     println!("records: {}  bytes: {} (header {})", s.records, s.bytes, s.header_bytes);
@@ -388,13 +307,39 @@ fn log_stats(path: &Path) -> Result<i32> {
     println!("complete: {}", if s.ended { "yes (end record present)" } else { "no end record" });
     if let Some(e) = tail {
         eprintln!("ftvm: {e}");
-        return Ok(3);
+        return Ok(log_error_code(&e));
     }
     Ok(0)
 }
 
+/// Diagnostics through the `log` facade: ftvm's own messages at `info`
+/// (as before: one line each, no decoration), details with `-v` or
+/// `RUST_LOG=debug`.
+fn init_logging(verbose: bool) {
+    use std::io::Write as _;
+    let level = if verbose { log::LevelFilter::Debug } else { log::LevelFilter::Info };
+    let mut b = env_logger::Builder::new();
+    b.filter_level(level).parse_env("RUST_LOG").format(|f, r| match r.level() {
+        log::Level::Info => writeln!(f, "{}", r.args()),
+        log::Level::Warn | log::Level::Error => writeln!(f, "{}", r.args()),
+        l => writeln!(f, "[{}] {}", l.as_str().to_lowercase(), r.args()),
+    });
+    let _ = b.try_init();
+}
+
+/// A role's exit code; its ending was already reported on stderr.
+fn ended((_msg, code): (String, i32)) -> i32 {
+    code
+}
+
 pub fn main() -> Result<i32> {
     let cli = Cli::parse();
+    let verbose = match &cli.cmd {
+        Cmd::Run(g) | Cmd::Record { guest: g, .. } | Cmd::Primary { guest: g, .. } => g.verbose,
+        Cmd::Replay { verbose, .. } | Cmd::Backup { verbose, .. } => *verbose,
+        _ => false,
+    };
+    init_logging(verbose);
     match cli.cmd {
         Cmd::Run(g) => run_live(g, None),
         Cmd::Record { log, guest } => run_live(guest, Some(&log)),
@@ -406,13 +351,15 @@ pub fn main() -> Result<i32> {
             Ok(0)
         }
         Cmd::Primary { witness, listen, guest } => {
-            let (cfg, header) = guest_config(&guest)?;
-            run_primary(PrimaryOpts { witness, listen, verbose: guest.verbose }, cfg, header)
+            let cfg = guest.config()?;
+            Ok(ended(run_primary(PrimaryOpts { witness, listen, progress: guest.verbose }, cfg)?))
         }
         Cmd::Backup { witness, listen, kernel, initrd, verbose } => {
-            run_backup(BackupOpts { witness, listen, kernel, initrd, verbose })
+            Ok(ended(run_backup(BackupOpts { witness, listen, kernel, initrd, progress: verbose })?))
         }
-        Cmd::Console { witness, give_up } => ftvm::ft::console::run_client(&witness, std::time::Duration::from_secs(give_up)),
+        Cmd::Console { witness, give_up } => {
+            ftvm::ft::remote_console::run_client(&witness, std::time::Duration::from_secs(give_up))
+        }
         Cmd::Status { witness } => {
             let s = WitnessClient::new(&witness).status()?;
             println!("view: {}", s.view.number);

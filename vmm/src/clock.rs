@@ -13,23 +13,28 @@ use crate::devices::Clock;
 enum Source {
     /// Host monotonic time since `start`.
     Host { start: Instant },
-    /// Only values set from the log.
+    /// Only values applied from the log.
     Log,
 }
 
 #[derive(Debug)]
 struct State {
     source: Source,
-    /// The value for the current exit, once sampled or set.
+    /// The value for the current exit, once sampled or applied.
     current: Option<u64>,
     /// Last value ever handed out: time never runs backwards.
     last: u64,
-    /// A fresh host sample taken during this exit that still has to be logged.
-    unlogged: Option<u64>,
-    /// A device read the clock at an exit where replay had no value for it.
+    /// A host sample taken during this exit that the recorder has not
+    /// collected yet (it must go into the log).
+    fresh: Option<u64>,
+    /// Replay: a device read the clock at an exit where the log had no value.
     missing_read: bool,
 }
 
+/// The guest's clock: sampled lazily from the host when live, applied from
+/// the log when replaying. The recorder collects each host sample with
+/// [`VmClock::take_sample`] and logs it; replay applies logged values with
+/// [`VmClock::set`] and asks [`VmClock::missing_read`] afterwards.
 #[derive(Debug)]
 pub struct VmClock(Mutex<State>);
 
@@ -43,13 +48,7 @@ impl VmClock {
     }
 
     fn with(source: Source) -> Self {
-        VmClock(Mutex::new(State {
-            source,
-            current: None,
-            last: 0,
-            unlogged: None,
-            missing_read: false,
-        }))
+        VmClock(Mutex::new(State { source, current: None, last: 0, fresh: None, missing_read: false }))
     }
 
     /// Replay ends and the VM goes live (failover): from now on time comes
@@ -62,14 +61,15 @@ impl VmClock {
         s.missing_read = false;
     }
 
-    /// Forget the value of the previous exit.
+    /// A new exit: forget the previous exit's value.
     pub fn begin_exit(&self) {
         let mut s = self.0.lock().unwrap();
         s.current = None;
         s.missing_read = false;
     }
 
-    /// Host time now, without handing it to the guest (live only; 0 in replay).
+    /// Host time now, without handing it to the guest (live only; in
+    /// replay, the last value applied).
     pub fn peek_host(&self) -> u64 {
         let s = self.0.lock().unwrap();
         match &s.source {
@@ -78,16 +78,15 @@ impl VmClock {
         }
     }
 
-    /// Take a new host sample for this exit even if one was taken already
+    /// Takes a new host sample for this exit even if one was taken already
     /// (the recorder does this while the guest waits in `hlt`).
-    pub fn resample(&self) -> u64 {
-        let mut s = self.0.lock().unwrap();
-        s.current = None;
-        drop(s);
+    pub fn sample_again(&self) -> u64 {
+        self.0.lock().unwrap().current = None;
         self.now_ns()
     }
 
-    /// Replay: the value the log says devices saw at this exit.
+    /// The value devices see at this exit from now on (replay, and
+    /// re-applying a recorded value).
     pub fn set(&self, ns: u64) {
         let mut s = self.0.lock().unwrap();
         s.current = Some(ns);
@@ -99,9 +98,9 @@ impl VmClock {
         self.0.lock().unwrap().current.is_some()
     }
 
-    /// The sample taken during this exit that must go into the log, if any.
-    pub fn take_unlogged(&self) -> Option<u64> {
-        self.0.lock().unwrap().unlogged.take()
+    /// The host sample taken during this exit that must go into the log.
+    pub fn take_sample(&self) -> Option<u64> {
+        self.0.lock().unwrap().fresh.take()
     }
 
     /// Replay: whether a device read time where the log had none.
@@ -121,7 +120,7 @@ impl Clock for VmClock {
                 let v = (start.elapsed().as_nanos() as u64).max(s.last);
                 s.current = Some(v);
                 s.last = v;
-                s.unlogged = Some(v);
+                s.fresh = Some(v);
                 v
             }
             Source::Log => {
@@ -143,13 +142,13 @@ mod tests {
         let a = c.now_ns();
         std::thread::sleep(std::time::Duration::from_millis(2));
         assert_eq!(c.now_ns(), a);
-        assert_eq!(c.take_unlogged(), Some(a));
-        assert_eq!(c.take_unlogged(), None);
+        assert_eq!(c.take_sample(), Some(a));
+        assert_eq!(c.take_sample(), None);
         c.begin_exit();
         let b = c.now_ns();
         assert!(b >= a + 2_000_000);
-        assert_eq!(c.take_unlogged(), Some(b));
-        let r = c.resample();
+        assert_eq!(c.take_sample(), Some(b));
+        let r = c.sample_again();
         assert!(r >= b);
     }
 
@@ -162,7 +161,7 @@ mod tests {
         c.begin_exit();
         let t = c.now_ns();
         assert!((5_000_000_000..5_500_000_000).contains(&t), "{t}");
-        assert_eq!(c.take_unlogged(), Some(t));
+        assert_eq!(c.take_sample(), Some(t));
     }
 
     #[test]
@@ -175,6 +174,6 @@ mod tests {
         c.begin_exit();
         assert_eq!(c.now_ns(), 500);
         assert!(c.missing_read());
-        assert_eq!(c.take_unlogged(), None);
+        assert_eq!(c.take_sample(), None);
     }
 }

@@ -1,34 +1,57 @@
-//! The vCPU loop. Every `VcpuExit` is handled in `handle_exit`: the one
-//! place where positions are counted and where recording and replay hook in
-//! (through `Inputs`). Events reach the guest only at deterministic exits.
+//! The exit loop. Every exit goes through [`run`] in one fixed order, the
+//! same in every mode (plain run, recording, replay, primary, backup):
+//!
+//! 1. classify the exit; only deterministic exits (port I/O, MMIO, `hlt`,
+//!    trapped `rdtsc`, MSRs) are positions; signal kicks are not;
+//! 2. `Inputs::before_access`: replay may hand over the time value the
+//!    device will read during the access;
+//! 3. the device access (or the trapped instruction's emulation);
+//! 4. time the devices saw moves the timer;
+//! 5. `Inputs::arrivals`: what arrives at this exit (time, typed bytes),
+//!    each applied by [`crate::apply::apply`];
+//! 6. a `hlt` with nothing pending waits: more arrivals, until an
+//!    interrupt is pending (live: the host's timer and input; replay: the
+//!    log);
+//! 7. a stop requested by a device ends the run (`Observed::End`);
+//! 8. a pending interrupt is injected if the guest can take it
+//!    (`Observed::Injected`);
+//! 9. `Observed::ExitDone`: periodic checks, high-water marks, the end of
+//!    a replayed log.
+//!
+//! Inputs reach the guest only at these points, which is what makes a
+//! position (the exit ordinal) enough to replay them.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::{VcpuExit, VcpuFd};
-use replay_log::{EndReason, ExitKind, Position};
+use kvm_bindings::kvm_regs;
+use replay_log::{EndReason, Event, ExitKind, Position};
+use vm_memory::GuestMemoryMmap;
 
-use crate::devices::{Clock, StopRequest};
+use crate::apply::{apply, guest_tsc, Stage};
+use crate::devices::StopRequest;
 use crate::digest;
+use crate::linux::{TrapKind, Traps};
 use crate::machine::Machine;
-use crate::vm::Vm;
+use crate::stop::{StopHandle, INTERRUPTED};
+use crate::vcpu::{Vcpu, VcpuError, VmExit};
 
-/// Set from a signal handler (SIGINT/SIGTERM): stop at the next exit and
-/// close the log cleanly.
-pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// `IA32_TIME_STAMP_COUNTER`: reads answer the guest's TSC, writes are
+/// ignored (the guest's TSC is guest time).
+pub const MSR_IA32_TSC: u32 = 0x10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("KVM {what} failed at exit #{ordinal}: {err}")]
-    Kvm { what: &'static str, ordinal: u64, err: kvm_ioctls::Error },
+    Kvm { what: &'static str, ordinal: u64, err: VcpuError },
     #[error("KVM could not run the guest at exit #{ordinal} (rip {rip:#x}): {what}")]
     Guest { ordinal: u64, rip: u64, what: String },
-    #[error("guest halted with interrupts disabled at exit #{ordinal} (rip {rip:#x}): it can never wake up")]
-    HaltedForever { ordinal: u64, rip: u64 },
     #[error("guest halted at exit #{ordinal} (rip {rip:#x}) with no timer armed and no input left to wait for")]
     Stuck { ordinal: u64, rip: u64 },
     #[error("replay diverged at exit #{ordinal} (rip {rip:#x}): the log has {expected}, replay {found}")]
     Diverged { ordinal: u64, rip: u64, expected: String, found: String },
+    #[error("a '{0}' record is not an input and cannot be applied")]
+    NotAnInput(&'static str),
     #[error("{0}")]
     Log(#[from] replay_log::LogError),
     #[error("writing the log: {0}")]
@@ -40,27 +63,24 @@ pub struct ExitPoint<'a> {
     pub ordinal: u64,
     pub exit: ExitKind,
     rip: Option<u64>,
-    vcpu: &'a mut VcpuFd,
+    vcpu: &'a mut dyn Vcpu,
 }
 
 impl<'a> ExitPoint<'a> {
-    pub fn new(ordinal: u64, exit: ExitKind, vcpu: &'a mut VcpuFd) -> Self {
+    pub fn new(ordinal: u64, exit: ExitKind, vcpu: &'a mut dyn Vcpu) -> Self {
         ExitPoint { ordinal, exit, rip: None, vcpu }
     }
 
-    fn kvm_run(&mut self) -> &mut kvm_bindings::kvm_run {
-        self.vcpu.get_kvm_run()
+    fn kvm(&self, what: &'static str) -> impl Fn(VcpuError) -> EngineError {
+        let ordinal = self.ordinal;
+        move |err| EngineError::Kvm { what, ordinal, err }
     }
 
     pub fn rip(&mut self) -> Result<u64, EngineError> {
         if let Some(r) = self.rip {
             return Ok(r);
         }
-        let r = self
-            .vcpu
-            .get_regs()
-            .map_err(|err| EngineError::Kvm { what: "get regs", ordinal: self.ordinal, err })?
-            .rip;
+        let r = self.vcpu.regs().map_err(self.kvm("get regs"))?.rip;
         self.rip = Some(r);
         Ok(r)
     }
@@ -70,26 +90,50 @@ impl<'a> ExitPoint<'a> {
     }
 
     pub fn regs_digest(&mut self) -> Result<u64, EngineError> {
-        let o = self.ordinal;
-        let r = self.vcpu.get_regs().map_err(|err| EngineError::Kvm { what: "get regs", ordinal: o, err })?;
-        let s = self.vcpu.get_sregs().map_err(|err| EngineError::Kvm { what: "get sregs", ordinal: o, err })?;
+        let r = self.vcpu.regs().map_err(self.kvm("get regs"))?;
+        let s = self.vcpu.sregs().map_err(self.kvm("get sregs"))?;
         Ok(digest::regs_digest(&r, &s))
     }
 
+    /// A divergence at this exit (RIP as far as known).
     pub fn diverged(&mut self, expected: String, found: String) -> EngineError {
-        EngineError::Diverged { ordinal: self.ordinal, rip: self.rip.unwrap_or(0), expected, found }
+        let rip = self.rip().unwrap_or(0);
+        EngineError::Diverged { ordinal: self.ordinal, rip, expected, found }
+    }
+
+    /// The vCPU, for inputs that change its state.
+    pub fn vcpu(&mut self) -> &mut dyn Vcpu {
+        self.vcpu
     }
 }
 
 /// How a run ended, other than by an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ending {
-    /// The guest stopped the VM (exit port, reset, triple fault).
+    /// The guest stopped the VM (exit port, reset, triple fault, power-off).
     Guest(StopRequest),
     /// SIGINT/SIGTERM (live), or replay reached an `Interrupted` end record.
     Interrupted,
     /// Replay ran out of log before its end record; the text says where.
     LogIncomplete(String),
+    /// Another part of this VMM ended the run (a fenced primary, a backup
+    /// the witness dropped): why, and the process's exit code.
+    Stopped { why: String, code: i32 },
+}
+
+impl Ending {
+    /// The one wording of each ending and its exit code, for every command
+    /// that runs a guest (`run`, `record`, `replay`, `primary`, `backup`).
+    pub fn describe(&self) -> (String, i32) {
+        match self {
+            Ending::Guest(StopRequest::Exit(s)) => (format!("guest exited with status {s}"), i32::from(*s)),
+            Ending::Guest(StopRequest::Reset) => ("guest reset the machine".into(), 0),
+            Ending::Guest(StopRequest::Halt) => ("guest powered off (halted with interrupts disabled)".into(), 0),
+            Ending::Interrupted => ("interrupted".into(), 130),
+            Ending::LogIncomplete(w) => (w.clone(), 3),
+            Ending::Stopped { why, code } => (why.clone(), *code),
+        }
+    }
 }
 
 pub enum Flow {
@@ -97,27 +141,35 @@ pub enum Flow {
     Stop(Ending),
 }
 
-/// Where the nondeterministic inputs come from: the host (plain run and
-/// recording) or a log (replay). The engine calls these at fixed points of
-/// every deterministic exit, in the same order in every mode.
+/// What the engine did at an exit, for the inputs to log (live) or check
+/// against the log (replay).
+pub enum Observed<'a> {
+    /// This vector was injected after the exit.
+    Injected(u8),
+    /// The exit is fully handled.
+    ExitDone,
+    /// The run ends here. `mem_digest` hashes guest memory (a fraction of
+    /// a second for a large guest): call it only when the digest is needed.
+    End { reason: EndReason, mem_digest: &'a dyn Fn() -> u64 },
+}
+
+/// Where the nondeterministic inputs come from: the host (plain run,
+/// recording, primary), a log (replay), or first one then the other (a
+/// backup that takes over). Inputs never touch devices themselves: they
+/// say what arrives, and the engine applies it.
 pub trait Inputs {
-    /// Ordinal 0, before the guest runs: set the wall-clock base.
-    fn boot(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<(), EngineError>;
-    /// Before the exit's device access; replay gives devices their time here.
-    fn before_dispatch(&mut self, m: &Machine, ordinal: u64, exit: ExitKind) -> Result<(), EngineError>;
-    /// Inputs that arrive at this exit. With `wait`, the guest is halted
-    /// with nothing pending: live blocks for the next timer or input byte;
-    /// replay must find one in the log.
-    fn deliver(&mut self, m: &Machine, at: &mut ExitPoint, wait: bool) -> Result<Flow, EngineError>;
-    /// An interrupt was injected after this exit.
-    fn injected(&mut self, m: &Machine, at: &mut ExitPoint, vector: u8) -> Result<(), EngineError>;
-    /// The exit is fully handled: periodic checks, end-of-log detection.
-    fn exit_done(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<Flow, EngineError>;
-    /// The run ends here.
-    /// `mem_digest` hashes guest memory (a fraction of a second for a large
-    /// guest): call it only when the digest is needed.
-    fn finish(&mut self, m: &Machine, at: &mut ExitPoint, reason: EndReason, mem_digest: &dyn Fn() -> u64) -> Result<(), EngineError>;
-    /// Live only: guest time of the host clock, for the summary.
+    /// Before the device access of a deterministic exit: a value the device
+    /// must see during the access (replay: the logged time). RIP cannot be
+    /// read yet (the exit's data is borrowed from the vCPU).
+    fn before_access(&mut self, m: &Machine, ordinal: u64, exit: ExitKind) -> Result<Option<Event>, EngineError>;
+    /// What arrives at this exit, in the order to apply, pushed to `out`.
+    /// At ordinal 0 (boot) this includes the wall clock. With `idle`, the
+    /// guest is halted with nothing pending: live waits (bounded) for the
+    /// next timer deadline or input; replay must find it in the log.
+    fn arrivals(&mut self, m: &Machine, at: &mut ExitPoint, idle: bool, out: &mut Vec<Event>) -> Result<Flow, EngineError>;
+    /// What the engine did (see [`Observed`]).
+    fn observe(&mut self, m: &Machine, at: &mut ExitPoint, what: Observed) -> Result<Flow, EngineError>;
+    /// A one-line account for progress reports and the run's summary.
     fn summary(&self) -> String;
 }
 
@@ -136,7 +188,16 @@ pub struct ExitStats {
 
 impl ExitStats {
     pub fn total(&self) -> u64 {
-        self.io_in + self.io_out + self.mmio + self.hlt + self.irq_window + self.msr
+        self.io_in + self.io_out + self.mmio + self.hlt + self.irq_window + self.msr + self.traps
+    }
+
+    /// One line for the run's summary.
+    pub fn summary(&self, exits: u64, wall: Duration) -> String {
+        format!(
+            "{exits} exits ({} in, {} out, {} mmio, {} hlt, {} trap, {} msr), {} interrupts injected, {:.2}s",
+            self.io_in, self.io_out, self.mmio, self.hlt, self.traps, self.msr, self.interrupts,
+            wall.as_secs_f64()
+        )
     }
 }
 
@@ -147,99 +208,27 @@ pub struct Outcome {
     pub wall: Duration,
 }
 
-pub struct RunOptions {
-    pub verbose: bool,
+impl Outcome {
+    pub fn summary(&self) -> String {
+        self.stats.summary(self.exits, self.wall)
+    }
 }
 
-/// Copies what an exit needs out of `kvm_run` and performs its device
-/// access. Returns `None` for exits that are not deterministic (signals):
-/// those don't count as positions.
-fn handle_exit<I: Inputs>(
-    exit: VcpuExit<'_>,
-    m: &Machine,
-    inputs: &mut I,
-    next_ordinal: u64,
-    stats: &mut ExitStats,
-    verbose: bool,
-) -> Result<Option<ExitKind>, EngineError> {
-    let fail = |what: String| EngineError::Guest { ordinal: next_ordinal, rip: 0, what };
-    let kind = match &exit {
-        VcpuExit::IoIn(port, _) => ExitKind::IoIn(*port),
-        VcpuExit::IoOut(port, _) => ExitKind::IoOut(*port),
-        VcpuExit::MmioRead(a, _) => ExitKind::MmioRead(*a),
-        VcpuExit::MmioWrite(a, _) => ExitKind::MmioWrite(*a),
-        // A `hlt` may be a patched rdtsc: classified by the caller, which
-        // can read the registers.
-        VcpuExit::Hlt => {
-            stats.hlt += 1;
-            return Ok(Some(ExitKind::Hlt));
-        }
-        VcpuExit::X86Rdmsr(ref e) => ExitKind::Msr(e.index),
-        VcpuExit::X86Wrmsr(ref e) => ExitKind::Msr(e.index),
-        VcpuExit::IrqWindowOpen => ExitKind::IrqWindowOpen,
-        VcpuExit::Shutdown => ExitKind::Stop,
-        VcpuExit::Intr => {
-            stats.signals += 1;
-            return Ok(None);
-        }
-        VcpuExit::InternalError => {
-            return Err(fail("KVM internal error (the instruction emulator failed)".into()))
-        }
-        VcpuExit::FailEntry(reason, cpu) => {
-            return Err(fail(format!("VM entry failed: hardware reason {reason:#x} on cpu {cpu}")))
-        }
-        other => return Err(fail(format!("unhandled exit {other:?}"))),
-    };
-    m.clock.begin_exit();
-    m.ordinal.store(next_ordinal, Ordering::Relaxed);
-    inputs.before_dispatch(m, next_ordinal, kind)?;
-    match exit {
-        VcpuExit::IoIn(port, data) => {
-            stats.io_in += 1;
-            if !m.pio.read(port.into(), data) {
-                if verbose {
-                    eprintln!("ftvm: read of unmapped port {port:#x} ({} bytes)", data.len());
-                }
-                data.fill(0xff);
-            }
-        }
-        VcpuExit::IoOut(port, data) => {
-            stats.io_out += 1;
-            if !m.pio.write(port.into(), data) && verbose {
-                eprintln!("ftvm: write of unmapped port {port:#x}: {data:02x?}");
-            }
-        }
-        VcpuExit::MmioRead(addr, data) => {
-            stats.mmio += 1;
-            if !m.mmio.read(addr, data) {
-                data.fill(0xff);
-            }
-        }
-        VcpuExit::MmioWrite(addr, data) => {
-            stats.mmio += 1;
-            m.mmio.write(addr, data);
-        }
-        VcpuExit::X86Rdmsr(e) => {
-            stats.msr += 1;
-            // Only the time MSRs are sent here (see vm::TIME_MSRS).
-            if e.index == 0x10 {
-                *e.data = m.clock.now_ns() * crate::linux::TSC_HZ / 1_000_000_000;
-            } else {
-                *e.error = 1;
-            }
-        }
-        VcpuExit::X86Wrmsr(e) => {
-            stats.msr += 1;
-            // Writing the TSC is ignored: the guest's TSC is guest time.
-            if e.index != 0x10 {
-                *e.error = 1;
-            }
-        }
-        VcpuExit::IrqWindowOpen => stats.irq_window += 1,
-        VcpuExit::Shutdown => m.stop.request(StopRequest::Reset),
-        _ => unreachable!("filtered above"),
-    }
-    Ok(Some(kind))
+#[derive(Default)]
+pub struct RunOptions {
+    /// Progress on stderr every second (at `info` level).
+    pub progress: bool,
+    /// Stop requests from other threads of this VMM.
+    pub stop: StopHandle,
+}
+
+/// The guest as the exit loop sees it.
+pub struct Guest<'a> {
+    pub vcpu: &'a mut dyn Vcpu,
+    pub machine: &'a Machine,
+    pub mem: &'a GuestMemoryMmap,
+    /// Patched `rdtsc`/`rdtscp` sites of a Linux guest.
+    pub traps: Option<&'a Traps>,
 }
 
 fn end_reason(req: StopRequest) -> EndReason {
@@ -250,96 +239,202 @@ fn end_reason(req: StopRequest) -> EndReason {
     }
 }
 
-/// Runs the guest until it stops, the user interrupts, or replay ends.
-pub fn run<I: Inputs>(vm: &mut Vm, inputs: &mut I, opts: &RunOptions) -> Result<Outcome, EngineError> {
+/// Asks `inputs` what arrives at this exit and applies it.
+fn arrive<I: Inputs + ?Sized>(
+    m: &Machine,
+    inputs: &mut I,
+    at: &mut ExitPoint,
+    idle: bool,
+    buf: &mut Vec<Event>,
+) -> Result<Flow, EngineError> {
+    buf.clear();
+    let flow = inputs.arrivals(m, at, idle, buf)?;
+    for ev in buf.iter() {
+        apply(m, Some(&mut *at), ev, Stage::AfterAccess)?;
+    }
+    Ok(flow)
+}
+
+/// Performs the device access of an exit that carries one. Returns false
+/// for exits without an access (handled by the caller).
+fn access(m: &Machine, exit: VmExit<'_>, stats: &mut ExitStats) {
+    match exit {
+        VmExit::IoIn(port, data) => {
+            stats.io_in += 1;
+            if !m.pio.read(port.into(), data) {
+                log::debug!("read of unmapped port {port:#x} ({} bytes)", data.len());
+                data.fill(0xff);
+            }
+        }
+        VmExit::IoOut(port, data) => {
+            stats.io_out += 1;
+            if !m.pio.write(port.into(), data) {
+                log::debug!("write of unmapped port {port:#x}: {data:02x?}");
+            }
+        }
+        VmExit::MmioRead(addr, data) => {
+            stats.mmio += 1;
+            if !m.mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+        }
+        VmExit::MmioWrite(addr, data) => {
+            stats.mmio += 1;
+            m.mmio.write(addr, data);
+        }
+        // Only the time MSRs are sent here (see vm::TIME_MSRS).
+        VmExit::RdMsr { index, data, error } => {
+            stats.msr += 1;
+            if index == MSR_IA32_TSC {
+                *data = guest_tsc(m);
+            } else {
+                *error = 1;
+            }
+        }
+        VmExit::WrMsr { index, error, .. } => {
+            stats.msr += 1;
+            if index != MSR_IA32_TSC {
+                *error = 1;
+            }
+        }
+        VmExit::IrqWindowOpen => stats.irq_window += 1,
+        VmExit::Shutdown => m.stop.request(StopRequest::Reset),
+        VmExit::Hlt | VmExit::Kicked | VmExit::Failed(_) => unreachable!("no device access"),
+    }
+}
+
+fn exit_kind(exit: &VmExit<'_>) -> Option<ExitKind> {
+    Some(match exit {
+        VmExit::IoIn(port, _) => ExitKind::IoIn(*port),
+        VmExit::IoOut(port, _) => ExitKind::IoOut(*port),
+        VmExit::MmioRead(a, _) => ExitKind::MmioRead(*a),
+        VmExit::MmioWrite(a, _) => ExitKind::MmioWrite(*a),
+        VmExit::Hlt => ExitKind::Hlt,
+        VmExit::RdMsr { index, .. } | VmExit::WrMsr { index, .. } => ExitKind::Msr(*index),
+        VmExit::IrqWindowOpen => ExitKind::IrqWindowOpen,
+        VmExit::Shutdown => ExitKind::Stop,
+        VmExit::Kicked | VmExit::Failed(_) => return None,
+    })
+}
+
+/// Emulates the `rdtsc`/`rdtscp` that was patched into the `hlt` at `site`.
+fn emulate_rdtsc(m: &Machine, regs: &mut kvm_regs, site: u64, kind: TrapKind) {
+    let tsc = guest_tsc(m);
+    regs.rax = tsc & 0xffff_ffff;
+    regs.rdx = tsc >> 32;
+    if kind == TrapKind::Rdtscp {
+        regs.rcx = 0; // IA32_TSC_AUX: CPU 0
+    }
+    regs.rip = site + kind.insn_len();
+}
+
+/// Runs the guest until it stops, the user interrupts, replay ends, or
+/// another thread asks it to stop.
+pub fn run<I: Inputs + ?Sized>(g: Guest<'_>, inputs: &mut I, opts: &RunOptions) -> Result<Outcome, EngineError> {
+    let Guest { vcpu, machine: m, mem, traps } = g;
+    let _kick = opts.stop.register_vcpu_thread();
+    vcpu.arm_kick();
     let started = Instant::now();
     let mut stats = ExitStats::default();
     let mut ordinal = 0u64;
     let mut last_kind = ExitKind::Boot;
-    inputs.boot(&vm.machine, &mut ExitPoint::new(0, ExitKind::Boot, &mut vm.vcpu))?;
+    let mut buf = Vec::new();
     let mut last_progress = Instant::now();
+    let mem_digest = || digest::mem_digest(mem);
+
+    // Ordinal 0: boot. The wall clock (and whatever else the log has
+    // there) arrives before the first instruction.
+    {
+        let mut at = ExitPoint::new(0, ExitKind::Boot, &mut *vcpu);
+        if let Flow::Stop(e) = arrive(m, inputs, &mut at, false, &mut buf)? {
+            return Ok(Outcome { ending: e, stats, exits: 0, wall: started.elapsed() });
+        }
+    }
 
     let ending = loop {
+        if let Some(e) = opts.stop.requested() {
+            break e;
+        }
         if INTERRUPTED.load(Ordering::Relaxed) {
-            let mut at = ExitPoint::new(ordinal, last_kind, &mut vm.vcpu);
-            inputs.finish(&vm.machine, &mut at, EndReason::Interrupted, &|| digest::mem_digest(&vm.mem))?;
+            let mut at = ExitPoint::new(ordinal, last_kind, &mut *vcpu);
+            inputs.observe(m, &mut at, Observed::End { reason: EndReason::Interrupted, mem_digest: &mem_digest })?;
             break Ending::Interrupted;
         }
-        if opts.verbose && last_progress.elapsed() >= Duration::from_secs(1) {
+        if opts.progress && last_progress.elapsed() >= Duration::from_secs(1) {
             last_progress = Instant::now();
-            eprintln!(
+            log::info!(
                 "ftvm: {:.1}s exit #{ordinal} ({} in, {} out, {} hlt, {} irqs) {}",
                 started.elapsed().as_secs_f64(),
                 stats.io_in, stats.io_out, stats.hlt, stats.interrupts,
                 inputs.summary()
             );
         }
-        let m = &vm.machine;
-        let kind = match vm.vcpu.run() {
-            Ok(exit) => handle_exit(exit, m, inputs, ordinal + 1, &mut stats, opts.verbose),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+
+        // 1-3: run, classify, the one prologue, the access.
+        let next = ordinal + 1;
+        let exit = vcpu.run().map_err(|err| EngineError::Kvm { what: "run", ordinal, err })?;
+        let kind = match (&exit, exit_kind(&exit)) {
+            (_, Some(k)) => k,
+            (VmExit::Failed(what), None) => {
+                let what = what.clone();
+                let rip = vcpu.regs().map(|r| r.rip).unwrap_or(0);
+                return Err(EngineError::Guest { ordinal: next, rip, what });
+            }
+            _ => {
+                // A kick may have set immediate_exit; the next entry runs.
+                vcpu.clear_kick();
                 stats.signals += 1;
                 continue;
             }
-            Err(err) => return Err(EngineError::Kvm { what: "run", ordinal, err }),
         };
-        let kind = match kind {
-            Ok(Some(k)) => k,
-            Ok(None) => continue,
-            Err(EngineError::Guest { ordinal, what, .. }) => {
-                let rip = vm.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                return Err(EngineError::Guest { ordinal, rip, what });
-            }
-            Err(e) => return Err(e),
-        };
-        ordinal += 1;
-        let kind = if kind == ExitKind::Hlt {
-            let m = &vm.machine;
-            let mut regs = vm.vcpu.get_regs().map_err(|err| EngineError::Kvm { what: "get regs", ordinal, err })?;
-            let trap = vm.traps.as_ref().and_then(|t| t.lookup(&vm.mem, regs.rip));
-            let kind = match trap {
-                Some((site, _)) => ExitKind::Trap(site),
-                None => ExitKind::Hlt,
-            };
-            m.clock.begin_exit();
-            m.ordinal.store(ordinal, Ordering::Relaxed);
-            inputs.before_dispatch(m, ordinal, kind)?;
-            if let Some((site, tk)) = trap {
-                // Emulate the rdtsc/rdtscp that was patched into this hlt.
-                stats.hlt -= 1;
-                stats.traps += 1;
-                let tsc = m.clock.now_ns() * crate::linux::TSC_HZ / 1_000_000_000;
-                regs.rax = tsc & 0xffff_ffff;
-                regs.rdx = tsc >> 32;
-                if tk == crate::linux::TrapKind::Rdtscp {
-                    regs.rcx = 0;
+        ordinal = next;
+        let kind = match exit {
+            VmExit::Hlt => {
+                // A `hlt` may be a patched rdtsc; RIP tells.
+                let mut regs = vcpu.regs().map_err(|err| EngineError::Kvm { what: "get regs", ordinal, err })?;
+                let trap = traps.and_then(|t| t.lookup(mem, regs.rip));
+                let kind = trap.map_or(ExitKind::Hlt, |(site, _)| ExitKind::Trap(site));
+                begin_exit(m, inputs, ordinal, kind)?;
+                match trap {
+                    Some((site, tk)) => {
+                        stats.traps += 1;
+                        emulate_rdtsc(m, &mut regs, site, tk);
+                        vcpu.set_regs(&regs).map_err(|err| EngineError::Kvm { what: "set regs", ordinal, err })?;
+                    }
+                    None => stats.hlt += 1,
                 }
-                regs.rip = site + tk.insn_len();
-                vm.vcpu.set_regs(&regs).map_err(|err| EngineError::Kvm { what: "set regs", ordinal, err })?;
+                kind
             }
-            kind
-        } else {
-            kind
+            exit => {
+                begin_exit(m, inputs, ordinal, kind)?;
+                access(m, exit, &mut stats);
+                kind
+            }
         };
         last_kind = kind;
-        let mut at = ExitPoint::new(ordinal, kind, &mut vm.vcpu);
+        let mut at = ExitPoint::new(ordinal, kind, &mut *vcpu);
 
-        // Time the devices saw during the access also moves the timer.
+        // 4: time the devices saw during the access also moves the timer.
         if m.clock.has_value() {
             m.pit.lock().unwrap().update();
         }
-        if let Flow::Stop(e) = inputs.deliver(m, &mut at, false)? {
+        // 5: arrivals.
+        if let Flow::Stop(e) = arrive(m, inputs, &mut at, false, &mut buf)? {
             break e;
         }
-        if kind == ExitKind::Hlt && at.kvm_run().if_flag == 0 {
+        // 6: an idle guest waits for its next interrupt.
+        if kind == ExitKind::Hlt && !at.vcpu.interrupts_enabled() {
             // `cli; hlt`: nothing can ever wake the guest. This is how
             // Linux powers off a machine without ACPI.
             m.stop.request(StopRequest::Halt);
         }
         if kind == ExitKind::Hlt && m.stop.get().is_none() {
             let mut stop = None;
-            while !m.pic.lock().unwrap().has_interrupt() && !INTERRUPTED.load(Ordering::Relaxed) {
-                if let Flow::Stop(e) = inputs.deliver(m, &mut at, true)? {
+            while !m.pic.lock().unwrap().has_interrupt()
+                && !INTERRUPTED.load(Ordering::Relaxed)
+                && opts.stop.requested().is_none()
+            {
+                if let Flow::Stop(e) = arrive(m, inputs, &mut at, true, &mut buf)? {
                     stop = Some(e);
                     break;
                 }
@@ -348,32 +443,41 @@ pub fn run<I: Inputs>(vm: &mut Vm, inputs: &mut I, opts: &RunOptions) -> Result<
                 break e;
             }
         }
+        // 7: a device asked to stop.
         if let Some(req) = m.stop.get() {
-            let mem = &vm.mem;
-            inputs.finish(m, &mut at, end_reason(req), &|| digest::mem_digest(mem))?;
+            if let Flow::Stop(e) = inputs.observe(m, &mut at, Observed::End { reason: end_reason(req), mem_digest: &mem_digest })? {
+                break e;
+            }
             break Ending::Guest(req);
         }
-
-        // Interrupt delivery: only here, at a deterministic exit where the
-        // guest can take one. We never ask KVM for interrupt-window exits:
-        // on the PVM backend they arrive at host-dependent points, which
-        // would make positions unrepeatable; a pending interrupt waits for
-        // the guest's next exit with interrupts enabled instead.
-        let pending = m.pic.lock().unwrap().has_interrupt();
-        if pending {
-            let run = at.kvm_run();
-            if run.ready_for_interrupt_injection != 0 && run.if_flag != 0 {
-                let vector = m.pic.lock().unwrap().acknowledge();
-                crate::kvm_ext::interrupt(at.vcpu, vector)
-                    .map_err(|err| EngineError::Kvm { what: "interrupt", ordinal, err })?;
-                stats.interrupts += 1;
-                inputs.injected(m, &mut at, vector)?;
+        // 8: interrupt delivery, only here, at a deterministic exit where
+        // the guest can take one. ftvm never asks KVM for interrupt-window
+        // exits: on the PVM backend they arrive at host-dependent points,
+        // which would make positions unrepeatable; a pending interrupt
+        // waits for the guest's next exit with interrupts enabled instead.
+        if m.pic.lock().unwrap().has_interrupt() && at.vcpu.can_inject() {
+            let vector = m.pic.lock().unwrap().acknowledge();
+            at.vcpu.inject(vector).map_err(|err| EngineError::Kvm { what: "interrupt", ordinal, err })?;
+            stats.interrupts += 1;
+            if let Flow::Stop(e) = inputs.observe(m, &mut at, Observed::Injected(vector))? {
+                break e;
             }
         }
-
-        if let Flow::Stop(e) = inputs.exit_done(m, &mut at)? {
+        // 9.
+        if let Flow::Stop(e) = inputs.observe(m, &mut at, Observed::ExitDone)? {
             break e;
         }
     };
     Ok(Outcome { ending, stats, exits: ordinal, wall: started.elapsed() })
+}
+
+/// The prologue of every deterministic exit, before its access.
+fn begin_exit<I: Inputs + ?Sized>(m: &Machine, inputs: &mut I, ordinal: u64, kind: ExitKind) -> Result<(), EngineError> {
+    m.clock.begin_exit();
+    m.ordinal.store(ordinal, Ordering::Relaxed);
+    match inputs.before_access(m, ordinal, kind)? {
+        // The exit's data is borrowed from the vCPU here: no vCPU access.
+        Some(ev) => apply(m, None, &ev, Stage::BeforeAccess),
+        None => Ok(()),
+    }
 }

@@ -6,11 +6,13 @@
 //! the exit loop; `live` supplies inputs from the host (and records them),
 //! `replay` supplies them from a log and checks the run against it.
 
+pub mod apply;
 pub mod boot;
 pub mod bus;
 pub mod bzimage;
 pub mod clock;
-pub mod console;
+pub mod config;
+pub mod console_io;
 pub mod cpuid;
 pub mod devices;
 pub mod digest;
@@ -20,7 +22,9 @@ pub mod kernel;
 pub mod kvm_ext;
 pub mod layout;
 pub mod linux;
-pub mod live;
 pub mod machine;
+pub mod recorder;
 pub mod replay;
+pub mod stop;
+pub mod vcpu;
 pub mod vm;

@@ -7,8 +7,7 @@ use std::io::Read;
 
 use replay_log::{EndReason, Event, ExitKind, LogError, LogReader, Record};
 
-
-use crate::engine::{EngineError, Ending, ExitPoint, Flow, Inputs};
+use crate::engine::{EngineError, Ending, ExitPoint, Flow, Inputs, Observed};
 use crate::machine::Machine;
 
 /// Where replay gets its records: a log file, or the stream from a primary.
@@ -17,11 +16,21 @@ pub trait RecordSource {
     fn next_record(&mut self) -> Result<Option<Record>, LogError>;
     /// Where a log that ended without its end record stopped.
     fn end_text(&self) -> String;
+    /// The end record was replayed: a file must stop there.
+    fn after_end(&mut self) -> Result<(), LogError> {
+        Ok(())
+    }
 }
 
 impl<R: Read> RecordSource for LogReader<R> {
     fn next_record(&mut self) -> Result<Option<Record>, LogError> {
         LogReader::next_record(self)
+    }
+
+    fn after_end(&mut self) -> Result<(), LogError> {
+        // With `end_is_final` (how `ftvm replay` opens logs), anything
+        // after the end record is an error here.
+        LogReader::next_record(self).map(|_| ())
     }
 
     fn end_text(&self) -> String {
@@ -125,97 +134,36 @@ impl<S: RecordSource> Replayer<S> {
     }
 }
 
-impl<S: RecordSource> Inputs for Replayer<S> {
-    fn boot(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<(), EngineError> {
-        match self.peek_at(0)?.cloned() {
-            Some(Record { event: Event::WallClock { epoch_secs }, .. }) => {
-                self.take_checked(at)?;
-                m.cmos.lock().unwrap().set_wall_base(epoch_secs);
-                Ok(())
+impl<S: RecordSource> Replayer<S> {
+    /// Takes the input records logged at this exit, checking each.
+    fn inputs_here(&mut self, at: &mut ExitPoint, out: &mut Vec<Event>) -> Result<(), EngineError> {
+        while let Some(rec) = self.peek_at(at.ordinal)? {
+            if !is_input(&rec.event) {
+                break;
             }
-            Some(rec) => Err(at.diverged(describe(&rec), "expected the wall clock first".into())),
-            None => Err(at.diverged("no records".into(), "needs the wall clock at boot".into())),
-        }
-    }
-
-    fn before_dispatch(&mut self, m: &Machine, ordinal: u64, exit: ExitKind) -> Result<(), EngineError> {
-        if let Some(rec) = self.peek_at(ordinal)? {
-            if let Event::Time { ns } = rec.event {
-                if rec.pos.exit == exit {
-                    m.clock.set(ns);
-                    let rec = self.take();
-                    self.pre_rip = Some((rec.pos.rip, rec));
-                }
-            }
+            out.push(self.take_checked(at)?.event);
         }
         Ok(())
     }
 
-    fn deliver(&mut self, m: &Machine, at: &mut ExitPoint, wait: bool) -> Result<Flow, EngineError> {
-        if let Some((want, rec)) = self.pre_rip.take() {
-            let rip = at.rip()?;
-            if rip != want {
-                return Err(at.diverged(describe(&rec), format!("is at rip {rip:#x}")));
-            }
-        }
-        if m.clock.missing_read() {
-            let _ = at.rip()?;
-            let logged = match self.peek()? {
-                Some(r) => format!("no time value here (next record: {})", describe(r)),
-                None => "no time value here".into(),
-            };
-            return Err(at.diverged(logged, "read the time (PIT or CMOS)".into()));
-        }
-        while let Some(rec) = self.peek_at(at.ordinal)? {
-            match rec.event {
-                Event::Time { .. } | Event::SerialIn { .. } => {}
-                _ => break,
-            }
-            match self.take_checked(at)?.event {
-                Event::Time { ns } => {
-                    m.clock.set(ns);
-                    m.pit.lock().unwrap().update();
-                }
-                Event::SerialIn { bytes } => m.uart.lock().unwrap().push_input(&bytes),
-                _ => unreachable!(),
-            }
-        }
-        if !wait {
-            return Ok(Flow::Continue);
-        }
-        // Halted with nothing pending, and the log has nothing more here.
-        let _ = at.rip()?;
-        match self.peek()?.cloned() {
-            None => Ok(Flow::Stop(self.incomplete(at.ordinal))),
-            Some(rec) => Err(at.diverged(
-                format!("nothing to wake the guest here (next record: {})", describe(&rec)),
-                "halted with no interrupt pending".into(),
-            )),
-        }
-    }
-
-    fn injected(&mut self, _: &Machine, at: &mut ExitPoint, vector: u8) -> Result<(), EngineError> {
-        let _ = at.rip()?;
+    fn check_injection(&mut self, at: &mut ExitPoint, vector: u8) -> Result<Flow, EngineError> {
+        let found = format!("injected vector {vector:#x}");
         match self.peek_at(at.ordinal)?.cloned() {
             Some(rec @ Record { event: Event::Interrupt { .. }, .. }) => {
-                let rec2 = self.take_checked(at)?;
-                if rec2.event != (Event::Interrupt { vector }) {
-                    return Err(at.diverged(describe(&rec), format!("injected vector {vector:#x}")));
+                if self.take_checked(at)?.event != (Event::Interrupt { vector }) {
+                    return Err(at.diverged(describe(&rec), found));
                 }
-                Ok(())
+                Ok(Flow::Continue)
             }
-            Some(rec) => Err(at.diverged(describe(&rec), format!("injected vector {vector:#x}"))),
-            None => match self.peek()? {
-                None => Ok(()), // the log was cut right here; exit_done stops
-                Some(next) => {
-                    let next = describe(next);
-                    Err(at.diverged(format!("no interrupt here (next record: {next})"), format!("injected vector {vector:#x}")))
-                }
+            Some(rec) => Err(at.diverged(describe(&rec), found)),
+            None => match self.peek()?.map(describe) {
+                None => Ok(Flow::Continue), // the log was cut right here; ExitDone stops
+                Some(next) => Err(at.diverged(format!("no interrupt here (next record: {next})"), found)),
             },
         }
     }
 
-    fn exit_done(&mut self, _: &Machine, at: &mut ExitPoint) -> Result<Flow, EngineError> {
+    fn exit_done(&mut self, at: &mut ExitPoint) -> Result<Flow, EngineError> {
         while let Some(rec) = self.peek_at(at.ordinal)?.cloned() {
             match rec.event {
                 Event::Check { regs_digest } => {
@@ -228,10 +176,7 @@ impl<S: RecordSource> Inputs for Replayer<S> {
                     self.end = Some(EndReason::Interrupted);
                     return Ok(Flow::Stop(Ending::Interrupted));
                 }
-                _ => {
-                    let _ = at.rip()?;
-                    return Err(at.diverged(describe(&rec), "did not produce it at this exit".into()));
-                }
+                _ => return Err(at.diverged(describe(&rec), "did not produce it at this exit".into())),
             }
         }
         if self.peek()?.is_none() {
@@ -240,8 +185,7 @@ impl<S: RecordSource> Inputs for Replayer<S> {
         Ok(Flow::Continue)
     }
 
-    fn finish(&mut self, _: &Machine, at: &mut ExitPoint, reason: EndReason, mem_digest: &dyn Fn() -> u64) -> Result<(), EngineError> {
-        let _ = at.rip()?;
+    fn check_end(&mut self, at: &mut ExitPoint, reason: EndReason, mem_digest: &dyn Fn() -> u64) -> Result<Flow, EngineError> {
         let found = format!("stopped ({reason:?})");
         let Some(rec) = self.peek_at(at.ordinal)?.cloned() else {
             return match self.peek()?.cloned() {
@@ -258,9 +202,76 @@ impl<S: RecordSource> Inputs for Replayer<S> {
                     return Err(at.diverged(describe(&rec), format!("has memory digest {mem_digest:#018x}")));
                 }
                 self.end = Some(reason);
-                Ok(())
+                self.reader.after_end()?;
+                Ok(Flow::Continue)
             }
             _ => Err(at.diverged(describe(&rec), found)),
+        }
+    }
+}
+
+/// Records that carry an input (applied by `apply`), as opposed to checks
+/// and marks.
+fn is_input(ev: &Event) -> bool {
+    matches!(ev, Event::WallClock { .. } | Event::Time { .. } | Event::SerialIn { .. })
+}
+
+impl<S: RecordSource> Inputs for Replayer<S> {
+    fn before_access(&mut self, _: &Machine, ordinal: u64, exit: ExitKind) -> Result<Option<Event>, EngineError> {
+        // The time a device reads during this access; its RIP is checked
+        // once the access is done.
+        if let Some(rec) = self.peek_at(ordinal)? {
+            if matches!(rec.event, Event::Time { .. }) && rec.pos.exit == exit {
+                let rec = self.take();
+                self.pre_rip = Some((rec.pos.rip, rec.clone()));
+                return Ok(Some(rec.event));
+            }
+        }
+        Ok(None)
+    }
+
+    fn arrivals(&mut self, m: &Machine, at: &mut ExitPoint, idle: bool, out: &mut Vec<Event>) -> Result<Flow, EngineError> {
+        if at.ordinal == 0 {
+            match self.peek_at(0)?.cloned() {
+                Some(Record { event: Event::WallClock { .. }, .. }) => {}
+                Some(rec) => return Err(at.diverged(describe(&rec), "expected the wall clock first".into())),
+                None => return Err(at.diverged("no records".into(), "needs the wall clock at boot".into())),
+            }
+        }
+        if let Some((want, rec)) = self.pre_rip.take() {
+            let rip = at.rip()?;
+            if rip != want {
+                return Err(at.diverged(describe(&rec), format!("is at rip {rip:#x}")));
+            }
+        }
+        if m.clock.missing_read() {
+            let logged = match self.peek()? {
+                Some(r) => format!("no time value here (next record: {})", describe(r)),
+                None => "no time value here".into(),
+            };
+            return Err(at.diverged(logged, "read the time (PIT or CMOS)".into()));
+        }
+        self.inputs_here(at, out)?;
+        if !idle || !out.is_empty() {
+            return Ok(Flow::Continue);
+        }
+        // Halted with nothing pending, and the log has nothing more here.
+        match self.peek()?.cloned() {
+            None => Ok(Flow::Stop(self.incomplete(at.ordinal))),
+            Some(rec) => Err(at.diverged(
+                format!("nothing to wake the guest here (next record: {})", describe(&rec)),
+                "halted with no interrupt pending".into(),
+            )),
+        }
+    }
+
+    fn observe(&mut self, _: &Machine, at: &mut ExitPoint, what: Observed) -> Result<Flow, EngineError> {
+        match what {
+            Observed::Injected(vector) => self.check_injection(at, vector),
+            Observed::ExitDone => self.exit_done(at),
+            // SIGINT while replaying: nothing to check.
+            Observed::End { reason: EndReason::Interrupted, .. } => Ok(Flow::Continue),
+            Observed::End { reason, mem_digest } => self.check_end(at, reason, mem_digest),
         }
     }
 

@@ -2,14 +2,16 @@
 
 use std::sync::Arc;
 
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::boot;
 use crate::clock::VmClock;
+use crate::config::GuestConfig;
+use crate::engine::Guest;
+use crate::vcpu::KvmVcpu;
 use crate::cpuid;
 use crate::devices::OutputSink;
-use crate::kernel::KernelImage;
 use crate::linux;
 use crate::machine::Machine;
 
@@ -47,30 +49,10 @@ fn kvm_hint(e: &kvm_ioctls::Error) -> &'static str {
     }
 }
 
-/// What the guest is and how it is started.
-pub struct GuestConfig {
-    pub kernel: KernelImage,
-    pub mem_bytes: u64,
-    pub cmdline: String,
-    /// Initial ramdisk for a Linux guest: (name, contents).
-    pub initrd: Option<(String, Vec<u8>)>,
-}
-
-impl GuestConfig {
-    /// The command line the guest sees: for Linux, ftvm's own words first.
-    pub fn effective_cmdline(&self) -> String {
-        if linux::is_linux_elf(&self.kernel.bytes) {
-            format!("{} {}", linux::LINUX_CMDLINE, self.cmdline).trim().to_string()
-        } else {
-            self.cmdline.clone()
-        }
-    }
-}
-
 pub struct Vm {
     pub kvm: Kvm,
-    pub vm: VmFd,
-    pub vcpu: VcpuFd,
+    pub vm_fd: VmFd,
+    pub vcpu: KvmVcpu,
     pub mem: GuestMemoryMmap,
     pub machine: Machine,
     pub entry: u64,
@@ -158,14 +140,19 @@ impl Vm {
             .map_err(|err| VmError::Kvm { what: "set FPU", err })?;
 
         let machine = Machine::new(clock, console, ordinal)?;
-        Ok(Vm { kvm, vm, vcpu, mem, machine, entry, traps })
+        Ok(Vm { kvm, vm_fd: vm, vcpu: KvmVcpu(vcpu), mem, machine, entry, traps })
+    }
+
+    /// The guest as the exit loop sees it.
+    pub fn guest(&mut self) -> Guest<'_> {
+        Guest { vcpu: &mut self.vcpu, machine: &self.machine, mem: &self.mem, traps: self.traps.as_ref() }
     }
 }
 
 /// MSRs that carry time: reads and writes exit to ftvm, which answers
 /// from the VM clock (and logs it) or refuses with #GP.
 pub const TIME_MSRS: &[(u32, u32)] = &[
-    (0x10, 1),          // IA32_TIME_STAMP_COUNTER
+    (crate::engine::MSR_IA32_TSC, 1),
     (0x11, 2),          // KVM's old wall clock / system time
     (0x3b, 1),          // IA32_TSC_ADJUST
     (0x6e0, 1),         // IA32_TSC_DEADLINE

@@ -47,9 +47,6 @@ pub fn all_variants() -> Vec<Record> {
         },
         Event::SerialIn { bytes: Vec::new() },
         Event::Interrupt { vector: 0xff },
-        Event::Value {
-            value: 0x1234_5678_9abc_def0,
-        },
         Event::Check { regs_digest: 0 },
         Event::Progress,
         Event::End {
@@ -131,8 +128,8 @@ pub fn recording(n: u64) -> Vec<Record> {
             0 | 4 | 8 => (ExitKind::IoIn(0x40), Event::Time { ns: i * 1_000_003 }),
             1 | 5 => (
                 ExitKind::Trap(1),
-                Event::Value {
-                    value: i * i * 0x1_0001,
+                Event::Time {
+                    ns: i * i * 0x1_0001,
                 },
             ),
             2 => (
@@ -150,7 +147,7 @@ pub fn recording(n: u64) -> Vec<Record> {
             ),
             6 => (
                 ExitKind::MmioRead(0xfee0_0030),
-                Event::Value { value: 0x5_0014 },
+                Event::Time { ns: 0x5_0014 },
             ),
             7 => (
                 ExitKind::Hlt,
@@ -159,7 +156,7 @@ pub fn recording(n: u64) -> Vec<Record> {
                 },
             ),
             9 => (ExitKind::IoOut(0x3f8), Event::Progress),
-            _ => (ExitKind::Msr(0x10), Event::Value { value: i << 20 }),
+            _ => (ExitKind::Msr(0x10), Event::Time { ns: i << 20 }),
         };
         out.push(rec(i, rip, exit, event));
     }

@@ -125,6 +125,16 @@ impl Gate {
         self.release(&mut s);
     }
 
+    /// What group commit needs to know, in one lock.
+    pub fn look(&self, last_mark: u64) -> super::commit::GateLook {
+        let s = self.s.lock().unwrap();
+        super::commit::GateLook {
+            need_ack: matches!(s.role, Role::Primary { need_ack: true }),
+            acked: s.acked,
+            unmarked_output: s.pending.back().is_some_and(|&(ord, _)| ord > last_mark),
+        }
+    }
+
     pub fn acked(&self) -> u64 {
         self.s.lock().unwrap().acked
     }

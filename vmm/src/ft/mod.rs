@@ -1,13 +1,16 @@
 //! Fault tolerance: a primary streams its log to a backup that replays it
 //! in lockstep; a witness holds the view and the primary's lease; output
 //! leaves only once the backup has the log that produced it. See
-//! design.md, "The fault-tolerance protocol".
+//! docs/DESIGN.md, "Fault tolerance".
 
-pub mod console;
-pub mod failover;
+pub mod backup;
+pub mod backup_inputs;
+pub mod commit;
 pub mod gate;
+pub mod listener;
 pub mod log_buf;
-pub mod roles;
+pub mod primary;
+pub mod remote_console;
 pub mod stream;
 pub mod witness;
 

@@ -4,7 +4,7 @@
 //! in a file), while the backup sends `ACK <ordinal>` lines back each time
 //! it has received the log through that ordinal (a high-water mark record).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,7 +16,8 @@ use replay_log::{Event, LogError, LogReader, Record};
 use super::gate::Gate;
 use super::log_buf::LogBuf;
 use super::{read_line, write_line, HEARTBEAT};
-use crate::live::LogSink;
+use crate::recorder::LogSink;
+use crate::stop::StopHandle;
 use crate::replay::RecordSource;
 
 pub const HELLO: &str = "FTVM-LOG";
@@ -29,7 +30,7 @@ pub fn run_sender(addr: String, view: u64, log: Arc<LogBuf>, gate: Arc<Gate>, st
         match TcpStream::connect(&addr) {
             Ok(c) => break c,
             Err(e) if Instant::now() > deadline || stop.load(Ordering::Relaxed) => {
-                eprintln!("primary: cannot reach backup {addr}: {e}");
+                log::warn!("primary: cannot reach backup {addr}: {e}");
                 return;
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -38,25 +39,25 @@ pub fn run_sender(addr: String, view: u64, log: Arc<LogBuf>, gate: Arc<Gate>, st
     let _ = conn.set_nodelay(true);
     let mut reader = BufReader::new(conn.try_clone().expect("cloning a TCP stream"));
     if let Err(e) = write_line(&mut conn, &format!("{HELLO} view={view}")) {
-        eprintln!("primary: backup {addr}: {e}");
+        log::warn!("primary: backup {addr}: {e}");
         return;
     }
     match read_line(&mut reader) {
         Ok(Some(l)) if l == "OK" => {}
         Ok(Some(l)) => {
-            eprintln!("primary: backup {addr} refused the log stream: {l}");
+            log::warn!("primary: backup {addr} refused the log stream: {l}");
             return;
         }
         Ok(None) | Err(_) => {
-            eprintln!("primary: backup {addr} closed the connection during the hello");
+            log::warn!("primary: backup {addr} closed the connection during the hello");
             return;
         }
     }
-    eprintln!("primary: streaming the log to backup {addr} (view {view})");
+    log::info!("primary: streaming the log to backup {addr} (view {view})");
     let acks = {
         let gate = gate.clone();
         let stop = stop.clone();
-        std::thread::spawn(move || {
+        std::thread::Builder::new().name("ftvm-acks".into()).spawn(move || {
             while let Ok(Some(line)) = read_line(&mut reader) {
                 if stop.load(Ordering::Relaxed) {
                     break;
@@ -67,6 +68,10 @@ pub fn run_sender(addr: String, view: u64, log: Arc<LogBuf>, gate: Arc<Gate>, st
             }
         })
     };
+    let Ok(acks) = acks else {
+        log::error!("primary: cannot start the acknowledgement reader for backup {addr}");
+        return;
+    };
     let mut off = 0usize;
     while !stop.load(Ordering::Relaxed) {
         let b = log.read_from(off, HEARTBEAT);
@@ -74,7 +79,7 @@ pub fn run_sender(addr: String, view: u64, log: Arc<LogBuf>, gate: Arc<Gate>, st
             continue;
         }
         if let Err(e) = conn.write_all(&b) {
-            eprintln!("primary: log stream to backup {addr} broke: {e}");
+            log::warn!("primary: log stream to backup {addr} broke: {e}");
             break;
         }
         off += b.len();
@@ -134,29 +139,37 @@ impl LogReceiver {
 }
 
 /// Records handed over by the receiver; the stream ends when the receiver
-/// drops its sender (after promotion).
+/// drops its sender (after promotion), or when this VMM is stopping.
 pub struct ChannelSource {
-    pub rx: Receiver<Record>,
-    pub taken: u64,
+    rx: Receiver<Record>,
+    taken: u64,
+    stop: StopHandle,
+}
+
+impl ChannelSource {
+    pub fn new(rx: Receiver<Record>, stop: StopHandle) -> Self {
+        ChannelSource { rx, taken: 0, stop }
+    }
 }
 
 impl RecordSource for ChannelSource {
     fn next_record(&mut self) -> Result<Option<Record>, LogError> {
-        match self.rx.recv() {
-            Ok(r) => {
-                self.taken += 1;
-                Ok(Some(r))
-            }
-            Err(_) => Ok(None),
+        if self.stop.requested().is_some() {
+            return Ok(None);
+        }
+        crossbeam_channel::select! {
+            recv(self.rx) -> r => match r {
+                Ok(r) => {
+                    self.taken += 1;
+                    Ok(Some(r))
+                }
+                Err(_) => Ok(None),
+            },
+            recv(self.stop.wakeup()) -> _ => Ok(None),
         }
     }
 
     fn end_text(&self) -> String {
         format!("the primary's log stream ended after {} records", self.taken)
     }
-}
-
-/// Reads the hello line of a connection (used by the backup's listener).
-pub fn read_hello(r: &mut impl BufRead) -> std::io::Result<Option<String>> {
-    read_line(r)
 }

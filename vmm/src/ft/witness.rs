@@ -1,5 +1,5 @@
 //! The witness: holds the current view (number, primary, backup) and grants the
-//! primary a lease (see design.md, "The fault-tolerance protocol").
+//! primary a lease (see docs/DESIGN.md, "Fault tolerance").
 //!
 //! Wire protocol (TCP, one request line -> one response line, many pairs per
 //! connection). Tokens are space-separated `key=value`; "-" means none.
@@ -134,7 +134,7 @@ impl State {
         }
         self.view = View { number: self.view.number + 1, primary, backup };
         self.promote_asked = None;
-        eprintln!("witness: {} ({reason})", self.view);
+        log::info!("witness: {} ({reason})", self.view);
     }
 
     fn become_primary(&mut self, me: &str, now: Instant) -> Result<String, String> {
@@ -333,7 +333,7 @@ impl Witness {
                     let spawned =
                         thread::Builder::new().name("witness-conn".into()).spawn(move || serve_conn(stream, &state));
                     if let Err(e) = spawned {
-                        eprintln!("witness: cannot start a connection thread: {e}");
+                        log::error!("witness: cannot start a connection thread: {e}");
                     }
                 }
                 Err(e) if matches!(e.kind(), K::ConnectionAborted | K::ConnectionReset | K::Interrupted) => {}

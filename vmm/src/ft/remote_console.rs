@@ -21,7 +21,7 @@ use super::witness::WitnessClient;
 pub fn serve(mut conn: TcpStream, mut reader: BufReader<TcpStream>, from: u64, gate: Arc<Gate>, input: Sender<Vec<u8>>) {
     {
         let gate = gate.clone();
-        std::thread::spawn(move || {
+        let _ = std::thread::Builder::new().name("ftvm-console-input".into()).spawn(move || {
             let mut buf = [0u8; 1024];
             loop {
                 match reader.read(&mut buf) {
@@ -84,7 +84,7 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
     let typed = Arc::new(Mutex::new(Typed::default()));
     {
         let typed = typed.clone();
-        std::thread::spawn(move || {
+        let _ = std::thread::Builder::new().name("ftvm-console-stdin".into()).spawn(move || {
             let mut stdin = std::io::stdin();
             let mut buf = [0u8; 1024];
             while let Ok(n) = stdin.read(&mut buf) {
@@ -134,7 +134,7 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
         {
             let (watching, waddr, addr) = (watching.clone(), witness.to_string(), addr.clone());
             let conn = conn.try_clone()?;
-            std::thread::spawn(move || {
+            let _ = std::thread::Builder::new().name("ftvm-console-watch".into()).spawn(move || {
                 let mut w = WitnessClient::new(&waddr);
                 while watching.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(200));
@@ -148,7 +148,7 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
             });
         }
         let changed = last_primary.as_deref() != Some(addr.as_str());
-        eprintln!("console: connected to primary {addr} (view {})", view.number);
+        log::info!("console: connected to primary {addr} (view {})", view.number);
         let mut first = changed;
         let mut r = BufReader::new(conn);
         while let Ok(Some(line)) = read_line(&mut r) {
@@ -160,7 +160,7 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
                     break;
                 }
                 if first && last_primary.is_some() {
-                    eprintln!("console: first output from new primary {addr} (view {}) at unix_ms={}", view.number, unix_ms());
+                    log::info!("console: first output from new primary {addr} (view {}) at unix_ms={}", view.number, unix_ms());
                 }
                 first = false;
                 let end = seq + len;
@@ -177,7 +177,7 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
             } else if let Some(n) = line.strip_prefix("INACK ").and_then(|n| n.parse().ok()) {
                 typed.lock().unwrap().acked(n);
             } else if let Some(msg) = line.strip_prefix("END ") {
-                eprintln!("console: {msg}");
+                log::info!("console: {msg}");
                 return Ok(0);
             } else {
                 break;
@@ -185,7 +185,7 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
         }
         typed.lock().unwrap().conn = None;
         watching.store(false, std::sync::atomic::Ordering::Relaxed);
-        eprintln!("console: lost the primary {addr} at unix_ms={}; following the primary", unix_ms());
+        log::info!("console: lost the primary {addr} at unix_ms={}; following the primary", unix_ms());
         last_primary = Some(addr);
         lost_at = Instant::now();
         let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
@@ -222,7 +222,7 @@ impl Typed {
 
     fn resume(&mut self, n: u64, conn: Option<TcpStream>) {
         if n < self.base {
-            eprintln!("console: the primary's log holds less of our input ({n} bytes) than was acknowledged ({})", self.base);
+            log::warn!("console: the primary's log holds less of our input ({n} bytes) than was acknowledged ({})", self.base);
         }
         self.acked(n);
         self.conn = conn;

@@ -1,0 +1,234 @@
+//! The FT backup: receives the primary's log, replays it in lockstep,
+//! acknowledges it, and when the primary is gone asks the witness to be
+//! promoted and goes live at the exact end of the log.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use replay_log::{LogReader, LogWriter};
+
+use super::backup_inputs::{BackupInputs, Takeover, TakeoverSlot};
+use super::gate::{Gate, GateSink, Role};
+use super::listener::{bind, log_buf_writer, serve_listener, wind_down, Incoming, RoleError};
+use super::log_buf::LogBuf;
+use super::primary::PrimaryDuty;
+use super::stream::{ChannelSource, LogReceiver, StreamEnd};
+use super::witness::{Promotion, View, WitnessClient, WitnessError, PING_INTERVAL};
+use super::{write_line, SILENCE};
+use crate::clock::VmClock;
+use crate::config::GuestConfig;
+use crate::console_io::ConsoleInput;
+use crate::engine::{self, Ending, Inputs, RunOptions};
+use crate::recorder::LogSink;
+use crate::replay::Replayer;
+use crate::stop::StopHandle;
+use crate::vm::Vm;
+
+pub struct BackupOpts {
+    pub witness: String,
+    pub listen: String,
+    pub kernel: Option<std::path::PathBuf>,
+    pub initrd: Option<std::path::PathBuf>,
+    pub progress: bool,
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RoleError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(|_| ())
+        .map_err(|err| RoleError::Io { what: format!("starting thread {name}"), err })
+}
+
+/// Keeps our place in the view until promoted; a backup the witness drops
+/// ends its run (exit code 1).
+fn keep_place(me: String, waddr: String, my_view: Arc<AtomicU64>, promoted: Arc<AtomicBool>, stop: StopHandle) -> Result<(), RoleError> {
+    spawn("ftvm-backup-ping", move || {
+        let mut w = WitnessClient::new(&waddr);
+        while !promoted.load(Ordering::Relaxed) {
+            std::thread::sleep(PING_INTERVAL);
+            if promoted.load(Ordering::Relaxed) {
+                break;
+            }
+            match w.backup_ping(&me, my_view.load(Ordering::Relaxed)) {
+                Ok(v) => my_view.store(v.number, Ordering::Relaxed),
+                Err(WitnessError::Refused { msg, .. }) if !promoted.load(Ordering::Relaxed) => {
+                    let why = format!("backup: the witness dropped this backup: {msg}");
+                    log::warn!("{why}");
+                    stop.stop(Ending::Stopped { why, code: 1 });
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
+    })
+}
+
+/// Runs a backup until its guest ends (replayed, or live after a
+/// takeover) or it is stopped; returns (message, exit code).
+pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
+    let kernel = crate::config::load_kernel(opts.kernel.as_deref())?;
+    let listener = bind(&opts.listen)?;
+    let me = opts.listen.clone();
+    let mut witness = WitnessClient::new(&opts.witness);
+    let view = witness.backup_ping(&me, 0)?;
+    let my_view = Arc::new(AtomicU64::new(view.number));
+    let promoted = Arc::new(AtomicBool::new(false));
+    log::info!("backup: {me} is backup of view {}; waiting for the primary's log", view.number);
+
+    let gate = Gate::new(Role::Silent);
+    let (in_tx, in_rx) = crossbeam_channel::unbounded();
+    let (log_tx, log_rx) = crossbeam_channel::bounded::<Incoming>(1);
+    serve_listener(listener, gate.clone(), in_tx, Some((log_tx, my_view.clone())));
+    let stop = StopHandle::new();
+    keep_place(me.clone(), opts.witness.clone(), my_view.clone(), promoted.clone(), stop.clone())?;
+
+    let (conn, reader, stream_view) = crossbeam_channel::select! {
+        recv(log_rx) -> r => r.map_err(|_| RoleError::Stopped("backup: the listener stopped".into()))?,
+        recv(stop.wakeup()) -> _ => {
+            let (why, code) = stop.requested().map_or(("backup: stopped".into(), 1), |e| e.describe());
+            return Ok((why, code));
+        }
+    };
+    let peer = conn.peer_addr().map_or_else(|_| "primary".into(), |a| a.to_string());
+    let io = |what: String| move |err| RoleError::Io { what, err };
+    let mut write = conn.try_clone().map_err(io(format!("log stream from {peer}")))?;
+    write_line(&mut write, "OK").map_err(io(format!("answering the primary at {peer}")))?;
+    let stream_name = format!("log stream from {peer}");
+    let reader = LogReader::new(reader, &stream_name)?;
+    let h = reader.header().clone();
+    if h.kernel_sha256 != kernel.sha256 {
+        return Err(RoleError::WrongKernel { primary: h.kernel_name.clone(), backup: kernel.name.clone() });
+    }
+    // From here on, silence means the primary may be gone.
+    let _ = conn.set_read_timeout(Some(SILENCE));
+    log::info!("backup: receiving the log of view {stream_view} from {peer}; replaying in lockstep");
+
+    let log = LogBuf::new();
+    let own: LogSink = LogWriter::new(log_buf_writer(&log), &h)?;
+    let (rec_tx, rec_rx) = crossbeam_channel::unbounded();
+    let slot: TakeoverSlot = Arc::new(Mutex::new(None));
+    let ordinal = Arc::new(AtomicU64::new(0));
+    let marked = Arc::new(AtomicU64::new(0));
+    let recv = LogReceiver { reader, ack: write, log: own, to_vcpu: rec_tx, records: 0 };
+    let promoter = Promoter {
+        witness: WitnessClient::new(&opts.witness),
+        me: me.clone(),
+        my_view: my_view.clone(),
+        promoted: promoted.clone(),
+        gate: gate.clone(),
+        log,
+        slot: slot.clone(),
+        marked,
+        input: in_rx,
+        stop: stop.clone(),
+    };
+    spawn("ftvm-log-receiver", move || promoter.run(recv))?;
+
+    let cfg = GuestConfig::for_log(&h, &stream_name, opts.kernel.as_deref(), opts.initrd.as_deref())?;
+    let sink = GateSink { gate: gate.clone(), ordinal: ordinal.clone() };
+    let mut vm = Vm::new(&cfg, Arc::new(VmClock::replay()), Box::new(sink), ordinal)?;
+    let source = ChannelSource::new(rec_rx, stop.clone());
+    let mut inputs = BackupInputs::new(Replayer::new(source), slot, stop.clone());
+    let out = engine::run(vm.guest(), &mut inputs, &RunOptions { progress: opts.progress, stop })
+        .map_err(|err| RoleError::Engine { what: "backup replay", err })?;
+    let (msg, code) = out.ending.describe();
+    if matches!(out.ending, Ending::Stopped { .. }) {
+        return Ok((msg, code));
+    }
+    if inputs.is_live() {
+        log::info!("primary: {msg}; {}; {}", out.summary(), inputs.summary());
+        wind_down(&gate, &msg);
+        Ok((msg, code))
+    } else {
+        log::info!("backup: replayed to the end in lockstep: {msg}; {}", inputs.summary());
+        Ok((msg, 0))
+    }
+}
+
+/// Runs the backup's receive side; when the primary is gone, asks the
+/// witness for promotion and hands the VM over to live execution.
+struct Promoter {
+    witness: WitnessClient,
+    me: String,
+    my_view: Arc<AtomicU64>,
+    promoted: Arc<AtomicBool>,
+    gate: Arc<Gate>,
+    log: Arc<LogBuf>,
+    slot: TakeoverSlot,
+    marked: Arc<AtomicU64>,
+    input: Receiver<Vec<u8>>,
+    stop: StopHandle,
+}
+
+impl Promoter {
+    fn run(mut self, mut recv: LogReceiver) {
+        let mut lost = None;
+        loop {
+            match recv.pump() {
+                StreamEnd::Silent => {}
+                StreamEnd::Lost(why) => {
+                    if lost.is_none() {
+                        log::warn!("backup: lost the primary's log stream ({why}) after {} records", recv.records);
+                    }
+                    lost = Some(why);
+                }
+            }
+            let view = self.my_view.load(Ordering::Relaxed);
+            match self.witness.promote(&self.me, view, lost.is_some()) {
+                Ok(Promotion::Granted(v)) => return self.take_over(recv, v),
+                Ok(Promotion::Wait) => {
+                    if lost.is_some() {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                Err(WitnessError::Refused { msg, .. }) => {
+                    if lost.is_some() {
+                        let why = format!("backup: not promoted: {msg}");
+                        log::warn!("{why}");
+                        // Dropping `recv` closes the record channel; the
+                        // replay sees the stop request.
+                        self.stop.stop(Ending::Stopped { why, code: 1 });
+                        return;
+                    }
+                }
+                Err(e) => {
+                    log::warn!("backup: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    fn take_over(self, recv: LogReceiver, view: View) {
+        let t0 = Instant::now();
+        self.promoted.store(true, Ordering::Relaxed);
+        self.my_view.store(view.number, Ordering::Relaxed);
+        log::info!("backup: promoted to primary of view {}; finishing the log, then going live", view.number);
+        let LogReceiver { log, to_vcpu, records, .. } = recv;
+        let kit = Takeover {
+            log,
+            input: ConsoleInput::from_channel(self.input),
+            marked: self.marked.clone(),
+            gate: self.gate.clone(),
+            on_live: Box::new(move |ord| {
+                log::info!("primary: live at exit #{ord} after replaying {records} records");
+            }),
+        };
+        *self.slot.lock().unwrap() = Some(kit);
+        PrimaryDuty {
+            me: self.me,
+            witness: self.witness,
+            view,
+            gate: self.gate,
+            log: self.log,
+            marked: self.marked,
+            sender_stop: None,
+            stop: self.stop,
+        }
+        .start(t0);
+        drop(to_vcpu);
+    }
+}

@@ -1,0 +1,176 @@
+//! The FT primary: runs the guest, streams its log to the backup of the
+//! view, renews its lease with the witness, and releases output under the
+//! output rule (`gate`).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use replay_log::LogWriter;
+
+use super::gate::{Gate, GateSink, Role};
+use super::listener::{bind, log_buf_writer, serve_listener, wind_down, RoleError};
+use super::log_buf::LogBuf;
+use super::stream;
+use super::witness::{View, WitnessClient, WitnessError, LEASE, PING_INTERVAL};
+use crate::clock::VmClock;
+use crate::config::GuestConfig;
+use crate::console_io::ConsoleInput;
+use crate::engine::{self, Ending, Inputs, RunOptions};
+use crate::recorder::{LogSink, Recorder};
+use crate::stop::StopHandle;
+use crate::vm::Vm;
+
+/// The primary's duties towards the witness: renew the lease, follow view
+/// changes (a backup joining or leaving), and stream the log to the
+/// backup of the view.
+pub(super) struct PrimaryDuty {
+    pub(super) me: String,
+    pub(super) witness: WitnessClient,
+    pub(super) view: View,
+    pub(super) gate: Arc<Gate>,
+    pub(super) log: Arc<LogBuf>,
+    /// Ordinal of the last high-water mark (reported to the witness).
+    pub(super) marked: Arc<AtomicU64>,
+    pub(super) sender_stop: Option<Arc<AtomicBool>>,
+    /// Ends this VMM's run when the witness fences it.
+    pub(super) stop: StopHandle,
+}
+
+impl PrimaryDuty {
+    pub(super) fn start(mut self, first_lease_at: Instant) {
+        self.gate.set_lease(first_lease_at + LEASE);
+        self.apply_view(self.view.clone(), true);
+        let stop = self.stop.clone();
+        if let Err(e) = std::thread::Builder::new().name("ftvm-primary-duty".into()).spawn(move || self.run()) {
+            // Without lease renewals the gate releases nothing anyway.
+            stop.stop(Ending::Stopped { why: format!("primary: cannot start the witness thread: {e}"), code: 1 });
+        }
+    }
+
+    fn apply_view(&mut self, v: View, first: bool) {
+        if !first && v.backup == self.view.backup {
+            self.view = v;
+            return;
+        }
+        if let Some(s) = self.sender_stop.take() {
+            s.store(true, Ordering::Relaxed);
+        }
+        log::info!(
+            "primary: view {}: primary {} backup {}",
+            v.number,
+            self.me,
+            v.backup.as_deref().unwrap_or("none (output is not held)")
+        );
+        match &v.backup {
+            Some(b) => {
+                self.gate.reset_acks();
+                self.gate.set_role(Role::Primary { need_ack: true });
+                let stop = Arc::new(AtomicBool::new(false));
+                self.sender_stop = Some(stop.clone());
+                let (b, n, log, gate) = (b.clone(), v.number, self.log.clone(), self.gate.clone());
+                let send = move || stream::run_sender(b, n, log, gate, stop);
+                if let Err(e) = std::thread::Builder::new().name("ftvm-log-sender".into()).spawn(send) {
+                    log::error!("primary: cannot start streaming to the backup: {e}");
+                }
+            }
+            None => self.gate.set_role(Role::Primary { need_ack: false }),
+        }
+        self.view = v;
+    }
+
+    fn run(mut self) {
+        let mut warned = false;
+        let mut last_ok = Instant::now();
+        let mut cut_off = false;
+        loop {
+            std::thread::sleep(PING_INTERVAL);
+            let t0 = Instant::now();
+            let sent = self.marked.load(Ordering::Relaxed);
+            match self.witness.primary_ping(&self.me, self.view.number, sent, self.gate.acked()) {
+                Ok(v) if v.primary.as_deref() == Some(self.me.as_str()) => {
+                    warned = false;
+                    last_ok = t0;
+                    self.gate.set_lease(t0 + LEASE);
+                    self.apply_view(v, cut_off);
+                    cut_off = false;
+                }
+                Ok(v) => return self.fenced(&format!("view {} has primary {:?}", v.number, v.primary)),
+                Err(WitnessError::Refused { msg, .. }) => return self.fenced(&msg),
+                Err(e) => {
+                    if !warned {
+                        log::warn!("primary: {e}; output stops when the lease runs out");
+                        warned = true;
+                    }
+                    // Rule 4: without a lease we release nothing (the gate
+                    // checks it), and we let go of the backup so that it
+                    // can ask the witness to take over.
+                    if !cut_off && last_ok.elapsed() > LEASE {
+                        cut_off = true;
+                        log::info!("primary: lease expired; output held, log stream to the backup closed");
+                        if let Some(s) = self.sender_stop.take() {
+                            s.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rule 4 from the other side: a primary the witness no longer
+    /// recognises never releases another byte, and stops (exit code 75).
+    fn fenced(&self, why: &str) {
+        self.gate.set_role(Role::Silent);
+        if let Some(s) = &self.sender_stop {
+            s.store(true, Ordering::Relaxed);
+        }
+        let why = format!("primary: no longer the primary ({why}); stopping");
+        log::warn!("{why}");
+        self.stop.stop(Ending::Stopped { why, code: 75 });
+    }
+}
+
+pub struct PrimaryOpts {
+    pub witness: String,
+    pub listen: String,
+    pub progress: bool,
+}
+
+/// Runs the guest as primary; returns how it ended (message, exit code).
+pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32), RoleError> {
+    let listener = bind(&opts.listen)?;
+    let mut witness = WitnessClient::new(&opts.witness);
+    let t0 = Instant::now();
+    let view = witness.become_primary(&opts.listen)?;
+    let gate = Gate::new(Role::Primary { need_ack: view.backup.is_some() });
+    let log = LogBuf::new();
+    let writer: LogSink = LogWriter::new(log_buf_writer(&log), &cfg.header())?;
+    let (in_tx, in_rx) = crossbeam_channel::unbounded();
+    serve_listener(listener, gate.clone(), in_tx, None);
+    let ordinal = Arc::new(AtomicU64::new(0));
+    let marked = Arc::new(AtomicU64::new(0));
+    let sink = GateSink { gate: gate.clone(), ordinal: ordinal.clone() };
+    let mut vm = Vm::new(&cfg, Arc::new(VmClock::host()), Box::new(sink), ordinal)?;
+    log::info!("primary: {} is primary of view {}; console clients connect here", opts.listen, view.number);
+    let stop = StopHandle::new();
+    PrimaryDuty {
+        me: opts.listen.clone(),
+        witness,
+        view,
+        gate: gate.clone(),
+        log,
+        marked: marked.clone(),
+        sender_stop: None,
+        stop: stop.clone(),
+    }
+    .start(t0);
+    let mut rec = Recorder::new(Some(writer), ConsoleInput::from_channel(in_rx)).with_marks(marked, gate.clone());
+    let out = engine::run(vm.guest(), &mut rec, &RunOptions { progress: opts.progress, stop })
+        .map_err(|err| RoleError::Engine { what: "primary", err })?;
+    let (msg, code) = out.ending.describe();
+    log::info!("primary: {msg}; {}; {}", out.summary(), rec.summary());
+    if !matches!(out.ending, Ending::Stopped { .. }) {
+        wind_down(&gate, &msg);
+    }
+    Ok((msg, code))
+}
