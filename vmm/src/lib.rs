@@ -14,6 +14,7 @@ pub mod console;
 pub mod cpuid;
 pub mod devices;
 pub mod digest;
+pub mod elf;
 pub mod engine;
 pub mod ft;
 pub mod kernel;
