@@ -126,74 +126,36 @@ mod tests {
     use super::*;
     use std::process::Command;
 
-    fn u16_at(b: &[u8], o: usize) -> u16 {
-        u16::from_le_bytes(b[o..o + 2].try_into().unwrap())
-    }
-    fn u32_at(b: &[u8], o: usize) -> u32 {
-        u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
-    }
-    fn u64_at(b: &[u8], o: usize) -> u64 {
-        u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
-    }
-
-    struct Phdr {
-        p_type: u32,
-        flags: u32,
-        offset: u64,
-        vaddr: u64,
-        paddr: u64,
-        filesz: u64,
-        memsz: u64,
-    }
-
-    fn phdrs(elf: &[u8]) -> Vec<Phdr> {
-        let phoff = u64_at(elf, 0x20) as usize;
-        let phentsize = u16_at(elf, 0x36) as usize;
-        let phnum = u16_at(elf, 0x38) as usize;
-        assert_eq!(phentsize, 56);
-        (0..phnum)
-            .map(|i| {
-                let o = phoff + i * phentsize;
-                Phdr {
-                    p_type: u32_at(elf, o),
-                    flags: u32_at(elf, o + 4),
-                    offset: u64_at(elf, o + 8),
-                    vaddr: u64_at(elf, o + 16),
-                    paddr: u64_at(elf, o + 24),
-                    filesz: u64_at(elf, o + 32),
-                    memsz: u64_at(elf, o + 40),
-                }
-            })
-            .collect()
-    }
-
-    const PT_LOAD: u32 = 1;
-    const PF_X: u32 = 1;
+    use object::elf::{FileHeader64, ELFCLASS64, ELFDATA2LSB, EM_X86_64, ET_EXEC, PF_X, PT_LOAD};
+    use object::read::elf::{FileHeader as _, ProgramHeader as _};
+    use object::LittleEndian as LE;
 
     #[test]
     fn is_static_elf64_x86_64_at_1mib() {
         let e = TEST_GUEST_ELF;
-        assert!(e.len() > 64);
-        assert_eq!(&e[0..4], b"\x7fELF", "ELF magic");
-        assert_eq!(e[4], 2, "ELFCLASS64");
-        assert_eq!(e[5], 1, "little-endian");
-        assert_eq!(u16_at(e, 0x10), 2, "ET_EXEC");
-        assert_eq!(u16_at(e, 0x12), 0x3e, "EM_X86_64");
+        let h = FileHeader64::<LE>::parse(e).expect("an ELF64 header");
+        assert_eq!(h.e_ident().class, ELFCLASS64, "ELFCLASS64");
+        assert_eq!(h.e_ident().data, ELFDATA2LSB, "little-endian");
+        assert_eq!(h.e_type(LE), ET_EXEC, "ET_EXEC");
+        assert_eq!(h.e_machine(LE), EM_X86_64, "EM_X86_64");
 
-        let loads: Vec<Phdr> = phdrs(e)
-            .into_iter()
-            .filter(|p| p.p_type == PT_LOAD)
-            .collect();
+        let phdrs = h.program_headers(LE, e).expect("program headers");
+        let loads: Vec<_> = phdrs.iter().filter(|p| p.p_type(LE) == PT_LOAD).collect();
         assert!(!loads.is_empty());
-        let entry = u64_at(e, 0x18);
+        let entry = h.e_entry(LE);
         let mut entry_ok = false;
         for p in &loads {
-            assert!(p.vaddr >= 0x10_0000, "segment below 1 MiB: {:#x}", p.vaddr);
-            assert_eq!(p.paddr, p.vaddr, "p_paddr != p_vaddr");
-            assert!(p.memsz >= p.filesz);
-            assert!(p.offset + p.filesz <= e.len() as u64);
-            assert!(p.vaddr + p.memsz < 16 << 20, "guest should stay small");
-            if p.flags & PF_X != 0 && (p.vaddr..p.vaddr + p.filesz).contains(&entry) {
+            let (vaddr, paddr) = (p.p_vaddr(LE), p.p_paddr(LE));
+            let (filesz, memsz) = (p.p_filesz(LE), p.p_memsz(LE));
+            assert!(vaddr >= 0x10_0000, "segment below 1 MiB: {vaddr:#x}");
+            assert_eq!(paddr, vaddr, "p_paddr != p_vaddr");
+            assert!(memsz >= filesz);
+            assert!(
+                p.data(LE, e).is_ok(),
+                "segment data past the end of the file"
+            );
+            assert!(vaddr + memsz < 16 << 20, "guest should stay small");
+            if p.p_flags(LE) & PF_X != 0 && (vaddr..vaddr + filesz).contains(&entry) {
                 entry_ok = true;
             }
         }

@@ -164,7 +164,7 @@ pub fn extract_vmlinux(b: &[u8]) -> Result<(Vec<u8>, &'static str), BzImageError
             start + len - 4
         )));
     }
-    if !out.starts_with(b"\x7fELF") {
+    if !crate::elf::has_magic(&out) {
         return Err(BzImageError::NotElf);
     }
     Ok((out, format))

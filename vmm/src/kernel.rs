@@ -15,7 +15,7 @@ pub enum KernelError {
     #[error("cannot read kernel {path}: {err}")]
     Read { path: PathBuf, err: std::io::Error },
     #[error("{name} is not a guest kernel: {why}")]
-    NotAKernel { name: String, why: String },
+    NotAKernel { name: String, why: crate::elf::ElfProblem },
     #[error("{name}: cannot load ELF guest: {err}")]
     Elf { name: String, err: linux_loader::loader::Error },
     #[error("{name} is a compressed Linux bzImage: boot the uncompressed vmlinux that scripts/linux-guest.sh extracts (guest/linux/out/vmlinux); ftvm patches the kernel's rdtsc instructions before boot, which needs the uncompressed image")]
@@ -66,23 +66,14 @@ impl KernelImage {
     /// Loads `b` (this image, possibly patched); returns the entry point
     /// and the end of the loaded image.
     pub fn load_bytes(&self, mem: &GuestMemoryMmap, b: &[u8]) -> Result<(u64, u64), KernelError> {
-        if b.len() >= 0x206 && &b[0x202..0x206] == b"HdrS" {
+        if crate::bzimage::is_bzimage(b) {
             return Err(KernelError::BzImage { name: self.name.clone() });
         }
-        if b.len() < 4 || &b[..4] != b"\x7fELF" {
-            let why = if b.is_empty() {
-                "the file is empty".to_string()
-            } else {
-                format!("no ELF magic at byte 0 (found {:02x?})", &b[..b.len().min(4)])
-            };
-            return Err(KernelError::NotAKernel { name: self.name.clone(), why });
-        }
-        if b.len() < 20 || b[4] != 2 || b[5] != 1 || u16::from_le_bytes([b[18], b[19]]) != 62 {
-            return Err(KernelError::NotAKernel {
-                name: self.name.clone(),
-                why: "not a 64-bit little-endian x86-64 ELF".into(),
-            });
-        }
+        // linux-loader checks little of the file, so validate it first: a
+        // clear error for anything that is not a 64-bit x86-64 ELF.
+        crate::elf::Elf::parse(&self.name, b)
+            .and_then(|e| e.check_load_segments())
+            .map_err(|e| KernelError::NotAKernel { name: e.name, why: e.problem })?;
         let res = Elf::load(
             mem,
             None,
@@ -114,11 +105,25 @@ mod tests {
         let k = KernelImage::from_bytes("notes.txt".into(), b"hello world, not a kernel".to_vec());
         let e = k.load(&mem()).unwrap_err().to_string();
         assert!(e.contains("notes.txt is not a guest kernel"), "{e}");
+        assert!(e.contains("not an ELF file (found bytes 68 65 6c 6c"), "{e}");
         let k = KernelImage::from_bytes("empty".into(), vec![]);
-        assert!(k.load(&mem()).unwrap_err().to_string().contains("empty"));
+        let e = k.load(&mem()).unwrap_err().to_string();
+        assert_eq!(e, "empty is not a guest kernel: the file is empty");
         let mut elf32 = ftvm_guest::TEST_GUEST_ELF.to_vec();
         elf32[4] = 1;
         let k = KernelImage::from_bytes("e32".into(), elf32);
-        assert!(k.load(&mem()).unwrap_err().to_string().contains("64-bit"));
+        let e = k.load(&mem()).unwrap_err().to_string();
+        assert!(e.starts_with("e32 is not a guest kernel: 32-bit ELF"), "{e}");
+        let mut arm = ftvm_guest::TEST_GUEST_ELF.to_vec();
+        arm[0x12..0x14].copy_from_slice(&object::elf::EM_AARCH64.to_le_bytes());
+        let k = KernelImage::from_bytes("arm".into(), arm);
+        let e = k.load(&mem()).unwrap_err().to_string();
+        assert!(e.starts_with("arm is not a guest kernel: not x86-64"), "{e}");
+        let k = KernelImage::from_bytes("short".into(), ftvm_guest::TEST_GUEST_ELF[..100].to_vec());
+        let e = k.load(&mem()).unwrap_err().to_string();
+        assert!(e.starts_with("short is not a guest kernel: truncated program header table"), "{e}");
+        let k = KernelImage::from_bytes("cut".into(), ftvm_guest::TEST_GUEST_ELF[..0x2000].to_vec());
+        let e = k.load(&mem()).unwrap_err().to_string();
+        assert!(e.starts_with("cut is not a guest kernel: loadable segment 0 (offset 0x1000, "), "{e}");
     }
 }

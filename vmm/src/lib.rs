@@ -16,6 +16,7 @@ pub mod console_io;
 pub mod cpuid;
 pub mod devices;
 pub mod digest;
+pub mod elf;
 pub mod engine;
 pub mod ft;
 pub mod kernel;

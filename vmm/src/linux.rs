@@ -21,12 +21,13 @@ use iced_x86::{Decoder, DecoderOptions, Mnemonic};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::elf::{Elf, ElfError, Segment};
 use crate::layout::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxError {
-    #[error("{name}: malformed ELF: {what}")]
-    Elf { name: String, what: String },
+    #[error(transparent)]
+    Elf(#[from] ElfError),
     #[error("initrd {name} ({size} bytes) does not fit in guest memory of {mem} bytes")]
     InitrdTooBig { name: String, size: usize, mem: u64 },
     #[error("writing the zero page: {0}")]
@@ -68,100 +69,31 @@ pub struct Traps {
     pub in_alternatives: usize,
 }
 
-/// (type, offset, vaddr, paddr, filesz, memsz)
-type Phdr = (u32, u64, u64, u64, u64, u64);
-/// (name, flags, addr, offset, size, type)
-type Shdr = (String, u64, u64, u64, u64, u32);
-
-struct Elf<'a> {
-    b: &'a [u8],
-    name: &'a str,
-}
-
-impl Elf<'_> {
-    fn err(&self, what: &str) -> LinuxError {
-        LinuxError::Elf { name: self.name.into(), what: what.into() }
-    }
-    fn u16(&self, o: usize) -> Result<u16, LinuxError> {
-        self.b.get(o..o + 2).map(|s| u16::from_le_bytes(s.try_into().unwrap())).ok_or_else(|| self.err("short file"))
-    }
-    fn u32(&self, o: usize) -> Result<u32, LinuxError> {
-        self.b.get(o..o + 4).map(|s| u32::from_le_bytes(s.try_into().unwrap())).ok_or_else(|| self.err("short file"))
-    }
-    fn u64(&self, o: usize) -> Result<u64, LinuxError> {
-        self.b.get(o..o + 8).map(|s| u64::from_le_bytes(s.try_into().unwrap())).ok_or_else(|| self.err("short file"))
-    }
-    /// (type, offset, vaddr, paddr, filesz, memsz) of each program header.
-    fn phdrs(&self) -> Result<Vec<Phdr>, LinuxError> {
-        let (off, n, sz) = (self.u64(0x20)? as usize, self.u16(0x38)? as usize, self.u16(0x36)? as usize);
-        (0..n)
-            .map(|i| {
-                let p = off + i * sz;
-                Ok((self.u32(p)?, self.u64(p + 8)?, self.u64(p + 16)?, self.u64(p + 24)?, self.u64(p + 32)?, self.u64(p + 40)?))
-            })
-            .collect()
-    }
-    /// (name, flags, addr, offset, size, type) of each section.
-    fn sections(&self) -> Result<Vec<Shdr>, LinuxError> {
-        let (off, n, sz, strndx) =
-            (self.u64(0x28)? as usize, self.u16(0x3c)? as usize, self.u16(0x3a)? as usize, self.u16(0x3e)? as usize);
-        if n == 0 {
-            return Ok(vec![]);
-        }
-        let stroff = self.u64(off + strndx * sz + 0x18)? as usize;
-        (0..n)
-            .map(|i| {
-                let s = off + i * sz;
-                let name_off = stroff + self.u32(s)? as usize;
-                let end = self.b[name_off..].iter().position(|&c| c == 0).ok_or_else(|| self.err("section name"))?;
-                let name = String::from_utf8_lossy(&self.b[name_off..name_off + end]).into_owned();
-                Ok((name, self.u64(s + 8)?, self.u64(s + 0x10)?, self.u64(s + 0x18)?, self.u64(s + 0x20)?, self.u32(s + 4)?))
-            })
-            .collect()
-    }
-}
-
 /// Whether an ELF is a Linux kernel (it carries "Linux" or "Xen" notes),
-/// rather than a bare guest like the built-in test guest.
+/// rather than a bare guest like the built-in test guest. A file that is
+/// not a valid x86-64 ELF is not one; damaged notes are skipped.
 pub fn is_linux_elf(b: &[u8]) -> bool {
-    let e = Elf { b, name: "" };
-    let Ok(ph) = e.phdrs() else { return false };
-    for (ty, off, _, _, filesz, _) in ph {
-        if ty != 4 {
-            continue;
-        }
-        let (mut p, end) = (off as usize, (off + filesz) as usize);
-        while p + 12 <= end.min(b.len()) {
-            let (Ok(namesz), Ok(descsz)) = (e.u32(p), e.u32(p + 4)) else { break };
-            let name = b.get(p + 12..p + 12 + namesz as usize).unwrap_or(&[]);
-            if name.starts_with(b"Linux") || name.starts_with(b"Xen") {
-                return true;
-            }
-            p += 12 + (namesz as usize).div_ceil(4) * 4 + (descsz as usize).div_ceil(4) * 4;
-        }
-    }
-    false
+    let Ok(e) = Elf::parse("", b) else { return false };
+    let is_linux = e
+        .notes()
+        .filter_map(Result::ok)
+        .any(|n| n.name.starts_with(b"Linux") || n.name.starts_with(b"Xen"));
+    is_linux
 }
 
 /// Finds and patches every `rdtsc`/`rdtscp` in the kernel's executable
 /// sections, in the file image before it is loaded.
 pub fn patch_rdtsc(b: &mut [u8], name: &str) -> Result<Traps, LinuxError> {
-    let e = Elf { b, name };
-    let mut traps = Traps::default();
-    for (ty, _, vaddr, paddr, _, memsz) in e.phdrs()? {
-        if ty == 1 {
-            traps.segments.push((vaddr, paddr, memsz));
-        }
-    }
+    let e = Elf::parse(name, b)?;
+    let segments = e.segments().filter(Segment::is_load).map(|s| (s.vaddr, s.paddr, s.memsz)).collect();
+    let mut traps = Traps { segments, ..Traps::default() };
     let mut patches = Vec::new();
-    for (sname, flags, addr, offset, size, sh_type) in e.sections()? {
-        const SHF_EXECINSTR: u64 = 4;
-        const SHT_PROGBITS: u32 = 1;
-        if flags & SHF_EXECINSTR == 0 || sh_type != SHT_PROGBITS || size == 0 {
+    for s in e.sections()? {
+        if !s.is_executable() || !s.is_progbits() || s.size == 0 {
             continue;
         }
-        let data = b.get(offset as usize..(offset + size) as usize).ok_or_else(|| e.err("section past end of file"))?;
-        let mut dec = Decoder::with_ip(64, data, addr, DecoderOptions::NONE);
+        let range = e.section_range(&s)?;
+        let mut dec = Decoder::with_ip(64, &b[range.clone()], s.addr, DecoderOptions::NONE);
         while dec.can_decode() {
             let ins = dec.decode();
             let kind = match ins.mnemonic() {
@@ -169,10 +101,13 @@ pub fn patch_rdtsc(b: &mut [u8], name: &str) -> Result<Traps, LinuxError> {
                 Mnemonic::Rdtscp => TrapKind::Rdtscp,
                 _ => continue,
             };
-            let file_off = (offset + ins.ip() - addr) as usize;
+            // The instruction's offset in the section (the decoder's IP
+            // is `s.addr` plus it, wrapping), so the patch lands in the
+            // section's bytes.
+            let file_off = range.start + ins.ip().wrapping_sub(s.addr) as usize;
             patches.push((file_off, kind));
             traps.sites.insert(ins.ip(), kind);
-            if sname.starts_with(".altinstr") {
+            if s.name.starts_with(".altinstr") {
                 traps.in_alternatives += 1;
             } else {
                 traps.in_text += 1;
@@ -255,9 +190,99 @@ pub fn load_initrd(mem: &GuestMemoryMmap, mem_bytes: u64, name: &str, data: &[u8
 mod tests {
     use super::*;
 
+    use crate::elf::tests::{hot_spots, with_linux_notes, Rng};
+
     #[test]
     fn the_test_guest_is_not_linux() {
         assert!(!is_linux_elf(ftvm_guest::TEST_GUEST_ELF));
+    }
+
+    #[test]
+    fn linux_notes_make_a_linux_elf() {
+        let b = with_linux_notes();
+        assert!(is_linux_elf(&b));
+        // Either owner is enough: rename the other one away.
+        let at = |b: &[u8], pat: &[u8]| b.windows(pat.len()).rposition(|w| w == pat).unwrap();
+        let mut xen_only = b.clone();
+        let i = at(&xen_only, b"Linux\0");
+        xen_only[i] = b'l';
+        assert!(is_linux_elf(&xen_only));
+        let mut linux_only = b.clone();
+        let i = at(&linux_only, b"Xen\0");
+        linux_only[i] = b'x';
+        assert!(is_linux_elf(&linux_only));
+        let mut neither = xen_only;
+        neither[i] = b'x';
+        assert!(!is_linux_elf(&neither));
+        // Not an ELF file, or not an x86-64 one: not Linux.
+        assert!(!is_linux_elf(b""));
+        assert!(!is_linux_elf(b"Linux"));
+        let mut elf32 = b;
+        elf32[4] = 1;
+        assert!(!is_linux_elf(&elf32));
+    }
+
+    #[test]
+    fn patch_rdtsc_reports_elf_errors_by_name() {
+        let mut short = ftvm_guest::TEST_GUEST_ELF[..ftvm_guest::TEST_GUEST_ELF.len() - 1].to_vec();
+        let e = patch_rdtsc(&mut short, "vmlinux").unwrap_err().to_string();
+        assert!(e.starts_with("vmlinux: truncated section header table at offset 0x"), "{e}");
+        let mut garbage = b"not an elf".to_vec();
+        let e = patch_rdtsc(&mut garbage, "vmlinux").unwrap_err().to_string();
+        assert!(e.starts_with("vmlinux: not an ELF file"), "{e}");
+    }
+
+    /// Truncated and damaged images: errors, never a panic.
+    #[test]
+    fn no_panic_on_truncated_or_damaged_kernels() {
+        for base in [ftvm_guest::TEST_GUEST_ELF.to_vec(), with_linux_notes()] {
+            for len in 0..=base.len() {
+                let mut b = base[..len].to_vec();
+                let _ = is_linux_elf(&b);
+                let _ = patch_rdtsc(&mut b, "t");
+            }
+            let spots = hot_spots(&base);
+            let mut rng = Rng(0x0dd_ba11_cafe_f00d);
+            for _ in 0..3000 {
+                let mut b = base.clone();
+                for _ in 0..1 + rng.below(4) {
+                    let r = &spots[rng.below(spots.len())];
+                    let at = (r.start + rng.below(r.len().max(1))).min(b.len() - 1);
+                    b[at] = rng.next() as u8;
+                }
+                let _ = is_linux_elf(&b);
+                let _ = patch_rdtsc(&mut b, "t");
+            }
+        }
+    }
+
+    /// The Debian kernel scripts/linux-guest.sh fetches: a Linux ELF whose
+    /// rdtsc sites, in .text and in the alternatives, all get patched.
+    #[test]
+    fn real_vmlinux_is_patched() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../guest/linux/out/vmlinux");
+        let mut b = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!("{}: {e}; run scripts/linux-guest.sh to fetch the guest kernel", path.display())
+        });
+        assert!(is_linux_elf(&b));
+        let orig = b.clone();
+        let t = patch_rdtsc(&mut b, "vmlinux").unwrap();
+        assert!(t.in_text > 0 && t.in_alternatives > 0, "{t:?}");
+        assert_eq!(t.sites.len(), t.in_text + t.in_alternatives);
+        // Every site reads as a trap now, and only the sites changed.
+        let e = Elf::parse("vmlinux", &orig).unwrap();
+        e.check_load_segments().unwrap();
+        let sections = e.sections().unwrap();
+        let mut changed = 0;
+        for (&site, &kind) in &t.sites {
+            let s = sections.iter().find(|s| s.is_executable() && (s.addr..s.addr + s.size).contains(&site)).unwrap();
+            let off = (s.offset + site - s.addr) as usize;
+            let len = kind.insn_len() as usize;
+            assert_eq!(&b[off..off + 2], &[0xf4, 0xcc]);
+            changed += len;
+        }
+        let diff = orig.iter().zip(&b).filter(|(x, y)| x != y).count();
+        assert!(diff <= changed && diff > 0);
     }
 
     #[test]
@@ -265,15 +290,14 @@ mod tests {
         // A tiny ELF built around the test guest, with rdtsc/rdtscp planted
         // in its executable section.
         let mut elf = ftvm_guest::TEST_GUEST_ELF.to_vec();
-        let e = Elf { b: &elf, name: "t" };
-        let text = e.sections().unwrap().into_iter().find(|s| s.0 == ".text").expect(".text");
-        let off = text.3 as usize;
+        let text = Elf::parse("t", &elf).unwrap().section_by_name(".text").unwrap().expect(".text");
+        let off = text.offset as usize;
         // nop; rdtsc; nop; rdtscp; ret
         let code = [0x90, 0x0f, 0x31, 0x90, 0x0f, 0x01, 0xf9, 0xc3];
         elf[off..off + code.len()].copy_from_slice(&code);
         let traps = patch_rdtsc(&mut elf, "t").unwrap();
-        assert_eq!(traps.sites.get(&(text.2 + 1)), Some(&TrapKind::Rdtsc));
-        assert_eq!(traps.sites.get(&(text.2 + 4)), Some(&TrapKind::Rdtscp));
+        assert_eq!(traps.sites.get(&(text.addr + 1)), Some(&TrapKind::Rdtsc));
+        assert_eq!(traps.sites.get(&(text.addr + 4)), Some(&TrapKind::Rdtscp));
         assert_eq!(&elf[off..off + 8], &[0x90, 0xf4, 0xcc, 0x90, 0xf4, 0xcc, 0xcc, 0xc3]);
         assert!(traps.in_text >= 2);
     }
