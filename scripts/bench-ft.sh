@@ -35,56 +35,48 @@
 # Every process started is killed on exit, Ctrl-C included. Ports are picked
 # free for each run. Needs python3 (standard library only).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,/^# Every process/p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+BENCH_NAME=bench-ft BENCH_USAGE='2,/^# Every process/' BENCH_RC=2
+# shellcheck source-path=SCRIPTDIR source=lib/bench.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/bench.sh"
 
-K=10 ROUNDS=4 LSECS=5 PROUNDS=3 BURST=3000 WORKLOAD= ONLY=1,2,3,4,5 FSECS=5 KWIN=1000-3000 SEED= JSON= KEEP=0 BUILD=1
+K=10 ROUNDS=4 LSECS=5 PROUNDS=3 BURST=3000 WORKLOAD='' ONLY=1,2,3,4,5 FSECS=5 KWIN=1000-3000 SEED='' JSON='' BENCH_KEEP=0 BUILD=1
 while getopts "k:r:s:p:b:w:o:f:K:S:j:xnh" opt; do
     case $opt in
         k) K=$OPTARG ;; r) ROUNDS=$OPTARG ;; s) LSECS=$OPTARG ;; p) PROUNDS=$OPTARG ;;
         b) BURST=$OPTARG ;; w) WORKLOAD=$OPTARG ;; o) ONLY=$OPTARG ;; f) FSECS=$OPTARG ;;
-        K) KWIN=$OPTARG ;; S) SEED=$OPTARG ;; j) JSON=$OPTARG ;; x) KEEP=1 ;; n) BUILD=0 ;;
+        K) KWIN=$OPTARG ;; S) SEED=$OPTARG ;; j) JSON=$OPTARG ;; x) BENCH_KEEP=1 ;; n) BUILD=0 ;;
         h) usage 0 ;; *) usage 2 >&2 ;;
     esac
 done
 [[ $KWIN =~ ^([0-9]+)-([0-9]+)$ ]] || { echo "bench-ft: -K wants MIN-MAX in ms" >&2; exit 2; }
 KMIN=${BASH_REMATCH[1]} KMAX=${BASH_REMATCH[2]}
-command -v python3 >/dev/null || { echo "bench-ft: python3 is needed" >&2; exit 2; }
+bench_need python3 "apt-get install python3"
+if [ "$BUILD" = 1 ]; then bench_ftvm --locked --workspace; else bench_ftvm --no-build; fi
+FTVM=$ftvm
 
-if [ -z "${FTVM:-}" ]; then
-    if [ "$BUILD" = 1 ]; then
-        cargo build --release --locked --workspace -q >&2 || { echo "bench-ft: the release build failed" >&2; exit 2; }
-    fi
-    FTVM=$PWD/target/release/ftvm
-fi
-[ -x "$FTVM" ] || { echo "bench-ft: no ftvm binary at $FTVM" >&2; exit 2; }
-FTVM=$(cd "$(dirname "$FTVM")" && pwd)/$(basename "$FTVM")
-
-work=$(mktemp -d /tmp/ftvm-bench.XXXXXX)
-pidfile=$work/pids
-: >"$pidfile"
 py=
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM HUP
+pidfile=
+# shellcheck disable=SC2317 # run on exit, by bench_cleanup
+bench_on_exit() {
     if [ -n "$py" ] && kill -0 "$py" 2>/dev/null; then
         kill -TERM "$py" 2>/dev/null || true
         for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$py" 2>/dev/null || break; sleep 0.2; done
         kill -KILL "$py" 2>/dev/null || true
     fi
     # Anything the helper started and did not reap (only if it is still an ftvm of ours).
+    [ -f "$pidfile" ] || return 0
     while read -r pid; do
         [ -n "$pid" ] || continue
         if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF "$FTVM"; then
             kill -KILL "$pid" 2>/dev/null || true
         fi
     done <"$pidfile"
-    if [ "$KEEP" = 1 ]; then echo "bench-ft: files kept in $work" >&2; else rm -rf "$work"; fi
-    exit "$rc"
 }
-trap cleanup EXIT
+bench_workdir
 trap 'exit 130' INT TERM HUP
+pidfile=$work/pids
+: >"$pidfile"
 
 echo "== Host"
 echo "  kernel:  $(uname -r) ($(uname -m))"

@@ -22,46 +22,13 @@
 # target/release/ftvm. Keeps the lab's raw output in build/bench-linux.out.
 set -euo pipefail
 
-usage() {
-    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
-    exit "${1:-0}"
-}
-
-rounds=3
-idle=10
-timeout=900
-while getopts ":n:i:t:h" opt; do
-    case "$opt" in
-        n) rounds=$OPTARG ;;
-        i) idle=$OPTARG ;;
-        t) timeout=$OPTARG ;;
-        h) usage 0 ;;
-        :) echo "bench-linux: -$OPTARG needs a value" >&2; usage 2 >&2 ;;
-        *) echo "bench-linux: unknown option -$OPTARG" >&2; usage 2 >&2 ;;
-    esac
-done
-shift $((OPTIND - 1))
-(($# == 0)) || { echo "bench-linux: unexpected argument: $1" >&2; exit 2; }
-for pair in "n:$rounds" "i:$idle" "t:$timeout"; do
-    v=${pair#*:}
-    if ! [[ $v =~ ^[0-9]+$ ]] || ((10#$v < 1)); then
-        echo "bench-linux: -${pair%%:*} wants a positive integer, got '$v'" >&2
-        exit 2
-    fi
-done
-rounds=$((10#$rounds)) idle=$((10#$idle)) timeout=$((10#$timeout))
-
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-
-if [ -n "${FTVM:-}" ]; then
-    ftvm=$FTVM
-else
-    echo "bench-linux: cargo build --release (no-op when up to date)" >&2
-    cargo build --release --quiet >&2
-    ftvm=$ROOT/target/release/ftvm
-fi
-[ -x "$ftvm" ] || { echo "bench-linux: $ftvm not found or not executable" >&2; exit 1; }
+BENCH_NAME=bench-linux BENCH_USAGE=2,22
+# shellcheck source-path=SCRIPTDIR source=lib/bench.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/bench.sh"
+rounds=3 idle=10 timeout=900
+bench_int_options "n:rounds i:idle t:timeout" "$@"
+ROOT=$BENCH_ROOT
+bench_ftvm
 
 OUT=$ROOT/guest/linux/out
 if [ ! -s "$OUT/vmlinux" ] || [ ! -s "$OUT/bzImage" ] || [ ! -s "$OUT/initramfs.cpio.gz" ]; then
@@ -73,10 +40,7 @@ fi
 # the firmware it loads, from the data directories it searches (-L help:
 # paths relative to the binary, e.g. /usr/bin/../share/qemu and
 # /usr/bin/../share/seabios), symlinks followed. -nographic needs no keymap.
-command -v qemu-system-x86_64 >/dev/null || {
-    echo "bench-linux: qemu-system-x86_64 is missing (apt-get install qemu-system-x86; scripts/lab.sh needs it too)" >&2
-    exit 1
-}
+bench_need qemu-system-x86_64 "apt-get install qemu-system-x86; scripts/lab.sh needs it too"
 qemu=$(command -v qemu-system-x86_64)
 qfiles=(--file "$(realpath "$qemu"):$qemu")
 mapfile -t qdirs < <("$qemu" -L help 2>/dev/null)

@@ -16,59 +16,19 @@
 # python wrapper: time.perf_counter_ns and getrusage(RUSAGE_CHILDREN)).
 set -euo pipefail
 
-usage() {
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
-    exit "${1:-0}"
-}
-
-rounds=5
-burst=3000
-secs=3
-while getopts ":n:b:s:h" opt; do
-    case "$opt" in
-        n) rounds=$OPTARG ;;
-        b) burst=$OPTARG ;;
-        s) secs=$OPTARG ;;
-        h) usage 0 ;;
-        :) echo "bench-record: -$OPTARG needs a value" >&2; usage 2 >&2 ;;
-        *) echo "bench-record: unknown option -$OPTARG" >&2; usage 2 >&2 ;;
-    esac
-done
-shift $((OPTIND - 1))
-(($# == 0)) || { echo "bench-record: unexpected argument: $1" >&2; exit 2; }
-for pair in "n:$rounds" "b:$burst" "s:$secs"; do
-    v=${pair#*:}
-    if ! [[ $v =~ ^[0-9]+$ ]] || ((10#$v < 1)); then
-        echo "bench-record: -${pair%%:*} wants a positive integer, got '$v'" >&2
-        exit 2
-    fi
-done
-rounds=$((10#$rounds)) burst=$((10#$burst)) secs=$((10#$secs))
-
-command -v python3 >/dev/null || { echo "bench-record: python3 is needed (apt-get install python3)" >&2; exit 1; }
-
-cd "$(dirname "$0")/.."
-if [ -n "${FTVM:-}" ]; then
-    ftvm=$FTVM
-elif command -v cargo >/dev/null; then
-    echo "bench-record: cargo build --release (no-op when up to date)" >&2
-    cargo build --release --quiet >&2
-    ftvm=target/release/ftvm
-else
-    ftvm=target/release/ftvm
-fi
-[ -x "$ftvm" ] || { echo "bench-record: $ftvm not found or not executable (build with cargo build --release)" >&2; exit 1; }
-[ -r /dev/kvm ] && [ -w /dev/kvm ] || { echo "bench-record: need read/write access to /dev/kvm" >&2; exit 1; }
-
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/ftvm-bench.XXXXXX")
-cleanup() { rm -rf -- "$tmp"; }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+BENCH_NAME=bench-record BENCH_USAGE=2,15
+# shellcheck source-path=SCRIPTDIR source=lib/bench.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/bench.sh"
+rounds=5 burst=3000 secs=3
+bench_int_options "n:rounds b:burst s:secs" "$@"
+bench_need python3 "apt-get install python3"
+bench_ftvm
+if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then bench_die "need read/write access to /dev/kvm"; fi
+bench_workdir
 
 # timeit.py OUT ERR CMD...: runs CMD (stdin /dev/null), prints
 # "wall_s cpu_s rc" with cpu = user + sys of the child.
-cat >"$tmp/timeit.py" <<'EOF'
+cat >"$work/timeit.py" <<'EOF'
 import resource, subprocess, sys, time
 out, err, cmd = sys.argv[1], sys.argv[2], sys.argv[3:]
 with open(out, "wb") as o, open(err, "wb") as e:
@@ -79,7 +39,7 @@ ru = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(f"{(t1 - t0) / 1e9:.6f} {ru.ru_utime + ru.ru_stime:.6f} {rc}")
 EOF
 
-results=$tmp/results.tsv
+results=$work/results.tsv
 : >"$results"
 
 # measure KIND ROUND OUT ERR CMD...: times CMD, fails loudly on a non-zero
@@ -88,7 +48,7 @@ measure() {
     local kind=$1 round=$2 out=$3 err=$4
     shift 4
     local line wall cpu rc
-    line=$(python3 "$tmp/timeit.py" "$out" "$err" "$@")
+    line=$(python3 "$work/timeit.py" "$out" "$err" "$@")
     read -r wall cpu rc <<<"$line"
     if [ "$rc" != 0 ]; then
         echo "bench-record: '$*' exited with status $rc; its stderr:" >&2
@@ -110,7 +70,7 @@ check_done() {
 cmd="burst=$burst"
 echo "bench-record: $rounds rounds of '$cmd' plain / recorded / replayed, then one recorded 'seconds=$secs'" >&2
 for ((r = 1; r <= rounds; r++)); do
-    d=$tmp/r$r
+    d=$work/r$r
     mkdir "$d"
     if ((r % 2)); then order="plain record"; else order="record plain"; fi
     for k in $order; do
@@ -133,7 +93,7 @@ for ((r = 1; r <= rounds; r++)); do
     echo "bench-record: round $r/$rounds done" >&2
 done
 
-d=$tmp/idle
+d=$work/idle
 mkdir "$d"
 measure idle-record 1 "$d/record.out" "$d/record.err" \
     "$ftvm" record --no-stdin --log "$d/log" --cmdline "seconds=$secs"
@@ -166,7 +126,7 @@ else
     nested="no hypervisor flag"
 fi
 
-export BENCH_TMP=$tmp BENCH_ROUNDS=$rounds BENCH_BURST=$burst BENCH_SECS=$secs
+export BENCH_TMP=$work BENCH_ROUNDS=$rounds BENCH_BURST=$burst BENCH_SECS=$secs
 export BENCH_HOST_KERNEL=$(uname -r) BENCH_HOST_NPROC=$(nproc)
 export BENCH_HOST_CPU=${cpu_model:-unknown} BENCH_HOST_BACKEND=$backend
 export BENCH_HOST_MODS=${kvm_mods:-none} BENCH_HOST_NESTED=$nested

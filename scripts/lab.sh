@@ -67,33 +67,12 @@ done
 CMD=("$@")
 
 # ---------------------------------------------------------------- host tools
-SUDO=
-if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
-APT_UPDATED=0
-apt_update_once() {
-    ((APT_UPDATED)) && return 0
-    APT_UPDATED=1
-    log "apt-get update"
-    $SUDO apt-get update -qq >&2 || die "apt-get update failed"
-}
-apt_install() {
-    log "installing Debian packages: $*"
-    if ! $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2; then
-        apt_update_once
-        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >&2 \
-            || die "could not install: $* (apt-get install failed)"
-    fi
-}
-need=()
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-[ -x /bin/busybox ] && dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
-command -v cpio >/dev/null || need+=(cpio)
-command -v gzip >/dev/null || need+=(gzip)
-command -v timeout >/dev/null || need+=(coreutils)
-command -v ldd >/dev/null || need+=(libc-bin)
-command -v xz >/dev/null || need+=(xz-utils)
-command -v zstd >/dev/null || need+=(zstd)
-((${#need[@]} == 0)) || apt_install "${need[@]}"
+# shellcheck source-path=SCRIPTDIR source=lib/apt.sh
+. "$ROOT/scripts/lib/apt.sh"
+extra=()
+{ [ -x /bin/busybox ] && dpkg -s busybox-static >/dev/null 2>&1; } || extra+=(busybox-static)
+apt_install_missing qemu-system-x86_64:qemu-system-x86 cpio:cpio gzip:gzip timeout:coreutils \
+    ldd:libc-bin xz:xz-utils zstd:zstd -- "${extra[@]}"
 for t in qemu-system-x86_64 cpio gzip timeout ldd apt-get dpkg-deb flock od; do
     command -v "$t" >/dev/null || die "missing tool after install: $t"
 done
@@ -103,26 +82,6 @@ ldd $BUSYBOX >/dev/null 2>&1 && die "$BUSYBOX is not static: install busybox-sta
 
 # ------------------------------------------------------- L1 kernel and modules
 MODULES=(irqbypass kvm ccp kvm-amd)
-kernel_pkg() {
-    if [ -n "${LAB_KERNEL_PKG-}" ]; then echo "$LAB_KERNEL_PKG"; return; fi
-    local dep
-    dep=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[^ ]*-amd64\)$/\1/p' | head -1)
-    if [ -z "$dep" ]; then
-        apt_update_once
-        dep=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[^ ]*-amd64\)$/\1/p' | head -1)
-    fi
-    [ -n "$dep" ] || die "cannot resolve the kernel package behind linux-image-amd64 (apt-cache depends)"
-    echo "$dep"
-}
-apt_download() { # dir pkg
-    local dir=$1 pkg=$2 opt=()
-    [ "$(id -u)" -eq 0 ] && opt=(-o APT::Sandbox::User=root)
-    if ! (cd "$dir" && apt-get download -q "${opt[@]}" "$pkg" >&2); then
-        apt_update_once
-        (cd "$dir" && apt-get download -q "${opt[@]}" "$pkg" >&2) || die "apt-get download $pkg failed"
-    fi
-}
-
 KDIR=$CACHE/kernel
 mkdir -p "$CACHE"
 # one lab at a time builds the cache
@@ -135,12 +94,16 @@ kernel_cached() {
     for m in "${MODULES[@]}"; do [ -s "$KDIR/$m.ko" ] || return 1; done
 }
 if ! kernel_cached; then
-    pkg=$(kernel_pkg)
-    log "fetching L1 kernel $pkg into $KDIR"
     tmp=$(mktemp -d "$CACHE/kernel.XXXXXX")
     trap 'rm -rf "$tmp"' EXIT
-    apt_download "$tmp" "$pkg"
-    deb=$(ls "$tmp"/*.deb)
+    # the kernel: LAB_KERNEL_PKG, or the one linux-image-amd64 depends on
+    if [ -n "${LAB_KERNEL_PKG-}" ]; then
+        apt_download_resolving "$tmp" "$LAB_KERNEL_PKG"
+    else
+        apt_download_resolving "$tmp" --dep-of linux-image-amd64 'linux-image-[^ ]*-amd64'
+    fi
+    deb=$APT_DEB
+    log "L1 kernel $APT_PKG $APT_VER: extracting into $KDIR"
     mkdir -p "$tmp/x"
     dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp/x" --wildcards './boot/vmlinuz-*' './boot/config-*' \
         '*/irqbypass.ko*' '*/kvm.ko*' '*/ccp.ko*' '*/kvm-amd.ko*' \

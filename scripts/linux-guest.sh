@@ -49,85 +49,25 @@ EPOCH=0 # mtime of every file in the initramfs
 mkdir -p "$CACHE/debs"
 
 # ------------------------------------------------------------------ tools
-SUDO=
-[ "$(id -u)" -eq 0 ] || SUDO=sudo
-APT_UPDATED=0
-apt_update_once() {
-    ((APT_UPDATED)) && return 0
-    APT_UPDATED=1
-    log "apt-get update"
-    $SUDO apt-get update -qq >&2 || die "apt-get update failed"
-}
-need=()
-command -v cpio >/dev/null || need+=(cpio)
-command -v gzip >/dev/null || need+=(gzip)
-command -v xz >/dev/null || need+=(xz-utils)
-command -v zstd >/dev/null || need+=(zstd)
-command -v lz4 >/dev/null || need+=(lz4)
-command -v bzip2 >/dev/null || need+=(bzip2)
-command -v sha256sum >/dev/null || need+=(coreutils)
-if ((${#need[@]})); then
-    log "installing Debian packages: ${need[*]}"
-    if ! $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2; then
-        apt_update_once
-        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >&2 \
-            || die "could not install: ${need[*]}"
-    fi
-fi
+# shellcheck source-path=SCRIPTDIR source=lib/apt.sh
+. "$ROOT/scripts/lib/apt.sh"
+apt_install_missing cpio:cpio gzip:gzip xz:xz-utils zstd:zstd lz4:lz4 bzip2:bzip2 sha256sum:coreutils
 for t in apt-get apt-cache dpkg-deb cpio gzip sha256sum; do
     command -v "$t" >/dev/null || die "missing tool: $t"
 done
 
 # ------------------------------------------------------ resolve and download
-# prints "name version" of the candidate of a package; for a metapackage, of
-# the linux-image package it depends on
-candidate() {
-    local pkg=$1 out
-    out=$(apt-cache show --no-all-versions "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -1)
-    if [ -z "$out" ]; then
-        apt_update_once
-        out=$(apt-cache show --no-all-versions "$pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -1)
-    fi
-    [ -n "$out" ] || die "package $pkg is unknown to apt (check /etc/apt/sources.list)"
-    echo "$pkg $out"
-}
-kernel_pkg() {
-    if [ -n "${LINUX_GUEST_KERNEL_PKG-}" ]; then echo "$LINUX_GUEST_KERNEL_PKG"; return; fi
-    local dep
-    candidate linux-image-cloud-amd64 >/dev/null
-    dep=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null \
-        | sed -n 's/^ *Depends: \(linux-image-[^ ]*-cloud-amd64\)$/\1/p' | head -1)
-    [ -n "$dep" ] || die "cannot resolve the kernel package behind linux-image-cloud-amd64"
-    echo "$dep"
-}
-cached_deb() { # name version -> prints the cached .deb, if any
-    local d
-    for d in "$CACHE/debs/$1"_*.deb; do
-        if [ -f "$d" ] && [ "$(dpkg-deb -f "$d" Version)" = "$2" ]; then echo "$d"; return 0; fi
-    done
-}
-download() { # name version -> prints the .deb path
-    local name=$1 ver=$2 f opt=()
-    f=$(cached_deb "$name" "$ver")
-    if [ -z "$f" ]; then
-        log "downloading $name $ver"
-        [ "$(id -u)" -eq 0 ] && opt=(-o APT::Sandbox::User=root)
-        if ! (cd "$CACHE/debs" && apt-get download -q "${opt[@]}" "$name=$ver" >&2); then
-            apt_update_once
-            (cd "$CACHE/debs" && apt-get download -q "${opt[@]}" "$name=$ver" >&2) || die "apt-get download $name=$ver failed"
-        fi
-        f=$(cached_deb "$name" "$ver")
-        [ -n "$f" ] || die "downloaded $name $ver but cannot find its .deb"
-    fi
-    echo "$f"
-}
-
-KPKG=$(kernel_pkg)
-KVER=$(candidate "$KPKG"); KVER=${KVER#* }
-BPKG=busybox-static
-BVER=$(candidate "$BPKG"); BVER=${BVER#* }
-KDEB=$(download "$KPKG" "$KVER")
-BDEB=$(download "$BPKG" "$BVER")
+# The kernel: the linux-image package linux-image-cloud-amd64 depends on.
+# Name and version come from apt_download_resolving, which resolves them
+# again after an apt-get update: the stamp below keys off what it settled on.
+if [ -n "${LINUX_GUEST_KERNEL_PKG-}" ]; then
+    apt_download_resolving "$CACHE/debs" "$LINUX_GUEST_KERNEL_PKG"
+else
+    apt_download_resolving "$CACHE/debs" --dep-of linux-image-cloud-amd64 'linux-image-[^ ]*-cloud-amd64'
+fi
+KPKG=$APT_PKG KVER=$APT_VER KDEB=$APT_DEB
+apt_download_resolving "$CACHE/debs" busybox-static
+BPKG=$APT_PKG BVER=$APT_VER BDEB=$APT_DEB
 
 STAMP=$(printf '%s\n' "$KPKG $KVER" "$BPKG $BVER" "$(sha256sum <"$INIT")" "$(sha256sum <"$SCRIPT")" | sha256sum | cut -d' ' -f1)
 
