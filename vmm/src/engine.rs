@@ -481,3 +481,7 @@ fn begin_exit<I: Inputs + ?Sized>(m: &Machine, inputs: &mut I, ordinal: u64, kin
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

@@ -165,6 +165,13 @@ pub mod fake {
         pub read: Vec<u8>,
         /// A safety net: after this many exits `run` reports a failure.
         pub max_exits: u64,
+        /// Time each exit takes (busy-waited), like the cost of a real one.
+        pub exit_cost: std::time::Duration,
+        /// Where the program continues after its last step.
+        pub loop_from: usize,
+        /// After this many injected interrupts the guest writes this status
+        /// to the debug exit port.
+        pub exit_after: Option<(usize, u8)>,
         exits: u64,
         last_in: Option<usize>,
     }
@@ -181,9 +188,17 @@ pub mod fake {
                 injected: Vec::new(),
                 read: Vec::new(),
                 max_exits: 1_000_000,
+                exit_cost: std::time::Duration::ZERO,
+                loop_from: 0,
+                exit_after: None,
                 exits: 0,
                 last_in: None,
             }
+        }
+
+        /// Step `i` of the program.
+        pub fn step(&self, i: usize) -> Step {
+            self.program[i].clone()
         }
 
         fn if_set(&self) -> bool {
@@ -198,6 +213,10 @@ pub mod fake {
                 self.read.extend_from_slice(&self.buf[..n]);
                 self.regs.rax = self.regs.rax.rotate_left(8) ^ u64::from_le_bytes(self.buf);
             }
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < self.exit_cost {
+                std::hint::spin_loop();
+            }
             self.exits += 1;
             if self.exits > self.max_exits {
                 return Ok(VmExit::Failed("fake guest ran past max_exits".into()));
@@ -207,8 +226,15 @@ pub mod fake {
                 let step = if let Some((i, step)) = self.handler_queue.pop_front() {
                     self.regs.rip = 0x8000 + 4 * i as u64;
                     step
+                } else if let Some((n, status)) = self.exit_after.filter(|(n, _)| self.injected.len() >= *n) {
+                    let _ = n;
+                    self.regs.rip = 0xf000;
+                    Step::Out(crate::layout::DEBUG_EXIT_PORT, vec![status])
                 } else {
-                    let i = self.pc % self.program.len();
+                    if self.pc >= self.program.len() {
+                        self.pc = self.loop_from;
+                    }
+                    let i = self.pc;
                     self.pc += 1;
                     self.regs.rip = 0x1000 + 4 * i as u64;
                     self.program[i].clone()

@@ -1,0 +1,467 @@
+//! The exit loop, recording, replay and failover, run against a scripted
+//! fake vCPU (`vcpu::fake`) and logs held in memory: no `/dev/kvm`.
+
+use std::io::Write;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use replay_log::{Event, LogReader, LogWriter, Record};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::clock::VmClock;
+use crate::config::GuestConfig;
+use crate::console_io::ConsoleInput;
+use crate::devices::{OutputSink, StopRequest};
+use crate::engine::{run, EngineError, Ending, Guest, Outcome, RunOptions};
+use crate::ft::backup_inputs::{BackupInputs, Takeover};
+use crate::ft::gate::{Gate, Role};
+use crate::ft::stream::ChannelSource;
+use crate::machine::Machine;
+use crate::recorder::{LogSink, Recorder};
+use crate::replay::Replayer;
+use crate::stop::StopHandle;
+use crate::vcpu::fake::{FakeVcpu, Step};
+
+/// Bytes written by a `LogWriter` or the console, kept for the test.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Shared {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl OutputSink for Shared {
+    fn emit(&mut self, bytes: &[u8]) {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+    }
+}
+
+impl Shared {
+    fn bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A guest that sets up the PIC and a 1 kHz PIT, listens on the serial
+/// port, then loops: print a byte, read the PIT counter (a time read), read
+/// the serial port, halt. It ends after `ticks` interrupts with status 7.
+fn program(ticks: usize) -> FakeVcpu {
+    let mut p = vec![
+        Step::Out(0x20, vec![0x11]),
+        Step::Out(0x21, vec![0x20]),
+        Step::Out(0x21, vec![0x04]),
+        Step::Out(0x21, vec![0x01]),
+        Step::Out(0x21, vec![0xee]), // IRQ0 (timer) and IRQ4 (serial)
+        Step::Out(0x43, vec![0x34]),
+        Step::Out(0x40, vec![0xa9]),
+        Step::Out(0x40, vec![0x04]), // 1193: 1 kHz
+        Step::Out(0x3f9, vec![0x01]), // receive interrupt on
+        Step::If(true),
+    ];
+    let loop_from = p.len();
+    p.extend([
+        Step::Out(0x3f8, b"x".to_vec()),
+        Step::Out(0x43, vec![0x00]),
+        Step::In(0x40, 1),
+        Step::In(0x40, 1),
+        Step::In(0x3f8, 1),
+        Step::Hlt,
+    ]);
+    let mut f = FakeVcpu::new(p);
+    f.loop_from = loop_from;
+    f.exit_after = Some((ticks, 7));
+    f
+}
+
+struct Rig {
+    machine: Machine,
+    mem: GuestMemoryMmap,
+    console: Shared,
+}
+
+fn rig(clock: VmClock) -> Rig {
+    let console = Shared::default();
+    let machine = Machine::new(Arc::new(clock), Box::new(console.clone()), Arc::new(AtomicU64::new(0))).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    Rig { machine, mem, console }
+}
+
+fn go<I: crate::engine::Inputs>(r: &Rig, vcpu: &mut FakeVcpu, inputs: &mut I) -> Result<Outcome, EngineError> {
+    let g = Guest { vcpu, machine: &r.machine, mem: &r.mem, traps: None };
+    run(g, inputs, &RunOptions::default())
+}
+
+fn header() -> replay_log::Header {
+    GuestConfig::load(None, None, 1 << 20, "fake").unwrap().header()
+}
+
+fn writer(buf: &Shared) -> LogSink {
+    LogWriter::new(Box::new(buf.clone()) as Box<dyn Write + Send>, &header()).unwrap()
+}
+
+struct Recording {
+    log: Vec<u8>,
+    console: Vec<u8>,
+    injected: Vec<(usize, u8)>,
+    read: Vec<u8>,
+    exits: u64,
+}
+
+/// Records `ticks` timer interrupts, with `typed` typed meanwhile.
+fn record(ticks: usize, typed: &[u8]) -> Recording {
+    let r = rig(VmClock::host());
+    let buf = Shared::default();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    if !typed.is_empty() {
+        tx.send(typed.to_vec()).unwrap();
+    }
+    drop(tx);
+    let mut rec = Recorder::new(Some(writer(&buf)), ConsoleInput::from_channel(rx));
+    let mut vcpu = program(ticks);
+    let out = go(&r, &mut vcpu, &mut rec).unwrap();
+    assert_eq!(out.ending, Ending::Guest(StopRequest::Exit(7)));
+    drop(rec);
+    Recording { log: buf.bytes(), console: r.console.bytes(), injected: vcpu.injected, read: vcpu.read, exits: out.exits }
+}
+
+fn records(log: &[u8]) -> Vec<Record> {
+    let mut r = LogReader::new(log, "mem").unwrap();
+    let mut v = Vec::new();
+    while let Some(rec) = r.next_record().unwrap() {
+        v.push(rec);
+    }
+    v
+}
+
+fn encode(recs: &[Record]) -> Vec<u8> {
+    let buf = Shared::default();
+    let mut w = writer(&buf);
+    for r in recs {
+        w.append(r).unwrap();
+    }
+    w.flush().unwrap();
+    buf.bytes()
+}
+
+fn replay(log: &[u8], vcpu: &mut FakeVcpu) -> (Result<Outcome, EngineError>, Vec<u8>) {
+    let r = rig(VmClock::replay());
+    let mut rep = Replayer::new(LogReader::new(log, "mem").unwrap().end_is_final());
+    let res = go(&r, vcpu, &mut rep);
+    (res, r.console.bytes())
+}
+
+#[test]
+fn a_recording_replays_verified_with_events_at_their_ordinals() {
+    let rec = record(25, b"hi\n");
+    let recs = records(&rec.log);
+    let count = |k: &str| recs.iter().filter(|r| r.event.kind_name() == k).count();
+    assert!(count("interrupt") >= 25, "{recs:?}");
+    assert!(count("time") >= 25);
+    let typed: usize = recs.iter().map(|r| match &r.event { Event::SerialIn { bytes } => bytes.len(), _ => 0 }).sum();
+    assert_eq!(typed, 3, "every typed byte logged once");
+    assert_eq!(count("end"), 1);
+
+    let mut vcpu = program(25);
+    let (res, console) = replay(&rec.log, &mut vcpu);
+    let out = res.unwrap();
+    assert_eq!(out.ending, Ending::Guest(StopRequest::Exit(7)));
+    assert_eq!(out.exits, rec.exits);
+    // Same interrupts after the same steps, same bytes read, same output.
+    assert_eq!(vcpu.injected, rec.injected);
+    assert_eq!(vcpu.read, rec.read);
+    // Each loop reads the PIT's two bytes, then the serial port.
+    let serial: Vec<u8> = rec.read.iter().skip(2).step_by(3).copied().collect();
+    assert!(serial.starts_with(b"hi\n"), "typed bytes reached the guest: {serial:?}");
+    assert_eq!(console, rec.console);
+}
+
+#[test]
+fn two_recordings_differ_but_each_replays() {
+    let a = record(10, b"");
+    let b = record(10, b"");
+    // Host time differs between runs; the logs say so.
+    assert_ne!(records(&a.log), records(&b.log));
+    for rec in [a, b] {
+        let (res, _) = replay(&rec.log, &mut program(10));
+        assert_eq!(res.unwrap().ending, Ending::Guest(StopRequest::Exit(7)));
+    }
+}
+
+fn divergence(res: Result<Outcome, EngineError>) -> String {
+    match res {
+        Err(e @ EngineError::Diverged { .. }) => e.to_string(),
+        Err(e) => panic!("expected a divergence, got {e}"),
+        Ok(o) => panic!("expected a divergence, got {:?}", o.ending),
+    }
+}
+
+#[test]
+fn a_different_exit_kind_is_a_divergence_naming_both() {
+    let rec = record(10, b"");
+    // The guest writes the PIT's reload to another port: the log has the
+    // time read at `out 0x40` there.
+    let mut vcpu = program(10);
+    let mut p: Vec<Step> = (0..16).map(|i| vcpu_step(i)).collect();
+    p[7] = Step::Out(0x80, vec![0x04]);
+    let mut other = FakeVcpu::new(p);
+    other.loop_from = vcpu.loop_from;
+    other.exit_after = vcpu.exit_after;
+    vcpu = other;
+    let e = divergence(replay(&rec.log, &mut vcpu).0);
+    assert!(e.contains("0x40") && e.contains("0x80") && e.contains("exit #8"), "{e}");
+}
+
+/// Step `i` of `program`.
+fn vcpu_step(i: usize) -> Step {
+    program(1).step(i)
+}
+
+#[test]
+fn a_wrong_rip_is_a_divergence_naming_both() {
+    let rec = record(10, b"");
+    let mut recs = records(&rec.log);
+    let i = recs.iter().position(|r| matches!(r.event, Event::Interrupt { .. })).unwrap();
+    recs[i].pos.rip += 4;
+    let want = format!("{:#x}", recs[i].pos.rip);
+    let e = divergence(replay(&encode(&recs), &mut program(10)).0);
+    assert!(e.contains(&want) && e.contains(&format!("{:#x}", recs[i].pos.rip - 4)), "{e}");
+    assert!(e.contains(&format!("exit #{}", recs[i].pos.ordinal)), "{e}");
+}
+
+#[test]
+fn a_wrong_register_digest_is_a_divergence() {
+    let rec = record(10, b"");
+    let mut recs = records(&rec.log);
+    let i = recs.iter().position(|r| matches!(r.event, Event::End { .. })).unwrap();
+    if let Event::End { regs_digest, .. } = &mut recs[i].event {
+        *regs_digest ^= 1;
+    }
+    let e = divergence(replay(&encode(&recs), &mut program(10)).0);
+    assert!(e.contains("register digest"), "{e}");
+}
+
+#[test]
+fn an_interrupt_missing_from_the_log_is_a_divergence() {
+    let rec = record(10, b"");
+    let mut recs = records(&rec.log);
+    let i = recs.iter().position(|r| matches!(r.event, Event::Interrupt { .. })).unwrap();
+    recs.remove(i);
+    let e = divergence(replay(&encode(&recs), &mut program(10)).0);
+    assert!(e.contains("injected vector 0x20"), "{e}");
+}
+
+#[test]
+fn a_truncated_log_ends_as_incomplete_after_replaying_what_it_has() {
+    let rec = record(20, b"");
+    let recs = records(&rec.log);
+    let cut = recs.len() / 2;
+    let (res, console) = replay(&encode(&recs[..cut]), &mut program(20));
+    match res.unwrap().ending {
+        Ending::LogIncomplete(w) => assert!(w.contains("without an end record"), "{w}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(rec.console.starts_with(&console) && !console.is_empty());
+    // Cut inside a record: incomplete too, never "verified".
+    let bytes = encode(&recs);
+    let (res, _) = replay(&bytes[..bytes.len() - 3], &mut program(20));
+    assert!(matches!(res.unwrap().ending, Ending::LogIncomplete(_)));
+}
+
+#[test]
+fn data_after_the_end_record_fails_replay() {
+    let rec = record(5, b"");
+    let mut bytes = rec.log.clone();
+    bytes.push(0);
+    let err = replay(&bytes, &mut program(5)).0.err().expect("refused");
+    assert!(err.to_string().contains("data after the end record"), "{err}");
+}
+
+/// The backup's inputs: replay the first part of a recording from a
+/// channel, then, with the stream closed after a promotion, go live at the
+/// exact end and finish the run logging from there.
+#[test]
+fn failover_goes_live_at_the_end_of_the_log() {
+    let rec = record(30, b"");
+    let recs = records(&rec.log);
+    let cut = recs.len() / 2;
+    let last_replayed = recs[cut - 1].pos.ordinal;
+
+    let r = rig(VmClock::replay());
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for x in &recs[..cut] {
+        tx.send(x.clone()).unwrap();
+    }
+    drop(tx);
+    let live_log = Shared::default();
+    let gate = Gate::new(Role::Primary { need_ack: false });
+    let went_live = Arc::new(Mutex::new(None));
+    let wl = went_live.clone();
+    let kit = Takeover {
+        log: writer(&live_log),
+        input: ConsoleInput::none(),
+        marked: Arc::new(AtomicU64::new(0)),
+        gate,
+        on_live: Box::new(move |ord| *wl.lock().unwrap() = Some(ord)),
+    };
+    let stop = StopHandle::new();
+    let slot = Arc::new(Mutex::new(Some(kit)));
+    let mut inputs = BackupInputs::new(Replayer::new(ChannelSource::new(rx, stop.clone())), slot, stop);
+    let mut vcpu = program(30);
+    let out = go(&r, &mut vcpu, &mut inputs).unwrap();
+    assert!(inputs.is_live());
+    assert_eq!(out.ending, Ending::Guest(StopRequest::Exit(7)));
+    let live_at = went_live.lock().unwrap().expect("went live");
+    assert!(live_at >= last_replayed, "live at #{live_at}, log through #{last_replayed}");
+    // Everything before the switch happened exactly as recorded.
+    let same = rec.injected.iter().zip(&vcpu.injected).take_while(|(a, b)| a == b).count();
+    let recorded_before: usize = recs[..cut].iter().filter(|r| matches!(r.event, Event::Interrupt { .. })).count();
+    assert!(same >= recorded_before, "{same} < {recorded_before}");
+    // The live part logs on from there, at later ordinals only.
+    drop(inputs);
+    let tail = records(&live_log.bytes());
+    assert!(!tail.is_empty() && tail.iter().all(|x| x.pos.ordinal >= live_at), "{tail:?}");
+    assert!(tail.iter().any(|x| matches!(x.event, Event::End { .. })), "{tail:?}");
+}
+
+/// A backup whose stream closes without a promotion, because its VMM is
+/// stopping, ends with that stop, not with an error.
+#[test]
+fn a_stopped_backup_ends_with_its_reason() {
+    let rec = record(5, b"");
+    let recs = records(&rec.log);
+    let r = rig(VmClock::replay());
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for x in &recs[..recs.len() / 2] {
+        tx.send(x.clone()).unwrap();
+    }
+    let stop = StopHandle::new();
+    let s2 = stop.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        s2.stop(Ending::Stopped { why: "dropped".into(), code: 1 });
+        drop(tx);
+    });
+    let mut inputs = BackupInputs::new(Replayer::new(ChannelSource::new(rx, stop.clone())), Arc::new(Mutex::new(None)), stop);
+    let out = go(&r, &mut program(5), &mut inputs).unwrap();
+    t.join().unwrap();
+    assert_eq!(out.ending, Ending::Stopped { why: "dropped".into(), code: 1 });
+}
+
+/// Group commit through the real recorder: a burst of output marks far
+/// fewer high-water points than it writes bytes, and every byte is still
+/// released only after its ordinal is acknowledged.
+#[test]
+fn group_commit_marks_a_burst_once_per_acknowledgement() {
+    let r = rig(VmClock::host());
+    let gate = Gate::new(Role::Primary { need_ack: true });
+    gate.set_lease(std::time::Instant::now() + Duration::from_secs(60));
+    let buf = Shared::default();
+    let marked = Arc::new(AtomicU64::new(0));
+    let mut rec = Recorder::new(Some(writer(&buf)), ConsoleInput::none()).with_marks(marked.clone(), gate.clone());
+    // A backup that acknowledges each mark 200 µs after it is made.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acker = {
+        let (gate, marked, done) = (gate.clone(), marked.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = marked.load(std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_micros(200));
+                gate.ack(m);
+            }
+        })
+    };
+    // The sink of the rig is not the gate; feed output through the gate by
+    // hand at each exit instead: every exit prints one byte.
+    let mut p = vec![Step::Out(0x21, vec![0xff])];
+    p.extend(std::iter::repeat_n(Step::Out(0x80, vec![1]), 4));
+    let mut vcpu = FakeVcpu::new(p);
+    vcpu.loop_from = 1;
+    vcpu.max_exits = 20_000;
+    // About as fast as a PIO exit on a real host.
+    vcpu.exit_cost = Duration::from_micros(10);
+    // Run in slices so the test can emit output tagged with the ordinal.
+    let machine = &r.machine;
+    let emitter = GateEmitter { gate: gate.clone(), machine_ordinal: machine.ordinal.clone() };
+    let mut inputs = EmitEachExit { inner: &mut rec, emitter };
+    let g = Guest { vcpu: &mut vcpu, machine, mem: &r.mem, traps: None };
+    let err = run(g, &mut inputs, &RunOptions::default()).err().expect("stops at max_exits");
+    assert!(err.to_string().contains("max_exits"), "{err}");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    acker.join().unwrap();
+    drop(rec);
+    let marks = records(&buf.bytes()).iter().filter(|x| matches!(x.event, Event::Progress)).count();
+    // 20,000 exits of 10 µs, acknowledgements 200 µs after each mark:
+    // one mark per round trip, a few hundred in all.
+    assert!(marks > 50, "{marks} marks");
+    assert!(marks < 20_000 / 4, "{marks} marks for 20000 output exits: no batching");
+    // One byte per exit, plus one at boot.
+    assert_eq!(gate.emitted(), 20_001);
+}
+
+/// Emits one output byte per exit through the gate, tagged with the exit's
+/// ordinal, like `GateSink` does for the UART.
+struct GateEmitter {
+    gate: Arc<Gate>,
+    machine_ordinal: Arc<AtomicU64>,
+}
+
+struct EmitEachExit<'a> {
+    inner: &'a mut Recorder,
+    emitter: GateEmitter,
+}
+
+impl crate::engine::Inputs for EmitEachExit<'_> {
+    fn before_access(&mut self, m: &Machine, o: u64, e: replay_log::ExitKind) -> Result<Option<Event>, EngineError> {
+        self.inner.before_access(m, o, e)
+    }
+    fn arrivals(&mut self, m: &Machine, at: &mut crate::engine::ExitPoint, idle: bool, out: &mut Vec<Event>) -> Result<crate::engine::Flow, EngineError> {
+        self.emitter.gate.emit(self.emitter.machine_ordinal.load(std::sync::atomic::Ordering::Relaxed), b"y");
+        self.inner.arrivals(m, at, idle, out)
+    }
+    fn observe(&mut self, m: &Machine, at: &mut crate::engine::ExitPoint, what: crate::engine::Observed) -> Result<crate::engine::Flow, EngineError> {
+        self.inner.observe(m, at, what)
+    }
+    fn summary(&self) -> String {
+        self.inner.summary()
+    }
+}
+
+#[test]
+fn a_stop_request_ends_the_run_with_its_reason() {
+    let r = rig(VmClock::host());
+    let mut vcpu = FakeVcpu::new(vec![Step::Out(0x80, vec![0])]);
+    vcpu.max_exits = u64::MAX;
+    let stop = StopHandle::new();
+    let s2 = stop.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(30));
+        s2.stop(Ending::Stopped { why: "fenced".into(), code: 75 });
+    });
+    let mut rec = Recorder::new(None, ConsoleInput::none());
+    let g = Guest { vcpu: &mut vcpu, machine: &r.machine, mem: &r.mem, traps: None };
+    let out = run(g, &mut rec, &RunOptions { stop, ..Default::default() }).unwrap();
+    t.join().unwrap();
+    assert_eq!(out.ending.describe(), ("fenced".to_string(), 75));
+}
+
+#[test]
+fn cli_halt_powers_off_and_a_halt_with_nothing_armed_is_stuck() {
+    let r = rig(VmClock::host());
+    let mut vcpu = FakeVcpu::new(vec![Step::HaltForever]);
+    let mut rec = Recorder::new(None, ConsoleInput::none());
+    let out = go(&r, &mut vcpu, &mut rec).unwrap();
+    assert_eq!(out.ending, Ending::Guest(StopRequest::Halt));
+
+    let r = rig(VmClock::host());
+    let mut vcpu = FakeVcpu::new(vec![Step::If(true), Step::Hlt]);
+    let mut rec = Recorder::new(None, ConsoleInput::none());
+    let err = go(&r, &mut vcpu, &mut rec).err().expect("stuck");
+    assert!(matches!(err, EngineError::Stuck { .. }), "{err}");
+}
