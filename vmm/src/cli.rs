@@ -47,14 +47,8 @@ enum Cmd {
         /// Log file to replay.
         #[arg(long)]
         log: PathBuf,
-        /// Kernel the log was recorded with (default: the built-in test guest).
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        /// Initrd the log was recorded with, if any.
-        #[arg(long)]
-        initrd: Option<PathBuf>,
-        #[arg(long, short)]
-        verbose: bool,
+        #[command(flatten)]
+        guest: RecordedGuest,
     },
     /// Hold the view (primary, backup) and the primary's lease.
     Witness {
@@ -81,14 +75,8 @@ enum Cmd {
         /// Where the primary streams its log (and, after a takeover, consoles connect).
         #[arg(long)]
         listen: String,
-        /// Kernel of the guest (default: the built-in test guest).
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        /// Initrd of the guest, if it has one.
-        #[arg(long)]
-        initrd: Option<PathBuf>,
-        #[arg(long, short)]
-        verbose: bool,
+        #[command(flatten)]
+        guest: RecordedGuest,
     },
     /// The guest's console, wherever the primary is.
     Console {
@@ -116,6 +104,21 @@ enum LogCmd {
     Dump { file: PathBuf },
     /// Counts by kind, bytes, bytes per second of guest time.
     Stats { file: PathBuf },
+}
+
+/// The guest of a log (replay) or of a primary's stream (backup): its
+/// memory and command line come from the log's header.
+#[derive(Args)]
+struct RecordedGuest {
+    /// Kernel the log was recorded with (default: the built-in test guest).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initrd the log was recorded with, if any.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Progress every second and details on stderr.
+    #[arg(long, short)]
+    verbose: bool,
 }
 
 #[derive(Args)]
@@ -336,14 +339,14 @@ pub fn main() -> Result<i32> {
     let cli = Cli::parse();
     let verbose = match &cli.cmd {
         Cmd::Run(g) | Cmd::Record { guest: g, .. } | Cmd::Primary { guest: g, .. } => g.verbose,
-        Cmd::Replay { verbose, .. } | Cmd::Backup { verbose, .. } => *verbose,
+        Cmd::Replay { guest, .. } | Cmd::Backup { guest, .. } => guest.verbose,
         _ => false,
     };
     init_logging(verbose);
     match cli.cmd {
         Cmd::Run(g) => run_live(g, None),
         Cmd::Record { log, guest } => run_live(guest, Some(&log)),
-        Cmd::Replay { log, kernel, initrd, verbose } => replay(&log, kernel.as_deref(), initrd.as_deref(), verbose),
+        Cmd::Replay { log, guest: g } => replay(&log, g.kernel.as_deref(), g.initrd.as_deref(), g.verbose),
         Cmd::Witness { listen } => {
             let w = Witness::bind(&listen)?;
             eprintln!("witness: listening on {}", w.local_addr());
@@ -354,8 +357,9 @@ pub fn main() -> Result<i32> {
             let cfg = guest.config()?;
             Ok(ended(run_primary(PrimaryOpts { witness, listen, progress: guest.verbose }, cfg)?))
         }
-        Cmd::Backup { witness, listen, kernel, initrd, verbose } => {
-            Ok(ended(run_backup(BackupOpts { witness, listen, kernel, initrd, progress: verbose })?))
+        Cmd::Backup { witness, listen, guest: g } => {
+            let opts = BackupOpts { witness, listen, kernel: g.kernel, initrd: g.initrd, progress: g.verbose };
+            Ok(ended(run_backup(opts)?))
         }
         Cmd::Console { witness, give_up } => {
             ftvm::ft::remote_console::run_client(&witness, std::time::Duration::from_secs(give_up))

@@ -208,7 +208,7 @@ fn a_different_exit_kind_is_a_divergence_naming_both() {
     // The guest writes the PIT's reload to another port: the log has the
     // time read at `out 0x40` there.
     let mut vcpu = program(10);
-    let mut p: Vec<Step> = (0..16).map(|i| vcpu_step(i)).collect();
+    let mut p: Vec<Step> = (0..16).map(vcpu_step).collect();
     p[7] = Step::Out(0x80, vec![0x04]);
     let mut other = FakeVcpu::new(p);
     other.loop_from = vcpu.loop_from;
