@@ -27,6 +27,11 @@ const EV_INTERRUPT: u8 = 4;
 const EV_CHECK: u8 = 6;
 const EV_PROGRESS: u8 = 7;
 const EV_END: u8 = 8;
+const EV_PAGES: u8 = 9;
+const EV_VCPU_STATE: u8 = 10;
+
+/// Bytes of one page in a `Pages` record.
+pub const PAGE_SIZE: usize = 4096;
 
 const EX_BOOT: u8 = 1;
 const EX_IO_IN: u8 = 2;
@@ -38,6 +43,7 @@ const EX_IRQ_WINDOW: u8 = 7;
 const EX_TRAP: u8 = 8;
 const EX_MSR: u8 = 9;
 const EX_STOP: u8 = 10;
+const EX_RESYNC: u8 = 11;
 
 const END_EXIT: u8 = 0;
 const END_RESET: u8 = 1;
@@ -171,6 +177,7 @@ fn exit_parts(e: ExitKind) -> (u8, u64) {
         ExitKind::Trap(id) => (EX_TRAP, id),
         ExitKind::Msr(m) => (EX_MSR, m.into()),
         ExitKind::Stop => (EX_STOP, 0),
+        ExitKind::Resync => (EX_RESYNC, 0),
     }
 }
 
@@ -199,6 +206,7 @@ fn exit_from_parts(code: u8, detail: u64) -> Result<ExitKind, String> {
             u32::try_from(detail).map_err(|_| format!("MSR {detail:#x} does not fit 32 bits"))?,
         ),
         EX_STOP => none(ExitKind::Stop)?,
+        EX_RESYNC => none(ExitKind::Resync)?,
         _ => return Err(format!("unknown exit kind code {code}")),
     })
 }
@@ -212,6 +220,8 @@ fn event_code(e: &Event) -> u8 {
         Event::Check { .. } => EV_CHECK,
         Event::Progress => EV_PROGRESS,
         Event::End { .. } => EV_END,
+        Event::Pages { .. } => EV_PAGES,
+        Event::VcpuState { .. } => EV_VCPU_STATE,
     }
 }
 
@@ -224,6 +234,8 @@ fn payload_len(e: &Event) -> usize {
         Event::Interrupt { .. } => 1,
         Event::Progress => 0,
         Event::End { .. } => 2 + 8 + 8,
+        Event::Pages { pages } => 4 + pages.len() * (8 + PAGE_SIZE),
+        Event::VcpuState { state } => state.len(),
     }
 }
 
@@ -248,6 +260,13 @@ pub(crate) fn encode_frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), LogErr
             ),
         });
     }
+    if let Event::Pages { pages } = &rec.event {
+        if let Some((gpa, d)) = pages.iter().find(|(gpa, d)| d.len() != PAGE_SIZE || gpa % PAGE_SIZE as u64 != 0) {
+            return Err(LogError::TooLarge {
+                what: format!("page at {gpa:#x} of {} bytes (pages are 4096 bytes, 4 KiB aligned)", d.len()),
+            });
+        }
+    }
     let start = out.len();
     out.reserve(FRAME_OVERHEAD + body_len);
     out.extend_from_slice(&length_word(body_len as u32));
@@ -263,6 +282,14 @@ pub(crate) fn encode_frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), LogErr
         | Event::Check { regs_digest: v } => out.extend_from_slice(&v.to_le_bytes()),
         Event::SerialIn { bytes } => out.extend_from_slice(bytes),
         Event::Interrupt { vector } => out.push(*vector),
+        Event::Pages { pages } => {
+            out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+            for (gpa, data) in pages {
+                out.extend_from_slice(&gpa.to_le_bytes());
+                out.extend_from_slice(data);
+            }
+        }
+        Event::VcpuState { state } => out.extend_from_slice(state),
         Event::Progress => {}
         Event::End {
             reason,
@@ -336,6 +363,26 @@ pub(crate) fn decode_body(body: &[u8]) -> Result<Record, String> {
             fixed(0)?;
             Event::Progress
         }
+        EV_PAGES => {
+            if payload.len() < 4 {
+                return Err(format!("pages record needs a 4-byte count, found {} bytes", payload.len()));
+            }
+            let n = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
+            let each = 8 + PAGE_SIZE;
+            if (payload.len() - 4) != n.saturating_mul(each) {
+                return Err(format!("pages record of {n} pages needs {} payload bytes, found {}", 4 + n.saturating_mul(each), payload.len()));
+            }
+            let mut pages = Vec::with_capacity(n);
+            for chunk in payload[4..].chunks_exact(each) {
+                let gpa = le64(chunk);
+                if gpa % PAGE_SIZE as u64 != 0 {
+                    return Err(format!("page address {gpa:#x} is not 4 KiB aligned"));
+                }
+                pages.push((gpa, chunk[8..].to_vec()));
+            }
+            Event::Pages { pages }
+        }
+        EV_VCPU_STATE => Event::VcpuState { state: payload.to_vec() },
         EV_END => {
             fixed(18)?;
             let status = payload[1];

@@ -18,6 +18,7 @@ impl fmt::Display for ExitKind {
             ExitKind::Trap(id) => write!(f, "trap({id:#x})"),
             ExitKind::Msr(m) => write!(f, "msr({m:#x})"),
             ExitKind::Stop => f.write_str("stop"),
+            ExitKind::Resync => f.write_str("resync"),
         }
     }
 }
@@ -44,6 +45,11 @@ impl fmt::Display for Event {
             Event::Interrupt { vector } => write!(f, "{name} vector={vector:#x}"),
             Event::Check { regs_digest } => write!(f, "{name} regs_digest={regs_digest:#018x}"),
             Event::Progress => f.write_str(name),
+            Event::Pages { pages } => match (pages.first(), pages.last()) {
+                (Some((lo, _)), Some((hi, _))) => write!(f, "{name} count={} first={lo:#x} last={hi:#x}", pages.len()),
+                _ => write!(f, "{name} count=0"),
+            },
+            Event::VcpuState { state } => write!(f, "{name} bytes={}", state.len()),
             Event::End {
                 reason,
                 regs_digest,

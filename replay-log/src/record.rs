@@ -19,6 +19,11 @@ pub enum ExitKind {
     Msr(u32),
     /// The VM stopped (exit port, reset, shutdown).
     Stop,
+    /// Not an exit of the guest's: the VMM stopped a guest that ran too
+    /// long without exiting (a signal kick) and logged its state there
+    /// (`Pages`, `VcpuState`), so replay applies that state instead of
+    /// running to this point.
+    Resync,
 }
 
 /// A point in the guest's execution: the count of deterministic exits so
@@ -60,6 +65,13 @@ pub enum Event {
     Interrupt { vector: u8 },
     /// Digest of the vCPU's general registers at this exit.
     Check { regs_digest: u64 },
+    /// Guest pages as they are at this position: (guest-physical address
+    /// of a 4 KiB page, its 4096 bytes). A resync's memory delta, in as
+    /// many records as it takes.
+    Pages { pages: Vec<(u64, Vec<u8>)> },
+    /// The vCPU's complete state at this position, in the layout of
+    /// FORMAT.md ("vCPU state"), opaque to this crate.
+    VcpuState { state: Vec<u8> },
     /// The primary got this far with nothing else to log (a streamed
     /// high-water mark; never needed in a file).
     Progress,
@@ -81,6 +93,8 @@ impl Event {
             Event::SerialIn { .. } => "serial-in",
             Event::Interrupt { .. } => "interrupt",
             Event::Check { .. } => "check",
+            Event::Pages { .. } => "pages",
+            Event::VcpuState { .. } => "vcpu-state",
             Event::Progress => "progress",
             Event::End { .. } => "end",
         }

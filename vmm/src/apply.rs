@@ -8,10 +8,12 @@
 //! and tests of both.
 
 use replay_log::Event;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::Clock;
 use crate::engine::{EngineError, ExitPoint};
 use crate::machine::Machine;
+use crate::vcpu_state::VcpuState;
 
 /// When, within an exit, an input is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +30,6 @@ pub enum Stage {
 /// vCPU at `at`, which is `None` before the access: only time is handed
 /// over then).
 pub fn apply(m: &Machine, at: Option<&mut ExitPoint>, ev: &Event, stage: Stage) -> Result<(), EngineError> {
-    let _ = at;
     match ev {
         Event::WallClock { epoch_secs } => m.cmos.lock().unwrap().set_wall_base(*epoch_secs),
         Event::Time { ns } => {
@@ -38,6 +39,21 @@ pub fn apply(m: &Machine, at: Option<&mut ExitPoint>, ev: &Event, stage: Stage) 
             }
         }
         Event::SerialIn { bytes } => m.uart.lock().unwrap().push_input(bytes),
+        // A resync: the memory the guest wrote since its last exit, then
+        // the vCPU as it was where the recorder stopped it.
+        Event::Pages { pages } => {
+            let at = at.ok_or(EngineError::NotAnInput("pages before an access"))?;
+            for (gpa, data) in pages {
+                at.mem()
+                    .write_slice(data, GuestAddress(*gpa))
+                    .map_err(|_| at.diverged(format!("a page at {gpa:#x}"), "has no guest memory there".into()))?;
+            }
+        }
+        Event::VcpuState { state } => {
+            let at = at.ok_or(EngineError::NotAnInput("vcpu-state before an access"))?;
+            let s = VcpuState::from_bytes(state).map_err(|e| at.diverged(format!("a vCPU state ({e})"), "cannot apply it".into()))?;
+            at.restore(&s)?;
+        }
         // Not inputs: interrupts are derived from device state and checked,
         // the rest are checks and marks.
         Event::Interrupt { .. } | Event::Check { .. } | Event::Progress | Event::End { .. } => {

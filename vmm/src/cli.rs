@@ -207,12 +207,13 @@ fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
     };
     install_interrupt_handlers();
     let input = if guest.no_stdin { ConsoleInput::none() } else { spawn_stdin() };
-    let mut rec = Recorder::new(writer, input);
+    let stop = ftvm::stop::StopHandle::new();
+    let mut rec = Recorder::new(writer, input).with_kicks(stop.clone(), vm.machine.clock.clone());
     log::debug!(
         "ftvm: booting {} ({} MiB, entry {:#x}, cmdline {:?})",
         cfg.kernel.name, cfg.mem_bytes >> 20, vm.entry, cfg.cmdline
     );
-    let out = engine::run(vm.guest(), &mut rec, &RunOptions { progress: guest.verbose, ..Default::default() })?;
+    let out = engine::run(vm.guest(), &mut rec, &RunOptions { progress: guest.verbose, stop })?;
     let _ = std::io::stdout().flush();
     let (what, code) = out.ending.describe();
     report(&vm, &out, &what);

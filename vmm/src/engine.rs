@@ -35,6 +35,7 @@ use crate::linux::{TrapKind, Traps};
 use crate::machine::Machine;
 use crate::stop::{StopHandle, INTERRUPTED};
 use crate::vcpu::{Vcpu, VcpuError, VmExit};
+use crate::vcpu_state::VcpuState;
 
 /// `IA32_TIME_STAMP_COUNTER`: reads answer the guest's TSC, writes are
 /// ignored (the guest's TSC is guest time).
@@ -64,11 +65,42 @@ pub struct ExitPoint<'a> {
     pub exit: ExitKind,
     rip: Option<u64>,
     vcpu: &'a mut dyn Vcpu,
+    mem: &'a GuestMemoryMmap,
+    /// At a resync: whether the logged state can take an interrupt. Both
+    /// the recording and its replay decide from the state, not from
+    /// `kvm_run` (stale after a state is set).
+    inject_ok: Option<bool>,
 }
 
 impl<'a> ExitPoint<'a> {
-    pub fn new(ordinal: u64, exit: ExitKind, vcpu: &'a mut dyn Vcpu) -> Self {
-        ExitPoint { ordinal, exit, rip: None, vcpu }
+    pub fn new(ordinal: u64, exit: ExitKind, vcpu: &'a mut dyn Vcpu, mem: &'a GuestMemoryMmap) -> Self {
+        ExitPoint { ordinal, exit, rip: None, vcpu, mem, inject_ok: None }
+    }
+
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        self.mem
+    }
+
+    /// The vCPU's complete state here, captured for a resync record.
+    pub fn capture(&mut self) -> Result<VcpuState, EngineError> {
+        let s = self.vcpu.capture().map_err(self.kvm("capture the vCPU state"))?;
+        self.inject_ok = Some(s.can_take_interrupt());
+        Ok(s)
+    }
+
+    /// Sets the vCPU's complete state (a resync being applied).
+    pub fn restore(&mut self, s: &VcpuState) -> Result<(), EngineError> {
+        self.vcpu.restore(s).map_err(self.kvm("restore the vCPU state"))?;
+        self.rip = Some(s.regs.rip);
+        self.inject_ok = Some(s.can_take_interrupt());
+        Ok(())
+    }
+
+    fn can_inject(&mut self) -> bool {
+        match self.inject_ok {
+            Some(ok) => ok,
+            None => self.vcpu.can_inject(),
+        }
     }
 
     fn kvm(&self, what: &'static str) -> impl Fn(VcpuError) -> EngineError {
@@ -169,6 +201,17 @@ pub trait Inputs {
     fn arrivals(&mut self, m: &Machine, at: &mut ExitPoint, idle: bool, out: &mut Vec<Event>) -> Result<Flow, EngineError>;
     /// What the engine did (see [`Observed`]).
     fn observe(&mut self, m: &Machine, at: &mut ExitPoint, what: Observed) -> Result<Flow, EngineError>;
+    /// Live: the vCPU was kicked out of the guest between exits. True
+    /// makes this point a position (`ExitKind::Resync`): something is due
+    /// (the timer's deadline passed, or an interrupt is waiting).
+    fn kicked(&mut self, _m: &Machine) -> bool {
+        false
+    }
+    /// Replay: the log's next position is a resync at `ordinal`; its state
+    /// is applied instead of running the guest.
+    fn resync_next(&mut self, _m: &Machine, _ordinal: u64) -> Result<bool, EngineError> {
+        Ok(false)
+    }
     /// A one-line account for progress reports and the run's summary.
     fn summary(&self) -> String;
 }
@@ -184,6 +227,8 @@ pub struct ExitStats {
     pub traps: u64,
     pub interrupts: u64,
     pub signals: u64,
+    /// Positions between exits (kicks when live, applied states in replay).
+    pub resyncs: u64,
 }
 
 impl ExitStats {
@@ -194,8 +239,8 @@ impl ExitStats {
     /// One line for the run's summary.
     pub fn summary(&self, exits: u64, wall: Duration) -> String {
         format!(
-            "{exits} exits ({} in, {} out, {} mmio, {} hlt, {} trap, {} msr), {} interrupts injected, {:.2}s",
-            self.io_in, self.io_out, self.mmio, self.hlt, self.traps, self.msr, self.interrupts,
+            "{exits} exits ({} in, {} out, {} mmio, {} hlt, {} trap, {} msr, {} resync), {} interrupts injected, {:.2}s",
+            self.io_in, self.io_out, self.mmio, self.hlt, self.traps, self.msr, self.resyncs, self.interrupts,
             wall.as_secs_f64()
         )
     }
@@ -345,18 +390,18 @@ pub fn run<I: Inputs + ?Sized>(g: Guest<'_>, inputs: &mut I, opts: &RunOptions) 
     // Ordinal 0: boot. The wall clock (and whatever else the log has
     // there) arrives before the first instruction.
     {
-        let mut at = ExitPoint::new(0, ExitKind::Boot, &mut *vcpu);
+        let mut at = ExitPoint::new(0, ExitKind::Boot, &mut *vcpu, mem);
         if let Flow::Stop(e) = arrive(m, inputs, &mut at, false, &mut buf)? {
             return Ok(Outcome { ending: e, stats, exits: 0, wall: started.elapsed() });
         }
     }
 
-    let ending = loop {
+    let ending = 'run: loop {
         if let Some(e) = opts.stop.requested() {
             break e;
         }
         if INTERRUPTED.load(Ordering::Relaxed) {
-            let mut at = ExitPoint::new(ordinal, last_kind, &mut *vcpu);
+            let mut at = ExitPoint::new(ordinal, last_kind, &mut *vcpu, mem);
             inputs.observe(m, &mut at, Observed::End { reason: EndReason::Interrupted, mem_digest: &mem_digest })?;
             break Ending::Interrupted;
         }
@@ -372,47 +417,67 @@ pub fn run<I: Inputs + ?Sized>(g: Guest<'_>, inputs: &mut I, opts: &RunOptions) 
 
         // 1-3: run, classify, the one prologue, the access.
         let next = ordinal + 1;
-        let exit = vcpu.run().map_err(|err| EngineError::Kvm { what: "run", ordinal, err })?;
-        let kind = match (&exit, exit_kind(&exit)) {
-            (_, Some(k)) => k,
-            (VmExit::Failed(what), None) => {
-                let what = what.clone();
-                let rip = vcpu.regs().map(|r| r.rip).unwrap_or(0);
-                return Err(EngineError::Guest { ordinal: next, rip, what });
+        let kind = 'exit: {
+            if inputs.resync_next(m, next)? {
+                // Replay: the recorder stopped the guest here, between
+                // exits. Finish the pending exit, then its state applies
+                // (arrivals) instead of running the guest to this point.
+                vcpu.complete_pending().map_err(|err| EngineError::Kvm { what: "complete the pending exit", ordinal, err })?;
+                ordinal = next;
+                stats.resyncs += 1;
+                begin_exit(m, inputs, ordinal, ExitKind::Resync)?;
+                break 'exit ExitKind::Resync;
             }
-            _ => {
-                // A kick may have set immediate_exit; the next entry runs.
+            opts.stop.entering();
+            let exit = vcpu.run();
+            opts.stop.left();
+            let exit = exit.map_err(|err| EngineError::Kvm { what: "run", ordinal, err })?;
+            let Some(kind) = exit_kind(&exit) else {
+                if let VmExit::Failed(what) = &exit {
+                    let what = what.clone();
+                    drop(exit);
+                    let rip = vcpu.regs().map(|r| r.rip).unwrap_or(0);
+                    return Err(EngineError::Guest { ordinal: next, rip, what });
+                }
+                drop(exit);
+                // A kick: the next entry must run the guest again.
                 vcpu.clear_kick();
                 stats.signals += 1;
-                continue;
-            }
-        };
-        ordinal = next;
-        let kind = match exit {
-            VmExit::Hlt => {
-                // A `hlt` may be a patched rdtsc; RIP tells.
-                let mut regs = vcpu.regs().map_err(|err| EngineError::Kvm { what: "get regs", ordinal, err })?;
-                let trap = traps.and_then(|t| t.lookup(mem, regs.rip));
-                let kind = trap.map_or(ExitKind::Hlt, |(site, _)| ExitKind::Trap(site));
-                begin_exit(m, inputs, ordinal, kind)?;
-                match trap {
-                    Some((site, tk)) => {
-                        stats.traps += 1;
-                        emulate_rdtsc(m, &mut regs, site, tk);
-                        vcpu.set_regs(&regs).map_err(|err| EngineError::Kvm { what: "set regs", ordinal, err })?;
-                    }
-                    None => stats.hlt += 1,
+                if opts.stop.requested().is_some() || INTERRUPTED.load(Ordering::Relaxed) || !inputs.kicked(m) {
+                    continue 'run;
                 }
-                kind
-            }
-            exit => {
-                begin_exit(m, inputs, ordinal, kind)?;
-                access(m, exit, &mut stats);
-                kind
+                ordinal = next;
+                stats.resyncs += 1;
+                begin_exit(m, inputs, ordinal, ExitKind::Resync)?;
+                break 'exit ExitKind::Resync;
+            };
+            ordinal = next;
+            match exit {
+                VmExit::Hlt => {
+                    // A `hlt` may be a patched rdtsc; RIP tells.
+                    let mut regs = vcpu.regs().map_err(|err| EngineError::Kvm { what: "get regs", ordinal, err })?;
+                    let trap = traps.and_then(|t| t.lookup(mem, regs.rip));
+                    let kind = trap.map_or(ExitKind::Hlt, |(site, _)| ExitKind::Trap(site));
+                    begin_exit(m, inputs, ordinal, kind)?;
+                    match trap {
+                        Some((site, tk)) => {
+                            stats.traps += 1;
+                            emulate_rdtsc(m, &mut regs, site, tk);
+                            vcpu.set_regs(&regs).map_err(|err| EngineError::Kvm { what: "set regs", ordinal, err })?;
+                        }
+                        None => stats.hlt += 1,
+                    }
+                    kind
+                }
+                exit => {
+                    begin_exit(m, inputs, ordinal, kind)?;
+                    access(m, exit, &mut stats);
+                    kind
+                }
             }
         };
         last_kind = kind;
-        let mut at = ExitPoint::new(ordinal, kind, &mut *vcpu);
+        let mut at = ExitPoint::new(ordinal, kind, &mut *vcpu, mem);
 
         // 4: time the devices saw during the access also moves the timer.
         if m.clock.has_value() {
@@ -455,7 +520,7 @@ pub fn run<I: Inputs + ?Sized>(g: Guest<'_>, inputs: &mut I, opts: &RunOptions) 
         // exits: on the PVM backend they arrive at host-dependent points,
         // which would make positions unrepeatable; a pending interrupt
         // waits for the guest's next exit with interrupts enabled instead.
-        if m.pic.lock().unwrap().has_interrupt() && at.vcpu.can_inject() {
+        if m.pic.lock().unwrap().has_interrupt() && at.can_inject() {
             let vector = m.pic.lock().unwrap().acknowledge();
             at.vcpu.inject(vector).map_err(|err| EngineError::Kvm { what: "interrupt", ordinal, err })?;
             stats.interrupts += 1;

@@ -22,6 +22,7 @@ use crate::recorder::{LogSink, Recorder};
 use crate::replay::Replayer;
 use crate::stop::StopHandle;
 use crate::vcpu::fake::{FakeVcpu, Step};
+use crate::vcpu::Vcpu;
 
 /// Bytes written by a `LogWriter` or the console, kept for the test.
 #[derive(Clone, Default)]
@@ -464,4 +465,54 @@ fn cli_halt_powers_off_and_a_halt_with_nothing_armed_is_stuck() {
     let mut rec = Recorder::new(None, ConsoleInput::none());
     let err = go(&r, &mut vcpu, &mut rec).err().expect("stuck");
     assert!(matches!(err, EngineError::Stuck { .. }), "{err}");
+}
+
+/// A guest that computes without ever exiting: each kick where the timer
+/// is due becomes a resync position (state + pages logged), the interrupt
+/// is injected there, and replay applies the logged state instead of
+/// running the guest to that point.
+#[test]
+fn a_guest_that_never_exits_gets_its_timer_through_resyncs() {
+    fn spinner() -> FakeVcpu {
+        let mut f = program(8);
+        let init: Vec<Step> = (0..10).map(|i| f.step(i)).collect();
+        let mut p = init.clone();
+        p.push(Step::Spin);
+        let mut g = FakeVcpu::new(p);
+        g.loop_from = init.len();
+        g.exit_after = f.exit_after.take();
+        g.exit_cost = Duration::from_micros(50);
+        g
+    }
+    let r = rig(VmClock::host());
+    let buf = Shared::default();
+    let mut rec = Recorder::new(Some(writer(&buf)), ConsoleInput::none());
+    let mut vcpu = spinner();
+    let out = go(&r, &mut vcpu, &mut rec).unwrap();
+    assert_eq!(out.ending, Ending::Guest(StopRequest::Exit(7)));
+    assert!(out.stats.resyncs >= 8, "{} resyncs", out.stats.resyncs);
+    drop(rec);
+    let log = buf.bytes();
+    let recs = records(&log);
+    let states = recs.iter().filter(|x| matches!(x.event, Event::VcpuState { .. })).count();
+    let pages = recs.iter().filter(|x| matches!(x.event, Event::Pages { .. })).count();
+    assert_eq!(states as u64, out.stats.resyncs);
+    assert!(pages > 0);
+    assert!(recs.iter().filter(|x| x.pos.exit == replay_log::ExitKind::Resync).all(|x| !matches!(x.event, Event::Check { .. }) || x.pos.ordinal % 256 == 0));
+
+    let mut again = spinner();
+    let (res, _) = replay(&log, &mut again);
+    let o2 = res.unwrap();
+    assert_eq!(o2.ending, Ending::Guest(StopRequest::Exit(7)));
+    assert_eq!(o2.stats.resyncs, out.stats.resyncs);
+    assert_eq!(again.injected.len(), vcpu.injected.len());
+    // Replay never ran the spins: it applied their end states.
+    assert_eq!(again.regs().unwrap().rdx, vcpu.regs().unwrap().rdx);
+
+    // A damaged state record is a clear error, not a crash.
+    let mut bad = recs.clone();
+    let i = bad.iter().position(|x| matches!(x.event, Event::VcpuState { .. })).unwrap();
+    bad[i].event = Event::VcpuState { state: vec![9, 9, 9] };
+    let e = divergence(replay(&encode(&bad), &mut spinner()).0);
+    assert!(e.contains("vCPU state"), "{e}");
 }

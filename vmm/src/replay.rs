@@ -105,6 +105,12 @@ impl<S: RecordSource> Replayer<S> {
     /// the exit is the one it was recorded at.
     fn take_checked(&mut self, at: &mut ExitPoint) -> Result<Record, EngineError> {
         let rec = self.take();
+        if at.exit == ExitKind::Resync && rec.pos.exit == ExitKind::Resync {
+            // The vCPU is still where the last exit left it until the
+            // logged state is applied; RIP is checked from then on (the
+            // interrupt and digest records here).
+            return Ok(rec);
+        }
         let rip = at.rip()?;
         if rec.pos.exit != at.exit || rec.pos.rip != rip {
             return Err(at.diverged(
@@ -213,7 +219,10 @@ impl<S: RecordSource> Replayer<S> {
 /// Records that carry an input (applied by `apply`), as opposed to checks
 /// and marks.
 fn is_input(ev: &Event) -> bool {
-    matches!(ev, Event::WallClock { .. } | Event::Time { .. } | Event::SerialIn { .. })
+    matches!(
+        ev,
+        Event::WallClock { .. } | Event::Time { .. } | Event::SerialIn { .. } | Event::Pages { .. } | Event::VcpuState { .. }
+    )
 }
 
 impl<S: RecordSource> Inputs for Replayer<S> {
@@ -273,6 +282,10 @@ impl<S: RecordSource> Inputs for Replayer<S> {
             Observed::End { reason: EndReason::Interrupted, .. } => Ok(Flow::Continue),
             Observed::End { reason, mem_digest } => self.check_end(at, reason, mem_digest),
         }
+    }
+
+    fn resync_next(&mut self, _: &Machine, ordinal: u64) -> Result<bool, EngineError> {
+        Ok(self.peek()?.is_some_and(|r| r.pos.ordinal == ordinal && r.pos.exit == ExitKind::Resync))
     }
 
     fn summary(&self) -> String {

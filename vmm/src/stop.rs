@@ -53,6 +53,8 @@ pub struct StopHandle(Arc<Inner>);
 
 struct Inner {
     ending: Mutex<Option<Ending>>,
+    /// Entries into and returns from `KVM_RUN`: odd while the guest runs.
+    runs: AtomicU64,
     /// pthread id of the vCPU thread (0 until it registers).
     vcpu_thread: AtomicU64,
     /// Wakes threads that wait on something else (a record channel).
@@ -65,6 +67,7 @@ impl Default for StopHandle {
         let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
         StopHandle(Arc::new(Inner {
             ending: Mutex::new(None),
+            runs: AtomicU64::new(0),
             vcpu_thread: AtomicU64::new(0),
             wake_tx,
             wake_rx,
@@ -88,6 +91,13 @@ impl StopHandle {
             }
         }
         let _ = self.0.wake_tx.try_send(());
+        self.kick();
+    }
+
+    /// Makes the vCPU thread leave the guest now (`KVM_RUN` returns EINTR,
+    /// or the next one returns at once), without asking it to stop: a
+    /// timer interrupt is due and the guest has not exited.
+    pub fn kick(&self) {
         let tid = self.0.vcpu_thread.load(Ordering::SeqCst);
         if tid != 0 {
             // SAFETY: `tid` was stored by `register_vcpu_thread` from
@@ -97,6 +107,22 @@ impl StopHandle {
             // `KVM_RUN` (EINTR).
             unsafe { libc::pthread_kill(tid as libc::pthread_t, KICK_SIGNAL) };
         }
+    }
+
+    /// The exit loop is about to enter the guest.
+    pub fn entering(&self) {
+        self.0.runs.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The exit loop is back from the guest.
+    pub fn left(&self) {
+        self.0.runs.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Counts entries and returns: odd while the guest runs; a value
+    /// names one stay in the guest.
+    pub fn runs(&self) -> u64 {
+        self.0.runs.load(Ordering::SeqCst)
     }
 
     /// The requested ending, if any.

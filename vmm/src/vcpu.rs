@@ -3,8 +3,12 @@
 //! scripted fake (`fake::FakeVcpu`) without `/dev/kvm`. `KvmVcpu` is the
 //! real one.
 
-use kvm_bindings::{kvm_regs, kvm_sregs};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use std::sync::Arc;
+
+use kvm_bindings::{kvm_regs, kvm_sregs, kvm_userspace_memory_region, Msrs, Xsave, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+
+use crate::vcpu_state::VcpuState;
 
 /// A KVM ioctl failed (an errno).
 pub type VcpuError = kvm_ioctls::Error;
@@ -52,14 +56,105 @@ pub trait Vcpu {
     fn arm_kick(&mut self) {}
     /// After a `Kicked` exit: let the next entry run the guest again.
     fn clear_kick(&mut self) {}
+    /// The complete vCPU state (see `vcpu_state`).
+    fn capture(&mut self) -> Result<VcpuState, VcpuError>;
+    /// Sets the complete vCPU state; call `complete_pending` first if the
+    /// vCPU is stopped at an exit that was not completed.
+    fn restore(&mut self, state: &VcpuState) -> Result<(), VcpuError>;
+    /// Completes the exit the vCPU is stopped at (an `in` writes its
+    /// result, RIP moves past the instruction) without running guest code.
+    fn complete_pending(&mut self) -> Result<(), VcpuError>;
+    /// Starts or stops tracking the guest pages written.
+    fn set_dirty_tracking(&mut self, on: bool) -> Result<(), VcpuError>;
+    /// Guest-physical addresses of the pages written since tracking
+    /// started or since the last call, which starts a new interval.
+    fn take_dirty(&mut self) -> Result<Vec<u64>, VcpuError>;
+}
+
+/// A guest memory slot as KVM knows it, for switching dirty tracking.
+#[derive(Debug, Clone, Copy)]
+pub struct Slot {
+    pub region: kvm_userspace_memory_region,
+}
+
+/// What the vCPU needs from the VM to capture and restore whole states.
+pub struct VmLink {
+    pub vm: Arc<VmFd>,
+    pub slots: Vec<Slot>,
+    /// MSRs KVM can save and restore (`KVM_GET_MSR_INDEX_LIST`), minus the
+    /// time MSRs.
+    pub msr_list: Vec<u32>,
+    /// Size of the XSAVE area (`KVM_CAP_XSAVE2`, at least 4096).
+    pub xsave_size: usize,
 }
 
 /// The real vCPU.
-pub struct KvmVcpu(pub VcpuFd);
+pub struct KvmVcpu {
+    pub fd: VcpuFd,
+    pub link: VmLink,
+    tracking: bool,
+}
+
+impl KvmVcpu {
+    pub fn new(fd: VcpuFd, link: VmLink) -> Self {
+        KvmVcpu { fd, link, tracking: false }
+    }
+
+    fn get_msrs(&self, out: &mut Vec<(u32, u64)>) -> Result<(), VcpuError> {
+        // KVM_GET_MSRS stops at the first MSR it cannot read: skip that one
+        // and go on, so one odd MSR does not lose the rest.
+        let list = &self.link.msr_list;
+        let mut i = 0;
+        while i < list.len() {
+            let chunk = &list[i..(i + 256).min(list.len())];
+            let entries: Vec<kvm_bindings::kvm_msr_entry> =
+                chunk.iter().map(|&index| kvm_bindings::kvm_msr_entry { index, ..Default::default() }).collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::new(libc::E2BIG))?;
+            let n = self.fd.get_msrs(&mut msrs)?;
+            out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
+            i += n;
+            if n < chunk.len() {
+                log::debug!("KVM could not read MSR {:#x}; skipped", chunk[n]);
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_msrs(&self, msrs: &[(u32, u64)]) -> Result<(), VcpuError> {
+        let mut i = 0;
+        while i < msrs.len() {
+            let chunk = &msrs[i..(i + 256).min(msrs.len())];
+            let entries: Vec<kvm_bindings::kvm_msr_entry> =
+                chunk.iter().map(|&(index, data)| kvm_bindings::kvm_msr_entry { index, data, ..Default::default() }).collect();
+            let m = Msrs::from_entries(&entries).map_err(|_| VcpuError::new(libc::E2BIG))?;
+            let n = self.fd.set_msrs(&m)?;
+            i += n;
+            if n < chunk.len() {
+                // KVM_SET_MSRS stops at the first it refuses: skip it.
+                log::debug!("KVM refused to set MSR {:#x}; skipped", chunk[n].0);
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_slot_flags(&mut self, flags: u32) -> Result<(), VcpuError> {
+        for slot in &self.link.slots {
+            let mut r = slot.region;
+            r.flags = flags;
+            // SAFETY: the same region `Vm::new` registered (its host mapping
+            // is owned by the VM's guest memory and outlives the VM fd);
+            // only the flags change.
+            unsafe { self.link.vm.set_user_memory_region(r) }?;
+        }
+        Ok(())
+    }
+}
 
 impl Vcpu for KvmVcpu {
     fn run(&mut self) -> Result<VmExit<'_>, VcpuError> {
-        let exit = match self.0.run() {
+        let exit = match self.fd.run() {
             Ok(e) => e,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => return Ok(VmExit::Kicked),
             Err(e) => return Err(e),
@@ -84,39 +179,129 @@ impl Vcpu for KvmVcpu {
     }
 
     fn regs(&mut self) -> Result<kvm_regs, VcpuError> {
-        self.0.get_regs()
+        self.fd.get_regs()
     }
 
     fn set_regs(&mut self, regs: &kvm_regs) -> Result<(), VcpuError> {
-        self.0.set_regs(regs)
+        self.fd.set_regs(regs)
     }
 
     fn sregs(&mut self) -> Result<kvm_sregs, VcpuError> {
-        self.0.get_sregs()
+        self.fd.get_sregs()
     }
 
     fn interrupts_enabled(&mut self) -> bool {
-        self.0.get_kvm_run().if_flag != 0
+        self.fd.get_kvm_run().if_flag != 0
     }
 
     fn can_inject(&mut self) -> bool {
-        let run = self.0.get_kvm_run();
+        let run = self.fd.get_kvm_run();
         run.ready_for_interrupt_injection != 0 && run.if_flag != 0
     }
 
     fn inject(&mut self, vector: u8) -> Result<(), VcpuError> {
-        crate::kvm_ext::interrupt(&self.0, vector)
+        crate::kvm_ext::interrupt(&self.fd, vector)
+    }
+
+    fn capture(&mut self) -> Result<VcpuState, VcpuError> {
+        let mut xsave = Xsave::new(self.link.xsave_size.div_ceil(4).saturating_sub(1024)).map_err(|_| VcpuError::new(libc::E2BIG))?;
+        // SAFETY: `xsave` was allocated for `xsave_size` bytes, the size
+        // KVM_CAP_XSAVE2 reported, which is what KVM_GET_XSAVE2 writes.
+        unsafe { self.fd.get_xsave2(&mut xsave) }?;
+        let region = xsave.as_fam_struct_ref().xsave.region.as_slice();
+        let mut area: Vec<u8> = region.iter().flat_map(|w| w.to_le_bytes()).collect();
+        area.extend(xsave.as_slice().iter().flat_map(|w| w.to_le_bytes()));
+        area.truncate(self.link.xsave_size);
+        let mut msrs = Vec::new();
+        self.get_msrs(&mut msrs)?;
+        Ok(VcpuState {
+            regs: self.fd.get_regs()?,
+            sregs: self.fd.get_sregs()?,
+            xsave: area,
+            xcrs: self.fd.get_xcrs()?,
+            msrs,
+            events: self.fd.get_vcpu_events()?,
+            mp_state: self.fd.get_mp_state()?,
+            debugregs: self.fd.get_debug_regs()?,
+        })
+    }
+
+    fn restore(&mut self, s: &VcpuState) -> Result<(), VcpuError> {
+        if s.xsave.len() != self.link.xsave_size {
+            return Err(VcpuError::new(libc::EINVAL));
+        }
+        // Control registers and EFER first: what the rest is checked against.
+        self.fd.set_sregs(&s.sregs)?;
+        self.set_msrs(&s.msrs)?;
+        self.fd.set_xcrs(&s.xcrs)?;
+        let mut xsave = Xsave::new(self.link.xsave_size.div_ceil(4).saturating_sub(1024)).map_err(|_| VcpuError::new(libc::E2BIG))?;
+        {
+            let words: Vec<u32> = s.xsave.chunks(4).map(|c| {
+                let mut w = [0u8; 4];
+                w[..c.len()].copy_from_slice(c);
+                u32::from_le_bytes(w)
+            }).collect();
+            let (head, tail) = words.split_at(words.len().min(1024));
+            // SAFETY: writes into the fixed-size region of the FAM struct we own.
+            let fam = unsafe { xsave.as_mut_fam_struct() };
+            fam.xsave.region[..head.len()].copy_from_slice(head);
+            let entries = xsave.as_mut_slice();
+            entries[..tail.len()].copy_from_slice(tail);
+        }
+        // SAFETY: `xsave` has the size KVM_CAP_XSAVE2 reported.
+        unsafe { self.fd.set_xsave2(&xsave) }?;
+        self.fd.set_regs(&s.regs)?;
+        self.fd.set_vcpu_events(&s.events)?;
+        self.fd.set_mp_state(s.mp_state)?;
+        self.fd.set_debug_regs(&s.debugregs)
+    }
+
+    fn complete_pending(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let r = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(e),
+            // KVM runs no guest code with immediate_exit set.
+            Ok(_) => Ok(()),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        r
+    }
+
+    fn set_dirty_tracking(&mut self, on: bool) -> Result<(), VcpuError> {
+        if on != self.tracking {
+            self.set_slot_flags(if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 })?;
+            self.tracking = on;
+        }
+        Ok(())
+    }
+
+    fn take_dirty(&mut self) -> Result<Vec<u64>, VcpuError> {
+        let mut out = Vec::new();
+        for slot in &self.link.slots {
+            let r = slot.region;
+            let bitmap = self.link.vm.get_dirty_log(r.slot, r.memory_size as usize)?;
+            for (i, word) in bitmap.iter().enumerate() {
+                let mut w = *word;
+                while w != 0 {
+                    let bit = w.trailing_zeros() as u64;
+                    out.push(r.guest_phys_addr + (i as u64 * 64 + bit) * 4096);
+                    w &= w - 1;
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn arm_kick(&mut self) {
-        let p: *mut u8 = &mut self.0.get_kvm_run().immediate_exit;
+        let p: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         // SAFETY: `kvm_run` is the vCPU's mmap, valid while the vCPU fd is
         // open; `Drop` unregisters it before the fd closes.
         unsafe { crate::stop::register_immediate_exit(p) };
     }
 
     fn clear_kick(&mut self) {
-        self.0.set_kvm_immediate_exit(0);
+        self.fd.set_kvm_immediate_exit(0);
     }
 }
 
@@ -146,6 +331,9 @@ pub mod fake {
         If(bool),
         /// `cli; hlt`.
         HaltForever,
+        /// Computes without exiting until kicked: `run` returns `Kicked`
+        /// (as the kicker's signal does), with registers moved on.
+        Spin,
     }
 
     pub struct FakeVcpu {
@@ -174,6 +362,8 @@ pub mod fake {
         pub exit_after: Option<(usize, u8)>,
         exits: u64,
         last_in: Option<usize>,
+        /// Pages the fake "wrote" (reported by `take_dirty`).
+        pub dirty: Vec<u64>,
     }
 
     impl FakeVcpu {
@@ -193,6 +383,7 @@ pub mod fake {
                 exit_after: None,
                 exits: 0,
                 last_in: None,
+                dirty: Vec::new(),
             }
         }
 
@@ -259,6 +450,11 @@ pub mod fake {
                         return Ok(VmExit::IoIn(port, &mut self.buf[..n.min(8)]));
                     }
                     Step::Hlt => return Ok(VmExit::Hlt),
+                    Step::Spin => {
+                        self.regs.rdx = self.regs.rdx.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        self.dirty.push(0x4000 + (self.regs.rdx & 0xf) * 4096);
+                        return Ok(VmExit::Kicked);
+                    }
                     Step::HaltForever => {
                         self.regs.rflags &= !0x200;
                         return Ok(VmExit::Hlt);
@@ -286,6 +482,35 @@ pub mod fake {
 
         fn can_inject(&mut self) -> bool {
             self.if_set()
+        }
+
+        fn capture(&mut self) -> Result<VcpuState, VcpuError> {
+            Ok(VcpuState { regs: self.regs, xsave: vec![0; 4096], ..Default::default() })
+        }
+
+        fn restore(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+            self.regs = state.regs;
+            // RIP names a step of the program: continue after it.
+            if (0x1000..0x8000).contains(&state.regs.rip) {
+                self.pc = ((state.regs.rip - 0x1000) / 4 + 1) as usize;
+            }
+            Ok(())
+        }
+
+        fn complete_pending(&mut self) -> Result<(), VcpuError> {
+            if let Some(n) = self.last_in.take() {
+                self.read.extend_from_slice(&self.buf[..n]);
+                self.regs.rax = self.regs.rax.rotate_left(8) ^ u64::from_le_bytes(self.buf);
+            }
+            Ok(())
+        }
+
+        fn set_dirty_tracking(&mut self, _on: bool) -> Result<(), VcpuError> {
+            Ok(())
+        }
+
+        fn take_dirty(&mut self) -> Result<Vec<u64>, VcpuError> {
+            Ok(std::mem::take(&mut self.dirty))
         }
 
         fn inject(&mut self, vector: u8) -> Result<(), VcpuError> {

@@ -9,7 +9,8 @@ use crate::boot;
 use crate::clock::VmClock;
 use crate::config::GuestConfig;
 use crate::engine::Guest;
-use crate::vcpu::KvmVcpu;
+use crate::vcpu::{KvmVcpu, Slot, VmLink};
+use crate::vcpu_state::msr_excluded;
 use crate::cpuid;
 use crate::devices::OutputSink;
 use crate::linux;
@@ -51,7 +52,7 @@ fn kvm_hint(e: &kvm_ioctls::Error) -> &'static str {
 
 pub struct Vm {
     pub kvm: Kvm,
-    pub vm_fd: VmFd,
+    pub vm_fd: Arc<VmFd>,
     pub vcpu: KvmVcpu,
     pub mem: GuestMemoryMmap,
     pub machine: Machine,
@@ -78,6 +79,7 @@ impl Vm {
 
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), cfg.mem_bytes as usize)])
             .map_err(|e| VmError::Memory { bytes: cfg.mem_bytes, err: e.to_string() })?;
+        let mut slots = Vec::new();
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
@@ -95,6 +97,7 @@ impl Vm {
             // exists (the process exits, or both are dropped together).
             unsafe { vm.set_user_memory_region(r) }
                 .map_err(|err| VmError::Kvm { what: "set user memory region", err })?;
+            slots.push(Slot { region: r });
         }
 
         let is_linux = linux::is_linux_elf(&cfg.kernel.bytes);
@@ -140,7 +143,18 @@ impl Vm {
             .map_err(|err| VmError::Kvm { what: "set FPU", err })?;
 
         let machine = Machine::new(clock, console, ordinal)?;
-        Ok(Vm { kvm, vm_fd: vm, vcpu: KvmVcpu(vcpu), mem, machine, entry, traps })
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(|err| VmError::Kvm { what: "get MSR index list", err })?
+            .as_slice()
+            .iter()
+            .copied()
+            .filter(|&i| !msr_excluded(i))
+            .collect();
+        let xsave_size = (kvm.check_extension_int(kvm_ioctls::Cap::Xsave2).max(0) as usize).max(4096);
+        let vm = Arc::new(vm);
+        let link = VmLink { vm: vm.clone(), slots, msr_list, xsave_size };
+        Ok(Vm { kvm, vm_fd: vm, vcpu: KvmVcpu::new(vcpu, link), mem, machine, entry, traps })
     }
 
     /// The guest as the exit loop sees it.

@@ -36,6 +36,7 @@ pub fn all_variants() -> Vec<Record> {
         ExitKind::Trap(u64::MAX),
         ExitKind::Msr(u32::MAX),
         ExitKind::Stop,
+        ExitKind::Resync,
     ];
     let events = [
         Event::WallClock {
@@ -48,6 +49,10 @@ pub fn all_variants() -> Vec<Record> {
         Event::SerialIn { bytes: Vec::new() },
         Event::Interrupt { vector: 0xff },
         Event::Check { regs_digest: 0 },
+        Event::Pages { pages: vec![(0, vec![0; 4096]), (u64::MAX & !0xfff, (0..4096).map(|i| i as u8).collect())] },
+        Event::Pages { pages: Vec::new() },
+        Event::VcpuState { state: vec![1, 2, 3] },
+        Event::VcpuState { state: Vec::new() },
         Event::Progress,
         Event::End {
             reason: EndReason::Exit(0xfe),

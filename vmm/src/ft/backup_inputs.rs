@@ -62,7 +62,11 @@ impl BackupInputs {
         // Everything typed so far is in the log we replayed.
         kit.gate.note_input(ordinal, m.uart.lock().unwrap().rx_total());
         (kit.on_live)(ordinal);
-        self.live = Some(Recorder::new(Some(kit.log), kit.input).with_marks(kit.marked, kit.gate));
+        self.live = Some(
+            Recorder::new(Some(kit.log), kit.input)
+                .with_marks(kit.marked, kit.gate)
+                .with_kicks(self.stop.clone(), m.clock.clone()),
+        );
         Ok(Flow::Continue)
     }
 
@@ -117,6 +121,23 @@ impl Inputs for BackupInputs {
         match self.replay.observe(m, at, what)? {
             Flow::Stop(Ending::LogIncomplete(_)) if done => self.go_live(m, at.ordinal),
             f => Ok(f),
+        }
+    }
+
+    fn kicked(&mut self, m: &Machine) -> bool {
+        self.live.as_mut().is_some_and(|l| l.kicked(m))
+    }
+
+    fn resync_next(&mut self, m: &Machine, ordinal: u64) -> Result<bool, EngineError> {
+        // Blocks until the primary's log says what comes next (lockstep).
+        // At its end, go live before the guest runs on: a guest that then
+        // computes without exiting must already have the live kicker.
+        if let Flow::Stop(_) = self.check(m, ordinal - 1)? {
+            return Ok(false); // the stop request ends the loop
+        }
+        match &mut self.live {
+            Some(_) => Ok(false),
+            None => self.replay.resync_next(m, ordinal),
         }
     }
 

@@ -164,7 +164,9 @@ pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32),
         stop: stop.clone(),
     }
     .start(t0);
-    let mut rec = Recorder::new(Some(writer), ConsoleInput::from_channel(in_rx)).with_marks(marked, gate.clone());
+    let mut rec = Recorder::new(Some(writer), ConsoleInput::from_channel(in_rx))
+        .with_marks(marked, gate.clone())
+        .with_kicks(stop.clone(), vm.machine.clock.clone());
     let out = engine::run(vm.guest(), &mut rec, &RunOptions { progress: opts.progress, stop })
         .map_err(|err| RoleError::Engine { what: "primary", err })?;
     let (msg, code) = out.ending.describe();
