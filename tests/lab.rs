@@ -154,3 +154,26 @@ fn linux_fails_over_from_a_killed_primary_with_nothing_lost_or_repeated() {
         at = pos;
     }
 }
+
+/// The reported freeze: a process computing without I/O starved the timer.
+/// With resyncs the shell still answers, the recording replays verified,
+/// and its log holds resync state.
+#[test]
+fn linux_stays_responsive_with_a_cpu_bound_process_and_replays() {
+    let r = sec("linux-spin-record");
+    assert_eq!(r.rc, 0, "record:\n{}\n{}", r.text, sec("linux-spin-record.stderr").text);
+    assert!(r.text.contains("spin-42"), "the command typed after the spinner started was never answered:\n{}", r.text);
+    let e = &sec("linux-spin-record.stderr").text;
+    let resyncs: u64 = e
+        .split(" resync)")
+        .next()
+        .and_then(|s| s.rsplit(", ").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(resyncs > 0, "no resyncs in the summary:\n{e}");
+    let p = sec("linux-spin-replay");
+    assert_eq!(p.rc, 0, "replay:\n{}", sec("linux-spin-replay.stderr").text);
+    assert!(sec("linux-spin-replay.stderr").text.contains("replay verified"));
+    assert_eq!(p.text, r.text, "replayed console differs");
+    assert!(sec("linux-spin-stats").text.contains("vcpu-state"), "{}", sec("linux-spin-stats").text);
+}

@@ -32,6 +32,9 @@ const EV_VCPU_STATE: u8 = 10;
 
 /// Bytes of one page in a `Pages` record.
 pub const PAGE_SIZE: usize = 4096;
+/// Most pages one `Pages` record may hold: bounds what a reader allocates
+/// for the decompressed pages (16 MiB) whatever a damaged count says.
+pub const MAX_PAGES_PER_RECORD: usize = 4096;
 
 const EX_BOOT: u8 = 1;
 const EX_IO_IN: u8 = 2;
@@ -234,9 +237,53 @@ fn payload_len(e: &Event) -> usize {
         Event::Interrupt { .. } => 1,
         Event::Progress => 0,
         Event::End { .. } => 2 + 8 + 8,
-        Event::Pages { pages } => 4 + pages.len() * (8 + PAGE_SIZE),
+        Event::Pages { pages } => pages_payload(pages).len(),
         Event::VcpuState { state } => state.len(),
     }
+}
+
+/// `Pages` payload: count `u32`, count × address `u64`, then the pages'
+/// bytes as one LZ4 block (guest memory is mostly zeros and repeats).
+fn pages_payload(pages: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(pages.len() * PAGE_SIZE);
+    let mut out = Vec::with_capacity(4 + pages.len() * 8);
+    out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    for (gpa, data) in pages {
+        out.extend_from_slice(&gpa.to_le_bytes());
+        raw.extend_from_slice(data);
+    }
+    out.extend_from_slice(&lz4_flex::block::compress(&raw));
+    out
+}
+
+fn decode_pages(payload: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    let n = payload.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
+    let Some(n) = n else {
+        return Err(format!("pages record needs a 4-byte count, found {} bytes", payload.len()));
+    };
+    if n > MAX_PAGES_PER_RECORD {
+        return Err(format!("pages record claims {n} pages (limit {MAX_PAGES_PER_RECORD})"));
+    }
+    let Some(addrs) = payload.get(4..4 + n * 8) else {
+        return Err(format!("pages record of {n} pages is cut short in its addresses"));
+    };
+    let mut raw = vec![0u8; n * PAGE_SIZE];
+    match lz4_flex::block::decompress_into(&payload[4 + n * 8..], &mut raw) {
+        Ok(len) if len == raw.len() => {}
+        Ok(len) => return Err(format!("pages record of {n} pages decompresses to {len} bytes")),
+        Err(e) => return Err(format!("pages record: {e}")),
+    }
+    addrs
+        .chunks_exact(8)
+        .zip(raw.chunks_exact(PAGE_SIZE))
+        .map(|(a, d)| {
+            let gpa = u64::from_le_bytes(a.try_into().expect("8 bytes"));
+            if gpa % PAGE_SIZE as u64 != 0 {
+                return Err(format!("page address {gpa:#x} is not 4 KiB aligned"));
+            }
+            Ok((gpa, d.to_vec()))
+        })
+        .collect()
 }
 
 impl Record {
@@ -250,7 +297,12 @@ impl Record {
 /// Appends one whole frame to `out`. On error `out` is left untouched, so
 /// a refused record never leaves half a frame behind.
 pub(crate) fn encode_frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), LogError> {
-    let body_len = BODY_FIXED_LEN + payload_len(&rec.event);
+    // Compressed once: its length goes in the frame before its bytes.
+    let pages_bytes = match &rec.event {
+        Event::Pages { pages } if pages.len() <= MAX_PAGES_PER_RECORD => Some(pages_payload(pages)),
+        _ => None,
+    };
+    let body_len = BODY_FIXED_LEN + pages_bytes.as_ref().map_or_else(|| payload_len(&rec.event), Vec::len);
     if body_len > MAX_RECORD_BODY as usize {
         return Err(LogError::TooLarge {
             what: format!(
@@ -265,6 +317,9 @@ pub(crate) fn encode_frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), LogErr
             return Err(LogError::TooLarge {
                 what: format!("page at {gpa:#x} of {} bytes (pages are 4096 bytes, 4 KiB aligned)", d.len()),
             });
+        }
+        if pages.len() > MAX_PAGES_PER_RECORD {
+            return Err(LogError::TooLarge { what: format!("{} pages in one record (limit {MAX_PAGES_PER_RECORD})", pages.len()) });
         }
     }
     let start = out.len();
@@ -282,13 +337,7 @@ pub(crate) fn encode_frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), LogErr
         | Event::Check { regs_digest: v } => out.extend_from_slice(&v.to_le_bytes()),
         Event::SerialIn { bytes } => out.extend_from_slice(bytes),
         Event::Interrupt { vector } => out.push(*vector),
-        Event::Pages { pages } => {
-            out.extend_from_slice(&(pages.len() as u32).to_le_bytes());
-            for (gpa, data) in pages {
-                out.extend_from_slice(&gpa.to_le_bytes());
-                out.extend_from_slice(data);
-            }
-        }
+        Event::Pages { .. } => out.extend_from_slice(pages_bytes.as_deref().unwrap_or_default()),
         Event::VcpuState { state } => out.extend_from_slice(state),
         Event::Progress => {}
         Event::End {
@@ -363,25 +412,7 @@ pub(crate) fn decode_body(body: &[u8]) -> Result<Record, String> {
             fixed(0)?;
             Event::Progress
         }
-        EV_PAGES => {
-            if payload.len() < 4 {
-                return Err(format!("pages record needs a 4-byte count, found {} bytes", payload.len()));
-            }
-            let n = u32::from_le_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
-            let each = 8 + PAGE_SIZE;
-            if (payload.len() - 4) != n.saturating_mul(each) {
-                return Err(format!("pages record of {n} pages needs {} payload bytes, found {}", 4 + n.saturating_mul(each), payload.len()));
-            }
-            let mut pages = Vec::with_capacity(n);
-            for chunk in payload[4..].chunks_exact(each) {
-                let gpa = le64(chunk);
-                if gpa % PAGE_SIZE as u64 != 0 {
-                    return Err(format!("page address {gpa:#x} is not 4 KiB aligned"));
-                }
-                pages.push((gpa, chunk[8..].to_vec()));
-            }
-            Event::Pages { pages }
-        }
+        EV_PAGES => Event::Pages { pages: decode_pages(payload)? },
         EV_VCPU_STATE => Event::VcpuState { state: payload.to_vec() },
         EV_END => {
             fixed(18)?;

@@ -1,7 +1,8 @@
 //! Kicking a guest that computes without exiting. ftvm delivers inputs only
 //! at VM exits, so a guest spinning in a loop (a CPU-bound process) would
 //! never get its timer interrupt. A kicker thread watches the timer's next
-//! deadline; when it has passed by [`GRACE`] and the vCPU is still in the
+//! deadline; when it has passed by a grace of one timer period
+//! ([`GRACE_PERIODS`]) and the vCPU is still in the
 //! same stay in the guest, it kicks the vCPU out (a signal: `KVM_RUN`
 //! returns EINTR at whatever instruction the guest was at). The exit loop
 //! then makes that point a position of its own (`ExitKind::Resync`): the
@@ -18,15 +19,20 @@ use crate::clock::VmClock;
 use crate::stop::StopHandle;
 
 /// How late past its deadline a timer interrupt may be before the guest is
-/// kicked: a kick costs a state capture when recording (a few ms locally),
-/// so the guest's own exits get the first chance.
-pub const GRACE: Duration = Duration::from_micros(500);
+/// kicked, in timer periods: one, the latency goal. A kick costs a state
+/// capture and a memory delta when recording, so the guest's own exits get
+/// the first chance; ordinary kernel code exits well within a period.
+pub const GRACE_PERIODS: u64 = 1;
+/// Bounds on the grace, for very fast or very slow (or one-shot) timers.
+pub const MIN_GRACE: Duration = Duration::from_millis(10);
+pub const MAX_GRACE: Duration = Duration::from_millis(50);
 /// Longest the kicker sleeps between looks.
 const NAP: Duration = Duration::from_millis(20);
 const NONE: u64 = u64::MAX;
 
 struct Shared {
-    /// Guest time of the next timer deadline, `NONE` if no timer is armed.
+    /// Guest time when the guest is to be kicked if it has not exited:
+    /// the timer's next deadline plus the grace; `NONE` if no timer is armed.
     due_ns: AtomicU64,
     quit: AtomicBool,
     kicks: AtomicU64,
@@ -58,9 +64,13 @@ impl Kicker {
         Kicker { shared, thread }
     }
 
-    /// The timer's next deadline in guest ns (`None`: no timer armed).
-    pub fn set_due(&self, due_ns: Option<u64>) {
-        let v = due_ns.unwrap_or(NONE);
+    /// The timer's next deadline in guest ns (`None`: no timer armed) and
+    /// its period (`None`: one-shot).
+    pub fn set_due(&self, deadline_ns: Option<u64>, tick_ns: Option<u64>) {
+        let grace = tick_ns
+            .map_or(MIN_GRACE.as_nanos() as u64 * 2, |t| t.saturating_mul(GRACE_PERIODS))
+            .clamp(MIN_GRACE.as_nanos() as u64, MAX_GRACE.as_nanos() as u64);
+        let v = deadline_ns.map_or(NONE, |d| d.saturating_add(grace));
         if self.shared.due_ns.swap(v, Ordering::SeqCst) != v {
             if let Some(t) = &self.thread {
                 t.thread().unpark();
@@ -85,7 +95,6 @@ impl Drop for Kicker {
 }
 
 fn watch(s: &Shared) {
-    let grace = GRACE.as_nanos() as u64;
     // The stay in the guest last kicked: one kick per stay.
     let mut kicked_run = u64::MAX;
     while !s.quit.load(Ordering::SeqCst) {
@@ -95,9 +104,8 @@ fn watch(s: &Shared) {
             continue;
         }
         let now = s.clock.peek_host();
-        let late_at = due.saturating_add(grace);
-        if now < late_at {
-            std::thread::park_timeout(Duration::from_nanos(late_at - now).min(NAP));
+        if now < due {
+            std::thread::park_timeout(Duration::from_nanos(due - now).min(NAP));
             continue;
         }
         let run = s.stop.runs();
@@ -108,6 +116,6 @@ fn watch(s: &Shared) {
         }
         // Overdue: the loop moves the deadline once the timer fires; until
         // then look again shortly (another stay may need a kick).
-        std::thread::park_timeout(GRACE);
+        std::thread::park_timeout(MIN_GRACE);
     }
 }

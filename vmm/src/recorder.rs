@@ -302,7 +302,8 @@ impl Inputs for Recorder {
                 }
                 self.maybe_mark(at, false, false)?;
                 if let Some(k) = &self.kicker {
-                    k.set_due(at_deadline(m));
+                    let pit = m.pit.lock().unwrap();
+                    k.set_due(pit.next_deadline_ns(), pit.tick_ns());
                 }
             }
             Observed::End { reason, mem_digest } => {

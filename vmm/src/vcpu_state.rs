@@ -218,6 +218,18 @@ mod tests {
         }
     }
 
+    /// The sizes FORMAT.md ("vCPU state") documents.
+    #[test]
+    fn section_sizes_are_the_documented_ones() {
+        use std::mem::size_of;
+        assert_eq!(size_of::<kvm_regs>(), 144);
+        assert_eq!(size_of::<kvm_sregs>(), 312);
+        assert_eq!(size_of::<kvm_xcrs>(), 392);
+        assert_eq!(size_of::<kvm_vcpu_events>(), 64);
+        assert_eq!(size_of::<kvm_mp_state>(), 4);
+        assert_eq!(size_of::<kvm_debugregs>(), 128);
+    }
+
     #[test]
     fn time_msrs_are_excluded() {
         assert!(msr_excluded(0x10) && msr_excluded(0x4b56_4d06) && msr_excluded(0x6e0));

@@ -155,6 +155,13 @@ impl Pit {
         self.deadline
     }
 
+    /// Channel 0's period in ns while it counts periodically (the guest's
+    /// timer tick), `None` otherwise.
+    pub fn tick_ns(&self) -> Option<u64> {
+        let ch = &self.channels[0];
+        (self.deadline.is_some() && ch.periodic()).then(|| ns_for_ticks(ch.period()))
+    }
+
     /// Delivers channel 0's interrupt if its deadline has passed. Reads the
     /// clock once, and only while a deadline is pending. Periods missed
     /// since the last call collapse into one edge: the PIC could latch no
