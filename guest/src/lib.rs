@@ -26,9 +26,11 @@
 //! finished; 3: CPU exception; 4: unexpected interrupt vector).
 //!
 //! The code uses only plain integer instructions plus `in`/`out`, `cli`,
-//! `sti`, `hlt`, `lidt` and `iretq`: no `int`/`int3`, `rdtsc(p)`, `rdrand`,
-//! `rdseed`, `cpuid`, `xsave`/`xrstor`, `cmpxchg16b`, `ud2`, x87, MMX, SSE
-//! or AVX (the unit tests check the disassembly). It idles with `sti; hlt`
+//! `sti`, `hlt`, `lidt` and `iretq`, and for spin mode at CPL3 `lgdt`,
+//! `ltr`, `mov` to CR3 and one `ud2` (the planned exit from CPL3, at
+//! `user_exit_ud2`): no `int`/`int3`, `rdtsc(p)`, `rdrand`, `rdseed`,
+//! `cpuid`, `xsave`/`xrstor`, `cmpxchg16b`, other `ud2`, x87, MMX, SSE or
+//! AVX (the unit tests check the disassembly). It idles with `sti; hlt`
 //! and never polls a device in a loop, except for the final wait for the
 //! UART's transmitter to empty and in the fatal-exception path.
 //!
@@ -38,7 +40,8 @@
 //! seconds, i.e. `N * hz` timer ticks; default 3; 0 runs forever), `hz=N`
 //! (PIT rate, default 100, clamped to 19..=10000), `lines=N` (status lines
 //! per second, default 10, at most `hz`; 0 for none), `quiet=1` (no status
-//! lines; bare `quiet` also works), `burst=N` (default 0; see below).
+//! lines; bare `quiet` also works), `burst=N` (default 0; see below),
+//! `spin=N`, `spin3=N` and `spinkb=K` (spin mode, below).
 //! Unknown options are ignored and reported as
 //! `[boot] ignoring unknown option KEY`.
 //!
@@ -60,6 +63,32 @@
 //! only exits with IF=1, where a VMM that injects interrupts only at exits
 //! (ftvm) delivers the timer and THRE interrupts, so the timer keeps
 //! ticking throughout the burst.
+//!
+//! # Spin mode
+//!
+//! With `spin=N` (CPL0) and/or `spin3=N` (CPL3; after the CPL0 spin if both
+//! are given) the guest prints `[spin] cpl=C start target=N kib=K` after the
+//! rtc line, drains its output, then runs a loop that makes no VM exit at
+//! all (integer instructions and memory accesses only; a unit test checks
+//! `spin_body` against an allowlist): it rewrites a `K`-KiB buffer
+//! (`spinkb`, default 256, a power of two; it lies at the first 2 MiB
+//! boundary above the image) with a xorshift64 chain, one word anywhere and
+//! one word on the next page per step, and after every 64 steps reads the
+//! tick counter the PIT ISR increments, until it has grown by `N` (one round
+//! at least). Then `[spin] cpl=C ticks=T iters=I sum=XXXXXXXX`: ticks seen,
+//! rounds run, and a 64-bit FNV-1a over the buffer's words folded to 32
+//! bits. The guest then carries on as usual (burst, or the normal run, whose
+//! schedule then starts at the tick count after the spins). A VMM that
+//! injects interrupts only at exits never ends the loop; the output is a
+//! function of where the timer interrupts arrive, so a replay reproduces it.
+//!
+//! For CPL3 the guest loads its own GDT (the VMM's 0x08/0x10 plus user
+//! data 0x18 and 64-bit user code 0x20 at DPL3, and a TSS at 0x28 whose
+//! RSP0 is a kernel interrupt stack) and its own identity page tables (4 GiB
+//! in 2 MiB pages, U set below the end of the spin buffer), enters CPL3 with
+//! `iretq`, takes timer interrupts there through RSP0, and leaves with `ud2`
+//! at `user_exit_ud2`, whose #UD the handler turns into a return to the
+//! kernel (a CPL3 `syscall` or `int` misbehaves on the local PVM KVM).
 //!
 //! # Output (COM1, lines end in `\n`)
 //!
@@ -107,7 +136,7 @@
 //! * `[done] ticks=T lines=N rx=R sum=XXXXXXXX` after `seconds * hz` ticks,
 //!   then the guest waits for its output to drain and writes 0 to port 0xf4.
 //! * Faults: `[fatal] exception V error=0xE rip=0xRRRRRRRRRRRRRRRR` (exit
-//!   status 3) or `[fatal] unexpected vector V` (exit status 4), printed
+//!   status 3; ` cpl=3` appended for a fault at CPL3) or `[fatal] unexpected vector V` (exit status 4), printed
 //!   with polled output; `V` in decimal.
 //!
 //! The output is a function of the command line, when timer interrupts
@@ -200,6 +229,13 @@ mod tests {
         "wrmsr",
     ];
     const FORBIDDEN_PREFIX: &[&str] = &["xsave", "xrstor", "fxsave", "fxrstor"];
+
+    /// The one permitted `ud2`: spin mode's planned exit from CPL3
+    /// (start.S), the first instruction after this label. A CPL3 `#UD` is
+    /// how the guest returns to CPL0 (on the local PVM KVM a CPL3 `syscall`
+    /// or `int` misbehaves, an exception works). Any other `ud2` (gcc's traps)
+    /// stays forbidden.
+    const PLANNED_UD2_LABEL: &str = "user_exit_ud2";
     const FORBIDDEN_OPERAND: &[&str] = &["%xmm", "%ymm", "%zmm", "%mm", "%st", "%k"];
 
     /// `objdump -d` mnemonic of a disassembly line, without prefixes.
@@ -218,9 +254,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn no_forbidden_instructions() {
-        let path = std::env::temp_dir().join(format!("ftvm-testguest-{}.elf", std::process::id()));
+    /// `objdump -d` of the guest (`tag` keeps parallel tests' files apart).
+    fn disassemble(tag: &str) -> String {
+        let path =
+            std::env::temp_dir().join(format!("ftvm-testguest-{}-{tag}.elf", std::process::id()));
         std::fs::write(&path, TEST_GUEST_ELF).unwrap();
         let out = Command::new("objdump")
             .arg("-d")
@@ -237,11 +274,63 @@ mod tests {
             "objdump failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let text = String::from_utf8(out.stdout).unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
 
+    /// Instruction lines (`"  100000:\tcli"`) of one function, up to the
+    /// next label.
+    fn function_body<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        let head = format!(" <{name}>:");
+        let mut lines = text.lines().skip_while(|l| !l.ends_with(&head));
+        assert!(lines.next().is_some(), "no function <{name}> in the guest");
+        lines
+            .take_while(|l| !l.ends_with(">:"))
+            .filter_map(|l| l.split_once(":\t").map(|(_, insn)| insn))
+            .collect()
+    }
+
+    /// Spin mode's loop must make no VM exit at all (that is its point): no
+    /// port I/O, `hlt`, `pause`, `cpuid`, `rdtsc`, MSR or control-register
+    /// access, no interrupt instruction and no call into other code. Only
+    /// this allowlist of plain integer instructions may appear in it.
+    #[test]
+    fn spin_loop_makes_no_exits() {
+        const ALLOWED: &[&str] = &[
+            "mov", "movq", "movl", "movabs", "movzbl", "movzwl", "movslq", "lea", "add", "sub",
+            "xor", "and", "or", "shl", "shr", "sar", "imul", "inc", "dec", "neg", "not", "cmp",
+            "test", "push", "pop", "ret", "nop", "nopl", "nopw", "xchg",
+        ];
+        let text = disassemble("spin");
+        let body = function_body(&text, "spin_body");
+        assert!(body.len() > 20, "spin_body looks empty: {body:?}");
+        let bad: Vec<_> = body
+            .iter()
+            .filter(|insn| {
+                let m = mnemonic(insn).unwrap_or("");
+                let jump = m.starts_with('j') && m != "jmpq" && !insn.contains('*');
+                !jump && !ALLOWED.contains(&m)
+            })
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "spin_body uses instructions outside the allowlist: {bad:?}"
+        );
+    }
+
+    #[test]
+    fn no_forbidden_instructions() {
+        let text = disassemble("forbidden");
         let mut count = 0;
         let mut bad = Vec::new();
+        let mut planned_ud2 = 0;
+        // The label right before the current instruction, if any.
+        let mut label: Option<&str> = None;
         for line in text.lines() {
+            // Label lines look like "0000000000101090 <user_exit_ud2>:".
+            if let Some(l) = line.strip_suffix(">:").and_then(|l| l.split_once(" <")) {
+                label = Some(l.1);
+                continue;
+            }
             // Instruction lines look like "  100000:\tcli" (no raw bytes).
             let Some((addr, insn)) = line.split_once(":\t") else {
                 continue;
@@ -252,6 +341,11 @@ mod tests {
             let Some(m) = mnemonic(insn) else { continue };
             count += 1;
             let m = m.trim_end_matches(',');
+            let at_label = label.take();
+            if m == "ud2" && at_label == Some(PLANNED_UD2_LABEL) {
+                planned_ud2 += 1;
+                continue;
+            }
             let base = m.strip_suffix('q').unwrap_or(m);
             // No integer mnemonic starts with 'f'; x87 ones all do.
             let x87 = m.starts_with('f');
@@ -269,6 +363,10 @@ mod tests {
         assert!(
             count > 200,
             "disassembly looks empty ({count} instructions)"
+        );
+        assert_eq!(
+            planned_ud2, 1,
+            "expected exactly one ud2, at <{PLANNED_UD2_LABEL}>"
         );
         assert!(
             bad.is_empty(),

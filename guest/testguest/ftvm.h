@@ -176,6 +176,18 @@ struct isr_frame {
 void idt_init(void);
 void isr_dispatch(struct isr_frame *f);
 
+/* ---- spin.c ------------------------------------------------------------ */
+/* Prints `[spin] cpl=C start target=N kib=K`, drains the output, spins at
+ * CPL `cpl` (0 or 3) until N more ticks were counted, prints
+ * `[spin] cpl=C ticks=T iters=I sum=XXXXXXXX`. Interrupts on. `kib` is a
+ * power of two, at most spin_buf_max_kib(). */
+void spin_run(u32 cpl, u64 n, u64 kib);
+/* KiB of guest memory available for the spin buffer. */
+u64 spin_buf_max_kib(u64 mem_bytes);
+/* #UD handler: true if this is the planned CPL3 exit (the frame now
+ * returns to the kernel after user_call). */
+bool spin_user_exit(struct isr_frame *f);
+
 /* ---- main.c ------------------------------------------------------------ */
 void kmain(const char *cmdline, u64 mem_bytes);
 

@@ -1,9 +1,12 @@
 /*
  * ftvm built-in test guest: the IDT and the C side of interrupt dispatch.
  *
- * All 256 vectors are interrupt gates (IF cleared on entry) pointing at the
- * stubs in start.S: 0-31 are fatal exceptions, 0x20 is the PIT tick, 0x24
- * COM1, 0x27 and 0x2f the PICs' spurious vectors; anything else is fatal.
+ * All 256 vectors are interrupt gates (IF cleared on entry, DPL0: hardware
+ * interrupts and exceptions ignore the gate's DPL, so they work from CPL3
+ * too) pointing at the stubs in start.S: 0-31 are fatal exceptions, except
+ * spin mode's planned #UD at CPL3 (spin_user_exit); 0x20 is the PIT tick,
+ * 0x24 COM1, 0x27 and 0x2f the PICs' spurious vectors; anything else is
+ * fatal.
  */
 #include "ftvm.h"
 
@@ -91,6 +94,8 @@ void isr_dispatch(struct isr_frame *f)
 	default:
 		break;
 	}
+	if (spin_user_exit(f))
+		return;
 
 	line_reset(&l);
 	if (f->vector < 32) {
@@ -100,6 +105,8 @@ void isr_dispatch(struct isr_frame *f)
 		line_hex(&l, f->error, 0);
 		line_str(&l, " rip=0x");
 		line_hex(&l, f->rip, 16);
+		if (f->cs & 3)
+			line_str(&l, " cpl=3");
 		line_ch(&l, '\n');
 		fatal(&l, EXIT_EXCEPTION);
 	}

@@ -15,6 +15,10 @@
 #define HZ_MAX 10000
 #define SECONDS_MAX 1000000000ull
 #define BURST_MAX 1000000000ull
+#define SPIN_MAX 1000000000ull
+#define SPINKB_DEFAULT 256
+#define SPINKB_MIN 4
+#define SPINKB_MAX 65536
 #define KEY_PRINT_MAX 64
 #define ECHO_MAX 64
 #define READBACK_EVERY 10
@@ -25,6 +29,9 @@ struct config {
 	u64 lines;
 	u64 burst;	/* 0: the normal timer-paced run */
 	bool quiet;
+	bool spin0_on, spin3_on;
+	u64 spin0, spin3;	/* ticks to spin at CPL0 / CPL3 */
+	u64 spinkb;		/* spin buffer, KiB: a power of two */
 };
 
 static char cmdline[CMDLINE_MAX];
@@ -102,15 +109,21 @@ static void boot_note_clamp(const char *key, u64 given, u64 used)
  * Space-separated key=value options. Runs twice: silently before the
  * devices are set up, then again with `report` to print what it ignored.
  */
-static void parse_cmdline(struct config *c, bool report)
+static void parse_cmdline(struct config *c, u64 mem_bytes, bool report)
 {
 	const char *p = cmdline;
+	u64 kib;
 
 	c->seconds = DEFAULT_SECONDS;
 	c->hz = DEFAULT_HZ;
 	c->lines = DEFAULT_LINES;
 	c->burst = 0;
 	c->quiet = false;
+	c->spin0_on = false;
+	c->spin3_on = false;
+	c->spin0 = 0;
+	c->spin3 = 0;
+	c->spinkb = SPINKB_DEFAULT;
 
 	for (;;) {
 		const char *tok, *key, *val = NULL;
@@ -148,6 +161,22 @@ static void parse_cmdline(struct config *c, bool report)
 				c->burst = v;
 			else
 				c->lines = v;
+		} else if (key_is(key, kn, "spin") || key_is(key, kn, "spin3") ||
+			   key_is(key, kn, "spinkb")) {
+			if (!val || !parse_u64(val, vn, &v)) {
+				if (report)
+					boot_note_key("ignoring bad value for option ", key, kn);
+				continue;
+			}
+			if (kn == 4) {
+				c->spin0_on = true;
+				c->spin0 = v;
+			} else if (key[4] == '3') {
+				c->spin3_on = true;
+				c->spin3 = v;
+			} else {
+				c->spinkb = v;
+			}
 		} else if (key_is(key, kn, "quiet")) {
 			if (!val) {
 				c->quiet = true;
@@ -185,6 +214,31 @@ static void parse_cmdline(struct config *c, bool report)
 		if (report)
 			boot_note_clamp("burst", c->burst, BURST_MAX);
 		c->burst = BURST_MAX;
+	}
+	if (c->spin0 > SPIN_MAX) {
+		if (report)
+			boot_note_clamp("spin", c->spin0, SPIN_MAX);
+		c->spin0 = SPIN_MAX;
+	}
+	if (c->spin3 > SPIN_MAX) {
+		if (report)
+			boot_note_clamp("spin3", c->spin3, SPIN_MAX);
+		c->spin3 = SPIN_MAX;
+	}
+	/* A power of two that fits in memory above the image. */
+	kib = c->spinkb;
+	if (kib > SPINKB_MAX)
+		kib = SPINKB_MAX;
+	if (kib > spin_buf_max_kib(mem_bytes))
+		kib = spin_buf_max_kib(mem_bytes);
+	if (kib < SPINKB_MIN)
+		kib = SPINKB_MIN;
+	while (kib & (kib - 1))
+		kib &= kib - 1;
+	if (kib != c->spinkb) {
+		if (report && (c->spin0_on || c->spin3_on))
+			boot_note_clamp("spinkb", c->spinkb, kib);
+		c->spinkb = kib;
 	}
 }
 
@@ -393,15 +447,18 @@ __attribute__((noreturn)) static void burst(u64 n)
 
 /* ---- main loop ------------------------------------------------------------ */
 
-__attribute__((noreturn)) static void run(const struct config *c)
+/* `base`: the tick count the run's schedule starts from (0 unless a spin
+ * came first). */
+__attribute__((noreturn)) static void run(const struct config *c, u64 base)
 {
 	/* Period events happen every `period` ticks whether or not a status
 	 * line is printed: they also flush a partially received echo line. */
 	u64 period = c->lines ? c->hz / c->lines : c->hz;
 	bool lines_on = c->lines && !c->quiet;
-	u64 next_period = period;
-	u64 end_tick = c->seconds * c->hz;	/* 0: run forever */
-	u64 next_service = c->hz;		/* once a second, see below */
+	u64 next_period = base + period;
+	/* 0: run forever */
+	u64 end_tick = c->seconds ? base + c->seconds * c->hz : 0;
+	u64 next_service = base + c->hz;	/* once a second, see below */
 
 	for (;;) {
 		u64 now;
@@ -440,6 +497,7 @@ void kmain(const char *cmd, u64 mem_bytes)
 	struct config cfg;
 	struct rtc_time rtc;
 	struct line l;
+	u64 base;
 	u32 i;
 
 	/* The IDT first, so that even a bad command-line pointer is reported. */
@@ -447,7 +505,7 @@ void kmain(const char *cmd, u64 mem_bytes)
 	for (i = 0; cmd && i < CMDLINE_MAX - 1 && cmd[i]; i++)
 		cmdline[i] = cmd[i];
 	cmdline[i] = '\0';
-	parse_cmdline(&cfg, false);
+	parse_cmdline(&cfg, mem_bytes, false);
 
 	sum_init();
 	pic_init();
@@ -472,7 +530,7 @@ void kmain(const char *cmd, u64 mem_bytes)
 	line_str(&l, " MiB\n");
 	print(&l);
 
-	parse_cmdline(&cfg, true);
+	parse_cmdline(&cfg, mem_bytes, true);
 
 	rtc_read(&rtc);
 	line_reset(&l);
@@ -491,7 +549,17 @@ void kmain(const char *cmd, u64 mem_bytes)
 	line_ch(&l, '\n');
 	print(&l);
 
+	if (cfg.spin0_on)
+		spin_run(0, cfg.spin0, cfg.spinkb);
+	if (cfg.spin3_on)
+		spin_run(3, cfg.spin3, cfg.spinkb);
 	if (cfg.burst)
 		burst(cfg.burst);
-	run(&cfg);
+	base = 0;
+	if (cfg.spin0_on || cfg.spin3_on) {
+		cli();
+		base = ticks;
+		sti();
+	}
+	run(&cfg, base);
 }

@@ -1,9 +1,11 @@
 /*
- * ftvm built-in test guest: entry point and interrupt stubs.
+ * ftvm built-in test guest: entry point, interrupt stubs and the CPL3
+ * entry/exit of spin mode.
  *
  * Entered in 64-bit long mode at CPL0 with paging on (identity map of the
  * first 4 GiB), interrupts off, RDI = command line, RSI = memory size.
- * Only plain integer instructions are used here, plus cli/hlt and iretq.
+ * Only plain integer instructions are used here, plus cli/hlt, iretq, and
+ * the one ud2 of user_call's planned exit from CPL3.
  */
 
 #define STACK_SIZE 16384
@@ -64,7 +66,9 @@ isr_stubs:
  * Saves every general-purpose register (struct isr_frame in ftvm.h), calls
  * isr_dispatch(frame) and returns with iretq. The CPU aligned RSP to 16
  * before pushing its 5-word frame; with the error code, the vector and 15
- * registers that keeps RSP 16-byte aligned at the call.
+ * registers that keeps RSP 16-byte aligned at the call. From CPL3 the CPU
+ * first switches to the TSS's RSP0 (spin.c); the frame always holds SS:RSP,
+ * so the same path returns to either CPL.
  */
 	.balign 16
 	.type isr_common, @function
@@ -105,6 +109,63 @@ isr_common:
 	addq $16, %rsp			/* vector and error code */
 	iretq
 	.size isr_common, . - isr_common
+
+/*
+ * void user_call(void (*fn)(struct spin_job *), struct spin_job *arg,
+ *                u64 user_rsp)
+ *
+ * Runs fn(arg) at CPL3 (spin.c sets up the GDT, TSS and page tables
+ * first). Saves the callee-saved registers, RFLAGS and RSP, then enters
+ * user_entry at CPL3 with iretq (IF=1, IOPL=0). The user code ends in the
+ * ud2 at user_exit_ud2, the only ud2 in the guest: the #UD handler
+ * (spin_user_exit) turns its frame into one that returns to user_return at
+ * CPL0 on the saved stack with the saved RFLAGS.
+ */
+#define KERNEL_DS 0x10
+#define USER_DS (0x18 | 3)
+#define USER_CS (0x20 | 3)
+
+	.text
+	.globl user_call
+	.type user_call, @function
+user_call:
+	pushq %rbx
+	pushq %rbp
+	pushq %r12
+	pushq %r13
+	pushq %r14
+	pushq %r15
+	pushfq
+	popq user_saved_rflags
+	movq %rsp, user_saved_rsp
+	movq %rdi, %rax			/* fn */
+	movq %rsi, %rdi			/* arg */
+	pushq $USER_DS			/* SS */
+	pushq %rdx			/* RSP (16-byte aligned) */
+	pushq $0x202			/* RFLAGS: IF */
+	pushq $USER_CS			/* CS */
+	pushq $user_entry		/* RIP */
+	iretq
+user_entry:				/* CPL3 */
+	call *%rax
+	.globl user_exit_ud2
+user_exit_ud2:
+	ud2				/* the planned exit: #UD to CPL0 */
+	.globl user_return
+user_return:				/* CPL0 again, on the saved stack */
+	movl $KERNEL_DS, %eax		/* iretq to CPL3 nulled these */
+	mov %eax, %ds
+	mov %eax, %es
+	mov %eax, %fs
+	mov %eax, %gs
+	popq %r15
+	popq %r14
+	popq %r13
+	popq %r12
+	popq %rbp
+	popq %rbx
+	ret
+	.size user_call, . - user_call
 
 	.section .bss
 	.balign 16
