@@ -62,7 +62,8 @@ section ft-console.stderr $rc /tmp/ft-all.err
 # A CPU-bound process at the shell: without resyncs the guest never gets
 # another timer tick and the next command is never answered.
 mkfifo /tmp/spin.fifo
-(sleep 16; printf '(while :; do :; done) &\n'; sleep 2; printf 'echo spin-$((6*7))\n'; sleep 3; printf 'poweroff\n'; sleep 30) >/tmp/spin.fifo &
+# `sleep 1` ends only if timer ticks preempt the spinner.
+(sleep 16; printf '(while :; do :; done) & sleep 1; echo spin-$((6*7)); kill $!\n'; sleep 8; printf 'poweroff\n'; sleep 30) >/tmp/spin.fifo &
 run linux-spin-record sh -c "/bin/ftvm record --log /tmp/spin.ftlog $K --cmdline quiet </tmp/spin.fifo"
 run linux-spin-replay /bin/ftvm replay --log /tmp/spin.ftlog $R
 run linux-spin-stats /bin/ftvm log stats /tmp/spin.ftlog

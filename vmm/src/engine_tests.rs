@@ -429,9 +429,53 @@ impl crate::engine::Inputs for EmitEachExit<'_> {
     fn observe(&mut self, m: &Machine, at: &mut crate::engine::ExitPoint, what: crate::engine::Observed) -> Result<crate::engine::Flow, EngineError> {
         self.inner.observe(m, at, what)
     }
+    fn kicked(&mut self, m: &Machine) -> bool {
+        self.inner.kicked(m)
+    }
     fn summary(&self) -> String {
         self.inner.summary()
     }
+}
+
+/// Output produced while a mark is in flight, after which the guest only
+/// computes (every `run` ends in a kick, never an exit): the kick marks it,
+/// so it is released once acknowledged instead of being held forever.
+#[test]
+fn output_is_not_held_behind_a_guest_that_stops_exiting() {
+    let r = rig(VmClock::host());
+    let gate = Gate::new(Role::Primary { need_ack: true });
+    gate.set_lease(std::time::Instant::now() + Duration::from_secs(60));
+    let marked = Arc::new(AtomicU64::new(0));
+    let stop = StopHandle::new();
+    let mut rec = Recorder::new(Some(writer(&Shared::default())), ConsoleInput::none())
+        .with_marks(marked.clone(), gate.clone())
+        .with_kicks(stop.clone(), r.machine.clock.clone());
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acker = {
+        let (gate, marked, done) = (gate.clone(), marked.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = marked.load(std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(2));
+                gate.ack(m);
+            }
+        })
+    };
+    let mut vcpu = FakeVcpu::new(vec![Step::Out(0x21, vec![0xff]), Step::Out(0x80, vec![1]), Step::Out(0x80, vec![1]), Step::Spin]);
+    vcpu.loop_from = 3;
+    // Exits back to back: the second output comes while the first mark is
+    // still in flight, and then the guest only computes.
+    vcpu.max_exits = 400;
+    let emitter = GateEmitter { gate: gate.clone(), machine_ordinal: r.machine.ordinal.clone() };
+    let mut inputs = EmitEachExit { inner: &mut rec, emitter };
+    let g = Guest { vcpu: &mut vcpu, machine: &r.machine, mem: &r.mem, traps: None };
+    let err = run(g, &mut inputs, &RunOptions { stop, ..Default::default() }).err().expect("stops at max_exits");
+    assert!(err.to_string().contains("max_exits"), "{err}");
+    // Give the last acknowledgement time to arrive.
+    std::thread::sleep(Duration::from_millis(20));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    acker.join().unwrap();
+    assert_eq!(gate.released_len(), gate.emitted(), "output held behind a guest that computes");
 }
 
 #[test]

@@ -34,6 +34,9 @@ struct Shared {
     /// Guest time when the guest is to be kicked if it has not exited:
     /// the timer's next deadline plus the grace; `NONE` if no timer is armed.
     due_ns: AtomicU64,
+    /// Guest time when held output needs a mark even if the guest has not
+    /// exited (group commit's bound); `NONE` if nothing waits.
+    mark_due_ns: AtomicU64,
     quit: AtomicBool,
     kicks: AtomicU64,
     stop: StopHandle,
@@ -50,6 +53,7 @@ impl Kicker {
     pub fn start(stop: StopHandle, clock: Arc<VmClock>) -> Kicker {
         let shared = Arc::new(Shared {
             due_ns: AtomicU64::new(NONE),
+            mark_due_ns: AtomicU64::new(NONE),
             quit: AtomicBool::new(false),
             kicks: AtomicU64::new(0),
             stop,
@@ -78,6 +82,17 @@ impl Kicker {
         }
     }
 
+    /// Held output waits for a mark: kick at `at_ns` (guest time) if the
+    /// guest has not exited by then. `None` clears it.
+    pub fn set_mark_due(&self, at_ns: Option<u64>) {
+        let v = at_ns.unwrap_or(NONE);
+        if self.shared.mark_due_ns.swap(v, Ordering::SeqCst) != v {
+            if let Some(t) = &self.thread {
+                t.thread().unpark();
+            }
+        }
+    }
+
     /// Kicks so far.
     pub fn kicks(&self) -> u64 {
         self.shared.kicks.load(Ordering::Relaxed)
@@ -98,7 +113,7 @@ fn watch(s: &Shared) {
     // The stay in the guest last kicked: one kick per stay.
     let mut kicked_run = u64::MAX;
     while !s.quit.load(Ordering::SeqCst) {
-        let due = s.due_ns.load(Ordering::SeqCst);
+        let due = s.due_ns.load(Ordering::SeqCst).min(s.mark_due_ns.load(Ordering::SeqCst));
         if due == NONE {
             std::thread::park_timeout(NAP);
             continue;

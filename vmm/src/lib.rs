@@ -3,8 +3,9 @@
 //! The VMM owns every source of nondeterminism the guest can see (the
 //! interrupt controller, the timer, the clock, console input) and hands
 //! their values to the guest only at deterministic VM exits. `engine` is
-//! the exit loop; `live` supplies inputs from the host (and records them),
-//! `replay` supplies them from a log and checks the run against it.
+//! the exit loop; `recorder` supplies inputs from the host (and logs them),
+//! `replay` supplies them from a log and checks the run against it; `apply`
+//! is where either reaches the guest. docs/DESIGN.md has the architecture.
 
 pub mod apply;
 pub mod boot;

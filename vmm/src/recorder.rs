@@ -56,6 +56,9 @@ pub struct Recorder {
     cleared: Instant,
     /// Pages logged by resyncs.
     pub resync_pages: u64,
+    /// The last exit, when output produced there waits for a mark that
+    /// group commit deferred: a kick marks it if the guest does not exit.
+    unmarked_at: Option<replay_log::Position>,
 }
 
 /// Pages per `Pages` record: 4 MiB of a delta, well under the format's
@@ -79,6 +82,7 @@ impl Recorder {
             tracking: false,
             cleared: Instant::now(),
             resync_pages: 0,
+            unmarked_at: None,
         }
     }
 
@@ -140,12 +144,36 @@ impl Recorder {
         if !force && !mk.commit.due(now, look, idle) {
             return Ok(());
         }
-        self.append(at, Event::Progress)?;
-        self.flush()?;
-        let Some(mk) = &mut self.marks else { return Ok(()) };
-        mk.commit.marked(now, at.ordinal);
-        mk.marked.store(at.ordinal, Ordering::Relaxed);
+        let pos = at.position()?;
+        self.mark_at(pos, now)?;
         self.throttle(at.ordinal);
+        Ok(())
+    }
+
+    fn mark_at(&mut self, pos: replay_log::Position, now: Instant) -> Result<(), EngineError> {
+        self.append_at(pos, Event::Progress)?;
+        self.flush()?;
+        self.unmarked_at = None;
+        if let Some(k) = &self.kicker {
+            k.set_mark_due(None);
+        }
+        let Some(mk) = &mut self.marks else { return Ok(()) };
+        mk.commit.marked(now, pos.ordinal);
+        mk.marked.store(pos.ordinal, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// After an exit that left output unmarked (a mark in flight): if the
+    /// guest then computes without exiting, a kick marks it after the
+    /// bound, so held output is never stuck behind a busy guest.
+    fn arm_mark_kick(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<(), EngineError> {
+        let (Some(mk), Some(k)) = (&self.marks, &self.kicker) else { return Ok(()) };
+        if !mk.gate.look(mk.commit.last_mark()).unmarked_output {
+            return Ok(());
+        }
+        let due = m.clock.peek_host().saturating_add(commit::OUTPUT_BOUND.as_nanos() as u64);
+        k.set_mark_due(Some(due));
+        self.unmarked_at = Some(at.position()?);
         Ok(())
     }
 
@@ -175,13 +203,17 @@ impl Recorder {
     }
 
     fn append(&mut self, at: &mut ExitPoint, event: Event) -> Result<(), EngineError> {
+        let pos = if self.log.is_some() { at.position()? } else { replay_log::Position { ordinal: at.ordinal, rip: 0, exit: at.exit } };
+        self.append_at(pos, event)
+    }
+
+    fn append_at(&mut self, pos: replay_log::Position, event: Event) -> Result<(), EngineError> {
         *self.by_kind.entry(event.kind_name()).or_default() += 1;
         if let Some(mk) = &mut self.marks {
             mk.commit.logged();
         }
         if let Some(w) = &mut self.log {
-            let rec = Record { pos: at.position()?, event };
-            w.append(&rec).map_err(EngineError::LogWrite)?;
+            w.append(&Record { pos, event }).map_err(EngineError::LogWrite)?;
         }
         Ok(())
     }
@@ -218,8 +250,10 @@ impl Recorder {
             return Ok(());
         }
         if let Some(mk) = &self.marks {
-            // Acknowledged to the typist once the backup has this exit.
-            mk.gate.note_input(at.ordinal, total + bytes.len() as u64);
+            // Acknowledged to the typist once the backup acknowledges a
+            // mark after this record: one at a later exit. (This exit may
+            // already be marked and acknowledged: the guest was idle.)
+            mk.gate.note_input(at.ordinal + 1, total + bytes.len() as u64);
         }
         self.hand_over(at, Event::SerialIn { bytes }, out)
     }
@@ -288,6 +322,12 @@ impl Inputs for Recorder {
     }
 
     fn kicked(&mut self, m: &Machine) -> bool {
+        if let Some(pos) = self.unmarked_at {
+            // Everything of that exit is logged: mark it now.
+            if let Err(e) = self.mark_at(pos, Instant::now()) {
+                log::warn!("marking held output after a kick: {e}");
+            }
+        }
         let due = at_deadline(m).is_some_and(|d| m.clock.peek_host() >= d);
         due || m.pic.lock().unwrap().has_interrupt()
     }
@@ -301,6 +341,7 @@ impl Inputs for Recorder {
                     self.append(at, Event::Check { regs_digest })?;
                 }
                 self.maybe_mark(at, false, false)?;
+                self.arm_mark_kick(m, at)?;
                 if let Some(k) = &self.kicker {
                     let pit = m.pit.lock().unwrap();
                     k.set_due(pit.next_deadline_ns(), pit.tick_ns());

@@ -147,6 +147,10 @@ impl<S: RecordSource> Replayer<S> {
             if !is_input(&rec.event) {
                 break;
             }
+            if matches!(rec.event, Event::WallClock { .. }) && at.ordinal != 0 {
+                let rec = rec.clone();
+                return Err(at.diverged(describe(&rec), "takes the wall clock only at boot".into()));
+            }
             out.push(self.take_checked(at)?.event);
         }
         Ok(())
@@ -179,6 +183,7 @@ impl<S: RecordSource> Replayer<S> {
                 Event::End { reason: EndReason::Interrupted, regs_digest, .. } => {
                     self.take_checked(at)?;
                     self.check_regs(at, &rec, regs_digest)?;
+                    self.reader.after_end()?;
                     self.end = Some(EndReason::Interrupted);
                     return Ok(Flow::Stop(Ending::Interrupted));
                 }

@@ -55,8 +55,10 @@ struct Inner {
     ending: Mutex<Option<Ending>>,
     /// Entries into and returns from `KVM_RUN`: odd while the guest runs.
     runs: AtomicU64,
-    /// pthread id of the vCPU thread (0 until it registers).
-    vcpu_thread: AtomicU64,
+    /// pthread id of the vCPU thread (0 until it registers). A mutex, not
+    /// an atomic: the thread must not exit between reading the id and
+    /// signalling it (the guard clears it under the same lock).
+    vcpu_thread: Mutex<u64>,
     /// Wakes threads that wait on something else (a record channel).
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
@@ -68,7 +70,7 @@ impl Default for StopHandle {
         StopHandle(Arc::new(Inner {
             ending: Mutex::new(None),
             runs: AtomicU64::new(0),
-            vcpu_thread: AtomicU64::new(0),
+            vcpu_thread: Mutex::new(0),
             wake_tx,
             wake_rx,
         }))
@@ -98,15 +100,18 @@ impl StopHandle {
     /// or the next one returns at once), without asking it to stop: a
     /// timer interrupt is due and the guest has not exited.
     pub fn kick(&self) {
-        let tid = self.0.vcpu_thread.load(Ordering::SeqCst);
+        let guard = self.0.vcpu_thread.lock().unwrap();
+        let tid = *guard;
         if tid != 0 {
             // SAFETY: `tid` was stored by `register_vcpu_thread` from
             // `pthread_self` of a thread that is still running the exit
-            // loop (it clears the id before it returns), and KICK_SIGNAL
+            // loop: it clears the id under this lock (held until after the
+            // call) before it returns, so it cannot have exited. KICK_SIGNAL
             // has a no-op handler installed, so delivery only interrupts
             // `KVM_RUN` (EINTR).
             unsafe { libc::pthread_kill(tid as libc::pthread_t, KICK_SIGNAL) };
         }
+        drop(guard);
     }
 
     /// The exit loop is about to enter the guest.
@@ -141,7 +146,7 @@ impl StopHandle {
         install_kick_handler();
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() } as u64;
-        self.0.vcpu_thread.store(me, Ordering::SeqCst);
+        *self.0.vcpu_thread.lock().unwrap() = me;
         VcpuThreadGuard(self.clone())
     }
 }
@@ -151,7 +156,7 @@ pub struct VcpuThreadGuard(StopHandle);
 
 impl Drop for VcpuThreadGuard {
     fn drop(&mut self) {
-        self.0 .0.vcpu_thread.store(0, Ordering::SeqCst);
+        *self.0 .0.vcpu_thread.lock().unwrap() = 0;
     }
 }
 

@@ -54,7 +54,11 @@ fn keep_place(me: String, waddr: String, my_view: Arc<AtomicU64>, promoted: Arc<
             }
             match w.backup_ping(&me, my_view.load(Ordering::Relaxed)) {
                 Ok(v) => my_view.store(v.number, Ordering::Relaxed),
-                Err(WitnessError::Refused { msg, .. }) if !promoted.load(Ordering::Relaxed) => {
+                // A refusal while the promotion is being granted is not a
+                // drop: the witness names us primary.
+                Err(WitnessError::Refused { msg, .. })
+                    if !promoted.load(Ordering::Relaxed) && w.view().map_or(true, |v| v.primary.as_deref() != Some(me.as_str())) =>
+                {
                     let why = format!("backup: the witness dropped this backup: {msg}");
                     log::warn!("{why}");
                     stop.stop(Ending::Stopped { why, code: 1 });

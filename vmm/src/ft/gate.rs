@@ -24,6 +24,9 @@ struct State {
     role: Role,
     lease_until: Option<Instant>,
     acked: u64,
+    /// Which backup's acknowledgements count: bumped for each new backup,
+    /// so a late ack from the previous one cannot release output.
+    ack_gen: u64,
     pending: VecDeque<(u64, u8)>,
     released: Vec<u8>,
     emitted: u64,
@@ -57,6 +60,7 @@ impl Gate {
                 role,
                 lease_until: None,
                 acked: 0,
+                ack_gen: 0,
                 pending: VecDeque::new(),
                 released: Vec::new(),
                 emitted: 0,
@@ -120,7 +124,17 @@ impl Gate {
 
     /// The backup has the log through `ordinal`.
     pub fn ack(&self, ordinal: u64) {
+        let generation = self.s.lock().unwrap().ack_gen;
+        self.ack_from(generation, ordinal);
+    }
+
+    /// An acknowledgement from the backup of generation `generation`
+    /// (see [`Gate::reset_acks`]); ignored if another backup came since.
+    pub fn ack_from(&self, generation: u64, ordinal: u64) {
         let mut s = self.s.lock().unwrap();
+        if generation != s.ack_gen {
+            return;
+        }
         s.acked = s.acked.max(ordinal);
         self.release(&mut s);
     }
@@ -131,7 +145,8 @@ impl Gate {
         super::commit::GateLook {
             need_ack: matches!(s.role, Role::Primary { need_ack: true }),
             acked: s.acked,
-            unmarked_output: s.pending.back().is_some_and(|&(ord, _)| ord > last_mark),
+            unmarked_output: s.pending.back().is_some_and(|&(ord, _)| ord > last_mark)
+                || s.inputs.back().is_some_and(|&(ord, _)| ord > last_mark),
         }
     }
 
@@ -152,9 +167,13 @@ impl Gate {
         self.release(&mut s);
     }
 
-    /// A new backup starts with nothing acknowledged.
-    pub fn reset_acks(&self) {
-        self.s.lock().unwrap().acked = 0;
+    /// A new backup starts with nothing acknowledged; returns the
+    /// generation its acknowledgements must carry.
+    pub fn reset_acks(&self) -> u64 {
+        let mut s = self.s.lock().unwrap();
+        s.acked = 0;
+        s.ack_gen += 1;
+        s.ack_gen
     }
 
     pub fn role(&self) -> Role {
@@ -281,6 +300,19 @@ mod tests {
         assert_eq!(g.released_len(), 0, "released on an expired lease");
         g.set_lease(Instant::now() + Duration::from_secs(1));
         assert_eq!(g.released_len(), 2);
+    }
+
+    #[test]
+    fn a_late_ack_from_the_previous_backup_releases_nothing() {
+        let g = Gate::new(Role::Primary { need_ack: true });
+        g.set_lease(Instant::now() + Duration::from_secs(10));
+        let old = g.reset_acks();
+        g.emit(5, b"x");
+        let new = g.reset_acks();
+        g.ack_from(old, 100);
+        assert_eq!(g.released_len(), 0, "released on the old backup's ack");
+        g.ack_from(new, 5);
+        assert_eq!(g.released_len(), 1);
     }
 
     #[test]

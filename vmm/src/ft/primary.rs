@@ -64,12 +64,12 @@ impl PrimaryDuty {
         );
         match &v.backup {
             Some(b) => {
-                self.gate.reset_acks();
+                let generation = self.gate.reset_acks();
                 self.gate.set_role(Role::Primary { need_ack: true });
                 let stop = Arc::new(AtomicBool::new(false));
                 self.sender_stop = Some(stop.clone());
                 let (b, n, log, gate) = (b.clone(), v.number, self.log.clone(), self.gate.clone());
-                let send = move || stream::run_sender(b, n, log, gate, stop);
+                let send = move || stream::run_sender(b, n, log, gate, generation, stop);
                 if let Err(e) = std::thread::Builder::new().name("ftvm-log-sender".into()).spawn(send) {
                     log::error!("primary: cannot start streaming to the backup: {e}");
                 }
@@ -170,9 +170,12 @@ pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32),
     let out = engine::run(vm.guest(), &mut rec, &RunOptions { progress: opts.progress, stop })
         .map_err(|err| RoleError::Engine { what: "primary", err })?;
     let (msg, code) = out.ending.describe();
-    log::info!("primary: {msg}; {}; {}", out.summary(), rec.summary());
-    if !matches!(out.ending, Ending::Stopped { .. }) {
-        wind_down(&gate, &msg);
+    if matches!(out.ending, Ending::Stopped { .. }) {
+        // Its reason was said when it was asked for.
+        log::info!("{}; {}", out.summary(), rec.summary());
+        return Ok((msg, code));
     }
+    log::info!("primary: {msg}; {}; {}", out.summary(), rec.summary());
+    wind_down(&gate, &msg);
     Ok((msg, code))
 }

@@ -24,7 +24,7 @@ pub const HELLO: &str = "FTVM-LOG";
 
 /// Streams `log` from byte 0 to the backup at `addr` until `stop` is set or
 /// the connection fails; acknowledgements go to `gate`.
-pub fn run_sender(addr: String, view: u64, log: Arc<LogBuf>, gate: Arc<Gate>, stop: Arc<AtomicBool>) {
+pub fn run_sender(addr: String, view: u64, log: Arc<LogBuf>, gate: Arc<Gate>, generation: u64, stop: Arc<AtomicBool>) {
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut conn = loop {
         match TcpStream::connect(&addr) {
@@ -63,7 +63,7 @@ pub fn run_sender(addr: String, view: u64, log: Arc<LogBuf>, gate: Arc<Gate>, st
                     break;
                 }
                 if let Some(n) = line.strip_prefix("ACK ").and_then(|n| n.parse().ok()) {
-                    gate.ack(n);
+                    gate.ack_from(generation, n);
                 }
             }
         })
