@@ -85,6 +85,15 @@ pub enum Event {
 }
 
 impl Event {
+    /// Whether the record carries an input the guest is given (applied by
+    /// the VMM at its position), as opposed to a check or a mark.
+    pub fn is_input(&self) -> bool {
+        matches!(
+            self,
+            Event::WallClock { .. } | Event::Time { .. } | Event::SerialIn { .. } | Event::Pages { .. } | Event::VcpuState { .. }
+        )
+    }
+
     /// Short stable name, used by `log dump` and `log stats`.
     pub fn kind_name(&self) -> &'static str {
         match self {

@@ -1,8 +1,8 @@
 //! Kicking a guest that computes without exiting. ftvm delivers inputs only
 //! at VM exits, so a guest spinning in a loop (a CPU-bound process) would
 //! never get its timer interrupt. A kicker thread watches the timer's next
-//! deadline; when it has passed by a grace of one timer period
-//! ([`GRACE_PERIODS`]) and the vCPU is still in the
+//! deadline; when it has passed by a grace of half a timer period
+//! ([`GRACE_DIVISOR`]) and the vCPU is still in the
 //! same stay in the guest, it kicks the vCPU out (a signal: `KVM_RUN`
 //! returns EINTR at whatever instruction the guest was at). The exit loop
 //! then makes that point a position of its own (`ExitKind::Resync`): the
@@ -19,13 +19,14 @@ use crate::clock::VmClock;
 use crate::stop::StopHandle;
 
 /// How late past its deadline a timer interrupt may be before the guest is
-/// kicked, in timer periods: one, the latency goal. A kick costs a state
-/// capture and a memory delta when recording, so the guest's own exits get
-/// the first chance; ordinary kernel code exits well within a period.
-pub const GRACE_PERIODS: u64 = 1;
+/// kicked: half a timer period. A kick costs a state capture and a memory
+/// delta when recording, so the guest's own exits get the first chance;
+/// but a tick later than a whole period would merge with the next one, and
+/// a guest that counts ticks (Linux without a TSC) would lose time.
+pub const GRACE_DIVISOR: u64 = 2;
 /// Bounds on the grace, for very fast or very slow (or one-shot) timers.
-pub const MIN_GRACE: Duration = Duration::from_millis(10);
-pub const MAX_GRACE: Duration = Duration::from_millis(50);
+pub const MIN_GRACE: Duration = Duration::from_millis(2);
+pub const MAX_GRACE: Duration = Duration::from_millis(25);
 /// Longest the kicker sleeps between looks.
 const NAP: Duration = Duration::from_millis(20);
 const NONE: u64 = u64::MAX;
@@ -72,7 +73,7 @@ impl Kicker {
     /// its period (`None`: one-shot).
     pub fn set_due(&self, deadline_ns: Option<u64>, tick_ns: Option<u64>) {
         let grace = tick_ns
-            .map_or(MIN_GRACE.as_nanos() as u64 * 2, |t| t.saturating_mul(GRACE_PERIODS))
+            .map_or(MIN_GRACE.as_nanos() as u64 * 2, |t| t / GRACE_DIVISOR)
             .clamp(MIN_GRACE.as_nanos() as u64, MAX_GRACE.as_nanos() as u64);
         let v = deadline_ns.map_or(NONE, |d| d.saturating_add(grace));
         if self.shared.due_ns.swap(v, Ordering::SeqCst) != v {

@@ -144,7 +144,7 @@ impl<S: RecordSource> Replayer<S> {
     /// Takes the input records logged at this exit, checking each.
     fn inputs_here(&mut self, at: &mut ExitPoint, out: &mut Vec<Event>) -> Result<(), EngineError> {
         while let Some(rec) = self.peek_at(at.ordinal)? {
-            if !is_input(&rec.event) {
+            if !rec.event.is_input() {
                 break;
             }
             if matches!(rec.event, Event::WallClock { .. }) && at.ordinal != 0 {
@@ -219,15 +219,6 @@ impl<S: RecordSource> Replayer<S> {
             _ => Err(at.diverged(describe(&rec), found)),
         }
     }
-}
-
-/// Records that carry an input (applied by `apply`), as opposed to checks
-/// and marks.
-fn is_input(ev: &Event) -> bool {
-    matches!(
-        ev,
-        Event::WallClock { .. } | Event::Time { .. } | Event::SerialIn { .. } | Event::Pages { .. } | Event::VcpuState { .. }
-    )
 }
 
 impl<S: RecordSource> Inputs for Replayer<S> {
