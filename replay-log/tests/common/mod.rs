@@ -49,7 +49,7 @@ pub fn all_variants() -> Vec<Record> {
         Event::SerialIn { bytes: Vec::new() },
         Event::Interrupt { vector: 0xff },
         Event::Check { regs_digest: 0 },
-        Event::Pages { pages: vec![(0, vec![0; 4096]), (u64::MAX & !0xfff, (0..4096).map(|i| i as u8).collect())] },
+        Event::Pages { pages: vec![(0, vec![0; 4096]), (!0xfff, (0..4096).map(|i| i as u8).collect())] },
         Event::Pages { pages: Vec::new() },
         Event::VcpuState { state: vec![1, 2, 3] },
         Event::VcpuState { state: Vec::new() },
