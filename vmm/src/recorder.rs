@@ -16,6 +16,7 @@ use crate::console_io::ConsoleInput;
 use crate::engine::{EngineError, ExitPoint, Flow, Inputs, Observed};
 use crate::ft::commit::{self, GroupCommit};
 use crate::ft::gate::Gate;
+use crate::ft::log_buf::LogBuf;
 use crate::ft::HEARTBEAT;
 use crate::machine::Machine;
 
@@ -33,6 +34,10 @@ struct Marks {
     marked: Arc<AtomicU64>,
     gate: Arc<Gate>,
     commit: GroupCommit,
+    /// The in-memory log the sink writes to, told where each mark ends so
+    /// that a backup's acknowledgements can be checked against what it was
+    /// sent.
+    index: Option<Arc<LogBuf>>,
 }
 
 pub struct Recorder {
@@ -51,7 +56,15 @@ impl Recorder {
     /// `ft::commit`) so the backup can acknowledge them and `gate` can
     /// release output.
     pub fn with_marks(mut self, marked: Arc<AtomicU64>, gate: Arc<Gate>) -> Self {
-        self.marks = Some(Marks { marked, gate, commit: GroupCommit::new(Instant::now()) });
+        self.marks = Some(Marks { marked, gate, commit: GroupCommit::new(Instant::now()), index: None });
+        self
+    }
+
+    /// With `with_marks`: the log sink writes to `log`; note each mark there.
+    pub fn with_mark_index(mut self, log: Arc<LogBuf>) -> Self {
+        if let Some(mk) = &mut self.marks {
+            mk.index = Some(log);
+        }
         self
     }
 
@@ -62,6 +75,9 @@ impl Recorder {
         let look = mk.gate.look(mk.commit.last_mark());
         if !force && !mk.commit.due(now, look, idle) {
             return Ok(());
+        }
+        if let Some(log) = &mk.index {
+            log.mark_follows(at.ordinal);
         }
         self.append(at, Event::Progress)?;
         self.flush()?;

@@ -22,6 +22,8 @@ pub struct Takeover {
     /// Ordinal of the last high-water mark (for status reports).
     pub marked: Arc<std::sync::atomic::AtomicU64>,
     pub gate: Arc<super::gate::Gate>,
+    /// The in-memory log `log` writes to (its marks are noted there).
+    pub buf: Arc<super::log_buf::LogBuf>,
     /// Called once at the switch (e.g. to say so on stderr).
     pub on_live: Box<dyn FnOnce(u64) + Send>,
 }
@@ -62,7 +64,7 @@ impl BackupInputs {
         // Everything typed so far is in the log we replayed.
         kit.gate.note_input(ordinal, m.uart.lock().unwrap().rx_total());
         (kit.on_live)(ordinal);
-        self.live = Some(Recorder::new(Some(kit.log), kit.input).with_marks(kit.marked, kit.gate));
+        self.live = Some(Recorder::new(Some(kit.log), kit.input).with_marks(kit.marked, kit.gate).with_mark_index(kit.buf));
         Ok(Flow::Continue)
     }
 
