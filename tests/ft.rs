@@ -1,15 +1,69 @@
 //! Fault tolerance end to end: witness, primary, backup and console as real
-//! processes on real /dev/kvm, talking TCP on loopback.
+//! processes on real /dev/kvm, talking TCP on loopback, every connection
+//! authenticated with one cluster key (`ftvm keygen`). The attacks of a
+//! stranger without the key are in `ft_attacks.rs`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ftvm::ft::key::ClusterKey;
+use ftvm::ft::secure;
+
+mod ft_attacks;
 
 fn ftvm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ftvm"))
+}
+
+/// A scratch directory for this test process.
+fn scratch() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("ftvm-ft-tests-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+}
+
+/// A new key file made by `ftvm keygen`.
+fn keygen(name: &str) -> String {
+    let p = scratch().join(name);
+    let o = ftvm().args(["keygen", "--out"]).arg(&p).output().unwrap();
+    assert!(o.status.success(), "ftvm keygen: {}", String::from_utf8_lossy(&o.stderr));
+    p.to_str().unwrap().to_string()
+}
+
+/// The cluster key file every role and client of these tests holds.
+fn key_file() -> &'static str {
+    static KEY: OnceLock<String> = OnceLock::new();
+    KEY.get_or_init(|| keygen("cluster.key"))
+}
+
+/// The cluster key, for tests that speak the protocols themselves.
+fn key() -> ClusterKey {
+    ClusterKey::load(key_file().as_ref()).unwrap()
+}
+
+/// `args` with the cluster key added after an FT subcommand.
+fn with_key<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = args.to_vec();
+    if matches!(args.first(), Some(&("witness" | "primary" | "backup" | "console" | "status"))) && !args.contains(&"--key") {
+        v.splice(1..1, ["--key", key_file()]);
+    }
+    v
+}
+
+/// `ftvm ARGS` (with the cluster key), to run to completion.
+fn ft(args: &[&str]) -> Command {
+    let mut c = ftvm();
+    c.args(with_key(args));
+    c
 }
 
 fn free_port() -> u16 {
@@ -52,8 +106,7 @@ impl Proc {
     }
 
     fn spawn_with(args: &[&str], stdin: Stdio) -> Proc {
-        let mut child = ftvm()
-            .args(args)
+        let mut child = ft(args)
             .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -152,7 +205,7 @@ fn check_console(out: &str, n: usize) -> Result<(), String> {
 }
 
 fn status(w: &str) -> String {
-    let o = ftvm().args(["status", "--witness", w]).output().unwrap();
+    let o = ft(&["status", "--witness", w]).output().unwrap();
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -276,10 +329,10 @@ fn log_stream_of_an_older_view_is_refused() {
     let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
     wait_for("the backup", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
     // The backup joined view 1; a stream that claims view 0 is stale.
-    let mut s = TcpStream::connect(&b).unwrap();
-    s.write_all(b"FTVM-LOG view=0\n").unwrap();
+    let (mut r, mut w) = secure::connect(&b, &key(), Duration::from_secs(2)).unwrap();
+    w.write_all(b"FTVM-LOG view=0\n").unwrap();
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
+    r.read_line(&mut line).unwrap();
     assert!(line.starts_with("ERR stale view 0"), "{line}");
     wait_for("the refusal on stderr", Duration::from_secs(2), || backup.err().contains("refused a log stream for view 0"));
 }
@@ -288,25 +341,19 @@ fn log_stream_of_an_older_view_is_refused() {
 fn a_second_primary_is_refused() {
     let c = start(3);
     let other = addr();
-    let o = ftvm()
-        .args(["primary", "--witness", &c.w, "--listen", &other, "--no-stdin", "--cmdline", "seconds=1"])
-        .output()
-        .unwrap();
+    let o = ft(&["primary", "--witness", &c.w, "--listen", &other, "--no-stdin", "--cmdline", "seconds=1"]).output().unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("a primary is already running"), "{err}");
     // And a primary on a port in use is a clear error too.
-    let o = ftvm()
-        .args(["primary", "--witness", &c.w, "--listen", &c.p, "--no-stdin"])
-        .output()
-        .unwrap();
+    let o = ft(&["primary", "--witness", &c.w, "--listen", &c.p, "--no-stdin"]).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("port is in use"));
 }
 
 #[test]
 fn witness_unreachable_is_a_clear_error() {
     let nobody = addr();
-    let o = ftvm().args(["primary", "--witness", &nobody, "--listen", &addr(), "--no-stdin"]).output().unwrap();
+    let o = ft(&["primary", "--witness", &nobody, "--listen", &addr(), "--no-stdin"]).output().unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&format!("cannot reach the witness at {nobody}")), "{err}");
@@ -386,13 +433,13 @@ fn primary_cut_from_the_witness_goes_quiet_before_the_backup_goes_live() {
     let primary = Proc::spawn(&["primary", "--witness", &wp, "--listen", &p, "--no-stdin", "--cmdline", "seconds=5"]);
     wait_for("the primary", Duration::from_secs(20), || primary.err().contains("is primary of view"));
     // A console attached to the old primary directly, timestamping frames.
-    let mut direct = TcpStream::connect(&p).unwrap();
+    let (mut r, mut direct) = secure::connect(&p, &key(), Duration::from_secs(2)).unwrap();
     direct.write_all(b"CONSOLE from=0\n").unwrap();
     let last_old = Arc::new(Mutex::new(0u128));
     {
         let last_old = last_old.clone();
         std::thread::spawn(move || {
-            let mut r = BufReader::new(direct);
+            let _keep = direct;
             let mut line = String::new();
             while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
                 if let Some(rest) = line.strip_prefix("DATA ") {
