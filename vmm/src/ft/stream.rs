@@ -241,3 +241,63 @@ impl RecordSource for ChannelSource {
         format!("the primary's log stream ended after {} records", self.taken)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ft::gate::Role;
+    use std::net::TcpListener;
+
+    /// `read_acks` over a real connection: (the backup's writer, the
+    /// thread reading its acks, the log, the sent counter, the gate).
+    fn rig() -> (SecureWriter, std::thread::JoinHandle<()>, Arc<LogBuf>, Arc<AtomicUsize>, Arc<Gate>) {
+        let key = ClusterKey::from_bytes([9; 32]);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let k2 = key.clone();
+        let srv = std::thread::spawn(move || secure::accept(l.accept().unwrap().0, &k2).unwrap());
+        let (_r, w) = secure::connect(&addr, &key, CONNECT_TIMEOUT).unwrap();
+        let (r, _w) = srv.join().unwrap();
+        let (log, sent, gate) = (LogBuf::new(), Arc::new(AtomicUsize::new(0)), Gate::new(Role::Primary { need_ack: true }));
+        let t = {
+            let (log, sent, gate) = (log.clone(), sent.clone(), gate.clone());
+            std::thread::spawn(move || read_acks(r, "backup", &log, &sent, &gate, &AtomicBool::new(false)))
+        };
+        (w, t, log, sent, gate)
+    }
+
+    #[test]
+    fn acks_count_only_up_to_the_last_mark_sent() {
+        let (mut w, t, log, sent, gate) = rig();
+        log.append(b"header");
+        log.mark_follows(10);
+        log.append(b"records, mark 10");
+        log.mark_follows(20);
+        log.append(b"records, mark 20");
+        // Only the bytes through mark 10 went out.
+        sent.store(6 + 16, Ordering::SeqCst);
+        write_line(&mut w, "ACK 10").unwrap();
+        let t0 = std::time::Instant::now();
+        while gate.acked() < 10 && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(gate.acked(), 10);
+        // Mark 20 is logged but not sent: acknowledging it is a lie.
+        write_line(&mut w, "ACK 20").unwrap();
+        t.join().unwrap();
+        assert_eq!(gate.acked(), 10, "an ack of a mark never sent counted");
+    }
+
+    #[test]
+    fn anything_but_an_ack_ends_the_stream() {
+        for junk in ["ACK", "ACK -1", "ACK 18446744073709551616", "NACK 1", "hello"] {
+            let (mut w, t, _log, _sent, gate) = rig();
+            write_line(&mut w, junk).unwrap();
+            t.join().unwrap();
+            assert_eq!(gate.acked(), 0, "{junk}");
+        }
+        let (mut w, t, _log, _sent, _gate) = rig();
+        w.write_all(&vec![b'7'; 10_000]).unwrap();
+        t.join().unwrap();
+    }
+}
