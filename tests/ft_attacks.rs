@@ -138,6 +138,14 @@ fn a_forged_log_is_not_taken_by_the_backup() {
     assert!(got.is_empty(), "the backup answered a stranger: {:?}", String::from_utf8_lossy(&got));
     let e = secure::connect(&b, &stranger_key(), Duration::from_secs(2)).err().expect("another key was accepted");
     assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    // Even a key holder's stream that is not a log is only refused: the
+    // backup lives on and takes the next stream.
+    let (mut r, mut wr) = secure::connect(&b, &key(), Duration::from_secs(2)).unwrap();
+    wr.write_all(format!("FTVM-LOG view={}\n", view_of(&w)).as_bytes()).unwrap();
+    assert_eq!(ftvm::ft::read_line(&mut r).unwrap().as_deref(), Some("OK"));
+    wr.write_all(&[0x42; 4096]).unwrap();
+    wait_for("the refusal", Duration::from_secs(5), || backup.err().contains("refused the log stream"));
+    drop((r, wr));
     // The real primary's log is the one the backup takes, and replays.
     let primary = Proc::spawn(&["primary", "--witness", &w, "--listen", &p, "--no-stdin", "--cmdline", "seconds=4"]);
     wait_for("the primary", Duration::from_secs(20), || primary.err().contains("is primary of view"));

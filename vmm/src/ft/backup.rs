@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use replay_log::{LogReader, LogWriter};
+use replay_log::{LogError, LogReader, LogWriter};
 
 use super::backup_inputs::{BackupInputs, Takeover, TakeoverSlot};
 use super::gate::{Gate, GateSink, Role};
 use super::key::ClusterKey;
-use super::listener::{bind, log_buf_writer, serve_listener, wind_down, Incoming, RoleError};
+use super::listener::{bind, log_buf_writer, serve_listener, wind_down, Incoming, LogStreams, RoleError};
 use super::log_buf::LogBuf;
 use super::primary::PrimaryDuty;
 use super::stream::{ChannelSource, LogReceiver, StreamEnd};
@@ -35,6 +35,9 @@ pub struct BackupOpts {
     pub initrd: Option<std::path::PathBuf>,
     pub progress: bool,
 }
+
+/// A log stream must bring its header this soon after the backup's `OK`.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RoleError> {
     std::thread::Builder::new()
@@ -82,23 +85,37 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
     let gate = Gate::new(Role::Silent);
     let (in_tx, in_rx) = crossbeam_channel::unbounded();
     let (log_tx, log_rx) = crossbeam_channel::bounded::<Incoming>(1);
-    serve_listener(listener, opts.key.clone(), gate.clone(), in_tx, Some((log_tx, my_view.clone())));
+    let taken = Arc::new(AtomicBool::new(false));
+    let streams = LogStreams { tx: log_tx, view: my_view.clone(), taken: taken.clone() };
+    serve_listener(listener, opts.key.clone(), gate.clone(), in_tx, Some(streams));
     let stop = StopHandle::new();
     keep_place(witness, me.clone(), my_view.clone(), promoted.clone(), stop.clone())?;
 
-    let (reader, mut write, stream_view) = crossbeam_channel::select! {
-        recv(log_rx) -> r => r.map_err(|_| RoleError::Stopped("backup: the listener stopped".into()))?,
-        recv(stop.wakeup()) -> _ => {
-            let (why, code) = stop.requested().map_or(("backup: stopped".into(), 1), |e| e.describe());
-            return Ok((why, code));
+    let (reader, write, stream_view, peer, silence) = loop {
+        let (reader, mut write, stream_view) = crossbeam_channel::select! {
+            recv(log_rx) -> r => r.map_err(|_| RoleError::Stopped("backup: the listener stopped".into()))?,
+            recv(stop.wakeup()) -> _ => {
+                let (why, code) = stop.requested().map_or(("backup: stopped".into(), 1), |e| e.describe());
+                return Ok((why, code));
+            }
+        };
+        let peer = reader.tcp().peer_addr().map_or_else(|_| "primary".into(), |a| a.to_string());
+        // A stream that is not a log (or no header in time) is refused,
+        // and the backup waits for the next: it is not a reason to die.
+        let _ = reader.tcp().set_read_timeout(Some(HEADER_TIMEOUT));
+        let silence = reader.tcp().try_clone();
+        let name = format!("log stream from {peer}");
+        let opened = write_line(&mut write, "OK")
+            .map_err(|err| LogError::Io { source_name: name.clone(), offset: 0, err })
+            .and_then(|()| LogReader::new(reader, &name));
+        match (opened, silence) {
+            (Ok(reader), Ok(silence)) => break (reader, write, stream_view, peer, silence),
+            (Err(e), _) => log::warn!("backup: refused the log stream from {peer}: {e}"),
+            (_, Err(e)) => log::warn!("backup: refused the log stream from {peer}: {e}"),
         }
+        taken.store(false, Ordering::SeqCst);
     };
-    let peer = reader.tcp().peer_addr().map_or_else(|_| "primary".into(), |a| a.to_string());
-    let io = |what: String| move |err| RoleError::Io { what, err };
-    let silence = reader.tcp().try_clone().map_err(io(format!("log stream from {peer}")))?;
-    write_line(&mut write, "OK").map_err(io(format!("answering the primary at {peer}")))?;
     let stream_name = format!("log stream from {peer}");
-    let reader = LogReader::new(reader, &stream_name)?;
     let h = reader.header().clone();
     if h.kernel_sha256 != kernel.sha256 {
         return Err(RoleError::WrongKernel { primary: h.kernel_name.clone(), backup: kernel.name.clone() });

@@ -62,14 +62,20 @@ pub fn bind(listen: &str) -> Result<TcpListener, RoleError> {
     })
 }
 
-/// Where a backup's listener hands log streams, and the backup's view.
-pub type LogStreams = (Sender<Incoming>, Arc<AtomicU64>);
+/// Where a backup's listener hands log streams.
+pub struct LogStreams {
+    pub tx: Sender<Incoming>,
+    /// The backup's view (rule 3: older streams are refused).
+    pub view: Arc<AtomicU64>,
+    /// A stream was handed over; the backup clears it if that stream
+    /// turns out not to be a log, to take the next one.
+    pub taken: Arc<AtomicBool>,
+}
 
 /// Accepts console clients (any role) and, on a backup, log streams: key
 /// holders only, at most `secure::MAX_CONNS` at once.
 pub fn serve_listener(l: TcpListener, key: ClusterKey, gate: Arc<Gate>, input: Sender<Vec<u8>>, logs: Option<LogStreams>) {
-    let taken = AtomicBool::new(false);
-    let handle = move |c: Conn| serve_conn(c, &gate, &input, logs.as_ref(), &taken);
+    let handle = move |c: Conn| serve_conn(c, &gate, &input, logs.as_ref());
     let accept = move || {
         if let Err(e) = secure::serve(l, key, "ftvm", "ftvm-conn", handle) {
             log::error!("ftvm: the listener failed: {e}; no more consoles or log streams are accepted");
@@ -81,7 +87,7 @@ pub fn serve_listener(l: TcpListener, key: ClusterKey, gate: Arc<Gate>, input: S
 }
 
 /// Serves one authenticated connection by its hello line.
-fn serve_conn(c: Conn, gate: &Arc<Gate>, input: &Sender<Vec<u8>>, logs: Option<&LogStreams>, taken: &AtomicBool) {
+fn serve_conn(c: Conn, gate: &Arc<Gate>, input: &Sender<Vec<u8>>, logs: Option<&LogStreams>) {
     let Conn { mut reader, mut writer, peer, slot: _slot } = c;
     if reader.tcp().set_read_timeout(Some(HELLO_TIMEOUT)).is_err() {
         return;
@@ -108,7 +114,7 @@ fn serve_conn(c: Conn, gate: &Arc<Gate>, input: &Sender<Vec<u8>>, logs: Option<&
             let _ = write_line(&mut writer, "ERR malformed hello");
             return;
         };
-        let Some((tx, my_view)) = logs else {
+        let Some(LogStreams { tx, view: my_view, taken }) = logs else {
             let _ = write_line(&mut writer, "ERR this VMM is not a backup");
             return;
         };

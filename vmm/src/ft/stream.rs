@@ -98,6 +98,12 @@ fn open(s: &Sending) -> Option<(SecureReader, SecureWriter)> {
         });
         match tried {
             Ok((r, w, Some(l))) if l == "OK" => return Some((r, w)),
+            // Taken by a stream the backup may yet refuse: ask again.
+            Ok((_, _, Some(l))) if l.contains("already receives") => {
+                if !warned {
+                    log::warn!("primary: backup {} is busy with another log stream; retrying", s.addr);
+                }
+            }
             Ok((_, _, Some(l))) => {
                 log::warn!("primary: backup {} refused the log stream: {l}", s.addr);
                 return None;
