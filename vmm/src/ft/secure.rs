@@ -167,8 +167,9 @@ fn handshake(tcp: TcpStream, key: &ClusterKey, initiator: bool) -> io::Result<(S
         tcp: tcp.try_clone()?,
         t: t.clone(),
         nonce: 0,
-        frame: vec![0; 2 + MAX_MSG],
-        got: 0,
+        rbuf: vec![0; 2 + MAX_MSG],
+        start: 0,
+        end: 0,
         plain: vec![0; MAX_MSG],
         pos: 0,
         len: 0,
@@ -199,16 +200,20 @@ pub fn accept(tcp: TcpStream, key: &ClusterKey) -> io::Result<(SecureReader, Sec
 }
 
 /// The receiving half: decrypts frames; `BufRead` over their plaintext.
-/// A read timeout on the socket (`tcp().set_read_timeout`) surfaces as
-/// `WouldBlock`/`TimedOut` and keeps a partly received frame for the next
-/// call; a garbled, truncated or forged frame is an error for good.
+/// It reads whatever the socket has (one system call for many small
+/// frames, as a `BufReader` would). A read timeout on the socket
+/// (`tcp().set_read_timeout`) surfaces as `WouldBlock`/`TimedOut` and keeps
+/// a partly received frame for the next call; a garbled, truncated or
+/// forged frame is an error for good.
 pub struct SecureReader {
     tcp: TcpStream,
     t: Arc<StatelessTransportState>,
     nonce: u64,
-    /// The frame being received: `frame[..got]` has arrived.
-    frame: Vec<u8>,
-    got: usize,
+    /// Ciphertext received and not yet decrypted: `rbuf[start..end]`; room
+    /// for the largest frame.
+    rbuf: Vec<u8>,
+    start: usize,
+    end: usize,
     plain: Vec<u8>,
     pos: usize,
     len: usize,
@@ -232,29 +237,39 @@ impl SecureReader {
             return Err(SecureError::Broken(why.clone()).into());
         }
         loop {
-            let need = if self.got < 2 { 2 } else { 2 + u16::from_be_bytes([self.frame[0], self.frame[1]]) as usize };
-            if self.got >= 2 && need - 2 < TAG_LEN {
-                return self.fail(SecureError::ShortFrame(need - 2));
+            let have = self.end - self.start;
+            if have >= 2 {
+                let len = u16::from_be_bytes([self.rbuf[self.start], self.rbuf[self.start + 1]]) as usize;
+                if len < TAG_LEN {
+                    return self.fail(SecureError::ShortFrame(len));
+                }
+                if have >= 2 + len {
+                    let body = self.start + 2..self.start + 2 + len;
+                    let Ok(n) = self.t.read_message(self.nonce, &self.rbuf[body], &mut self.plain) else {
+                        return self.fail(SecureError::Garbled);
+                    };
+                    self.nonce += 1;
+                    self.start += 2 + len;
+                    self.pos = 0;
+                    self.len = n;
+                    return Ok(true);
+                }
             }
-            if self.got == need && self.got > 2 {
-                break;
+            if self.end == self.rbuf.len() {
+                // The frame's start is at `start`: move it to the front, where
+                // the largest frame fits.
+                self.rbuf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
             }
-            match (&self.tcp).read(&mut self.frame[self.got..need]) {
-                Ok(0) if self.got == 0 => return Ok(false),
+            match (&self.tcp).read(&mut self.rbuf[self.end..]) {
+                Ok(0) if have == 0 => return Ok(false),
                 Ok(0) => return self.fail(SecureError::Truncated),
-                Ok(n) => self.got += n,
+                Ok(n) => self.end += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        let Ok(n) = self.t.read_message(self.nonce, &self.frame[2..self.got], &mut self.plain) else {
-            return self.fail(SecureError::Garbled);
-        };
-        self.nonce += 1;
-        self.got = 0;
-        self.pos = 0;
-        self.len = n;
-        Ok(true)
     }
 }
 
