@@ -287,8 +287,14 @@ fn idle_connections_do_not_exhaust_the_primary() {
     let threads = || std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0);
     let before = threads();
     let target: std::net::SocketAddr = c.p.parse().unwrap();
-    let idle: Vec<TcpStream> =
-        (0..500).filter_map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(1)).ok()).collect();
+    // From four threads, with time for a SYN retransmission should the
+    // primary's accept queue overflow on a busy machine.
+    let idle: Vec<TcpStream> = (0..4)
+        .map(|_| std::thread::spawn(move || (0..125).filter_map(|_| TcpStream::connect_timeout(&target, Duration::from_secs(3)).ok()).collect::<Vec<_>>()))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     // A key holder's console joins in the middle of the flood.
     let late = Proc::spawn(&["console", "--witness", &c.w, "--give-up", "15"]);
     let mut most = before;
