@@ -171,15 +171,46 @@ struct Cluster {
     console: Proc,
 }
 
+/// Starts `ftvm ARGS --listen ADDR` on a fresh port and waits for `ready`
+/// on its stderr. A port found free can be taken (by another test's
+/// connection) before the role binds it: then it tries another.
+fn listening(args: &[&str], ready: &str) -> (Proc, String) {
+    for _ in 0..5 {
+        let a = addr();
+        let mut p = Proc::spawn(&[args, &["--listen", &a]].concat());
+        let t0 = Instant::now();
+        loop {
+            if p.err().contains(ready) {
+                return (p, a);
+            }
+            if let Some(st) = p.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50));
+                assert!(p.err().contains("in use"), "{args:?} exited ({st}):\n{}", p.err());
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "timed out waiting for {args:?}:\n{}", p.err());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("no free port for {args:?}");
+}
+
+fn start_witness() -> (Proc, String) {
+    listening(&["witness"], "witness: listening on")
+}
+
+fn start_backup(w: &str) -> (Proc, String) {
+    listening(&["backup", "--witness", w], "waiting for the primary")
+}
+
+fn start_primary(w: &str, cmdline: &str) -> (Proc, String) {
+    listening(&["primary", "--witness", w, "--no-stdin", "--cmdline", cmdline], "is primary of view")
+}
+
 fn start(seconds: u32) -> Cluster {
-    let (w, b, p) = (addr(), addr(), addr());
-    let witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
-    let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
-    wait_for("the backup", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
-    let cmdline = format!("seconds={seconds}");
-    let primary = Proc::spawn(&["primary", "--witness", &w, "--listen", &p, "--no-stdin", "--cmdline", &cmdline]);
-    wait_for("the primary", Duration::from_secs(20), || primary.err().contains("is primary of view"));
+    let (witness, w) = start_witness();
+    let (backup, b) = start_backup(&w);
+    let (primary, p) = start_primary(&w, &format!("seconds={seconds}"));
     let console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
     Cluster { w, witness, backup, b, primary, p, console }
 }
@@ -323,11 +354,8 @@ fn stopped_backup_holds_output_while_the_guest_runs_on() {
 
 #[test]
 fn log_stream_of_an_older_view_is_refused() {
-    let (w, b) = (addr(), addr());
-    let _witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
-    let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
-    wait_for("the backup", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
+    let (_witness, w) = start_witness();
+    let (backup, b) = start_backup(&w);
     // The backup joined view 1; a stream that claims view 0 is stale.
     let (mut r, mut w) = secure::connect(&b, &key(), Duration::from_secs(2)).unwrap();
     w.write_all(b"FTVM-LOG view=0\n").unwrap();
@@ -367,8 +395,7 @@ fn reprotected_vm_survives_a_second_failover() {
     wait_for("the first takeover", Duration::from_secs(10), || c.backup.err().contains("live at exit"));
     // A fresh backup joins the running VM: it gets the log from boot and
     // replays up to the present.
-    let b2 = addr();
-    let mut backup2 = Proc::spawn(&["backup", "--witness", &c.w, "--listen", &b2]);
+    let (mut backup2, b2) = start_backup(&c.w);
     wait_for("re-protection", Duration::from_secs(10), || backup2.err().contains("replaying in lockstep"));
     wait_for("the backup to catch up", Duration::from_secs(10), || {
         let s = status(&c.w);
@@ -423,15 +450,12 @@ fn proxy(listen: &str, to: String, cut: Arc<AtomicBool>) {
 
 #[test]
 fn primary_cut_from_the_witness_goes_quiet_before_the_backup_goes_live() {
-    let (w, wp, b, p) = (addr(), addr(), addr(), addr());
-    let _witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
+    let (_witness, w) = start_witness();
+    let wp = addr();
     let cut = Arc::new(AtomicBool::new(false));
     proxy(&wp, w.clone(), cut.clone());
-    let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
-    wait_for("the backup", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
-    let primary = Proc::spawn(&["primary", "--witness", &wp, "--listen", &p, "--no-stdin", "--cmdline", "seconds=5"]);
-    wait_for("the primary", Duration::from_secs(20), || primary.err().contains("is primary of view"));
+    let (backup, _b) = start_backup(&w);
+    let (primary, p) = start_primary(&wp, "seconds=5");
     // A console attached to the old primary directly, timestamping frames.
     let (mut r, mut direct) = secure::connect(&p, &key(), Duration::from_secs(2)).unwrap();
     direct.write_all(b"CONSOLE from=0\n").unwrap();
@@ -473,13 +497,9 @@ fn primary_cut_from_the_witness_goes_quiet_before_the_backup_goes_live() {
 
 #[test]
 fn typed_input_is_neither_lost_nor_repeated_across_a_failover() {
-    let (w, b, p) = (addr(), addr(), addr());
-    let _witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
-    let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
-    wait_for("the backup", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
-    let mut primary = Proc::spawn(&["primary", "--witness", &w, "--listen", &p, "--no-stdin", "--cmdline", "seconds=5"]);
-    wait_for("the primary", Duration::from_secs(20), || primary.err().contains("is primary of view"));
+    let (_witness, w) = start_witness();
+    let (backup, _b) = start_backup(&w);
+    let (mut primary, _p) = start_primary(&w, "seconds=5");
     let mut console = Proc::spawn_with(&["console", "--witness", &w, "--give-up", "15"], Stdio::piped());
     let mut typing = console.child.stdin.take().unwrap();
     wait_for("output", Duration::from_secs(10), || console.out().contains("[0005]"));

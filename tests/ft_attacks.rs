@@ -123,11 +123,8 @@ fn stranger_cannot_get_the_backup_dropped() {
 /// Attack: "feed a backup a forged log of another guest and have it promoted".
 #[test]
 fn a_forged_log_is_not_taken_by_the_backup() {
-    let (w, b, p) = (addr(), addr(), addr());
-    let witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
-    let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
-    wait_for("the backup", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
+    let (witness, w) = start_witness();
+    let (backup, b) = start_backup(&w);
     // Another guest's log, recorded here, offered as a log stream.
     let forged = scratch().join("forged.ftlog");
     let o = ftvm().args(["record", "--no-stdin", "--cmdline", "seconds=1 lines=2", "--log"]).arg(&forged).output().unwrap();
@@ -147,8 +144,7 @@ fn a_forged_log_is_not_taken_by_the_backup() {
     wait_for("the refusal", Duration::from_secs(5), || backup.err().contains("refused the log stream"));
     drop((r, wr));
     // The real primary's log is the one the backup takes, and replays.
-    let primary = Proc::spawn(&["primary", "--witness", &w, "--listen", &p, "--no-stdin", "--cmdline", "seconds=4"]);
-    wait_for("the primary", Duration::from_secs(20), || primary.err().contains("is primary of view"));
+    let (primary, p) = start_primary(&w, "seconds=4");
     let console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
     let mut c = Cluster { w, witness, backup, b, primary, p, console };
     wait_for("output", Duration::from_secs(10), || c.console.out().contains("[0005]"));
@@ -160,9 +156,7 @@ fn a_forged_log_is_not_taken_by_the_backup() {
 /// included)".
 #[test]
 fn stranger_cannot_pose_as_the_backup() {
-    let (w, p) = (addr(), addr());
-    let _witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
+    let (_witness, w) = start_witness();
     // Where the stranger would like the log sent: it notes any connection.
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let me = l.local_addr().unwrap().to_string();
@@ -176,7 +170,7 @@ fn stranger_cannot_pose_as_the_backup() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("did not accept this cluster key"), "{err}");
     // The VM runs, a key holder types a password.
-    let _primary = Proc::spawn(&["primary", "--witness", &w, "--listen", &p, "--no-stdin", "--cmdline", "seconds=3"]);
+    let (_primary, _p) = start_primary(&w, "seconds=3");
     let mut console = Proc::spawn_with(&["console", "--witness", &w, "--give-up", "15"], Stdio::piped());
     let mut typing = console.child.stdin.take().unwrap();
     wait_for("output", Duration::from_secs(10), || console.out().contains("[0005]"));
@@ -194,9 +188,7 @@ fn stranger_cannot_pose_as_the_backup() {
 /// on its word; once the witness drops it, output flows again.
 #[test]
 fn acks_beyond_what_was_sent_are_refused() {
-    let (w, p) = (addr(), addr());
-    let _witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
+    let (_witness, w) = start_witness();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let fake = l.local_addr().unwrap().to_string();
     let view = WitnessClient::new(&w, &key()).backup_ping(&fake, 0).unwrap().number;
@@ -214,7 +206,7 @@ fn acks_beyond_what_was_sent_are_refused() {
             }
         });
     }
-    let primary = Proc::spawn(&["primary", "--witness", &w, "--listen", &p, "--no-stdin", "--cmdline", "seconds=4"]);
+    let (primary, _p) = start_primary(&w, "seconds=4");
     let mut console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
     let (mut r, mut wr) = secure::accept(l.accept().unwrap().0, &key()).unwrap();
     let hello = ftvm::ft::read_line(&mut r).unwrap().unwrap_or_default();
@@ -365,9 +357,7 @@ fn a_line_that_never_ends_does_not_grow_the_primary() {
 /// holder. `ftvm console` must end with a clear error, not abort.
 #[test]
 fn console_refuses_a_huge_length_and_a_stranger_at_the_primary_address() {
-    let w = addr();
-    let _witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
+    let (_witness, w) = start_witness();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let fake = l.local_addr().unwrap().to_string();
     let view = WitnessClient::new(&w, &key()).become_primary(&fake).unwrap().number;
