@@ -37,8 +37,8 @@ run linux-input-replay /bin/ftvm replay --log /tmp/in.ftlog $R
 # with one cluster key; the primary is killed in the middle of the workload.
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 W=127.0.0.1:7000
-/bin/ftvm keygen --out /tmp/ft.key
-/bin/ftvm witness --listen $W --key /tmp/ft.key 2>/tmp/ft-witness.err &
+/bin/ftvm keygen --out /tmp/ft.key 2>/tmp/ft-witness.err
+/bin/ftvm witness --listen $W --key /tmp/ft.key 2>>/tmp/ft-witness.err &
 sleep 0.5
 /bin/ftvm backup --witness $W --listen 127.0.0.1:7101 --key /tmp/ft.key $R >/dev/null 2>/tmp/ft-backup.err &
 B=$!
