@@ -92,7 +92,9 @@ echo "  git:     $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff
 echo "  options: -k $K -r $ROUNDS -s $LSECS -p $PROUNDS -b $BURST${WORKLOAD:+ -w '$WORKLOAD'} -o $ONLY -f $FSECS -K $KMIN-$KMAX"
 [ -e /dev/kvm ] || { echo "bench-ft: /dev/kvm does not exist; ftvm needs KVM" >&2; exit 2; }
 
-args=(--ftvm "$FTVM" --work "$work" --pidfile "$pidfile" -k "$K" --failover-seconds "$FSECS"
+# Every FT connection is authenticated with a cluster key: one per bench.
+"$FTVM" keygen --out "$work/cluster.key" 2>/dev/null
+args=(--ftvm "$FTVM" --key "$work/cluster.key" --work "$work" --pidfile "$pidfile" -k "$K" --failover-seconds "$FSECS"
       --kill-min-ms "$KMIN" --kill-max-ms "$KMAX" --latency-rounds "$ROUNDS" --latency-seconds "$LSECS"
       --progress-rounds "$PROUNDS" --burst "$BURST" --only "$ONLY")
 [ -z "$WORKLOAD" ] || args+=(--workload "$WORKLOAD")

@@ -5,14 +5,17 @@ Runs witness/backup/primary/console processes on this machine and measures:
   1. failover time (kill -9 of the primary -> first byte from the new primary),
      plus lost/duplicated console lines;
   2. the latency the output rule adds to console output (FT primary with a
-     live backup vs an FT primary alone in its view), with a console client
-     of our own that timestamps every line;
+     live backup vs an FT primary alone in its view), with an `ftvm console`
+     whose every output line is timestamped on arrival;
   3. backup lag (exits), polled with `ftvm status` every 100 ms;
   4. guest progress under FT vs a plain `ftvm run` (work-bound workload);
   5. log bandwidth of a timer-paced run.
 
 Python 3 standard library only. Every process started here is recorded in
 a pid file (for the shell wrapper) and killed on exit, Ctrl-C included.
+Every FT connection is authenticated and encrypted with the cluster key
+(--key, made by the wrapper with `ftvm keygen`), so this script never speaks
+the FT protocols itself: it runs `ftvm status` and `ftvm console`.
 """
 
 import argparse
@@ -223,20 +226,28 @@ def raise_port_or(proc, msg):
     raise BenchError(f"{msg}: {text[-800:]}")
 
 
-def witness_query(waddr, line="op=status", timeout=1.0):
-    host, port = waddr.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=timeout) as s:
-        s.sendall((line + "\n").encode())
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-    toks = buf.decode().split()
-    if not toks or toks[0] != "ok":
-        raise BenchError(f"witness said: {buf!r}")
-    return dict(t.split("=", 1) for t in toks[1:] if "=" in t)
+STATUS_RE = {
+    "view": re.compile(r"^view: (\d+)$", re.M),
+    "primary": re.compile(r"^primary: (\S+)$", re.M),
+    "backup": re.compile(r"^backup: (\S+) \((alive|silent)\)$", re.M),
+    "log": re.compile(r"^log: primary at exit #(\d+), backup acknowledged #(\d+)", re.M),
+}
+
+
+def witness_status(ftvm, key, waddr, timeout=2.0):
+    """The witness's view through `ftvm status`, as a dict like the
+    witness's own status reply (view, primary, backup, sent, acked,
+    backup_alive; "-" for none)."""
+    r = subprocess.run([ftvm, "status", "--witness", waddr, "--key", key], capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise BenchError(f"ftvm status: {r.stderr.strip()[-300:]}")
+    m = {k: rx.search(r.stdout) for k, rx in STATUS_RE.items()}
+    if not all(m.values()):
+        raise BenchError(f"ftvm status said: {r.stdout!r}")
+    none = lambda v: "-" if v == "none" else v
+    return {"view": m["view"].group(1), "primary": none(m["primary"].group(1)), "backup": none(m["backup"].group(1)),
+            "backup_alive": "1" if m["backup"].group(2) == "alive" else "0",
+            "sent": m["log"].group(1), "acked": m["log"].group(2)}
 
 
 def wait_until(pred, timeout, what, step=0.01):
@@ -321,8 +332,8 @@ class ForeignLoad:
 class LagPoller:
     """Runs `ftvm status --witness W` every `period` s and keeps the lag."""
 
-    def __init__(self, ftvm, waddr, primary, period=0.1):
-        self.ftvm, self.waddr, self.primary, self.period = ftvm, waddr, primary, period
+    def __init__(self, ftvm, key, waddr, primary, period=0.1):
+        self.ftvm, self.key, self.waddr, self.primary, self.period = ftvm, key, waddr, primary, period
         self.samples = []  # (unix_ms, sent, acked, lag)
         self.errors = 0
         self._stop = threading.Event()
@@ -333,7 +344,7 @@ class LagPoller:
         nxt = time.monotonic()
         while not self._stop.is_set():
             try:
-                r = subprocess.run([self.ftvm, "status", "--witness", self.waddr], capture_output=True, text=True, timeout=2)
+                r = subprocess.run([self.ftvm, "status", "--witness", self.waddr, "--key", self.key], capture_output=True, text=True, timeout=2)
                 out = r.stdout
                 m = STATUS_LOG_RE.search(out)
                 prim = re.search(r"^primary: (\S+)", out, re.M)
@@ -363,90 +374,33 @@ LINE_RE = re.compile(r"^\[(\d{4,})\] ticks=")
 
 
 class ConsoleClient:
-    """Speaks the console protocol to one VMM; timestamps each line.
-    `CONSOLE from=0`, then `DATA <seq> <len>` frames and `END <msg>`; the
-    `INPUT <n>` / `INACK <n>` lines about typed input are ignored."""
+    """`ftvm console` following the primary through the witness; each line
+    of its stdout is timestamped as it arrives (the client writes and
+    flushes every console frame at once)."""
 
-    def __init__(self, addr, connect_timeout=5.0):
-        self.addr = addr
-        self.lines = []  # (monotonic, unix_ms, text)
+    def __init__(self, reg, ftvm, key, waddr, stderr_path=None):
+        self.proc = Proc(reg, "console", [ftvm, "console", "--witness", waddr, "--key", key, "--give-up", "20"],
+                         stderr_path=stderr_path, capture_stdout=True)
         self.end = None
         self.error = None
-        self.bytes = 0
-        self.unknown = []
-        self.connect_timeout = connect_timeout
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
+        self.unknown = []  # the client itself refuses frames it does not know
 
-    def _run(self):
-        host, port = self.addr.rsplit(":", 1)
-        t_end = time.monotonic() + self.connect_timeout
-        s = None
-        while s is None:
-            try:
-                s = socket.create_connection((host, int(port)), timeout=1)
-            except OSError:
-                if time.monotonic() > t_end:
-                    self.error = "could not connect"
-                    return
-                time.sleep(0.002)
-        try:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.settimeout(60)
-            s.sendall(b"CONSOLE from=0\n")
-            buf = b""
-            partial = b""
-            expect = 0
-            while True:
-                chunk = s.recv(65536)
-                tm, tu = time.monotonic(), now_ms()
-                if not chunk:
-                    if self.end is None:
-                        self.error = "connection closed without END"
-                    break
-                buf += chunk
-                while True:
-                    if expect == 0:
-                        nl = buf.find(b"\n")
-                        if nl < 0:
-                            break
-                        hdr = buf[:nl].decode("utf-8", "replace")
-                        buf = buf[nl + 1:]
-                        if hdr.startswith("DATA "):
-                            _, seq, ln = hdr.split()
-                            seq, ln = int(seq), int(ln)
-                            if seq != self.bytes:
-                                # the server restarts from what we have; drop overlap
-                                pass
-                            expect = ln
-                            self._skip = max(0, self.bytes - seq)
-                        elif hdr.startswith("END"):
-                            self.end = hdr[4:]
-                            return
-                        elif hdr.split(" ", 1)[0] in ("INPUT", "INACK"):
-                            pass  # typed-input acknowledgements; we type nothing
-                        else:
-                            # a frame kind this client does not know: note it, go on
-                            self.unknown.append(hdr)
-                    else:
-                        if len(buf) < expect:
-                            break
-                        data, buf = buf[:expect], buf[expect:]
-                        expect = 0
-                        data = data[self._skip:]
-                        self.bytes += len(data)
-                        partial += data
-                        while b"\n" in partial:
-                            line, partial = partial.split(b"\n", 1)
-                            self.lines.append((tm, tu, line.decode("utf-8", "replace")))
-        except OSError as e:
-            self.error = str(e)
-        finally:
-            s.close()
+    @property
+    def lines(self):
+        """(seconds, unix_ms, text) of every line so far."""
+        with self.proc._lock:
+            return [(t / 1000.0, t, l) for t, l in self.proc.out_lines]
 
     def join(self, timeout):
-        self._t.join(timeout)
-        return not self._t.is_alive()
+        rc = self.proc.wait(timeout)
+        if rc is None:
+            self.error = "still running"
+            return False
+        if rc == 0:
+            self.end = "ok"
+        else:
+            self.error = f"exit {rc}: {self.proc.err_text()[-300:]}"
+        return True
 
 
 # --------------------------------------------------------------------------
@@ -458,6 +412,7 @@ class Bench:
         self.a = args
         self.reg = reg
         self.ftvm = args.ftvm
+        self.key = args.key
         self.work = args.work
         self.problems = []
         self.run_no = 0
@@ -477,7 +432,7 @@ class Bench:
     def start_witness(self):
         for attempt in range(5):
             port = free_port()
-            w = Proc(self.reg, "witness", [self.ftvm, "witness", "--listen", f"127.0.0.1:{port}"],
+            w = Proc(self.reg, "witness", [self.ftvm, "witness", "--listen", f"127.0.0.1:{port}", "--key", self.key],
                      stderr_path=self.path("witness.err"))
             try:
                 wait_listening(port, w)
@@ -489,10 +444,10 @@ class Bench:
     def start_backup(self, waddr):
         for attempt in range(5):
             baddr = f"127.0.0.1:{free_port()}"
-            b = Proc(self.reg, "backup", [self.ftvm, "backup", "--witness", waddr, "--listen", baddr],
+            b = Proc(self.reg, "backup", [self.ftvm, "backup", "--witness", waddr, "--listen", baddr, "--key", self.key],
                      stdout_path=self.path("backup.out"), stderr_path=self.path("backup.err"))
             try:
-                wait_until(lambda: witness_query(waddr).get("backup") == baddr or not b.alive(), 5, "the backup to join the view")
+                wait_until(lambda: self.status(waddr).get("backup") == baddr or not b.alive(), 5, "the backup to join the view", step=0.05)
                 if not b.alive():
                     raise_port_or(b, "backup exited early")
                 return b, baddr
@@ -503,7 +458,7 @@ class Bench:
     def start_primary(self, waddr, cmdline):
         for attempt in range(5):
             paddr = f"127.0.0.1:{free_port()}"
-            p = Proc(self.reg, "primary", [self.ftvm, "primary", "--witness", waddr, "--listen", paddr, "--no-stdin", "--cmdline", cmdline],
+            p = Proc(self.reg, "primary", [self.ftvm, "primary", "--witness", waddr, "--listen", paddr, "--key", self.key, "--no-stdin", "--cmdline", cmdline],
                      stdout_path=self.path("primary.out"), stderr_path=self.path("primary.err"))
             # a port clash shows up at once; anything else is the caller's business
             time.sleep(0.0)
@@ -511,6 +466,9 @@ class Bench:
                 continue
             return p, paddr
         raise BenchError("could not start a primary")
+
+    def status(self, waddr):
+        return witness_status(self.ftvm, self.key, waddr)
 
     def next_run(self):
         self.run_no += 1
@@ -523,7 +481,7 @@ class Bench:
         w, waddr = self.start_witness()
         b, baddr = self.start_backup(waddr)
         p, paddr = self.start_primary(waddr, f"seconds={secs}")
-        c = Proc(self.reg, "console", [self.ftvm, "console", "--witness", waddr, "--give-up", "20"],
+        c = Proc(self.reg, "console", [self.ftvm, "console", "--witness", waddr, "--key", self.key, "--give-up", "20"],
                  stdout_path=self.path("console.out"), stderr_path=self.path("console.err"))
         delay_ms = random.uniform(self.a.kill_min_ms, self.a.kill_max_ms)
         t_kill_target = p.t_spawn_mono + delay_ms / 1000.0
@@ -534,7 +492,7 @@ class Bench:
             self.note(f"failover run {i}: the primary died before the kill: {p.err_text()[-300:]}")
         st = {}
         try:
-            st = witness_query(waddr)
+            st = self.status(waddr)
         except Exception:
             pass
         r["view_before"] = st.get("view")
@@ -547,7 +505,7 @@ class Bench:
         r["console_rc"] = crc
         r["new_primary_rc"] = brc
         try:
-            r["view_after"] = witness_query(waddr).get("view")
+            r["view_after"] = self.status(waddr).get("view")
         except Exception:
             r["view_after"] = None
         self.reg.stop([w, b, c, p])
@@ -610,15 +568,15 @@ class Bench:
             procs.append(b)
         p, paddr = self.start_primary(waddr, f"seconds={secs}")
         procs.append(p)
-        cl = ConsoleClient(paddr)
+        cl = ConsoleClient(self.reg, self.ftvm, self.key, waddr, self.path("console.err"))
         # Polled in both modes, so that both carry the same extra load; a
         # view without a backup gives no samples.
-        poller = LagPoller(self.ftvm, waddr, paddr)
+        poller = LagPoller(self.ftvm, self.key, waddr, paddr)
         prc = p.wait(secs + 30)
         cl.join(5)
         samples = poller.stop()
         brc = b.wait(15) if b else None
-        self.reg.stop(procs)
+        self.reg.stop(procs + [cl.proc])
         r = {"mode": mode, "round": rnd, "primary_rc": prc, "backup_rc": brc, "end": cl.end, "client_error": cl.error}
         if cl.unknown:
             self.note(f"{mode} run (round {rnd}): the console server sent frames this client does not know: {cl.unknown[:3]}")
@@ -701,7 +659,7 @@ class Bench:
         procs.append(p)
         # Lag only means something with a backup; without one the poller's
         # `ftvm status` processes would only compete with the primary.
-        poller = LagPoller(self.ftvm, waddr, paddr) if with_backup else None
+        poller = LagPoller(self.ftvm, self.key, waddr, paddr) if with_backup else None
         rc = p.wait(180)
         samples = poller.stop() if poller else []
         brc = b.wait(60) if b else 0
@@ -917,6 +875,7 @@ class Bench:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ftvm", required=True)
+    ap.add_argument("--key", required=True, help="cluster key file (ftvm keygen)")
     ap.add_argument("--work", required=True)
     ap.add_argument("--pidfile")
     ap.add_argument("-k", type=int, default=10)

@@ -2,7 +2,9 @@
 # The fault-tolerance demo: a witness, a backup and a primary running the
 # built-in test guest on this machine, a console client following the
 # primary; the primary is killed (kill -9) at a random moment and the
-# backup takes over. Ends with one summary line:
+# backup takes over. Every role and client holds the same cluster key,
+# made here with `ftvm keygen` (connections are authenticated and
+# encrypted with it). Ends with one summary line:
 #   failover_ms=<kill to first byte from the new primary> lost=<lines> duplicated=<lines> view=<final view>
 # and exits non-zero if any line was lost or duplicated.
 #
@@ -35,20 +37,22 @@ trap cleanup EXIT
 now_ms() { date +%s%3N; }
 say() { echo "demo: $*" >&2; }
 
-say "witness on $W, backup on $B, primary on $P; guest runs ${SECONDS_RUN}s"
-"$FTVM" witness --listen "$W" 2>"$work/witness.err" & pids+=($!)
+KEY=$work/cluster.key
+"$FTVM" keygen --out "$KEY"
+say "witness on $W, backup on $B, primary on $P; guest runs ${SECONDS_RUN}s; cluster key $KEY"
+"$FTVM" witness --listen "$W" --key "$KEY" 2>"$work/witness.err" & pids+=($!)
 sleep 0.3
-"$FTVM" backup --witness "$W" --listen "$B" >"$work/backup.out" 2>"$work/backup.err" & backup=$!; pids+=($backup)
+"$FTVM" backup --witness "$W" --listen "$B" --key "$KEY" >"$work/backup.out" 2>"$work/backup.err" & backup=$!; pids+=($backup)
 sleep 0.3
-"$FTVM" primary --witness "$W" --listen "$P" --no-stdin --cmdline "seconds=$SECONDS_RUN" \
+"$FTVM" primary --witness "$W" --listen "$P" --key "$KEY" --no-stdin --cmdline "seconds=$SECONDS_RUN" \
     >"$work/primary.out" 2>"$work/primary.err" & primary=$!; pids+=($primary)
 sleep 0.3
-"$FTVM" console --witness "$W" --give-up 20 >"$work/console.out" 2>"$work/console.err" & console=$!; pids+=($console)
+"$FTVM" console --witness "$W" --key "$KEY" --give-up 20 >"$work/console.out" 2>"$work/console.err" & console=$!; pids+=($console)
 
 delay_ms=$((KILL_MIN_MS + RANDOM % (KILL_MAX_MS - KILL_MIN_MS + 1)))
 sleep "$(awk -v ms="$delay_ms" 'BEGIN { printf "%.3f", ms / 1000 }')"
 say "status before the kill:"
-"$FTVM" status --witness "$W" | sed 's/^/  /' >&2 || true
+"$FTVM" status --witness "$W" --key "$KEY" | sed 's/^/  /' >&2 || true
 lines_before=$(grep -c '^\[[0-9]' "$work/console.out" || true)
 kill_ms=$(now_ms)
 kill -9 "$primary"
@@ -58,7 +62,7 @@ console_rc=0
 wait "$console" || console_rc=$?
 wait "$backup" || true
 say "status at the end:"
-"$FTVM" status --witness "$W" | sed 's/^/  /' >&2 || true
+"$FTVM" status --witness "$W" --key "$KEY" | sed 's/^/  /' >&2 || true
 
 echo "----- console (what the outside world saw) -----" >&2
 cat "$work/console.out" >&2
@@ -80,7 +84,7 @@ read -r lost duplicated < <(grep -o '^\[[0-9]*\]' "$work/console.out" | tr -d '[
           for (i = 1; i <= n; i++) { if (!(i in c)) lost++; else if (c[i] > 1) dup += c[i] - 1 }
           print lost, dup }')
 grep -q '^\[done\]' "$work/console.out" || lost=$((lost + 1))
-view=$(sed -n 's/^view: //p' <("$FTVM" status --witness "$W" 2>/dev/null) || true)
+view=$(sed -n 's/^view: //p' <("$FTVM" status --witness "$W" --key "$KEY" 2>/dev/null) || true)
 [ "$console_rc" = 0 ] || say "console client exited with $console_rc"
 echo "failover_ms=$failover_ms lost=$lost duplicated=$duplicated view=${view:-unknown}"
 [ "$lost" = 0 ] && [ "$duplicated" = 0 ] && [ "$console_rc" = 0 ]

@@ -1,15 +1,69 @@
 //! Fault tolerance end to end: witness, primary, backup and console as real
-//! processes on real /dev/kvm, talking TCP on loopback.
+//! processes on real /dev/kvm, talking TCP on loopback, every connection
+//! authenticated with one cluster key (`ftvm keygen`). The attacks of a
+//! stranger without the key are in `ft_attacks.rs`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ftvm::ft::key::ClusterKey;
+use ftvm::ft::secure;
+
+mod ft_attacks;
 
 fn ftvm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ftvm"))
+}
+
+/// A scratch directory for this test process.
+fn scratch() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("ftvm-ft-tests-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+}
+
+/// A new key file made by `ftvm keygen`.
+fn keygen(name: &str) -> String {
+    let p = scratch().join(name);
+    let o = ftvm().args(["keygen", "--out"]).arg(&p).output().unwrap();
+    assert!(o.status.success(), "ftvm keygen: {}", String::from_utf8_lossy(&o.stderr));
+    p.to_str().unwrap().to_string()
+}
+
+/// The cluster key file every role and client of these tests holds.
+fn key_file() -> &'static str {
+    static KEY: OnceLock<String> = OnceLock::new();
+    KEY.get_or_init(|| keygen("cluster.key"))
+}
+
+/// The cluster key, for tests that speak the protocols themselves.
+fn key() -> ClusterKey {
+    ClusterKey::load(key_file().as_ref()).unwrap()
+}
+
+/// `args` with the cluster key added after an FT subcommand.
+fn with_key<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = args.to_vec();
+    if matches!(args.first(), Some(&("witness" | "primary" | "backup" | "console" | "status"))) && !args.contains(&"--key") {
+        v.splice(1..1, ["--key", key_file()]);
+    }
+    v
+}
+
+/// `ftvm ARGS` (with the cluster key), to run to completion.
+fn ft(args: &[&str]) -> Command {
+    let mut c = ftvm();
+    c.args(with_key(args));
+    c
 }
 
 fn free_port() -> u16 {
@@ -52,8 +106,7 @@ impl Proc {
     }
 
     fn spawn_with(args: &[&str], stdin: Stdio) -> Proc {
-        let mut child = ftvm()
-            .args(args)
+        let mut child = ft(args)
             .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -118,15 +171,46 @@ struct Cluster {
     console: Proc,
 }
 
+/// Starts `ftvm ARGS --listen ADDR` on a fresh port and waits for `ready`
+/// on its stderr. A port found free can be taken (by another test's
+/// connection) before the role binds it: then it tries another.
+fn listening(args: &[&str], ready: &str) -> (Proc, String) {
+    for _ in 0..5 {
+        let a = addr();
+        let mut p = Proc::spawn(&[args, &["--listen", &a]].concat());
+        let t0 = Instant::now();
+        loop {
+            if p.err().contains(ready) {
+                return (p, a);
+            }
+            if let Some(st) = p.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50));
+                assert!(p.err().contains("in use"), "{args:?} exited ({st}):\n{}", p.err());
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "timed out waiting for {args:?}:\n{}", p.err());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("no free port for {args:?}");
+}
+
+fn start_witness() -> (Proc, String) {
+    listening(&["witness"], "witness: listening on")
+}
+
+fn start_backup(w: &str) -> (Proc, String) {
+    listening(&["backup", "--witness", w], "waiting for the primary")
+}
+
+fn start_primary(w: &str, cmdline: &str) -> (Proc, String) {
+    listening(&["primary", "--witness", w, "--no-stdin", "--cmdline", cmdline], "is primary of view")
+}
+
 fn start(seconds: u32) -> Cluster {
-    let (w, b, p) = (addr(), addr(), addr());
-    let witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
-    let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
-    wait_for("the backup", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
-    let cmdline = format!("seconds={seconds}");
-    let primary = Proc::spawn(&["primary", "--witness", &w, "--listen", &p, "--no-stdin", "--cmdline", &cmdline]);
-    wait_for("the primary", Duration::from_secs(20), || primary.err().contains("is primary of view"));
+    let (witness, w) = start_witness();
+    let (backup, b) = start_backup(&w);
+    let (primary, p) = start_primary(&w, &format!("seconds={seconds}"));
     let console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
     Cluster { w, witness, backup, b, primary, p, console }
 }
@@ -152,7 +236,7 @@ fn check_console(out: &str, n: usize) -> Result<(), String> {
 }
 
 fn status(w: &str) -> String {
-    let o = ftvm().args(["status", "--witness", w]).output().unwrap();
+    let o = ft(&["status", "--witness", w]).output().unwrap();
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -270,16 +354,13 @@ fn stopped_backup_holds_output_while_the_guest_runs_on() {
 
 #[test]
 fn log_stream_of_an_older_view_is_refused() {
-    let (w, b) = (addr(), addr());
-    let _witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
-    let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
-    wait_for("the backup", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
+    let (_witness, w) = start_witness();
+    let (backup, b) = start_backup(&w);
     // The backup joined view 1; a stream that claims view 0 is stale.
-    let mut s = TcpStream::connect(&b).unwrap();
-    s.write_all(b"FTVM-LOG view=0\n").unwrap();
+    let (mut r, mut w) = secure::connect(&b, &key(), Duration::from_secs(2)).unwrap();
+    w.write_all(b"FTVM-LOG view=0\n").unwrap();
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
+    r.read_line(&mut line).unwrap();
     assert!(line.starts_with("ERR stale view 0"), "{line}");
     wait_for("the refusal on stderr", Duration::from_secs(2), || backup.err().contains("refused a log stream for view 0"));
 }
@@ -288,25 +369,19 @@ fn log_stream_of_an_older_view_is_refused() {
 fn a_second_primary_is_refused() {
     let c = start(3);
     let other = addr();
-    let o = ftvm()
-        .args(["primary", "--witness", &c.w, "--listen", &other, "--no-stdin", "--cmdline", "seconds=1"])
-        .output()
-        .unwrap();
+    let o = ft(&["primary", "--witness", &c.w, "--listen", &other, "--no-stdin", "--cmdline", "seconds=1"]).output().unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("a primary is already running"), "{err}");
     // And a primary on a port in use is a clear error too.
-    let o = ftvm()
-        .args(["primary", "--witness", &c.w, "--listen", &c.p, "--no-stdin"])
-        .output()
-        .unwrap();
+    let o = ft(&["primary", "--witness", &c.w, "--listen", &c.p, "--no-stdin"]).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("port is in use"));
 }
 
 #[test]
 fn witness_unreachable_is_a_clear_error() {
     let nobody = addr();
-    let o = ftvm().args(["primary", "--witness", &nobody, "--listen", &addr(), "--no-stdin"]).output().unwrap();
+    let o = ft(&["primary", "--witness", &nobody, "--listen", &addr(), "--no-stdin"]).output().unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&format!("cannot reach the witness at {nobody}")), "{err}");
@@ -320,8 +395,7 @@ fn reprotected_vm_survives_a_second_failover() {
     wait_for("the first takeover", Duration::from_secs(10), || c.backup.err().contains("live at exit"));
     // A fresh backup joins the running VM: it gets the log from boot and
     // replays up to the present.
-    let b2 = addr();
-    let mut backup2 = Proc::spawn(&["backup", "--witness", &c.w, "--listen", &b2]);
+    let (mut backup2, b2) = start_backup(&c.w);
     wait_for("re-protection", Duration::from_secs(10), || backup2.err().contains("replaying in lockstep"));
     wait_for("the backup to catch up", Duration::from_secs(10), || {
         let s = status(&c.w);
@@ -376,23 +450,20 @@ fn proxy(listen: &str, to: String, cut: Arc<AtomicBool>) {
 
 #[test]
 fn primary_cut_from_the_witness_goes_quiet_before_the_backup_goes_live() {
-    let (w, wp, b, p) = (addr(), addr(), addr(), addr());
-    let _witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
+    let (_witness, w) = start_witness();
+    let wp = addr();
     let cut = Arc::new(AtomicBool::new(false));
     proxy(&wp, w.clone(), cut.clone());
-    let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
-    wait_for("the backup", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
-    let primary = Proc::spawn(&["primary", "--witness", &wp, "--listen", &p, "--no-stdin", "--cmdline", "seconds=5"]);
-    wait_for("the primary", Duration::from_secs(20), || primary.err().contains("is primary of view"));
+    let (backup, _b) = start_backup(&w);
+    let (primary, p) = start_primary(&wp, "seconds=5");
     // A console attached to the old primary directly, timestamping frames.
-    let mut direct = TcpStream::connect(&p).unwrap();
+    let (mut r, mut direct) = secure::connect(&p, &key(), Duration::from_secs(2)).unwrap();
     direct.write_all(b"CONSOLE from=0\n").unwrap();
     let last_old = Arc::new(Mutex::new(0u128));
     {
         let last_old = last_old.clone();
         std::thread::spawn(move || {
-            let mut r = BufReader::new(direct);
+            let _keep = direct;
             let mut line = String::new();
             while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
                 if let Some(rest) = line.strip_prefix("DATA ") {
@@ -426,13 +497,9 @@ fn primary_cut_from_the_witness_goes_quiet_before_the_backup_goes_live() {
 
 #[test]
 fn typed_input_is_neither_lost_nor_repeated_across_a_failover() {
-    let (w, b, p) = (addr(), addr(), addr());
-    let _witness = Proc::spawn(&["witness", "--listen", &w]);
-    wait_for("the witness", Duration::from_secs(20), || TcpStream::connect(&w).is_ok());
-    let backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &b]);
-    wait_for("the backup", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
-    let mut primary = Proc::spawn(&["primary", "--witness", &w, "--listen", &p, "--no-stdin", "--cmdline", "seconds=5"]);
-    wait_for("the primary", Duration::from_secs(20), || primary.err().contains("is primary of view"));
+    let (_witness, w) = start_witness();
+    let (backup, _b) = start_backup(&w);
+    let (mut primary, _p) = start_primary(&w, "seconds=5");
     let mut console = Proc::spawn_with(&["console", "--witness", &w, "--give-up", "15"], Stdio::piped());
     let mut typing = console.child.stdin.take().unwrap();
     wait_for("output", Duration::from_secs(10), || console.out().contains("[0005]"));

@@ -33,19 +33,20 @@ mkfifo /tmp/typed.fifo
 run linux-input-record sh -c "/bin/ftvm record --log /tmp/in.ftlog $K --cmdline quiet </tmp/typed.fifo"
 run linux-input-replay /bin/ftvm replay --log /tmp/in.ftlog $R
 
-# Fault tolerance with Linux: witness, backup, primary and a console; the
-# primary is killed in the middle of the workload.
+# Fault tolerance with Linux: witness, backup, primary and a console, all
+# with one cluster key; the primary is killed in the middle of the workload.
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 W=127.0.0.1:7000
-/bin/ftvm witness --listen $W 2>/tmp/ft-witness.err &
+/bin/ftvm keygen --out /tmp/ft.key 2>/tmp/ft-witness.err
+/bin/ftvm witness --listen $W --key /tmp/ft.key 2>>/tmp/ft-witness.err &
 sleep 0.5
-/bin/ftvm backup --witness $W --listen 127.0.0.1:7101 $R >/dev/null 2>/tmp/ft-backup.err &
+/bin/ftvm backup --witness $W --listen 127.0.0.1:7101 --key /tmp/ft.key $R >/dev/null 2>/tmp/ft-backup.err &
 B=$!
 sleep 1
-/bin/ftvm primary --witness $W --listen 127.0.0.1:7100 --no-stdin $K --cmdline "ftvm.poweroff=1 quiet" >/dev/null 2>/tmp/ft-primary.err &
+/bin/ftvm primary --witness $W --listen 127.0.0.1:7100 --key /tmp/ft.key --no-stdin $K --cmdline "ftvm.poweroff=1 quiet" >/dev/null 2>/tmp/ft-primary.err &
 P=$!
 sleep 1
-/bin/ftvm console --witness $W --give-up 60 >/tmp/ft-console.out 2>/tmp/ft-console.err &
+/bin/ftvm console --witness $W --key /tmp/ft.key --give-up 60 >/tmp/ft-console.out 2>/tmp/ft-console.err &
 C=$!
 # Wait until the workload has started, then kill the primary.
 i=0

@@ -16,6 +16,7 @@ use ftvm::config::{hex, GuestConfig};
 use ftvm::console_io::{ConsoleInput, StdoutSink};
 use ftvm::engine::{self, Ending, Inputs, Outcome, RunOptions};
 use ftvm::ft::backup::{run_backup, BackupOpts};
+use ftvm::ft::key::ClusterKey;
 use ftvm::ft::primary::{run_primary, PrimaryOpts};
 use ftvm::ft::witness::{Witness, WitnessClient};
 use ftvm::recorder::Recorder;
@@ -50,11 +51,19 @@ enum Cmd {
         #[command(flatten)]
         guest: RecordedGuest,
     },
+    /// Make a cluster key: every FT role and client needs the same one (--key).
+    Keygen {
+        /// File to create (mode 0600); an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Hold the view (primary, backup) and the primary's lease.
     Witness {
         /// Address to listen on, e.g. 127.0.0.1:7000.
         #[arg(long)]
         listen: String,
+        #[command(flatten)]
+        key: KeyArg,
     },
     /// Run the guest as the fault-tolerant primary.
     Primary {
@@ -64,6 +73,8 @@ enum Cmd {
         /// Where console clients connect (and how the witness names us).
         #[arg(long, default_value = "127.0.0.1:7100")]
         listen: String,
+        #[command(flatten)]
+        key: KeyArg,
         #[command(flatten)]
         guest: GuestArgs,
     },
@@ -76,6 +87,8 @@ enum Cmd {
         #[arg(long)]
         listen: String,
         #[command(flatten)]
+        key: KeyArg,
+        #[command(flatten)]
         guest: RecordedGuest,
     },
     /// The guest's console, wherever the primary is.
@@ -85,11 +98,15 @@ enum Cmd {
         /// Give up after this many seconds without a primary.
         #[arg(long, default_value_t = 30)]
         give_up: u64,
+        #[command(flatten)]
+        key: KeyArg,
     },
     /// Show the view: number, primary, backup, lease, lag.
     Status {
         #[arg(long)]
         witness: String,
+        #[command(flatten)]
+        key: KeyArg,
     },
     /// Inspect a log.
     Log {
@@ -104,6 +121,21 @@ enum LogCmd {
     Dump { file: PathBuf },
     /// Counts by kind, bytes, bytes per second of guest time.
     Stats { file: PathBuf },
+}
+
+/// The cluster key of an FT command. Optional for clap, so that a missing
+/// key gets ftvm's own message (which says how to make one).
+#[derive(Args)]
+struct KeyArg {
+    /// The cluster key (from `ftvm keygen`), the same file for every role and client.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+}
+
+impl KeyArg {
+    fn load(&self) -> Result<ClusterKey> {
+        Ok(ClusterKey::from_arg(self.key.as_deref())?)
+    }
 }
 
 /// The guest of a log (replay) or of a primary's stream (backup): its
@@ -348,25 +380,32 @@ pub fn main() -> Result<i32> {
         Cmd::Run(g) => run_live(g, None),
         Cmd::Record { log, guest } => run_live(guest, Some(&log)),
         Cmd::Replay { log, guest: g } => replay(&log, g.kernel.as_deref(), g.initrd.as_deref(), g.verbose),
-        Cmd::Witness { listen } => {
-            let w = Witness::bind(&listen)?;
+        Cmd::Keygen { out } => {
+            ClusterKey::generate()?.write_new(&out)?;
+            eprintln!("ftvm: wrote a new cluster key to {} (mode 0600); give it to every role and client with --key", out.display());
+            Ok(0)
+        }
+        Cmd::Witness { listen, key } => {
+            let w = Witness::bind(&listen, key.load()?)?;
             eprintln!("witness: listening on {}", w.local_addr());
             w.serve()?;
             Ok(0)
         }
-        Cmd::Primary { witness, listen, guest } => {
+        Cmd::Primary { witness, listen, key, guest } => {
+            let key = key.load()?;
             let cfg = guest.config()?;
-            Ok(ended(run_primary(PrimaryOpts { witness, listen, progress: guest.verbose }, cfg)?))
+            Ok(ended(run_primary(PrimaryOpts { witness, listen, key, progress: guest.verbose }, cfg)?))
         }
-        Cmd::Backup { witness, listen, guest: g } => {
-            let opts = BackupOpts { witness, listen, kernel: g.kernel, initrd: g.initrd, progress: g.verbose };
+        Cmd::Backup { witness, listen, key, guest: g } => {
+            let key = key.load()?;
+            let opts = BackupOpts { witness, listen, key, kernel: g.kernel, initrd: g.initrd, progress: g.verbose };
             Ok(ended(run_backup(opts)?))
         }
-        Cmd::Console { witness, give_up } => {
-            ftvm::ft::remote_console::run_client(&witness, std::time::Duration::from_secs(give_up))
+        Cmd::Console { witness, give_up, key } => {
+            ftvm::ft::remote_console::run_client(&witness, &key.load()?, std::time::Duration::from_secs(give_up))
         }
-        Cmd::Status { witness } => {
-            let s = WitnessClient::new(&witness).status()?;
+        Cmd::Status { witness, key } => {
+            let s = WitnessClient::new(&witness, &key.load()?).status()?;
             println!("view: {}", s.view.number);
             println!("primary: {}", s.view.primary.as_deref().unwrap_or("none"));
             println!("backup: {} ({})", s.view.backup.as_deref().unwrap_or("none"), if s.backup_alive { "alive" } else { "silent" });

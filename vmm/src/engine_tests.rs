@@ -309,6 +309,8 @@ fn failover_goes_live_at_the_end_of_the_log() {
         input: ConsoleInput::none(),
         marked: Arc::new(AtomicU64::new(0)),
         gate,
+        // Not the sink's buffer: marks noted here are never consumed.
+        buf: crate::ft::log_buf::LogBuf::new(),
         on_live: Box::new(move |ord| *wl.lock().unwrap() = Some(ord)),
     };
     let stop = StopHandle::new();

@@ -18,6 +18,7 @@ use crate::console_io::ConsoleInput;
 use crate::engine::{EngineError, ExitPoint, Flow, Inputs, Observed};
 use crate::ft::commit::{self, GroupCommit};
 use crate::ft::gate::Gate;
+use crate::ft::log_buf::LogBuf;
 use crate::ft::HEARTBEAT;
 use crate::kick::Kicker;
 use crate::machine::Machine;
@@ -42,6 +43,10 @@ struct Marks {
     marked: Arc<AtomicU64>,
     gate: Arc<Gate>,
     commit: GroupCommit,
+    /// The in-memory log the sink writes to, told where each mark ends so
+    /// that a backup's acknowledgements can be checked against what it was
+    /// sent.
+    index: Option<Arc<LogBuf>>,
 }
 
 pub struct Recorder {
@@ -132,7 +137,15 @@ impl Recorder {
     /// `ft::commit`) so the backup can acknowledge them and `gate` can
     /// release output.
     pub fn with_marks(mut self, marked: Arc<AtomicU64>, gate: Arc<Gate>) -> Self {
-        self.marks = Some(Marks { marked, gate, commit: GroupCommit::new(Instant::now()) });
+        self.marks = Some(Marks { marked, gate, commit: GroupCommit::new(Instant::now()), index: None });
+        self
+    }
+
+    /// With `with_marks`: the log sink writes to `log`; note each mark there.
+    pub fn with_mark_index(mut self, log: Arc<LogBuf>) -> Self {
+        if let Some(mk) = &mut self.marks {
+            mk.index = Some(log);
+        }
         self
     }
 
@@ -151,6 +164,11 @@ impl Recorder {
     }
 
     fn mark_at(&mut self, pos: replay_log::Position, now: Instant) -> Result<(), EngineError> {
+        if let Some(log) = self.marks.as_ref().and_then(|mk| mk.index.as_ref()) {
+            // Where the mark ends in the streamed bytes: what acks are
+            // checked against (an ack beyond what was sent is refused).
+            log.mark_follows(pos.ordinal);
+        }
         self.append_at(pos, Event::Progress)?;
         self.flush()?;
         self.unmarked_at = None;

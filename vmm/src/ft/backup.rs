@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use replay_log::{LogReader, LogWriter};
+use replay_log::{LogError, LogReader, LogWriter};
 
 use super::backup_inputs::{BackupInputs, Takeover, TakeoverSlot};
 use super::gate::{Gate, GateSink, Role};
-use super::listener::{bind, log_buf_writer, serve_listener, wind_down, Incoming, RoleError};
+use super::key::ClusterKey;
+use super::listener::{bind, log_buf_writer, serve_listener, wind_down, Incoming, LogStreams, RoleError};
 use super::log_buf::LogBuf;
 use super::primary::PrimaryDuty;
 use super::stream::{ChannelSource, LogReceiver, StreamEnd};
@@ -29,10 +30,14 @@ use crate::vm::Vm;
 pub struct BackupOpts {
     pub witness: String,
     pub listen: String,
+    pub key: ClusterKey,
     pub kernel: Option<std::path::PathBuf>,
     pub initrd: Option<std::path::PathBuf>,
     pub progress: bool,
 }
+
+/// A log stream must bring its header this soon after the backup's `OK`.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RoleError> {
     std::thread::Builder::new()
@@ -44,9 +49,8 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RoleError>
 
 /// Keeps our place in the view until promoted; a backup the witness drops
 /// ends its run (exit code 1).
-fn keep_place(me: String, waddr: String, my_view: Arc<AtomicU64>, promoted: Arc<AtomicBool>, stop: StopHandle) -> Result<(), RoleError> {
+fn keep_place(mut w: WitnessClient, me: String, my_view: Arc<AtomicU64>, promoted: Arc<AtomicBool>, stop: StopHandle) -> Result<(), RoleError> {
     spawn("ftvm-backup-ping", move || {
-        let mut w = WitnessClient::new(&waddr);
         while !promoted.load(Ordering::Relaxed) {
             std::thread::sleep(PING_INTERVAL);
             if promoted.load(Ordering::Relaxed) {
@@ -76,7 +80,7 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
     let kernel = crate::config::load_kernel(opts.kernel.as_deref())?;
     let listener = bind(&opts.listen)?;
     let me = opts.listen.clone();
-    let mut witness = WitnessClient::new(&opts.witness);
+    let mut witness = WitnessClient::new(&opts.witness, &opts.key);
     let view = witness.backup_ping(&me, 0)?;
     let my_view = Arc::new(AtomicU64::new(view.number));
     let promoted = Arc::new(AtomicBool::new(false));
@@ -85,29 +89,43 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
     let gate = Gate::new(Role::Silent);
     let (in_tx, in_rx) = crossbeam_channel::unbounded();
     let (log_tx, log_rx) = crossbeam_channel::bounded::<Incoming>(1);
-    serve_listener(listener, gate.clone(), in_tx, Some((log_tx, my_view.clone())));
+    let taken = Arc::new(AtomicBool::new(false));
+    let streams = LogStreams { tx: log_tx, view: my_view.clone(), taken: taken.clone() };
+    serve_listener(listener, opts.key.clone(), gate.clone(), in_tx, Some(streams));
     let stop = StopHandle::new();
-    keep_place(me.clone(), opts.witness.clone(), my_view.clone(), promoted.clone(), stop.clone())?;
+    keep_place(witness, me.clone(), my_view.clone(), promoted.clone(), stop.clone())?;
 
-    let (conn, reader, stream_view) = crossbeam_channel::select! {
-        recv(log_rx) -> r => r.map_err(|_| RoleError::Stopped("backup: the listener stopped".into()))?,
-        recv(stop.wakeup()) -> _ => {
-            let (why, code) = stop.requested().map_or(("backup: stopped".into(), 1), |e| e.describe());
-            return Ok((why, code));
+    let (reader, write, stream_view, peer, silence) = loop {
+        let (reader, mut write, stream_view) = crossbeam_channel::select! {
+            recv(log_rx) -> r => r.map_err(|_| RoleError::Stopped("backup: the listener stopped".into()))?,
+            recv(stop.wakeup()) -> _ => {
+                let (why, code) = stop.requested().map_or(("backup: stopped".into(), 1), |e| e.describe());
+                return Ok((why, code));
+            }
+        };
+        let peer = reader.tcp().peer_addr().map_or_else(|_| "primary".into(), |a| a.to_string());
+        // A stream that is not a log (or no header in time) is refused,
+        // and the backup waits for the next: it is not a reason to die.
+        let _ = reader.tcp().set_read_timeout(Some(HEADER_TIMEOUT));
+        let silence = reader.tcp().try_clone();
+        let name = format!("log stream from {peer}");
+        let opened = write_line(&mut write, "OK")
+            .map_err(|err| LogError::Io { source_name: name.clone(), offset: 0, err })
+            .and_then(|()| LogReader::new(reader, &name));
+        match (opened, silence) {
+            (Ok(reader), Ok(silence)) => break (reader, write, stream_view, peer, silence),
+            (Err(e), _) => log::warn!("backup: refused the log stream from {peer}: {e}"),
+            (_, Err(e)) => log::warn!("backup: refused the log stream from {peer}: {e}"),
         }
+        taken.store(false, Ordering::SeqCst);
     };
-    let peer = conn.peer_addr().map_or_else(|_| "primary".into(), |a| a.to_string());
-    let io = |what: String| move |err| RoleError::Io { what, err };
-    let mut write = conn.try_clone().map_err(io(format!("log stream from {peer}")))?;
-    write_line(&mut write, "OK").map_err(io(format!("answering the primary at {peer}")))?;
     let stream_name = format!("log stream from {peer}");
-    let reader = LogReader::new(reader, &stream_name)?;
     let h = reader.header().clone();
     if h.kernel_sha256 != kernel.sha256 {
         return Err(RoleError::WrongKernel { primary: h.kernel_name.clone(), backup: kernel.name.clone() });
     }
     // From here on, silence means the primary may be gone.
-    let _ = conn.set_read_timeout(Some(SILENCE));
+    let _ = silence.set_read_timeout(Some(SILENCE));
     log::info!("backup: receiving the log of view {stream_view} from {peer}; replaying in lockstep");
 
     let log = LogBuf::new();
@@ -116,9 +134,10 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
     let slot: TakeoverSlot = Arc::new(Mutex::new(None));
     let ordinal = Arc::new(AtomicU64::new(0));
     let marked = Arc::new(AtomicU64::new(0));
-    let recv = LogReceiver { reader, ack: write, log: own, to_vcpu: rec_tx, records: 0 };
+    let recv = LogReceiver { reader, ack: write, log: own, buf: log.clone(), to_vcpu: rec_tx, records: 0 };
     let promoter = Promoter {
-        witness: WitnessClient::new(&opts.witness),
+        witness: WitnessClient::new(&opts.witness, &opts.key),
+        key: opts.key.clone(),
         me: me.clone(),
         my_view: my_view.clone(),
         promoted: promoted.clone(),
@@ -156,6 +175,7 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
 /// witness for promotion and hands the VM over to live execution.
 struct Promoter {
     witness: WitnessClient,
+    key: ClusterKey,
     me: String,
     my_view: Arc<AtomicU64>,
     promoted: Arc<AtomicBool>,
@@ -214,6 +234,7 @@ impl Promoter {
         let LogReceiver { log, to_vcpu, records, .. } = recv;
         let kit = Takeover {
             log,
+            buf: self.log.clone(),
             input: ConsoleInput::from_channel(self.input),
             marked: self.marked.clone(),
             gate: self.gate.clone(),
@@ -224,6 +245,7 @@ impl Promoter {
         *self.slot.lock().unwrap() = Some(kit);
         PrimaryDuty {
             me: self.me,
+            key: self.key,
             witness: self.witness,
             view,
             gate: self.gate,

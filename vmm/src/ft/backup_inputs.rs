@@ -22,6 +22,8 @@ pub struct Takeover {
     /// Ordinal of the last high-water mark (for status reports).
     pub marked: Arc<std::sync::atomic::AtomicU64>,
     pub gate: Arc<super::gate::Gate>,
+    /// The in-memory log `log` writes to (its marks are noted there).
+    pub buf: Arc<super::log_buf::LogBuf>,
     /// Called once at the switch (e.g. to say so on stderr).
     pub on_live: Box<dyn FnOnce(u64) + Send>,
 }
@@ -65,6 +67,7 @@ impl BackupInputs {
         self.live = Some(
             Recorder::new(Some(kit.log), kit.input)
                 .with_marks(kit.marked, kit.gate)
+                .with_mark_index(kit.buf)
                 .with_kicks(self.stop.clone(), m.clock.clone()),
         );
         Ok(Flow::Continue)

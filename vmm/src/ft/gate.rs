@@ -221,15 +221,17 @@ impl Gate {
         }
     }
 
-    /// For a console client that has everything before `from`.
-    pub fn next(&self, from: u64, timeout: Duration) -> Next {
+    /// For a console client that has everything before `from`: at most
+    /// `max` bytes of what follows.
+    pub fn next(&self, from: u64, max: usize, timeout: Duration) -> Next {
         let s = self.s.lock().unwrap();
         let (s, _) = self
             .changed
             .wait_timeout_while(s, timeout, |s| s.released.len() as u64 <= from && s.ended.is_none())
             .unwrap();
         if (s.released.len() as u64) > from {
-            Next::Data { seq: from, bytes: s.released[from as usize..].to_vec() }
+            let end = s.released.len().min(from as usize + max);
+            Next::Data { seq: from, bytes: s.released[from as usize..end].to_vec() }
         } else if let Some(m) = &s.ended {
             let may_speak = matches!(s.role, Role::Primary { .. }) && s.lease_until.is_some_and(|t| Instant::now() < t);
             if may_speak && s.pending.is_empty() {
@@ -274,15 +276,16 @@ mod tests {
         g.set_lease(Instant::now() + Duration::from_secs(10));
         g.emit(5, b"ab");
         g.emit(7, b"cd");
-        assert_eq!(text(g.next(0, Duration::ZERO)), "nothing");
+        assert_eq!(text(g.next(0, 64, Duration::ZERO)), "nothing");
         g.ack(6);
-        assert_eq!(text(g.next(0, Duration::ZERO)), "ab");
+        assert_eq!(text(g.next(0, 64, Duration::ZERO)), "ab");
         g.ack(7);
-        assert_eq!(text(g.next(1, Duration::ZERO)), "bcd");
+        assert_eq!(text(g.next(1, 64, Duration::ZERO)), "bcd");
+        assert_eq!(text(g.next(1, 2, Duration::ZERO)), "bc", "a frame holds at most `max` bytes");
         g.end("bye".into());
-        assert_eq!(text(g.next(4, Duration::ZERO)), "END bye");
+        assert_eq!(text(g.next(4, 64, Duration::ZERO)), "END bye");
         g.set_role(Role::Silent);
-        assert_eq!(text(g.next(4, Duration::ZERO)), "hang up");
+        assert_eq!(text(g.next(4, 64, Duration::ZERO)), "hang up");
     }
 
     #[test]

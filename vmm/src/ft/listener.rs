@@ -1,8 +1,7 @@
 //! What every FT role shares: its error type, its listening socket (console
 //! clients on any role, log streams on a backup) and its wind-down.
 
-use std::io::BufReader;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +9,10 @@ use std::time::Duration;
 use crossbeam_channel::Sender;
 
 use super::gate::Gate;
+use super::key::ClusterKey;
 use super::log_buf::{LogBuf, LogBufWriter};
 use super::remote_console;
+use super::secure::{self, Conn, SecureReader, SecureWriter};
 use super::stream::HELLO;
 use super::witness::WitnessError;
 use super::{read_line, write_line};
@@ -40,9 +41,12 @@ pub enum RoleError {
     Stopped(String),
 }
 
-/// A log stream offered to a backup: the connection and its reader, which
-/// may already hold the first bytes of the log, and the stream's view.
-pub type Incoming = (TcpStream, BufReader<TcpStream>, u64);
+/// A log stream offered to a backup: the connection's halves (the reader
+/// may already hold the first bytes of the log) and the stream's view.
+pub type Incoming = (SecureReader, SecureWriter, u64);
+
+/// A key holder must say what it wants this soon after its handshake.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn log_buf_writer(log: &Arc<LogBuf>) -> Box<dyn std::io::Write + Send> {
     Box::new(LogBufWriter(log.clone()))
@@ -58,58 +62,76 @@ pub fn bind(listen: &str) -> Result<TcpListener, RoleError> {
     })
 }
 
-/// Accepts console clients (any role) and, on a backup, log streams.
-pub fn serve_listener(
-    l: TcpListener,
-    gate: Arc<Gate>,
-    input: Sender<Vec<u8>>,
-    logs: Option<(Sender<Incoming>, Arc<AtomicU64>)>,
-) {
+/// Where a backup's listener hands log streams.
+pub struct LogStreams {
+    pub tx: Sender<Incoming>,
+    /// The backup's view (rule 3: older streams are refused).
+    pub view: Arc<AtomicU64>,
+    /// A stream was handed over; the backup clears it if that stream
+    /// turns out not to be a log, to take the next one.
+    pub taken: Arc<AtomicBool>,
+}
+
+/// Accepts console clients (any role) and, on a backup, log streams: key
+/// holders only, at most `secure::MAX_CONNS` at once.
+pub fn serve_listener(l: TcpListener, key: ClusterKey, gate: Arc<Gate>, input: Sender<Vec<u8>>, logs: Option<LogStreams>) {
+    let handle = move |c: Conn| serve_conn(c, &gate, &input, logs.as_ref());
     let accept = move || {
-        let taken = Arc::new(AtomicBool::new(false));
-        for conn in l.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let _ = conn.set_nodelay(true);
-            let gate = gate.clone();
-            let input = input.clone();
-            let logs = logs.clone();
-            let taken = taken.clone();
-            let serve = move || {
-                let Ok(clone) = conn.try_clone() else { return };
-                let mut r = BufReader::new(clone);
-                let Ok(Some(hello)) = read_line(&mut r) else { return };
-                if let Some(from) = hello.strip_prefix("CONSOLE from=") {
-                    let from = from.parse().unwrap_or(0);
-                    remote_console::serve(conn, r, from, gate, input);
-                } else if let Some(v) = hello.strip_prefix(&format!("{HELLO} view=")) {
-                    let view: u64 = v.parse().unwrap_or(0);
-                    let Some((tx, my_view)) = logs else {
-                        let _ = write_line(&mut conn, "ERR this VMM is not a backup");
-                        return;
-                    };
-                    let mine = my_view.load(Ordering::Relaxed);
-                    if view < mine {
-                        // Rule 3: records of an older view are refused.
-                        log::warn!("backup: refused a log stream for view {view}: this backup is in view {mine}");
-                        let _ = write_line(&mut conn, &format!("ERR stale view {view}: the backup is in view {mine}"));
-                        return;
-                    }
-                    if taken.swap(true, Ordering::SeqCst) {
-                        let _ = write_line(&mut conn, "ERR this backup already receives a log stream");
-                        return;
-                    }
-                    let _ = tx.send((conn, r, view));
-                } else {
-                    let _ = write_line(&mut conn, "ERR unknown hello");
-                }
-            };
-            if let Err(e) = std::thread::Builder::new().name("ftvm-conn".into()).spawn(serve) {
-                log::warn!("cannot serve a connection: {e}");
-            }
+        if let Err(e) = secure::serve(l, key, "ftvm", "ftvm-conn", handle) {
+            log::error!("ftvm: the listener failed: {e}; no more consoles or log streams are accepted");
         }
     };
     if let Err(e) = std::thread::Builder::new().name("ftvm-listen".into()).spawn(accept) {
         log::error!("cannot start the listener thread: {e}");
+    }
+}
+
+/// Serves one authenticated connection by its hello line.
+fn serve_conn(c: Conn, gate: &Arc<Gate>, input: &Sender<Vec<u8>>, logs: Option<&LogStreams>) {
+    let Conn { mut reader, mut writer, peer, slot: _slot } = c;
+    if reader.tcp().set_read_timeout(Some(HELLO_TIMEOUT)).is_err() {
+        return;
+    }
+    let hello = match read_line(&mut reader) {
+        Ok(Some(h)) => h,
+        Ok(None) => return,
+        Err(e) => {
+            log::warn!("ftvm: no usable hello from {peer}: {e}");
+            return;
+        }
+    };
+    if reader.tcp().set_read_timeout(None).is_err() {
+        return;
+    }
+    if let Some(from) = hello.strip_prefix("CONSOLE from=") {
+        let Ok(from) = from.parse() else {
+            let _ = write_line(&mut writer, "ERR malformed hello");
+            return;
+        };
+        remote_console::serve(writer, reader, from, gate.clone(), input.clone());
+    } else if let Some(v) = hello.strip_prefix(&format!("{HELLO} view=")) {
+        let Ok(view) = v.parse::<u64>() else {
+            let _ = write_line(&mut writer, "ERR malformed hello");
+            return;
+        };
+        let Some(LogStreams { tx, view: my_view, taken }) = logs else {
+            let _ = write_line(&mut writer, "ERR this VMM is not a backup");
+            return;
+        };
+        let mine = my_view.load(Ordering::Relaxed);
+        if view < mine {
+            // Rule 3: records of an older view are refused.
+            log::warn!("backup: refused a log stream for view {view}: this backup is in view {mine}");
+            let _ = write_line(&mut writer, &format!("ERR stale view {view}: the backup is in view {mine}"));
+            return;
+        }
+        if taken.swap(true, Ordering::SeqCst) {
+            let _ = write_line(&mut writer, "ERR this backup already receives a log stream");
+            return;
+        }
+        let _ = tx.send((reader, writer, view));
+    } else {
+        let _ = write_line(&mut writer, "ERR unknown hello");
     }
 }
 

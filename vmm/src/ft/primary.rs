@@ -9,9 +9,10 @@ use std::time::Instant;
 use replay_log::LogWriter;
 
 use super::gate::{Gate, GateSink, Role};
+use super::key::ClusterKey;
 use super::listener::{bind, log_buf_writer, serve_listener, wind_down, RoleError};
 use super::log_buf::LogBuf;
-use super::stream;
+use super::stream::{self, Sending};
 use super::witness::{View, WitnessClient, WitnessError, LEASE, PING_INTERVAL};
 use crate::clock::VmClock;
 use crate::config::GuestConfig;
@@ -26,6 +27,7 @@ use crate::vm::Vm;
 /// backup of the view.
 pub(super) struct PrimaryDuty {
     pub(super) me: String,
+    pub(super) key: ClusterKey,
     pub(super) witness: WitnessClient,
     pub(super) view: View,
     pub(super) gate: Arc<Gate>,
@@ -68,8 +70,16 @@ impl PrimaryDuty {
                 self.gate.set_role(Role::Primary { need_ack: true });
                 let stop = Arc::new(AtomicBool::new(false));
                 self.sender_stop = Some(stop.clone());
-                let (b, n, log, gate) = (b.clone(), v.number, self.log.clone(), self.gate.clone());
-                let send = move || stream::run_sender(b, n, log, gate, generation, stop);
+                let to = Sending {
+                    addr: b.clone(),
+                    view: v.number,
+                    key: self.key.clone(),
+                    log: self.log.clone(),
+                    gate: self.gate.clone(),
+                    generation,
+                    stop,
+                };
+                let send = move || stream::run_sender(to);
                 if let Err(e) = std::thread::Builder::new().name("ftvm-log-sender".into()).spawn(send) {
                     log::error!("primary: cannot start streaming to the backup: {e}");
                 }
@@ -133,20 +143,21 @@ impl PrimaryDuty {
 pub struct PrimaryOpts {
     pub witness: String,
     pub listen: String,
+    pub key: ClusterKey,
     pub progress: bool,
 }
 
 /// Runs the guest as primary; returns how it ended (message, exit code).
 pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32), RoleError> {
     let listener = bind(&opts.listen)?;
-    let mut witness = WitnessClient::new(&opts.witness);
+    let mut witness = WitnessClient::new(&opts.witness, &opts.key);
     let t0 = Instant::now();
     let view = witness.become_primary(&opts.listen)?;
     let gate = Gate::new(Role::Primary { need_ack: view.backup.is_some() });
     let log = LogBuf::new();
     let writer: LogSink = LogWriter::new(log_buf_writer(&log), &cfg.header())?;
     let (in_tx, in_rx) = crossbeam_channel::unbounded();
-    serve_listener(listener, gate.clone(), in_tx, None);
+    serve_listener(listener, opts.key.clone(), gate.clone(), in_tx, None);
     let ordinal = Arc::new(AtomicU64::new(0));
     let marked = Arc::new(AtomicU64::new(0));
     let sink = GateSink { gate: gate.clone(), ordinal: ordinal.clone() };
@@ -155,10 +166,11 @@ pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32),
     let stop = StopHandle::new();
     PrimaryDuty {
         me: opts.listen.clone(),
+        key: opts.key.clone(),
         witness,
         view,
         gate: gate.clone(),
-        log,
+        log: log.clone(),
         marked: marked.clone(),
         sender_stop: None,
         stop: stop.clone(),
@@ -166,6 +178,7 @@ pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32),
     .start(t0);
     let mut rec = Recorder::new(Some(writer), ConsoleInput::from_channel(in_rx))
         .with_marks(marked, gate.clone())
+        .with_mark_index(log)
         .with_kicks(stop.clone(), vm.machine.clock.clone());
     let out = engine::run(vm.guest(), &mut rec, &RunOptions { progress: opts.progress, stop })
         .map_err(|err| RoleError::Engine { what: "primary", err })?;

@@ -3,25 +3,39 @@
 //! (`CONSOLE from=<seq>`), and gets `DATA <seq> <len>` frames, then `END
 //! <message>` when the guest is gone. Bytes it sends are typed input.
 //! After a failover the client reconnects to the new primary and drops
-//! bytes it already has, by sequence number.
+//! bytes it already has, by sequence number. The connection is
+//! authenticated and encrypted with the cluster key (`secure.rs`).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Sender;
 
 use super::gate::{Gate, Next, Role};
+use super::key::ClusterKey;
 use super::read_line;
+use super::secure::{self, SecureReader, SecureWriter};
 use super::witness::WitnessClient;
 
+/// Most bytes in one `DATA` frame: the server sends a backlog in pieces,
+/// and the client refuses a larger length rather than allocate it.
+pub const MAX_DATA: usize = 64 * 1024;
+/// A client that takes no output for this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves one console client (server side, on any VMM: a backup's gate
-/// releases nothing until it is promoted).
-pub fn serve(mut conn: TcpStream, mut reader: BufReader<TcpStream>, from: u64, gate: Arc<Gate>, input: Sender<Vec<u8>>) {
+/// releases nothing until it is promoted). Returns when the client leaves
+/// or the guest has ended; the input thread ends with it.
+pub fn serve(mut conn: SecureWriter, reader: SecureReader, from: u64, gate: Arc<Gate>, input: Sender<Vec<u8>>) {
+    let gone = Arc::new(AtomicBool::new(false));
+    let tcp = conn.tcp().try_clone();
+    let _ = conn.tcp().set_write_timeout(Some(WRITE_TIMEOUT));
     {
-        let gate = gate.clone();
-        let _ = std::thread::Builder::new().name("ftvm-console-input".into()).spawn(move || {
+        let (gate, gone) = (gate.clone(), gone.clone());
+        let mut reader = reader;
+        let spawned = std::thread::Builder::new().name("ftvm-console-input".into()).spawn(move || {
             let mut buf = [0u8; 1024];
             loop {
                 match reader.read(&mut buf) {
@@ -34,8 +48,20 @@ pub fn serve(mut conn: TcpStream, mut reader: BufReader<TcpStream>, from: u64, g
                     }
                 }
             }
+            gone.store(true, Ordering::Relaxed);
         });
+        if spawned.is_err() {
+            return;
+        }
     }
+    serve_output(&mut conn, from, &gate, &gone);
+    // Ends the input thread's read, however the client behaves.
+    if let Ok(t) = tcp {
+        let _ = t.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn serve_output(conn: &mut SecureWriter, from: u64, gate: &Gate, gone: &AtomicBool) {
     let mut from = from;
     // Where the client must resume its typing: input past this point is not
     // in the log, and the client sends it again.
@@ -43,7 +69,7 @@ pub fn serve(mut conn: TcpStream, mut reader: BufReader<TcpStream>, from: u64, g
     if conn.write_all(format!("INPUT {inacked}\n").as_bytes()).is_err() {
         return;
     }
-    loop {
+    while !gone.load(Ordering::Relaxed) {
         let n = gate.input_acked();
         if n != inacked {
             inacked = n;
@@ -51,7 +77,7 @@ pub fn serve(mut conn: TcpStream, mut reader: BufReader<TcpStream>, from: u64, g
                 return;
             }
         }
-        match gate.next(from, Duration::from_millis(50)) {
+        match gate.next(from, MAX_DATA, Duration::from_millis(50)) {
             Next::Data { seq, bytes } => {
                 let mut frame = format!("DATA {seq} {}\n", bytes.len()).into_bytes();
                 frame.extend_from_slice(&bytes);
@@ -64,10 +90,7 @@ pub fn serve(mut conn: TcpStream, mut reader: BufReader<TcpStream>, from: u64, g
                 let _ = conn.write_all(format!("END {msg}\n").as_bytes());
                 return;
             }
-            Next::HangUp => {
-                let _ = conn.shutdown(std::net::Shutdown::Both);
-                return;
-            }
+            Next::HangUp => return,
             Next::Nothing => {}
         }
     }
@@ -78,9 +101,10 @@ fn unix_ms() -> u128 {
 }
 
 /// `ftvm console`: follows the primary through failovers. Returns when the
-/// guest has ended, or errors after `give_up` without a primary.
-pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
-    let mut w = WitnessClient::new(witness);
+/// guest has ended, or errors after `give_up` without a primary, or when a
+/// primary breaks the protocol.
+pub fn run_client(witness: &str, key: &ClusterKey, give_up: Duration) -> anyhow::Result<i32> {
+    let mut w = WitnessClient::new(witness, key);
     let typed = Arc::new(Mutex::new(Typed::default()));
     {
         let typed = typed.clone();
@@ -99,6 +123,8 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
     let mut last_primary: Option<String> = None;
     let mut lost_at = Instant::now();
     let mut out = std::io::stdout();
+    // The address last warned about for refusing our key.
+    let mut warned_key: Option<String> = None;
     loop {
         let view = match w.view() {
             Ok(v) => v,
@@ -117,25 +143,32 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         };
-        let Ok(mut conn) = TcpStream::connect(&addr) else {
-            if lost_at.elapsed() > give_up {
-                anyhow::bail!("cannot reach the primary {addr} of view {}", view.number);
+        let (mut r, conn) = match secure::connect(&addr, key, Duration::from_secs(1)) {
+            Ok(c) => c,
+            Err(e) => {
+                if lost_at.elapsed() > give_up {
+                    anyhow::bail!("cannot reach the primary {addr} of view {}: {e}", view.number);
+                }
+                if e.kind() == std::io::ErrorKind::PermissionDenied && warned_key.as_deref() != Some(addr.as_str()) {
+                    log::warn!("console: the primary {addr} of view {}: {e}", view.number);
+                    warned_key = Some(addr.clone());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
-            std::thread::sleep(Duration::from_millis(50));
-            continue;
         };
-        let _ = conn.set_nodelay(true);
-        if conn.write_all(format!("CONSOLE from={next_seq}\n").as_bytes()).is_err() {
+        let mut conn = Some(conn);
+        if conn.as_mut().is_some_and(|c| c.write_all(format!("CONSOLE from={next_seq}\n").as_bytes()).is_err()) {
             continue;
         }
         // A primary that lost its lease goes quiet without hanging up; if
         // the witness names another primary, drop this one.
         let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
         {
-            let (watching, waddr, addr) = (watching.clone(), witness.to_string(), addr.clone());
-            let conn = conn.try_clone()?;
+            let (watching, waddr, addr, key) = (watching.clone(), witness.to_string(), addr.clone(), key.clone());
+            let conn = r.tcp().try_clone()?;
             let _ = std::thread::Builder::new().name("ftvm-console-watch".into()).spawn(move || {
-                let mut w = WitnessClient::new(&waddr);
+                let mut w = WitnessClient::new(&waddr, &key);
                 while watching.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(200));
                     if let Ok(v) = w.view() {
@@ -150,11 +183,15 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
         let changed = last_primary.as_deref() != Some(addr.as_str());
         log::info!("console: connected to primary {addr} (view {})", view.number);
         let mut first = changed;
-        let mut r = BufReader::new(conn);
         while let Ok(Some(line)) = read_line(&mut r) {
             if let Some(rest) = line.strip_prefix("DATA ") {
                 let mut it = rest.split(' ').filter_map(|x| x.parse::<u64>().ok());
                 let (Some(seq), Some(len)) = (it.next(), it.next()) else { break };
+                if len > MAX_DATA as u64 {
+                    anyhow::bail!(
+                        "the primary {addr} sent a DATA frame of {len} bytes; the console protocol allows at most {MAX_DATA}: refusing it"
+                    );
+                }
                 let mut bytes = vec![0u8; len as usize];
                 if r.read_exact(&mut bytes).is_err() {
                     break;
@@ -173,7 +210,7 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
             } else if let Some(n) = line.strip_prefix("INPUT ").and_then(|n| n.parse().ok()) {
                 // This primary's log holds our typing up to byte n: send the
                 // rest (again), then keep typing into this connection.
-                typed.lock().unwrap().resume(n, r.get_ref().try_clone().ok());
+                typed.lock().unwrap().resume(n, conn.take());
             } else if let Some(n) = line.strip_prefix("INACK ").and_then(|n| n.parse().ok()) {
                 typed.lock().unwrap().acked(n);
             } else if let Some(msg) = line.strip_prefix("END ") {
@@ -188,9 +225,8 @@ pub fn run_client(witness: &str, give_up: Duration) -> anyhow::Result<i32> {
         log::info!("console: lost the primary {addr} at unix_ms={}; following the primary", unix_ms());
         last_primary = Some(addr);
         lost_at = Instant::now();
-        let _ = r.get_mut().shutdown(std::net::Shutdown::Both);
+        let _ = r.tcp().shutdown(std::net::Shutdown::Both);
         std::thread::sleep(Duration::from_millis(20));
-        let _: &dyn BufRead = &r;
     }
 }
 
@@ -201,7 +237,7 @@ struct Typed {
     /// Input bytes acknowledged so far (the offset of `pending[0]`).
     base: u64,
     pending: Vec<u8>,
-    conn: Option<TcpStream>,
+    conn: Option<SecureWriter>,
 }
 
 impl Typed {
@@ -220,7 +256,7 @@ impl Typed {
         self.base += drop as u64;
     }
 
-    fn resume(&mut self, n: u64, conn: Option<TcpStream>) {
+    fn resume(&mut self, n: u64, conn: Option<SecureWriter>) {
         if n < self.base {
             log::warn!("console: the primary's log holds less of our input ({n} bytes) than was acknowledged ({})", self.base);
         }

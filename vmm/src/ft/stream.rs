@@ -1,91 +1,163 @@
-//! The log stream from primary to backup over TCP: a one-line hello that
-//! names the view (`FTVM-LOG view=N`), the backup's `OK` or `ERR ...`, then
-//! the log itself in the replay-log format (header and records, exactly as
-//! in a file), while the backup sends `ACK <ordinal>` lines back each time
-//! it has received the log through that ordinal (a high-water mark record).
+//! The log stream from primary to backup: a one-line hello that names the
+//! view (`FTVM-LOG view=N`), the backup's `OK` or `ERR ...`, then the log
+//! itself in the replay-log format (header and records, exactly as in a
+//! file), while the backup sends `ACK <ordinal>` lines back each time it
+//! has received the log through that ordinal (a high-water mark record).
+//! The connection is authenticated and encrypted (`secure.rs`); its hello
+//! binds it to one view, and a new view means a new connection.
+//!
+//! An acknowledgement is believed only up to the last mark actually sent
+//! on this connection (`LogBuf` knows where marks end): a backup that
+//! acknowledges more, or sends anything but `ACK <n>`, breaks the protocol
+//! and its stream is closed. Output is never released on a lie.
 
-use std::io::{BufReader, Write};
-use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
 use replay_log::{Event, LogError, LogReader, Record};
 
 use super::gate::Gate;
+use super::key::ClusterKey;
 use super::log_buf::LogBuf;
+use super::secure::{self, SecureReader, SecureWriter};
 use super::{read_line, write_line, HEARTBEAT};
 use crate::recorder::LogSink;
 use crate::stop::StopHandle;
 use crate::replay::RecordSource;
 
 pub const HELLO: &str = "FTVM-LOG";
+/// Between attempts to reach the backup.
+const RETRY: Duration = Duration::from_millis(100);
+/// For a connection, and for the backup's answer to the hello.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A backup that takes no bytes for this long is gone (its acks stop too).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Streams `log` from byte 0 to the backup at `addr` until `stop` is set or
-/// the connection fails; acknowledgements go to `gate`.
-pub fn run_sender(addr: String, view: u64, log: Arc<LogBuf>, gate: Arc<Gate>, generation: u64, stop: Arc<AtomicBool>) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut conn = loop {
-        match TcpStream::connect(&addr) {
-            Ok(c) => break c,
-            Err(e) if Instant::now() > deadline || stop.load(Ordering::Relaxed) => {
-                log::warn!("primary: cannot reach backup {addr}: {e}");
-                return;
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    };
-    let _ = conn.set_nodelay(true);
-    let mut reader = BufReader::new(conn.try_clone().expect("cloning a TCP stream"));
-    if let Err(e) = write_line(&mut conn, &format!("{HELLO} view={view}")) {
-        log::warn!("primary: backup {addr}: {e}");
-        return;
-    }
-    match read_line(&mut reader) {
-        Ok(Some(l)) if l == "OK" => {}
-        Ok(Some(l)) => {
-            log::warn!("primary: backup {addr} refused the log stream: {l}");
-            return;
-        }
-        Ok(None) | Err(_) => {
-            log::warn!("primary: backup {addr} closed the connection during the hello");
-            return;
-        }
-    }
-    log::info!("primary: streaming the log to backup {addr} (view {view})");
+/// Who the log goes to, and what the acknowledgements are checked against.
+pub struct Sending {
+    pub addr: String,
+    pub view: u64,
+    /// The gate's acknowledgement generation for this backup (a late ack
+    /// of a previous backup must not count).
+    pub generation: u64,
+    pub key: ClusterKey,
+    pub log: Arc<LogBuf>,
+    pub gate: Arc<Gate>,
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Streams the log from byte 0 to the backup until `stop` is set or the
+/// connection fails; acknowledgements go to the gate.
+pub fn run_sender(s: Sending) {
+    let Some((reader, mut conn)) = open(&s) else { return };
+    let addr = s.addr.clone();
+    log::info!("primary: streaming the log to backup {addr} (view {})", s.view);
+    // Bytes of the log handed to this connection so far.
+    let sent = Arc::new(AtomicUsize::new(0));
     let acks = {
-        let gate = gate.clone();
-        let stop = stop.clone();
-        std::thread::Builder::new().name("ftvm-acks".into()).spawn(move || {
-            while let Ok(Some(line)) = read_line(&mut reader) {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                if let Some(n) = line.strip_prefix("ACK ").and_then(|n| n.parse().ok()) {
-                    gate.ack_from(generation, n);
-                }
-            }
-        })
+        let (log, gate, stop, sent, addr, generation) = (s.log.clone(), s.gate.clone(), s.stop.clone(), sent.clone(), addr.clone(), s.generation);
+        std::thread::Builder::new()
+            .name("ftvm-acks".into())
+            .spawn(move || read_acks(reader, &addr, &log, &sent, &gate, generation, &stop))
     };
     let Ok(acks) = acks else {
         log::error!("primary: cannot start the acknowledgement reader for backup {addr}");
         return;
     };
+    let _ = conn.tcp().set_write_timeout(Some(WRITE_TIMEOUT));
     let mut off = 0usize;
-    while !stop.load(Ordering::Relaxed) {
-        let b = log.read_from(off, HEARTBEAT);
+    while !s.stop.load(Ordering::Relaxed) {
+        let b = s.log.read_from(off, HEARTBEAT);
         if b.is_empty() {
             continue;
         }
+        // Counted before the bytes leave, so an ack can never arrive for
+        // a mark the ack reader does not yet count as sent.
+        off += b.len();
+        sent.store(off, Ordering::SeqCst);
         if let Err(e) = conn.write_all(&b) {
-            log::warn!("primary: log stream to backup {addr} broke: {e}");
+            if !s.stop.load(Ordering::Relaxed) {
+                log::warn!("primary: log stream to backup {addr} broke: {e}");
+            }
             break;
         }
-        off += b.len();
     }
-    let _ = conn.shutdown(std::net::Shutdown::Both);
+    let _ = conn.tcp().shutdown(std::net::Shutdown::Both);
     let _ = acks.join();
+}
+
+/// Connects and says hello, retrying (a backup still starting, a listener
+/// busy with strangers) until the backup answers or leaves the view.
+fn open(s: &Sending) -> Option<(SecureReader, SecureWriter)> {
+    let mut warned = false;
+    while !s.stop.load(Ordering::Relaxed) {
+        let tried = secure::connect(&s.addr, &s.key, CONNECT_TIMEOUT).and_then(|(mut r, mut w)| {
+            write_line(&mut w, &format!("{HELLO} view={}", s.view))?;
+            r.tcp().set_read_timeout(Some(CONNECT_TIMEOUT))?;
+            let answer = read_line(&mut r);
+            r.tcp().set_read_timeout(None)?;
+            Ok((r, w, answer?))
+        });
+        match tried {
+            Ok((r, w, Some(l))) if l == "OK" => return Some((r, w)),
+            // Taken by a stream the backup may yet refuse: ask again.
+            Ok((_, _, Some(l))) if l.contains("already receives") => {
+                if !warned {
+                    log::warn!("primary: backup {} is busy with another log stream; retrying", s.addr);
+                }
+            }
+            Ok((_, _, Some(l))) => {
+                log::warn!("primary: backup {} refused the log stream: {l}", s.addr);
+                return None;
+            }
+            Ok((_, _, None)) => {
+                if !warned {
+                    log::warn!("primary: backup {} closed the connection during the hello; retrying", s.addr);
+                }
+            }
+            Err(e) => {
+                if !warned {
+                    log::warn!("primary: cannot stream to backup {}: {e}; retrying while it is in the view", s.addr);
+                }
+            }
+        }
+        warned = true;
+        std::thread::sleep(RETRY);
+    }
+    None
+}
+
+/// Reads the backup's acknowledgements until the stream ends; a lie or
+/// junk closes the stream.
+fn read_acks(mut r: SecureReader, addr: &str, log: &LogBuf, sent: &AtomicUsize, gate: &Gate, generation: u64, stop: &AtomicBool) {
+    let violation = |r: &SecureReader, what: String| {
+        log::warn!("primary: backup {addr} broke the log stream protocol: {what}; closing its stream");
+        let _ = r.tcp().shutdown(std::net::Shutdown::Both);
+    };
+    loop {
+        let line = match read_line(&mut r) {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData && !stop.load(Ordering::Relaxed) => {
+                return violation(&r, e.to_string())
+            }
+            Err(_) => return,
+        };
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(n) = line.strip_prefix("ACK ").and_then(|n| n.parse::<u64>().ok()) else {
+            return violation(&r, format!("{line:?} where an ACK belongs"));
+        };
+        let bound = log.last_mark_within(sent.load(Ordering::SeqCst)).unwrap_or(0);
+        if n > bound {
+            return violation(&r, format!("it acknowledged exit #{n}, but the last high-water mark sent to it is #{bound}"));
+        }
+        gate.ack_from(generation, n);
+    }
 }
 
 /// Why the stream from the primary stopped.
@@ -101,9 +173,12 @@ pub enum StreamEnd {
 /// once promoted, it can bring a new backup up from boot), acknowledges
 /// high-water marks, and hands records to the replaying vCPU.
 pub struct LogReceiver {
-    pub reader: LogReader<BufReader<TcpStream>>,
-    pub ack: TcpStream,
+    pub reader: LogReader<SecureReader>,
+    pub ack: SecureWriter,
     pub log: LogSink,
+    /// The in-memory log `log` writes to (its marks are noted there, for
+    /// the day this VMM streams it to a backup of its own).
+    pub buf: Arc<LogBuf>,
     pub to_vcpu: Sender<Record>,
     pub records: u64,
 }
@@ -115,10 +190,14 @@ impl LogReceiver {
             match self.reader.next_record() {
                 Ok(Some(rec)) => {
                     self.records += 1;
+                    let mark = matches!(rec.event, Event::Progress);
+                    if mark {
+                        self.buf.mark_follows(rec.pos.ordinal);
+                    }
                     if let Err(e) = self.log.append(&rec) {
                         return StreamEnd::Lost(format!("keeping the log: {e}"));
                     }
-                    if let Event::Progress = rec.event {
+                    if mark {
                         let _ = self.log.flush();
                         let _ = write_line(&mut self.ack, &format!("ACK {}", rec.pos.ordinal));
                     }
@@ -171,5 +250,65 @@ impl RecordSource for ChannelSource {
 
     fn end_text(&self) -> String {
         format!("the primary's log stream ended after {} records", self.taken)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ft::gate::Role;
+    use std::net::TcpListener;
+
+    /// `read_acks` over a real connection: (the backup's writer, the
+    /// thread reading its acks, the log, the sent counter, the gate).
+    fn rig() -> (SecureWriter, std::thread::JoinHandle<()>, Arc<LogBuf>, Arc<AtomicUsize>, Arc<Gate>) {
+        let key = ClusterKey::from_bytes([9; 32]);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let k2 = key.clone();
+        let srv = std::thread::spawn(move || secure::accept(l.accept().unwrap().0, &k2).unwrap());
+        let (_r, w) = secure::connect(&addr, &key, CONNECT_TIMEOUT).unwrap();
+        let (r, _w) = srv.join().unwrap();
+        let (log, sent, gate) = (LogBuf::new(), Arc::new(AtomicUsize::new(0)), Gate::new(Role::Primary { need_ack: true }));
+        let t = {
+            let (log, sent, gate) = (log.clone(), sent.clone(), gate.clone());
+            std::thread::spawn(move || read_acks(r, "backup", &log, &sent, &gate, &AtomicBool::new(false)))
+        };
+        (w, t, log, sent, gate)
+    }
+
+    #[test]
+    fn acks_count_only_up_to_the_last_mark_sent() {
+        let (mut w, t, log, sent, gate) = rig();
+        log.append(b"header");
+        log.mark_follows(10);
+        log.append(b"records, mark 10");
+        log.mark_follows(20);
+        log.append(b"records, mark 20");
+        // Only the bytes through mark 10 went out.
+        sent.store(6 + 16, Ordering::SeqCst);
+        write_line(&mut w, "ACK 10").unwrap();
+        let t0 = std::time::Instant::now();
+        while gate.acked() < 10 && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(gate.acked(), 10);
+        // Mark 20 is logged but not sent: acknowledging it is a lie.
+        write_line(&mut w, "ACK 20").unwrap();
+        t.join().unwrap();
+        assert_eq!(gate.acked(), 10, "an ack of a mark never sent counted");
+    }
+
+    #[test]
+    fn anything_but_an_ack_ends_the_stream() {
+        for junk in ["ACK", "ACK -1", "ACK 18446744073709551616", "NACK 1", "hello"] {
+            let (mut w, t, _log, _sent, gate) = rig();
+            write_line(&mut w, junk).unwrap();
+            t.join().unwrap();
+            assert_eq!(gate.acked(), 0, "{junk}");
+        }
+        let (mut w, t, _log, _sent, _gate) = rig();
+        w.write_all(&vec![b'7'; 10_000]).unwrap();
+        t.join().unwrap();
     }
 }

@@ -13,14 +13,22 @@
 //! op=status -> ok view=N primary=P backup=B lease_left_ms=MS|- sent=S acked=A backup_alive=0|1
 //! any refusal or malformed request                   -> err <free text to end of line>
 //! ```
+//!
+//! Every connection is authenticated and encrypted with the cluster key
+//! (`secure.rs`): without it nothing is accepted and nothing is answered.
+//! A view number in a request is checked (rule 3): a primary's pings must
+//! name a view of its own reign, a backup's no view past the current one,
+//! a promotion exactly the current one.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::io::{self, BufRead, Read, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::{Arc, Mutex};
-use std::thread;
 use std::time::{Duration, Instant};
+
+use super::key::ClusterKey;
+use super::secure::{self, Conn, SecureReader, SecureWriter};
 
 /// Primary lease length.
 pub const LEASE: Duration = Duration::from_millis(500);
@@ -31,6 +39,9 @@ pub const BACKUP_TIMEOUT: Duration = Duration::from_millis(2000);
 
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
 const MAX_LINE: u64 = 4096;
+/// A connection with no request for this long is closed (its client
+/// reconnects on its next call): a peer that vanished keeps no slot.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct View {
@@ -60,6 +71,8 @@ pub struct Status {
 pub enum WitnessError {
     #[error("cannot reach the witness at {addr}: {err}")]
     Unreachable { addr: String, err: io::Error },
+    #[error("the witness at {addr} did not accept this cluster key (is --key the file the witness was given?): {err}")]
+    Unauthenticated { addr: String, err: io::Error },
     #[error("witness at {addr} refused: {msg}")]
     Refused { addr: String, msg: String },
     #[error("witness at {addr} sent a malformed reply: {line:?}")]
@@ -103,6 +116,8 @@ struct State {
     t: Timeouts,
     view: View,
     lease_until: Option<Instant>,
+    /// The view in which the current primary was installed.
+    primary_since: u64,
     backup_seen: Option<Instant>,
     sent: u64,
     acked: u64,
@@ -124,15 +139,17 @@ impl State {
 
     /// Install view N+1. The caller grants a lease if it installs a primary.
     fn change(&mut self, primary: Option<String>, backup: Option<String>, now: Instant, reason: &str) {
+        let number = self.view.number + 1;
         if primary != self.view.primary {
             self.lease_until = None;
             self.sent = 0;
             self.acked = 0;
+            self.primary_since = number;
         }
         if backup != self.view.backup {
             self.backup_seen = backup.as_ref().map(|_| now);
         }
-        self.view = View { number: self.view.number + 1, primary, backup };
+        self.view = View { number, primary, backup };
         self.promote_asked = None;
         log::info!("witness: {} ({reason})", self.view);
     }
@@ -163,8 +180,11 @@ impl State {
         Ok(view_kv(&self.view))
     }
 
-    fn backup_ping(&mut self, me: &str, now: Instant) -> Result<String, String> {
+    fn backup_ping(&mut self, me: &str, view: u64, now: Instant) -> Result<String, String> {
         let n = self.view.number;
+        if view > n {
+            return Err(format!("view {view} does not exist yet: the current view is {n}"));
+        }
         if self.view.backup.as_deref() == Some(me) {
             self.backup_seen = Some(now);
             return Ok(view_kv(&self.view));
@@ -180,10 +200,14 @@ impl State {
         Ok(view_kv(&self.view))
     }
 
-    fn primary_ping(&mut self, me: &str, sent: u64, acked: u64, now: Instant) -> Result<String, String> {
+    fn primary_ping(&mut self, me: &str, view: u64, sent: u64, acked: u64, now: Instant) -> Result<String, String> {
+        let (n, since) = (self.view.number, self.primary_since);
         if self.view.primary.as_deref() != Some(me) {
-            let (n, p) = (self.view.number, or_dash(&self.view.primary));
+            let p = or_dash(&self.view.primary);
             return Err(format!("not the primary of view {n} (primary is {p})"));
+        }
+        if view < since || view > n {
+            return Err(format!("view {view} is not one of this primary's views ({since} to {n})"));
         }
         self.lease_until = Some(now + self.t.lease);
         self.sent = sent;
@@ -262,13 +286,10 @@ fn handle_inner(state: &Mutex<State>, line: &str) -> Result<String, String> {
     let now = Instant::now();
     match op {
         "become_primary" => st.become_primary(me()?, now),
-        "backup_ping" => {
-            num("view")?;
-            st.backup_ping(me()?, now)
-        }
+        "backup_ping" => st.backup_ping(me()?, num("view")?, now),
         "primary_ping" => {
-            let (me, _view, sent, acked) = (me()?, num("view")?, num("sent")?, num("acked")?);
-            st.primary_ping(me, sent, acked, now)
+            let (me, view, sent, acked) = (me()?, num("view")?, num("sent")?, num("acked")?);
+            st.primary_ping(me, view, sent, acked, now)
         }
         "promote" => {
             let lost = match get("lost")? { "1" | "true" => true, "0" | "false" => false, _ => return Err("lost= must be 0 or 1".into()) };
@@ -280,10 +301,11 @@ fn handle_inner(state: &Mutex<State>, line: &str) -> Result<String, String> {
     }
 }
 
-fn serve_conn(stream: TcpStream, state: &Mutex<State>) {
-    let _ = stream.set_nodelay(true);
-    let Ok(mut writer) = stream.try_clone() else { return };
-    let mut reader = BufReader::new(stream);
+fn serve_conn(conn: Conn, state: &Mutex<State>) {
+    let Conn { mut reader, mut writer, .. } = conn;
+    if reader.tcp().set_read_timeout(Some(IDLE_TIMEOUT)).is_err() || writer.tcp().set_write_timeout(Some(IO_TIMEOUT)).is_err() {
+        return;
+    }
     let mut buf = Vec::new();
     loop {
         buf.clear();
@@ -306,41 +328,30 @@ fn serve_conn(stream: TcpStream, state: &Mutex<State>) {
 pub struct Witness {
     listener: TcpListener,
     state: Arc<Mutex<State>>,
+    key: ClusterKey,
 }
 
 impl Witness {
-    pub fn bind(addr: &str) -> Result<Witness, WitnessError> {
-        Self::bind_with(addr, Timeouts::default())
+    pub fn bind(addr: &str, key: ClusterKey) -> Result<Witness, WitnessError> {
+        Self::bind_with(addr, Timeouts::default(), key)
     }
 
-    pub fn bind_with(addr: &str, timeouts: Timeouts) -> Result<Witness, WitnessError> {
+    pub fn bind_with(addr: &str, timeouts: Timeouts, key: ClusterKey) -> Result<Witness, WitnessError> {
         let listener =
             TcpListener::bind(addr).map_err(|err| WitnessError::Listen { addr: addr.to_string(), err })?;
-        Ok(Witness { listener, state: Arc::new(Mutex::new(State { t: timeouts, ..State::default() })) })
+        Ok(Witness { listener, state: Arc::new(Mutex::new(State { t: timeouts, ..State::default() })), key })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener has an address")
     }
 
-    /// Accept connections forever, one thread each. Returns only if the listener fails.
+    /// Accept connections forever, one thread each (at most
+    /// `secure::MAX_CONNS`), key holders only. Returns only if the
+    /// listener fails.
     pub fn serve(self) -> io::Result<()> {
-        use io::ErrorKind as K;
-        for conn in self.listener.incoming() {
-            match conn {
-                Ok(stream) => {
-                    let state = Arc::clone(&self.state);
-                    let spawned =
-                        thread::Builder::new().name("witness-conn".into()).spawn(move || serve_conn(stream, &state));
-                    if let Err(e) = spawned {
-                        log::error!("witness: cannot start a connection thread: {e}");
-                    }
-                }
-                Err(e) if matches!(e.kind(), K::ConnectionAborted | K::ConnectionReset | K::Interrupted) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        let state = self.state;
+        secure::serve(self.listener, self.key, "witness", "witness-conn", move |c| serve_conn(c, &state))
     }
 }
 
@@ -349,12 +360,13 @@ impl Witness {
 /// Client: connects lazily, reconnects on error once per call, 1 s connect/read/write timeouts.
 pub struct WitnessClient {
     addr: String,
-    conn: Option<BufReader<TcpStream>>,
+    key: ClusterKey,
+    conn: Option<(SecureReader, SecureWriter)>,
 }
 
 impl WitnessClient {
-    pub fn new(addr: &str) -> Self {
-        WitnessClient { addr: addr.to_string(), conn: None }
+    pub fn new(addr: &str, key: &ClusterKey) -> Self {
+        WitnessClient { addr: addr.to_string(), key: key.clone(), conn: None }
     }
 
     pub fn addr(&self) -> &str {
@@ -464,37 +476,26 @@ impl WitnessClient {
         }
         result.map_err(|err| {
             self.conn = None;
-            WitnessError::Unreachable { addr: self.addr.clone(), err }
+            let addr = self.addr.clone();
+            if err.kind() == io::ErrorKind::PermissionDenied {
+                WitnessError::Unauthenticated { addr, err }
+            } else {
+                WitnessError::Unreachable { addr, err }
+            }
         })
     }
 
     fn try_call(&mut self, req: &str) -> io::Result<String> {
         if self.conn.is_none() {
-            self.conn = Some(BufReader::new(self.connect()?));
+            let (r, w) = secure::connect(&self.addr, &self.key, IO_TIMEOUT)?;
+            r.tcp().set_read_timeout(Some(IO_TIMEOUT))?;
+            w.tcp().set_write_timeout(Some(IO_TIMEOUT))?;
+            self.conn = Some((r, w));
         }
-        let conn = self.conn.as_mut().expect("connected above");
-        conn.get_mut().write_all(format!("{req}\n").as_bytes())?;
-        let mut line = String::new();
-        if conn.read_line(&mut line)? == 0 || !line.ends_with('\n') {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the witness closed the connection"));
-        }
-        Ok(line.trim_end().to_string())
-    }
-
-    fn connect(&self) -> io::Result<TcpStream> {
-        let mut last = io::Error::new(io::ErrorKind::InvalidInput, "address resolved to nothing");
-        for sa in self.addr.to_socket_addrs()? {
-            match TcpStream::connect_timeout(&sa, IO_TIMEOUT) {
-                Ok(s) => {
-                    s.set_read_timeout(Some(IO_TIMEOUT))?;
-                    s.set_write_timeout(Some(IO_TIMEOUT))?;
-                    let _ = s.set_nodelay(true);
-                    return Ok(s);
-                }
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
+        let (r, w) = self.conn.as_mut().expect("connected above");
+        super::write_line(w, req)?;
+        super::read_line(r)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "the witness closed the connection"))
     }
 }
 
@@ -502,17 +503,26 @@ impl WitnessClient {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::thread;
 
     const T: Timeouts = Timeouts { lease: Duration::from_millis(250), backup_timeout: Duration::from_millis(600) };
     const P: &str = "127.0.0.1:7101";
     const B: &str = "127.0.0.1:7102";
     const S: &str = "127.0.0.1:7103";
 
+    fn key() -> ClusterKey {
+        ClusterKey::from_bytes([7; 32])
+    }
+
+    fn client(addr: &str) -> WitnessClient {
+        WitnessClient::new(addr, &key())
+    }
+
     fn start() -> (String, WitnessClient) {
-        let w = Witness::bind_with("127.0.0.1:0", T).unwrap();
+        let w = Witness::bind_with("127.0.0.1:0", T, key()).unwrap();
         let addr = w.local_addr().to_string();
         thread::spawn(move || w.serve());
-        let c = WitnessClient::new(&addr);
+        let c = client(&addr);
         (addr, c)
     }
 
@@ -537,10 +547,10 @@ mod tests {
 
     /// Keeps `me` pinging as primary every 30 ms until the flag is set.
     fn pinger(addr: &str, me: &'static str, stop: Arc<AtomicBool>) -> thread::JoinHandle<()> {
-        let mut c = WitnessClient::new(addr);
+        let mut c = client(addr);
         thread::spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                c.primary_ping(me, 0, 1, 1).unwrap();
+                c.primary_ping(me, 1, 1, 1).unwrap();
                 thread::sleep(Duration::from_millis(30));
             }
         })
@@ -552,7 +562,7 @@ mod tests {
         assert_eq!(c.view().unwrap(), v(0, None, None));
         assert_eq!(c.become_primary(P).unwrap(), v(1, Some(P), None));
         assert_eq!(c.become_primary(P).unwrap(), v(1, Some(P), None), "idempotent");
-        refused(WitnessClient::new(&addr).become_primary(S), "a primary is already running: 127.0.0.1:7101 in view 1");
+        refused(client(&addr).become_primary(S), "a primary is already running: 127.0.0.1:7101 in view 1");
         assert_eq!(c.view().unwrap(), v(1, Some(P), None));
     }
 
@@ -674,33 +684,29 @@ mod tests {
         let addr = l.local_addr().unwrap().to_string();
         let srv = thread::spawn(move || {
             for n in [5u64, 6] {
-                let (s, _) = l.accept().unwrap();
-                let mut r = BufReader::new(s.try_clone().unwrap());
-                let mut line = String::new();
-                r.read_line(&mut line).unwrap();
-                assert_eq!(line, "op=view\n");
-                (&s).write_all(format!("ok view={n} primary=a:1 backup=-\n").as_bytes()).unwrap();
-                // dropping `s` closes the connection
+                let (mut r, mut w) = secure::accept(l.accept().unwrap().0, &key()).unwrap();
+                assert_eq!(crate::ft::read_line(&mut r).unwrap().as_deref(), Some("op=view"));
+                w.write_all(format!("ok view={n} primary=a:1 backup=-\n").as_bytes()).unwrap();
+                // dropping `r` and `w` closes the connection
             }
         });
-        let mut c = WitnessClient::new(&addr);
+        let mut c = client(&addr);
         assert_eq!(c.view().unwrap(), v(5, Some("a:1"), None));
         thread::sleep(Duration::from_millis(50));
         assert_eq!(c.view().unwrap(), v(6, Some("a:1"), None));
         srv.join().unwrap();
         // A client per request against a real witness works too.
         let (addr, _) = start();
-        assert_eq!(WitnessClient::new(&addr).become_primary(P).unwrap().number, 1);
-        assert_eq!(WitnessClient::new(&addr).view().unwrap().number, 1);
+        assert_eq!(client(&addr).become_primary(P).unwrap().number, 1);
+        assert_eq!(client(&addr).view().unwrap().number, 1);
     }
 
     #[test]
     fn malformed_requests_get_err_and_connection_survives() {
         let (addr, _) = start();
-        let s = TcpStream::connect(&addr).unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
+        let (mut r, mut w) = secure::connect(&addr, &key(), IO_TIMEOUT).unwrap();
         let mut ask = |req: &str| {
-            (&s).write_all(format!("{req}\n").as_bytes()).unwrap();
+            w.write_all(format!("{req}\n").as_bytes()).unwrap();
             let mut line = String::new();
             r.read_line(&mut line).unwrap();
             line
@@ -712,16 +718,48 @@ mod tests {
             assert!(reply.starts_with("err ") && reply.ends_with('\n'), "{bad:?} -> {reply:?}");
         }
         assert_eq!(ask("op=view"), "ok view=0 primary=- backup=-\n");
-        refused(WitnessClient::new(&addr).become_primary("a b"), "not a usable address");
+        refused(client(&addr).become_primary("a b"), "not a usable address");
+    }
+
+    #[test]
+    fn view_numbers_are_checked_on_every_request() {
+        let (_, mut c) = start_pair();
+        // The primary P was installed in view 1; the view is now 2.
+        refused(c.primary_ping(P, 3, 1, 1), "view 3 is not one of this primary's views (1 to 2)");
+        refused(c.primary_ping(P, 0, 1, 1), "view 0 is not one of this primary's views");
+        assert_eq!(c.primary_ping(P, 1, 1, 1).unwrap(), v(2, Some(P), Some(B)), "one view behind is normal");
+        refused(c.backup_ping(B, 9), "view 9 does not exist yet: the current view is 2");
+        refused(c.promote(B, 1, true), "stale view 1");
+        refused(c.promote(B, 3, true), "stale view 3");
+        let st = c.status().unwrap();
+        assert_eq!((st.view, st.primary_sent), (v(2, Some(P), Some(B)), 1), "a refused request changed the state");
+    }
+
+    #[test]
+    fn without_the_key_nothing_is_accepted_or_answered() {
+        let (addr, mut c) = start();
+        // A client with another key.
+        let mut other = WitnessClient::new(&addr, &ClusterKey::from_bytes([8; 32]));
+        let e = other.become_primary(S).unwrap_err();
+        assert!(matches!(e, WitnessError::Unauthenticated { .. }), "{e}");
+        assert!(e.to_string().contains("did not accept this cluster key"), "{e}");
+        // A plain TCP client speaking the protocol in clear.
+        let mut raw = std::net::TcpStream::connect(&addr).unwrap();
+        raw.write_all(b"op=become_primary me=127.0.0.1:9\nop=status\n").unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut got = Vec::new();
+        let _ = raw.read_to_end(&mut got);
+        assert!(got.is_empty(), "the witness answered a stranger: {:?}", String::from_utf8_lossy(&got));
+        assert_eq!(c.view().unwrap(), v(0, None, None), "a stranger changed the view");
     }
 
     #[test]
     fn bind_and_connect_errors() {
-        let w = Witness::bind("127.0.0.1:0").unwrap();
+        let w = Witness::bind("127.0.0.1:0", key()).unwrap();
         let taken = w.local_addr().to_string();
-        assert!(matches!(Witness::bind(&taken), Err(WitnessError::Listen { .. })));
+        assert!(matches!(Witness::bind(&taken, key()), Err(WitnessError::Listen { .. })));
         drop(w);
-        let err = WitnessClient::new(&taken).view().unwrap_err();
+        let err = client(&taken).view().unwrap_err();
         assert!(matches!(err, WitnessError::Unreachable { .. }), "{err:?}");
     }
 }
