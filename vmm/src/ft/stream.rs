@@ -272,7 +272,8 @@ mod tests {
         let (log, sent, gate) = (LogBuf::new(), Arc::new(AtomicUsize::new(0)), Gate::new(Role::Primary { need_ack: true }));
         let t = {
             let (log, sent, gate) = (log.clone(), sent.clone(), gate.clone());
-            std::thread::spawn(move || read_acks(r, "backup", &log, &sent, &gate, &AtomicBool::new(false)))
+            let generation = gate.reset_acks();
+            std::thread::spawn(move || read_acks(r, "backup", &log, &sent, &gate, generation, &AtomicBool::new(false)))
         };
         (w, t, log, sent, gate)
     }
