@@ -177,3 +177,16 @@ fn linux_stays_responsive_with_a_cpu_bound_process_and_replays() {
     assert_eq!(p.text, r.text, "replayed console differs");
     assert!(sec("linux-spin-stats").text.contains("vcpu-state"), "{}", sec("linux-spin-stats").text);
 }
+
+/// Failover while a process computes without I/O: the backup applies the
+/// primary's resyncs, goes live in the middle of the spin, and answers the
+/// next command typed at the console (resent to it) exactly once.
+#[test]
+fn linux_fails_over_while_a_process_spins() {
+    let s = sec("fs-console");
+    let e = &sec("fs-console.stderr").text;
+    assert_eq!(s.rc, 0, "console:\n{}\n{e}", s.text);
+    assert_eq!(s.text.matches("before-42").count(), 1, "{}", s.text);
+    assert_eq!(s.text.matches("after-42").count(), 1, "the new primary did not answer:\n{}\n{e}", s.text);
+    assert!(e.contains("live at exit"), "{e}");
+}

@@ -60,6 +60,38 @@ section ft-console $rc /tmp/ft-console.out
 cat /tmp/ft-console.err /tmp/ft-backup.err /tmp/ft-witness.err >/tmp/ft-all.err
 section ft-console.stderr $rc /tmp/ft-all.err
 
+# Fault tolerance while a process spins: the primary is killed while a
+# CPU-bound process runs at the shell; the new primary answers what is
+# typed next (the console resends it) and powers off.
+W2=127.0.0.1:7200
+/bin/ftvm witness --listen $W2 --key /tmp/ft.key 2>/tmp/fs-witness.err &
+sleep 0.5
+/bin/ftvm backup --witness $W2 --listen 127.0.0.1:7201 --key /tmp/ft.key $R >/dev/null 2>/tmp/fs-backup.err &
+B2=$!
+sleep 1
+/bin/ftvm primary --witness $W2 --listen 127.0.0.1:7202 --key /tmp/ft.key --no-stdin $K --cmdline quiet >/dev/null 2>/tmp/fs-primary.err &
+P2=$!
+sleep 1
+mkfifo /tmp/fs.fifo
+/bin/ftvm console --witness $W2 --key /tmp/ft.key --give-up 60 </tmp/fs.fifo >/tmp/fs-console.out 2>/tmp/fs-console.err &
+C2=$!
+exec 3>/tmp/fs.fifo
+i=0; while ! grep -q FTVM-WORKLOAD-END /tmp/fs-console.out 2>/dev/null && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done
+sleep 2
+printf '(while :; do :; done) & sleep 1; echo before-$((6*7))\n' >&3
+i=0; while ! grep -q before-42 /tmp/fs-console.out 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+sleep 1
+kill -9 $P2
+sleep 3
+printf 'sleep 1; echo after-$((6*7)); kill $!; poweroff\n' >&3
+wait $C2
+rc=$?
+exec 3>&-
+wait $B2
+section fs-console $rc /tmp/fs-console.out
+cat /tmp/fs-console.err /tmp/fs-backup.err /tmp/fs-witness.err >/tmp/fs-all.err
+section fs-console.stderr $rc /tmp/fs-all.err
+
 # A CPU-bound process at the shell: without resyncs the guest never gets
 # another timer tick and the next command is never answered.
 mkfifo /tmp/spin.fifo
