@@ -11,7 +11,7 @@ use std::io::{ErrorKind, Read, Write};
 use replay_log::{ExitKind, Header, Position};
 
 use super::machine_bytes::{self, MAX_MACHINE_BYTES};
-use super::memory::{chunk_count, max_stored_chunk, Chunk, MemoryImage, CHUNK};
+use super::memory::{chunk_count, Chunk, MemoryImage, CHUNK, MAX_STORED_CHUNK};
 use super::{Snapshot, SnapshotError};
 use crate::vcpu_state::VcpuState;
 
@@ -57,7 +57,7 @@ fn max_len(tag: u8) -> usize {
         SEC_POSITION => POSITION_LEN,
         SEC_VCPU => MAX_VCPU_BYTES,
         SEC_MACHINE => MAX_MACHINE_BYTES,
-        SEC_MEMORY => CHUNK_HEAD + max_stored_chunk(),
+        SEC_MEMORY => CHUNK_HEAD + MAX_STORED_CHUNK,
         _ => 0,
     }
 }
@@ -177,26 +177,26 @@ pub fn read(r: impl Read, name: &str, guest: Option<&Header>) -> Result<Snapshot
     }
 
     let at = rd.off;
-    let g = rd.section(SEC_GUEST, "guest")?;
-    let header = Header::from_payload(&g).map_err(|e| rd.corrupt(at, "guest", e))?;
+    let g = rd.section(SEC_GUEST, "the guest section")?;
+    let header = Header::from_payload(&g).map_err(|e| rd.corrupt(at, "the guest section", e))?;
     if header.mem_bytes == 0 || header.mem_bytes > MAX_MEM_BYTES {
-        return Err(rd.corrupt(at, "guest", format!("guest memory of {} bytes (1 to {MAX_MEM_BYTES})", header.mem_bytes)));
+        return Err(rd.corrupt(at, "the guest section", format!("guest memory of {} bytes (1 to {MAX_MEM_BYTES})", header.mem_bytes)));
     }
     if let Some(h) = guest {
         super::check_guest(&header, h, name)?;
     }
 
     let at = rd.off;
-    let p = rd.section(SEC_POSITION, "position")?;
-    let position = decode_position(&p).map_err(|e| rd.corrupt(at, "position", e))?;
+    let p = rd.section(SEC_POSITION, "the position section")?;
+    let position = decode_position(&p).map_err(|e| rd.corrupt(at, "the position section", e))?;
 
     let at = rd.off;
-    let v = rd.section(SEC_VCPU, "vcpu")?;
-    let vcpu = VcpuState::from_bytes(&v).map_err(|e| rd.corrupt(at, "vcpu", e.to_string()))?;
+    let v = rd.section(SEC_VCPU, "the vcpu section")?;
+    let vcpu = VcpuState::from_bytes(&v).map_err(|e| rd.corrupt(at, "the vcpu section", e.to_string()))?;
 
     let at = rd.off;
-    let m = rd.section(SEC_MACHINE, "machine")?;
-    let machine = machine_bytes::decode(&m).map_err(|e| rd.corrupt(at, "machine", e))?;
+    let m = rd.section(SEC_MACHINE, "the machine section")?;
+    let machine = machine_bytes::decode(&m).map_err(|e| rd.corrupt(at, "the machine section", e))?;
 
     let size = header.mem_bytes;
     let mut chunks = Vec::new();
@@ -204,19 +204,19 @@ pub fn read(r: impl Read, name: &str, guest: Option<&Header>) -> Result<Snapshot
     for i in 0..chunk_count(size) {
         let at = rd.off;
         let gpa = i as u64 * CHUNK;
-        let label = format!("memory chunk {i} of {}, guest address {gpa:#x}", chunk_count(size));
+        let label = format!("memory chunk {i} of {} (guest address {gpa:#x})", chunk_count(size));
         let body = rd.section(SEC_MEMORY, &label)?;
         let chunk = decode_chunk(&body, gpa).map_err(|e| rd.corrupt(at, label.as_str(), e))?;
         MemoryImage::check_chunk(size, i, &chunk, &mut scratch).map_err(|e| rd.corrupt(at, label.as_str(), format!("the chunk {e}")))?;
         chunks.push(chunk);
     }
-    let memory = MemoryImage::from_chunks(size, chunks).map_err(|e| rd.corrupt(rd.off, "memory", e))?;
+    let memory = MemoryImage::from_chunks(size, chunks).map_err(|e| rd.corrupt(rd.off, "the memory", e))?;
 
     let at = rd.off;
-    rd.section(SEC_END, "end")?;
+    rd.section(SEC_END, "the end section")?;
     let mut more = [0u8; 1];
     if rd.fill(&mut more)? {
-        return Err(rd.corrupt(at + 9, "after the end", "data after the end section"));
+        return Err(rd.corrupt(at + 9, "what follows the end section", "data after the end section"));
     }
     Ok(Snapshot { guest: header, position, vcpu, machine, memory })
 }

@@ -44,11 +44,11 @@ pub fn chunk_count(size: u64) -> usize {
     size.div_ceil(CHUNK) as usize
 }
 
-/// Largest stored chunk a reader accepts: what LZ4 may take for 1 MiB of
-/// incompressible data.
-pub fn max_stored_chunk() -> usize {
-    lz4_flex::block::get_maximum_output_size(CHUNK as usize)
-}
+/// Largest stored chunk a reader accepts (1 MiB + 128 KiB): more than LZ4
+/// can take for 1 MiB of incompressible data, and a fixed part of the
+/// format whatever the compressor's bound.
+pub const MAX_STORED_CHUNK: usize = (CHUNK + CHUNK / 8) as usize;
+const _: () = assert!(lz4_flex::block::get_maximum_output_size(CHUNK as usize) <= MAX_STORED_CHUNK);
 
 impl MemoryImage {
     /// Reads and compresses guest memory [0, size).

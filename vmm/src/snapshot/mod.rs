@@ -40,9 +40,9 @@ pub enum SnapshotError {
     NotASnapshot { name: String },
     #[error("{name} has snapshot format version {found}; this build of ftvm reads version {supported}")]
     Version { name: String, found: u16, supported: u16 },
-    #[error("{name} ends inside {section} at byte offset {offset} (truncated snapshot)")]
+    #[error("{name} is cut short: it ends inside {section}, which starts at byte offset {offset}")]
     Truncated { name: String, offset: u64, section: String },
-    #[error("corrupt snapshot {name} at byte offset {offset} ({section}): {what}")]
+    #[error("corrupt snapshot {name}: {section}, at byte offset {offset}: {what}")]
     Corrupt { name: String, offset: u64, section: String, what: String },
     #[error("{name} does not fit this guest: {what}")]
     WrongGuest { name: String, what: String },

@@ -167,7 +167,7 @@ fn every_flipped_byte_is_an_error() {
     let mut x = b.clone();
     x[vcpu_at + 40] ^= 1;
     let e = read(&x).unwrap_err().to_string();
-    assert!(e.contains(&format!("byte offset {vcpu_at} (vcpu)")) && e.contains("checksum mismatch"), "{e}");
+    assert!(e.contains(&format!("the vcpu section, at byte offset {vcpu_at}: checksum mismatch")), "{e}");
     let mut x = b.clone();
     x[vcpu_at + 1..vcpu_at + 5].copy_from_slice(&u32::MAX.to_le_bytes());
     let e = read(&x).unwrap_err().to_string();
@@ -257,4 +257,21 @@ fn save_and_load_name_the_file() {
     std::fs::write(&p, b"FTVMLOG\0 not a snapshot at all").unwrap();
     assert!(Snapshot::load(&p, None).unwrap_err().to_string().contains("is not an ftvm snapshot"));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The sizes docs/SNAPSHOT.md ("Machine") documents: 284 bytes plus the
+/// bytes in the UART's receive FIFO.
+#[test]
+fn machine_section_has_the_documented_size() {
+    let s = sample();
+    // No FIFO enabled: one byte held, the second one overran.
+    assert_eq!(s.machine.uart.rx.len(), 1);
+    assert!(s.machine.uart.overrun);
+    assert_eq!(super::machine_bytes::encode(&s.machine).len(), 284 + 1);
+    let b = bytes(&s);
+    let secs = sections(&b);
+    assert_eq!(secs[1].2, 25, "position");
+    assert_eq!(secs[3].2, 285, "machine");
+    assert_eq!(secs[5].2, 9, "a zero chunk");
+    assert_eq!(secs[7].2, 0, "end");
 }
