@@ -102,8 +102,9 @@ pub(crate) fn crc32(parts: &[&[u8]]) -> u32 {
     h.finalize()
 }
 
-/// The whole header, magic through checksum.
-pub(crate) fn encode_header(h: &Header) -> Result<Vec<u8>, LogError> {
+/// The header payload (FORMAT.md, "Header"), without magic, version,
+/// length or checksum: also how a snapshot names its guest.
+pub(crate) fn encode_header_payload(h: &Header) -> Result<Vec<u8>, LogError> {
     let mut payload = Vec::with_capacity(128);
     payload.extend_from_slice(&h.kernel_sha256);
     match &h.initrd_sha256 {
@@ -133,7 +134,12 @@ pub(crate) fn encode_header(h: &Header) -> Result<Vec<u8>, LogError> {
             ),
         });
     }
+    Ok(payload)
+}
 
+/// The whole header, magic through checksum.
+pub(crate) fn encode_header(h: &Header) -> Result<Vec<u8>, LogError> {
+    let payload = encode_header_payload(h)?;
     let mut out = Vec::with_capacity(HEADER_PREFIX_LEN + payload.len() + 4);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -168,7 +174,7 @@ pub(crate) fn decode_header_payload(p: &[u8]) -> Result<Header, String> {
     })
 }
 
-fn exit_parts(e: ExitKind) -> (u8, u64) {
+pub(crate) fn exit_parts(e: ExitKind) -> (u8, u64) {
     match e {
         ExitKind::Boot => (EX_BOOT, 0),
         ExitKind::IoIn(p) => (EX_IO_IN, p.into()),
@@ -186,7 +192,7 @@ fn exit_parts(e: ExitKind) -> (u8, u64) {
 
 /// Strict about detail bits a kind cannot carry: they can only come from
 /// damage, and accepting them would make two encodings of one record.
-fn exit_from_parts(code: u8, detail: u64) -> Result<ExitKind, String> {
+pub(crate) fn exit_from_parts(code: u8, detail: u64) -> Result<ExitKind, String> {
     let none = |k: ExitKind| {
         if detail == 0 {
             Ok(k)

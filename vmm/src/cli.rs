@@ -21,6 +21,7 @@ use ftvm::ft::primary::{run_primary, PrimaryOpts};
 use ftvm::ft::witness::{Witness, WitnessClient};
 use ftvm::recorder::Recorder;
 use ftvm::replay::Replayer;
+use ftvm::snapshot::{Snapshot, SnapshotAt};
 use ftvm::stop::install_interrupt_handlers;
 use ftvm::vm::Vm;
 
@@ -48,6 +49,8 @@ enum Cmd {
         /// Log file to replay.
         #[arg(long)]
         log: PathBuf,
+        #[command(flatten)]
+        snapshots: SnapshotArgs,
         #[command(flatten)]
         guest: RecordedGuest,
     },
@@ -151,6 +154,22 @@ struct RecordedGuest {
     /// Progress every second and details on stderr.
     #[arg(long, short)]
     verbose: bool,
+}
+
+/// Snapshots during a replay (docs/SNAPSHOT.md).
+#[derive(Args)]
+struct SnapshotArgs {
+    /// Take a snapshot at the end of this exit (an ordinal, as `log dump`
+    /// shows them: `@N`) and go on replaying.
+    #[arg(long, value_name = "ORDINAL", requires = "snapshot_out")]
+    snapshot_at: Option<u64>,
+    /// Where --snapshot-at writes the snapshot.
+    #[arg(long, value_name = "FILE", requires = "snapshot_at")]
+    snapshot_out: Option<PathBuf>,
+    /// Start from this snapshot (taken while replaying the same log) and
+    /// replay the rest of the log from there.
+    #[arg(long, value_name = "FILE")]
+    from: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -257,37 +276,75 @@ fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
     Ok(code)
 }
 
-fn replay(log: &Path, kernel: Option<&Path>, initrd: Option<&Path>, verbose: bool) -> Result<i32> {
+fn replay(log: &Path, snaps: &SnapshotArgs, kernel: Option<&Path>, initrd: Option<&Path>, verbose: bool) -> Result<i32> {
     let reader = LogReader::open(log)?.end_is_final();
     let h = reader.header().clone();
     let name = log.display().to_string();
     let cfg = GuestConfig::for_log(&h, &name, kernel, initrd)?;
     log::debug!("ftvm: replaying {name} (recorded by ftvm {}, {} MiB, cmdline {:?})", h.ftvm_version, h.mem_bytes >> 20, h.cmdline);
+    // A snapshot of another guest is refused before the VM is built.
+    let from = snaps.from.as_deref().map(|p| Snapshot::load(p, Some(&cfg.header()))).transpose()?;
+    let start = from.as_ref().map(|s| s.position);
+    if let (Some(at), Some(p)) = (snaps.snapshot_at, start) {
+        anyhow::ensure!(at > p.ordinal, "--snapshot-at {at} is not after exit #{}, where the run resumes", p.ordinal);
+    }
+    anyhow::ensure!(snaps.snapshot_at != Some(0), "--snapshot-at 0 is boot, not an exit: take a snapshot at exit 1 or later");
     let mut vm = Vm::new(&cfg, Arc::new(VmClock::replay()), Box::new(StdoutSink), Default::default())?;
-    install_interrupt_handlers();
     let mut rep = Replayer::new(reader);
-    let res = engine::run(vm.guest(), &mut rep, &RunOptions { progress: verbose, ..Default::default() });
+    if let (Some(s), Some(path)) = (&from, &snaps.from) {
+        s.restore_vm(&mut vm)?;
+        rep = rep.resume_after(s.position);
+        eprintln!(
+            "ftvm: resuming from {} at exit #{} ({} rip {:#x}), after {} bytes of console output",
+            path.display(), s.position.ordinal, s.position.exit, s.position.rip, s.console_bytes()
+        );
+    }
+    install_interrupt_handlers();
+    let opts = RunOptions { progress: verbose, ..Default::default() };
+    let (res, taken) = match (snaps.snapshot_at, &snaps.snapshot_out) {
+        (Some(at), Some(out)) => {
+            let save = |s: Snapshot| {
+                let n = s.save(out).map_err(|e| e.to_string())?;
+                eprintln!(
+                    "ftvm: snapshot at exit #{} ({} rip {:#x}), after {} bytes of console output -> {} ({n} bytes)",
+                    s.position.ordinal, s.position.exit, s.position.rip, s.console_bytes(), out.display()
+                );
+                Ok(())
+            };
+            let mut inputs = SnapshotAt::new(&mut rep, at, cfg.header(), save);
+            let res = engine::run_from(vm.guest(), &mut inputs, &opts, start);
+            (res, inputs.taken)
+        }
+        _ => (engine::run_from(vm.guest(), &mut rep, &opts, start), None),
+    };
     let _ = std::io::stdout().flush();
     let out = res.with_context(|| format!("replaying {name}"))?;
-    let (what, code) = out.ending.describe();
+    let (what, mut code) = out.ending.describe();
+    let whence = match &snaps.from {
+        Some(p) => format!(" from {}", p.display()),
+        None => String::new(),
+    };
     match &out.ending {
         Ending::Guest(_) => {
-            eprintln!("replay verified: {name} ({}); {what}; {}", rep.summary(), out.summary());
-            Ok(0)
+            eprintln!("replay verified: {name}{whence} ({}); {what}; {}", rep.summary(), out.summary());
+            code = 0;
         }
         Ending::Interrupted if rep.end.is_some() => {
-            eprintln!("replay verified: {name} ({}); the recording was interrupted there; {}", rep.summary(), out.summary());
-            Ok(0)
+            eprintln!("replay verified: {name}{whence} ({}); the recording was interrupted there; {}", rep.summary(), out.summary());
+            code = 0;
         }
         Ending::LogIncomplete(why) => {
             eprintln!("ftvm: replay incomplete: {why}; everything up to there matched ({}); {}", rep.summary(), out.summary());
-            Ok(code)
         }
-        _ => {
-            eprintln!("ftvm: replay {what}: {}", out.summary());
-            Ok(code)
+        _ => eprintln!("ftvm: replay {what}: {}", out.summary()),
+    }
+    if let (Some(at), None) = (snaps.snapshot_at, taken) {
+        eprintln!("ftvm: no snapshot written: the replay did not complete exit #{at} (it ended at exit #{})", out.exits);
+        if code == 0 {
+            code = 1;
         }
     }
+    Ok(code)
 }
 
 /// Exit codes of `log dump` and `log stats`, as for `replay`: 0 a whole
@@ -379,7 +436,7 @@ pub fn main() -> Result<i32> {
     match cli.cmd {
         Cmd::Run(g) => run_live(g, None),
         Cmd::Record { log, guest } => run_live(guest, Some(&log)),
-        Cmd::Replay { log, guest: g } => replay(&log, g.kernel.as_deref(), g.initrd.as_deref(), g.verbose),
+        Cmd::Replay { log, snapshots, guest: g } => replay(&log, &snapshots, g.kernel.as_deref(), g.initrd.as_deref(), g.verbose),
         Cmd::Keygen { out } => {
             ClusterKey::generate()?.write_new(&out)?;
             eprintln!("ftvm: wrote a new cluster key to {} (mode 0600); give it to every role and client with --key", out.display());

@@ -61,6 +61,26 @@ impl VmClock {
         s.missing_read = false;
     }
 
+    /// The clock's state for a snapshot: the last value handed to the
+    /// guest (at an exit boundary no value is current). Every such value
+    /// was logged, so a replay holds the same one at the same exit.
+    pub fn value(&self) -> u64 {
+        self.0.lock().unwrap().last
+    }
+
+    /// Continues from a snapshot's [`VmClock::value`]: time never goes
+    /// back before it, and a live clock runs on from it.
+    pub fn restore(&self, ns: u64) {
+        let mut s = self.0.lock().unwrap();
+        if let Source::Host { start } = &mut s.source {
+            *start = Instant::now().checked_sub(std::time::Duration::from_nanos(ns)).unwrap_or_else(Instant::now);
+        }
+        s.last = ns;
+        s.current = None;
+        s.fresh = None;
+        s.missing_read = false;
+    }
+
     /// A new exit: forget the previous exit's value.
     pub fn begin_exit(&self) {
         let mut s = self.0.lock().unwrap();
@@ -162,6 +182,24 @@ mod tests {
         let t = c.now_ns();
         assert!((5_000_000_000..5_500_000_000).contains(&t), "{t}");
         assert_eq!(c.take_sample(), Some(t));
+    }
+
+    #[test]
+    fn a_restored_clock_continues_from_its_value() {
+        let c = VmClock::replay();
+        c.begin_exit();
+        c.set(700);
+        let d = VmClock::replay();
+        d.restore(c.value());
+        assert_eq!(d.value(), 700);
+        d.begin_exit();
+        assert_eq!(d.now_ns(), 700);
+        assert!(d.missing_read(), "a replayed exit still needs its logged value");
+        let h = VmClock::host();
+        h.restore(3_000_000_000);
+        h.begin_exit();
+        let t = h.now_ns();
+        assert!((3_000_000_000..3_500_000_000).contains(&t), "{t}");
     }
 
     #[test]

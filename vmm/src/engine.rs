@@ -376,20 +376,29 @@ fn emulate_rdtsc(m: &Machine, regs: &mut kvm_regs, site: u64, kind: TrapKind) {
 /// Runs the guest until it stops, the user interrupts, replay ends, or
 /// another thread asks it to stop.
 pub fn run<I: Inputs + ?Sized>(g: Guest<'_>, inputs: &mut I, opts: &RunOptions) -> Result<Outcome, EngineError> {
+    run_from(g, inputs, opts, None)
+}
+
+/// [`run`], from boot (`start` is `None`) or from just after the exit at
+/// `start`: the VM was put in the state it had at the end of that exit
+/// (`snapshot::Snapshot::restore`), so there are no boot arrivals and the
+/// next exit is `start.ordinal + 1`. Everything else is the one loop.
+/// `Outcome::exits` is the last ordinal reached, counted from boot.
+pub fn run_from<I: Inputs + ?Sized>(g: Guest<'_>, inputs: &mut I, opts: &RunOptions, start: Option<Position>) -> Result<Outcome, EngineError> {
     let Guest { vcpu, machine: m, mem, traps } = g;
     let _kick = opts.stop.register_vcpu_thread();
     vcpu.arm_kick();
     let started = Instant::now();
     let mut stats = ExitStats::default();
-    let mut ordinal = 0u64;
-    let mut last_kind = ExitKind::Boot;
+    let mut ordinal = start.map_or(0, |p| p.ordinal);
+    let mut last_kind = start.map_or(ExitKind::Boot, |p| p.exit);
     let mut buf = Vec::new();
     let mut last_progress = Instant::now();
     let mem_digest = || digest::mem_digest(mem);
 
     // Ordinal 0: boot. The wall clock (and whatever else the log has
     // there) arrives before the first instruction.
-    {
+    if start.is_none() {
         let mut at = ExitPoint::new(0, ExitKind::Boot, &mut *vcpu, mem);
         if let Flow::Stop(e) = arrive(m, inputs, &mut at, false, &mut buf)? {
             return Ok(Outcome { ending: e, stats, exits: 0, wall: started.elapsed() });

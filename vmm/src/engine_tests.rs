@@ -562,3 +562,82 @@ fn a_guest_that_never_exits_gets_its_timer_through_resyncs() {
     let e = divergence(replay(&encode(&bad), &mut spinner()).0);
     assert!(e.contains("vCPU state"), "{e}");
 }
+
+/// Snapshots through the real exit loop, on the fake vCPU: a replay takes
+/// a snapshot at exit N and goes on (verified); a fresh VMM restored from
+/// it and fed the log after N runs to the same end, with the same console
+/// output from there and the same interrupts.
+#[test]
+fn a_snapshot_resumes_replay_where_it_was_taken() {
+    use crate::snapshot::{Snapshot, SnapshotAt};
+    let rec = record(30, b"hi\n");
+    let recs = records(&rec.log);
+    let injected_at = |o: u64| recs.iter().any(|r| r.pos.ordinal == o && matches!(r.event, Event::Interrupt { .. }));
+    // Exits where the fake's state is all in its registers: a program
+    // step (not the interrupt handler) with no interrupt injected there.
+    let candidates: Vec<u64> = recs
+        .iter()
+        .filter(|r| matches!(r.event, Event::Time { .. }) && r.pos.rip < 0x8000 && !injected_at(r.pos.ordinal))
+        .map(|r| r.pos.ordinal)
+        .collect();
+    assert!(candidates.len() > 10, "{candidates:?}");
+    for &n in [candidates[1], candidates[candidates.len() / 2], candidates[candidates.len() - 2]].iter() {
+        let r = rig(VmClock::replay());
+        let mut rep = Replayer::new(LogReader::new(&rec.log[..], "mem").unwrap().end_is_final());
+        let mut snap = None;
+        let mut inputs = SnapshotAt::new(&mut rep, n, header(), |s| {
+            snap = Some(s);
+            Ok(())
+        });
+        let out = go(&r, &mut program(30), &mut inputs).unwrap();
+        assert_eq!(inputs.taken.map(|p| p.ordinal), Some(n));
+        drop(inputs);
+        assert_eq!(out.ending, Ending::Guest(StopRequest::Exit(7)), "the replay taking it goes on, verified");
+        let full = r.console.bytes();
+        assert_eq!(full, rec.console);
+        let snap = snap.unwrap();
+        assert_eq!(snap.position.ordinal, n);
+        // Through the file format and back.
+        let mut file = Vec::new();
+        snap.write_to(&mut file, "mem").unwrap();
+        let snap = Snapshot::read_from(&file[..], "mem", Some(&header())).unwrap();
+
+        let r2 = rig(VmClock::replay());
+        let mut vcpu = program(30);
+        let before = recs.iter().filter(|x| x.pos.ordinal <= n && matches!(x.event, Event::Interrupt { .. })).count();
+        vcpu.injected = rec.injected[..before].to_vec();
+        snap.restore(&mut vcpu, &r2.machine, &r2.mem).unwrap();
+        let mut rep = Replayer::new(LogReader::new(&rec.log[..], "mem").unwrap().end_is_final()).resume_after(snap.position);
+        let g = Guest { vcpu: &mut vcpu, machine: &r2.machine, mem: &r2.mem, traps: None };
+        let out2 = crate::engine::run_from(g, &mut rep, &RunOptions::default(), Some(snap.position)).unwrap();
+        assert_eq!(out2.ending, Ending::Guest(StopRequest::Exit(7)), "resumed at #{n}");
+        assert_eq!(out2.exits, out.exits);
+        let skip = snap.console_bytes() as usize;
+        assert!(skip > 0 && skip < full.len());
+        assert_eq!(r2.console.bytes(), full[skip..], "console after #{n}");
+        let vectors = |v: &[(usize, u8)]| v.iter().map(|x| x.1).collect::<Vec<_>>();
+        assert_eq!(vectors(&vcpu.injected), vectors(&rec.injected));
+
+        // A log whose records at the snapshot's exit are elsewhere is not
+        // the log it was taken from.
+        let mut wrong = snap.position;
+        wrong.rip += 4;
+        let mut vcpu = program(30);
+        let r3 = rig(VmClock::replay());
+        snap.restore(&mut vcpu, &r3.machine, &r3.mem).unwrap();
+        let mut rep = Replayer::new(LogReader::new(&rec.log[..], "mem").unwrap()).resume_after(wrong);
+        let g = Guest { vcpu: &mut vcpu, machine: &r3.machine, mem: &r3.mem, traps: None };
+        let e = divergence(crate::engine::run_from(g, &mut rep, &RunOptions::default(), Some(wrong)));
+        assert!(e.contains("resumes from a snapshot taken at") && e.contains(&format!("exit #{n}")), "{e}");
+    }
+    // A log that ends before the snapshot's exit is refused too.
+    let short: Vec<Record> = recs.iter().filter(|x| x.pos.ordinal < 40).cloned().collect();
+    let pos = replay_log::Position { ordinal: 200, rip: 0x1000, exit: replay_log::ExitKind::Hlt };
+    let r = rig(VmClock::replay());
+    let bytes = encode(&short);
+    let mut rep = Replayer::new(LogReader::new(&bytes[..], "mem").unwrap()).resume_after(pos);
+    let g = Guest { vcpu: &mut program(30), machine: &r.machine, mem: &r.mem, traps: None };
+    let e = divergence(crate::engine::run_from(g, &mut rep, &RunOptions::default(), Some(pos)));
+    let last = short.last().unwrap().pos.ordinal;
+    assert!(e.contains(&format!("last record at exit #{last}")) && e.contains("exit #200"), "{e}");
+}

@@ -28,6 +28,7 @@ pub mod linux;
 pub mod machine;
 pub mod recorder;
 pub mod replay;
+pub mod snapshot;
 pub mod stop;
 pub mod vcpu;
 pub mod vcpu_state;

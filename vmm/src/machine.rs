@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex};
 
 use crate::bus::{Bus, BusError};
 use crate::clock::VmClock;
-use crate::devices::cmos::Cmos;
-use crate::devices::debug_exit::DebugExit;
-use crate::devices::i8042::I8042;
-use crate::devices::pic::{Pic, PicIrqLine, PicPort};
-use crate::devices::pit::Pit;
-use crate::devices::uart::Uart;
-use crate::devices::{Clock, OutputSink, StopSignal};
+use crate::devices::cmos::{Cmos, CmosState};
+use crate::devices::debug_exit::{DebugExit, DebugExitState};
+use crate::devices::i8042::{I8042State, I8042};
+use crate::devices::pic::{Pic, PicIrqLine, PicPort, PicState};
+use crate::devices::pit::{Pit, PitState};
+use crate::devices::uart::{Uart, UartState};
+use crate::devices::{Clock, DeviceError, OutputSink, StopSignal};
 use crate::layout::*;
 
 pub struct Machine {
@@ -23,6 +23,8 @@ pub struct Machine {
     pub pit: Arc<Mutex<Pit>>,
     pub uart: Arc<Mutex<Uart>>,
     pub cmos: Arc<Mutex<Cmos>>,
+    pub i8042: Arc<Mutex<I8042>>,
+    pub debug_exit: Arc<Mutex<DebugExit>>,
     pub clock: Arc<VmClock>,
     pub stop: StopSignal,
     /// Ordinal of the exit being handled; output sinks tag bytes with it so
@@ -51,15 +53,70 @@ impl Machine {
         // (replay).
         let cmos = Arc::new(Mutex::new(Cmos::new(dyn_clock, 0)));
 
+        let i8042 = Arc::new(Mutex::new(I8042::new(stop.clone())));
+        let debug_exit = Arc::new(Mutex::new(DebugExit::new(stop.clone())));
+
         let mut pio = Bus::new();
         pio.insert(Arc::new(Mutex::new(PicPort::new(pic.clone(), false))), PIC_MASTER_BASE.into(), 2)?;
         pio.insert(Arc::new(Mutex::new(PicPort::new(pic.clone(), true))), PIC_SLAVE_BASE.into(), 2)?;
         pio.insert(pit.clone(), PIT_BASE.into(), 4)?;
-        pio.insert(Arc::new(Mutex::new(I8042::new(stop.clone()))), I8042_BASE.into(), 5)?;
+        pio.insert(i8042.clone(), I8042_BASE.into(), 5)?;
         pio.insert(cmos.clone(), CMOS_BASE.into(), 2)?;
-        pio.insert(Arc::new(Mutex::new(DebugExit::new(stop.clone()))), DEBUG_EXIT_PORT.into(), 1)?;
+        pio.insert(debug_exit.clone(), DEBUG_EXIT_PORT.into(), 1)?;
         pio.insert(uart.clone(), COM1_BASE.into(), 8)?;
 
-        Ok(Machine { pio, mmio: Bus::new(), pic, pit, uart, cmos, clock, stop, ordinal })
+        Ok(Machine { pio, mmio: Bus::new(), pic, pit, uart, cmos, i8042, debug_exit, clock, stop, ordinal })
+    }
+
+    /// The board's state at an exit boundary: every device and the clock.
+    /// The stop signal is not in it: a stop ends the run, so a state is
+    /// only ever taken while none is pending.
+    pub fn state(&self) -> MachineState {
+        MachineState {
+            clock_ns: self.clock.value(),
+            pic: self.pic.lock().unwrap().state(),
+            pit: self.pit.lock().unwrap().state(),
+            uart: self.uart.lock().unwrap().state(),
+            cmos: self.cmos.lock().unwrap().state(),
+            i8042: self.i8042.lock().unwrap().state(),
+            debug_exit: self.debug_exit.lock().unwrap().state(),
+        }
+    }
+
+    /// Puts every device and the clock in `s`, keeping the wiring. Either
+    /// all of it is restored or, if any device refuses its part, nothing.
+    pub fn restore(&self, s: &MachineState) -> Result<(), DeviceError> {
+        s.check()?;
+        self.pic.lock().unwrap().restore(&s.pic)?;
+        self.pit.lock().unwrap().restore(&s.pit)?;
+        self.uart.lock().unwrap().restore(&s.uart)?;
+        self.cmos.lock().unwrap().restore(&s.cmos)?;
+        self.i8042.lock().unwrap().restore(&s.i8042)?;
+        self.clock.restore(s.clock_ns);
+        Ok(())
+    }
+}
+
+/// The board's devices and clock as plain data (see `Machine::state`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineState {
+    /// The last time value the guest was given (ns of guest time).
+    pub clock_ns: u64,
+    pub pic: PicState,
+    pub pit: PitState,
+    pub uart: UartState,
+    pub cmos: CmosState,
+    pub i8042: I8042State,
+    pub debug_exit: DebugExitState,
+}
+
+impl MachineState {
+    /// Refuses a state any device refuses.
+    pub fn check(&self) -> Result<(), DeviceError> {
+        self.pic.check()?;
+        self.pit.check()?;
+        self.uart.check()?;
+        self.cmos.check()?;
+        self.i8042.check()
     }
 }

@@ -5,7 +5,7 @@
 
 use std::io::Read;
 
-use replay_log::{EndReason, Event, ExitKind, LogError, LogReader, Record};
+use replay_log::{EndReason, Event, ExitKind, LogError, LogReader, Position, Record};
 
 use crate::engine::{EngineError, Ending, ExitPoint, Flow, Inputs, Observed};
 use crate::machine::Machine;
@@ -52,6 +52,11 @@ enum Tail {
 
 pub struct Replayer<S: RecordSource> {
     reader: S,
+    /// Resuming from a snapshot taken at this position: records up to it
+    /// are skipped (those at it must match it).
+    skip: Option<Position>,
+    /// The last record skipped, for a log that ends before the snapshot.
+    skipped_to: Option<u64>,
     next: Option<Record>,
     tail: Option<Tail>,
     /// RIP the record consumed before the device access expects; checked
@@ -69,7 +74,17 @@ fn describe(rec: &Record) -> String {
 
 impl<S: RecordSource> Replayer<S> {
     pub fn new(reader: S) -> Self {
-        Replayer { reader, next: None, tail: None, pre_rip: None, consumed: 0, checks: 0, end: None }
+        Replayer { reader, skip: None, skipped_to: None, next: None, tail: None, pre_rip: None, consumed: 0, checks: 0, end: None }
+    }
+
+    /// Replays the part of the log after `pos`, for a VM restored from a
+    /// snapshot taken there (`engine::run_from`): the records before it are
+    /// skipped; those at it must be at the snapshot's exit kind and RIP, or
+    /// the log is not the one the snapshot was taken from (a divergence).
+    /// A log that ends before `pos` is a divergence too.
+    pub fn resume_after(mut self, pos: Position) -> Self {
+        self.skip = Some(pos);
+        self
     }
 
     fn peek(&mut self) -> Result<Option<&Record>, EngineError> {
@@ -77,13 +92,46 @@ impl<S: RecordSource> Replayer<S> {
             match self.reader.next_record() {
                 // High-water marks only matter to the transport.
                 Ok(Some(Record { event: Event::Progress, .. })) => {}
-                Ok(Some(r)) => self.next = Some(r),
+                Ok(Some(r)) if self.skip.is_some_and(|p| r.pos.ordinal <= p.ordinal) => self.skip_one(&r)?,
+                Ok(Some(r)) => {
+                    self.skip = None;
+                    self.next = Some(r);
+                }
                 Ok(None) => self.tail = Some(Tail::Clean),
                 Err(e @ LogError::Truncated { .. }) => self.tail = Some(Tail::Cut(e)),
                 Err(e) => return Err(e.into()),
             }
         }
+        // A log that provably ends before the snapshot's exit is not the
+        // one it was taken from. (One that reaches it and stops there, or a
+        // stream that closes before sending anything, just ends.)
+        if let (Some(p), None, Some(last)) = (self.skip, &self.next, self.skipped_to) {
+            if last < p.ordinal {
+                return Err(EngineError::Diverged {
+                    ordinal: p.ordinal,
+                    rip: p.rip,
+                    expected: format!("its last record at exit #{last}"),
+                    found: format!("resumes from a snapshot taken at exit #{}", p.ordinal),
+                });
+            }
+        }
         Ok(self.next.as_ref())
+    }
+
+    /// A record at or before the snapshot's position: not replayed, but
+    /// one at the snapshot's exit must have been logged there.
+    fn skip_one(&mut self, r: &Record) -> Result<(), EngineError> {
+        let Some(p) = self.skip else { return Ok(()) };
+        if r.pos.ordinal == p.ordinal && (r.pos.exit != p.exit || r.pos.rip != p.rip) {
+            return Err(EngineError::Diverged {
+                ordinal: p.ordinal,
+                rip: p.rip,
+                expected: describe(r),
+                found: format!("resumes from a snapshot taken at {} rip {:#x}", p.exit, p.rip),
+            });
+        }
+        self.skipped_to = Some(r.pos.ordinal);
+        Ok(())
     }
 
     /// Whether the log has nothing more (blocks on a stream until it knows).

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use super::{BusDevice, Clock};
+use super::{BusDevice, Clock, DeviceError};
 
 const INDEX: u64 = 0;
 const DATA: u64 = 1;
@@ -154,7 +154,8 @@ impl Cmos {
     }
 
     fn read_time(&self, reg: u8) -> u8 {
-        let secs = self.wall_base_secs + self.clock.now_ns() / NS_PER_SEC;
+        // Saturating: a damaged log's wall clock must not overflow here.
+        let secs = self.wall_base_secs.saturating_add(self.clock.now_ns() / NS_PER_SEC);
         let t = datetime(secs);
         match reg {
             SECONDS => self.encode(t.second),
@@ -194,6 +195,59 @@ impl Cmos {
             STATUS_A => self.ram[usize::from(STATUS_A)] = v & !STATUS_A_UIP,
             i => self.ram[usize::from(i)] = v,
         }
+    }
+}
+
+/// Latest wall-clock base a state may hold: about 34,800 years after
+/// 1970, far past any real date, far from overflowing the date arithmetic.
+const MAX_WALL_BASE: u64 = 1 << 40;
+
+/// The RTC and its NVRAM, as plain data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CmosState {
+    /// UTC seconds since the epoch at guest time zero.
+    pub wall_base_secs: u64,
+    /// The selected register, 0-0x7f.
+    pub index: u8,
+    /// Registers that are plain storage (alarms, status A/B, NVRAM).
+    pub ram: [u8; 128],
+}
+
+impl CmosState {
+    /// Refuses values no RTC can hold.
+    pub fn check(&self) -> Result<(), DeviceError> {
+        if self.index > 0x7f {
+            return Err(DeviceError::bad("CMOS", format!("register index {:#x} (at most 0x7f)", self.index)));
+        }
+        if self.wall_base_secs > MAX_WALL_BASE {
+            return Err(DeviceError::bad("CMOS", format!("wall-clock base {} s is past any date", self.wall_base_secs)));
+        }
+        Ok(())
+    }
+}
+
+impl Cmos {
+    /// Everything that decides the RTC's future behaviour (its clock is
+    /// wiring, not state).
+    pub fn state(&self) -> CmosState {
+        // Exhaustive: a new field of `Cmos` must be added to the state.
+        let Cmos { clock: _, wall_base_secs, index, ram } = self;
+        CmosState { wall_base_secs: *wall_base_secs, index: *index, ram: *ram }
+    }
+
+    /// An RTC in state `s`, reading `clock`.
+    pub fn from_state(s: &CmosState, clock: Arc<dyn Clock>) -> Result<Cmos, DeviceError> {
+        let mut c = Cmos::new(clock, 0);
+        c.restore(s)?;
+        Ok(c)
+    }
+
+    /// Puts this RTC in state `s`, keeping its clock; unchanged if `s` is
+    /// refused.
+    pub fn restore(&mut self, s: &CmosState) -> Result<(), DeviceError> {
+        s.check()?;
+        (self.wall_base_secs, self.index, self.ram) = (s.wall_base_secs, s.index, s.ram);
+        Ok(())
     }
 }
 
@@ -390,6 +444,37 @@ mod tests {
         set(&mut c, YEAR, 0x99);
         set(&mut c, CENTURY, 0x21);
         assert_eq!(all(&mut c), [0, 0, 0, 5, 0x01, 0x01, 0x70, 0x19]);
+    }
+
+    /// A copy built from `state()` reads the same dates, NVRAM and
+    /// selected register as the original.
+    #[test]
+    fn state_round_trip_behaves_identically() {
+        let (mut c, clock) = cmos(1_709_251_198);
+        set(&mut c, STATUS_B, STATUS_B_BINARY);
+        set(&mut c, 0x40, 0xab);
+        set(&mut c, HOURS_ALARM, 0x33);
+        c.write(INDEX, &[YEAR]);
+        clock.set(7_000_000_000);
+        let s = c.state();
+        let mut d = Cmos::from_state(&s, clock.clone()).unwrap();
+        assert_eq!(d.state(), s);
+        let drive = |c: &mut Cmos| {
+            let mut seen = vec![0xffu8];
+            c.read(DATA, &mut seen[..]);
+            seen.extend(all(c));
+            seen.extend([reg(c, 0x40), reg(c, HOURS_ALARM), reg(c, STATUS_B), reg(c, STATUS_A)]);
+            seen
+        };
+        assert_eq!(drive(&mut c), drive(&mut d));
+        clock.set(90_000_000_000);
+        assert_eq!(drive(&mut c), drive(&mut d));
+        let mut bad = s.clone();
+        bad.index = 0x80;
+        assert!(d.restore(&bad).unwrap_err().to_string().contains("index 0x80"));
+        bad.index = 0;
+        bad.wall_base_secs = u64::MAX;
+        assert!(d.restore(&bad).is_err());
     }
 
     #[test]

@@ -15,6 +15,23 @@ impl DebugExit {
     }
 }
 
+/// The debug exit port holds no state of its own: a write asks the VM
+/// to stop at once, and a stop ends the run (no snapshot is taken after
+/// one). The type is here so every device has one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DebugExitState {}
+
+impl DebugExit {
+    pub fn state(&self) -> DebugExitState {
+        DebugExitState {}
+    }
+
+    /// A port in state `s` that asks `stop` to end the VM.
+    pub fn from_state(_s: &DebugExitState, stop: StopSignal) -> Self {
+        Self::new(stop)
+    }
+}
+
 impl fmt::Debug for DebugExit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DebugExit").finish_non_exhaustive()
@@ -48,6 +65,14 @@ mod tests {
         // The first request wins.
         d.write(0, &[7]);
         assert_eq!(stop.get(), Some(StopRequest::Exit(42)));
+    }
+
+    #[test]
+    fn state_round_trip_behaves_identically() {
+        let stop = StopSignal::new();
+        let mut d = DebugExit::from_state(&DebugExit::new(StopSignal::new()).state(), stop.clone());
+        d.write(0, &[5]);
+        assert_eq!(stop.get(), Some(StopRequest::Exit(5)));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use super::{BusDevice, StopRequest, StopSignal};
+use super::{BusDevice, DeviceError, StopRequest, StopSignal};
 
 const DATA: u64 = 0;
 const COMMAND: u64 = 4;
@@ -103,6 +103,54 @@ impl I8042 {
             // Otherwise the byte is for the keyboard, and there is none.
             _ => {}
         }
+    }
+}
+
+/// The controller, as plain data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct I8042State {
+    /// Controller configuration byte.
+    pub ctr: u8,
+    /// The byte the guest reads from the data port next.
+    pub out: Option<u8>,
+    /// The command (0x60 or 0xd1) whose parameter the next data write is.
+    pub pending: Option<u8>,
+    pub last_was_command: bool,
+}
+
+impl I8042State {
+    /// Refuses values no controller can hold.
+    pub fn check(&self) -> Result<(), DeviceError> {
+        match self.pending {
+            Some(p) if p != CMD_WRITE_CTR && p != CMD_WRITE_OUTPUT => {
+                Err(DeviceError::bad("i8042", format!("pending command {p:#04x} takes no parameter")))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl I8042 {
+    /// Everything that decides the controller's future behaviour (its
+    /// stop signal is wiring, not state).
+    pub fn state(&self) -> I8042State {
+        // Exhaustive: a new field of `I8042` must be added to the state.
+        let I8042 { stop: _, ctr, out, pending, last_was_command } = *self;
+        I8042State { ctr, out, pending, last_was_command }
+    }
+
+    /// A controller in state `s` that asks `stop` for resets.
+    pub fn from_state(s: &I8042State, stop: StopSignal) -> Result<I8042, DeviceError> {
+        let mut d = I8042::new(stop);
+        d.restore(s)?;
+        Ok(d)
+    }
+
+    /// Puts this controller in state `s`; unchanged if `s` is refused.
+    pub fn restore(&mut self, s: &I8042State) -> Result<(), DeviceError> {
+        s.check()?;
+        (self.ctr, self.out, self.pending, self.last_was_command) = (s.ctr, s.out, s.pending, s.last_was_command);
+        Ok(())
     }
 }
 
@@ -234,6 +282,32 @@ mod tests {
         d.write(COMMAND, &[0x12]);
         d.write(DATA, &[0x00]);
         assert_eq!(stop.get(), None);
+    }
+
+    /// A copy built from `state()` answers and resets as the original: an
+    /// unread byte, a command waiting for its parameter.
+    #[test]
+    fn state_round_trip_behaves_identically() {
+        let (mut d, stop) = dev();
+        d.write(COMMAND, &[CMD_KBD_DISABLE]);
+        d.write(COMMAND, &[CMD_READ_CTR]);
+        d.write(COMMAND, &[CMD_WRITE_OUTPUT]);
+        let s = d.state();
+        assert_eq!(s.pending, Some(CMD_WRITE_OUTPUT));
+        let stop2 = StopSignal::new();
+        let mut e = I8042::from_state(&s, stop2.clone()).unwrap();
+        assert_eq!(e.state(), s);
+        let drive = |d: &mut I8042| {
+            let seen = [rd(d, COMMAND), rd(d, DATA), rd(d, COMMAND)];
+            d.write(DATA, &[0x00]);
+            seen
+        };
+        assert_eq!(drive(&mut d), drive(&mut e));
+        assert_eq!(stop.get(), Some(StopRequest::Reset));
+        assert_eq!(stop2.get(), stop.get());
+        let mut bad = s;
+        bad.pending = Some(0x12);
+        assert!(e.restore(&bad).is_err());
     }
 
     #[test]

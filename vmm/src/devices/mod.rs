@@ -3,6 +3,13 @@
 //! input the VMM pushes into it. Its interrupt line and output sink are
 //! injected. That is what makes record/replay a matter of logging what is
 //! injected, and lets every device be tested without KVM.
+//!
+//! Each device's state is also plain data (`XxxState`, pub fields, as
+//! rust-vmm's vm-superio does): `state()` takes it, `restore()` puts it
+//! back into a device that keeps its wiring (clock, interrupt line, output
+//! sink), `from_state()` builds a new device from it. Snapshots are made
+//! of these. A state holds everything that affects the device's future
+//! behaviour; the wiring is not state.
 
 pub mod cmos;
 pub mod debug_exit;
@@ -14,6 +21,22 @@ pub(crate) mod test_support;
 pub mod uart;
 
 use std::sync::{Arc, Mutex};
+
+/// Why a device refused a state (`restore`, `from_state`): a value no
+/// device of that kind can hold, from a damaged or hand-made snapshot.
+/// Refused up front, so that a bad value can never reach the device's
+/// logic (an index past its RAM, a priority past its eight lines).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{device} state: {what}")]
+    BadState { device: &'static str, what: String },
+}
+
+impl DeviceError {
+    pub(crate) fn bad(device: &'static str, what: impl Into<String>) -> Self {
+        DeviceError::BadState { device, what: what.into() }
+    }
+}
 
 /// A device on the PIO or MMIO bus. `offset` is relative to the base the
 /// device was registered at; `data.len()` is the access width (1, 2 or 4).

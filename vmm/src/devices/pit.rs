@@ -10,7 +10,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use super::{BusDevice, Clock, IrqLine};
+use super::{BusDevice, Clock, DeviceError, IrqLine};
 use crate::layout::PIT_HZ;
 
 const NS_PER_SEC: u128 = 1_000_000_000;
@@ -336,6 +336,99 @@ impl Pit {
     }
 }
 
+/// One counter of the 8254, as plain data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PitChannelState {
+    /// Counting mode, 0-5.
+    pub mode: u8,
+    /// Access: 1 low byte, 2 high byte, 3 low then high.
+    pub access: u8,
+    pub bcd: bool,
+    /// Initial count as written; 0 stands for 65536.
+    pub reload: u16,
+    /// Guest time (ns) the count was loaded; `None` while waiting for one.
+    pub loaded_at: Option<u64>,
+    pub write_hi_next: bool,
+    pub write_lo: u8,
+    pub read_hi_next: bool,
+    pub latched_count: Option<u16>,
+    pub latched_status: Option<u8>,
+    pub null_count: bool,
+}
+
+/// The 8254, as plain data: its three counters and channel 0's next
+/// interrupt edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PitState {
+    pub channels: [PitChannelState; 3],
+    /// Guest time (ns) of channel 0's next interrupt edge.
+    pub deadline: Option<u64>,
+}
+
+impl Channel {
+    fn state(&self) -> PitChannelState {
+        // Exhaustive: a new field of `Channel` must be added to the state.
+        let Channel {
+            mode, access, bcd, reload, loaded_at, write_hi_next, write_lo, read_hi_next, latched_count,
+            latched_status, null_count,
+        } = *self;
+        PitChannelState {
+            mode, access, bcd, reload, loaded_at, write_hi_next, write_lo, read_hi_next, latched_count,
+            latched_status, null_count,
+        }
+    }
+
+    fn from_state(s: &PitChannelState) -> Channel {
+        let PitChannelState {
+            mode, access, bcd, reload, loaded_at, write_hi_next, write_lo, read_hi_next, latched_count,
+            latched_status, null_count,
+        } = *s;
+        Channel {
+            mode, access, bcd, reload, loaded_at, write_hi_next, write_lo, read_hi_next, latched_count,
+            latched_status, null_count,
+        }
+    }
+}
+
+impl PitState {
+    /// Refuses values no 8254 can hold.
+    pub fn check(&self) -> Result<(), DeviceError> {
+        for (i, c) in self.channels.iter().enumerate() {
+            if c.mode > 5 {
+                return Err(DeviceError::bad("PIT", format!("channel {i}: mode {} (0-5)", c.mode)));
+            }
+            if !(1..=3).contains(&c.access) {
+                return Err(DeviceError::bad("PIT", format!("channel {i}: access mode {} (1-3)", c.access)));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Pit {
+    /// Everything that decides the timer's future behaviour (its clock and
+    /// interrupt line are wiring, not state).
+    pub fn state(&self) -> PitState {
+        PitState { channels: [0, 1, 2].map(|i| self.channels[i].state()), deadline: self.deadline }
+    }
+
+    /// A timer in state `s`, reading `clock` and driving `irq0`.
+    pub fn from_state(s: &PitState, clock: Arc<dyn Clock>, irq0: Box<dyn IrqLine>) -> Result<Pit, DeviceError> {
+        let mut p = Pit::new(clock, irq0);
+        p.restore(s)?;
+        Ok(p)
+    }
+
+    /// Puts this timer in state `s`, keeping its wiring; unchanged if `s`
+    /// is refused. Drives no interrupt line: the PIC's state has the levels.
+    pub fn restore(&mut self, s: &PitState) -> Result<(), DeviceError> {
+        s.check()?;
+        self.channels = s.channels.map(|c| Channel::from_state(&c));
+        self.deadline = s.deadline;
+        Ok(())
+    }
+}
+
 impl BusDevice for Pit {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.is_empty() {
@@ -633,6 +726,59 @@ mod tests {
         assert!(!p.channel2_out());
         clock.set(ns_for_ticks(10));
         assert!(p.channel2_out());
+    }
+
+    /// A copy built from `state()` behaves as the original: counter reads
+    /// (mid-latch, mid-flip-flop), interrupts and deadlines, in every
+    /// channel, as time moves on.
+    #[test]
+    fn state_round_trip_behaves_identically() {
+        let (mut p, clock, irq) = pit();
+        clock.set(1_000);
+        program(&mut p, 0, 2, 11932);
+        program(&mut p, 2, 3, 1000);
+        wr(&mut p, CONTROL, 0x70); // ch1 lohi mode 0, waiting for a count
+        wr(&mut p, 1, 0x34); // half a count
+        clock.set(3_000_000);
+        wr(&mut p, CONTROL, 0x80); // latch ch2
+        rd(&mut p, 2); // low byte read: flip-flop mid-way
+        wr(&mut p, CONTROL, 0xe2); // status of ch0 latched
+        clock.set(12_000_000);
+        p.update();
+        assert_eq!(irq.take(), vec![true, false]);
+        let s = p.state();
+        let levels2 = Levels::default();
+        let mut q = Pit::from_state(&s, clock.clone(), Box::new(levels2.clone())).unwrap();
+        assert_eq!(q.state(), s);
+        let drive = |p: &mut Pit, irq: &Levels| {
+            clock.set(12_000_000);
+            let mut seen = vec![rd(p, 0), rd(p, 2)];
+            wr(p, 1, 0x12);
+            for t in [15_000_000u64, 20_000_001, 20_500_000, 41_000_000] {
+                clock.set(t);
+                p.update();
+                seen.extend(irq.take().into_iter().map(u8::from));
+                seen.extend([rd(p, 0), rd(p, 0), rd(p, 1), rd(p, 1), rd(p, 2), u8::from(p.channel2_out())]);
+                seen.extend(p.next_deadline_ns().unwrap_or(0).to_le_bytes());
+            }
+            seen
+        };
+        let a = drive(&mut p, &irq);
+        let b = drive(&mut q, &levels2);
+        assert_eq!(a, b);
+        assert_eq!(p.state(), q.state());
+    }
+
+    #[test]
+    fn impossible_states_are_refused() {
+        let (mut p, _, _) = pit();
+        let mut s = p.state();
+        s.channels[1].mode = 6;
+        assert!(p.restore(&s).unwrap_err().to_string().contains("channel 1: mode 6"));
+        let mut s = p.state();
+        s.channels[2].access = 0;
+        assert!(p.restore(&s).is_err());
+        assert_eq!(p.state(), Pit::new(Arc::new(ManualClock::default()), Box::new(Levels::default())).state());
     }
 
     #[test]

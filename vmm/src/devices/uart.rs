@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use super::{BusDevice, IrqLine, OutputSink};
+use super::{BusDevice, DeviceError, IrqLine, OutputSink};
 
 const RBR_THR_DLL: u64 = 0;
 const IER_DLM: u64 = 1;
@@ -80,6 +80,9 @@ pub struct Uart {
     /// Bytes ever pushed in from the line: fault tolerance acknowledges
     /// console input by this count.
     rx_total: u64,
+    /// Bytes ever sent to the output sink: where a snapshot stands in the
+    /// console's output.
+    tx_total: u64,
     irq: Box<dyn IrqLine>,
     out: Box<dyn OutputSink>,
     /// Last level handed to `irq`, so the line only sees changes.
@@ -99,6 +102,7 @@ impl Uart {
             thr_ipending: false,
             rx: VecDeque::with_capacity(FIFO_LEN),
             rx_total: 0,
+            tx_total: 0,
             irq,
             out,
             irq_level: false,
@@ -136,6 +140,11 @@ impl Uart {
     /// Bytes pushed in from the line since power-on.
     pub fn rx_total(&self) -> u64 {
         self.rx_total
+    }
+
+    /// Bytes sent to the output sink since power-on.
+    pub fn tx_total(&self) -> u64 {
+        self.tx_total
     }
 
     /// Whether the guest is listening for input: its receive interrupt is
@@ -234,6 +243,7 @@ impl Uart {
             self.receive(b);
         } else {
             self.out.emit(&[b]);
+            self.tx_total += 1;
         }
         // The byte left THR at once, so THR is empty again: that is a new
         // THRE event, whether or not the guest acknowledged the last one.
@@ -309,6 +319,84 @@ impl Uart {
             SCR => self.scr = v,
             _ => {}
         }
+    }
+}
+
+/// The 16550A, as plain data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UartState {
+    pub ier: u8,
+    pub fcr: u8,
+    pub lcr: u8,
+    pub mcr: u8,
+    pub scr: u8,
+    pub divisor: u16,
+    pub overrun: bool,
+    /// The THRE interrupt condition (acknowledged by an IIR read).
+    pub thr_ipending: bool,
+    /// The receive FIFO, oldest byte first (at most 16).
+    pub rx: Vec<u8>,
+    pub rx_total: u64,
+    pub tx_total: u64,
+    /// The level last driven on the interrupt line.
+    pub irq_level: bool,
+}
+
+impl UartState {
+    /// Refuses values no 16550A can hold.
+    pub fn check(&self) -> Result<(), DeviceError> {
+        let bad = |what: String| Err(DeviceError::bad("UART", what));
+        if self.ier & !IER_MASK != 0 {
+            return bad(format!("IER {:#04x} has bits the 16550A lacks", self.ier));
+        }
+        if self.mcr & !MCR_MASK != 0 {
+            return bad(format!("MCR {:#04x} has bits the 16550A lacks", self.mcr));
+        }
+        if self.fcr & (FCR_CLEAR_RX | 0x04) != 0 {
+            return bad(format!("FCR {:#04x} holds self-clearing bits", self.fcr));
+        }
+        if self.rx.len() > FIFO_LEN {
+            return bad(format!("{} bytes in a {FIFO_LEN}-byte receive FIFO", self.rx.len()));
+        }
+        Ok(())
+    }
+}
+
+impl Uart {
+    /// Everything that decides the port's future behaviour (its interrupt
+    /// line and output sink are wiring, not state).
+    pub fn state(&self) -> UartState {
+        // Exhaustive: a new field of `Uart` must be added to the state.
+        let Uart {
+            ier, fcr, lcr, mcr, scr, divisor, overrun, thr_ipending, rx, rx_total, tx_total, irq: _, out: _,
+            irq_level,
+        } = self;
+        UartState {
+            ier: *ier, fcr: *fcr, lcr: *lcr, mcr: *mcr, scr: *scr, divisor: *divisor, overrun: *overrun,
+            thr_ipending: *thr_ipending, rx: rx.iter().copied().collect(), rx_total: *rx_total,
+            tx_total: *tx_total, irq_level: *irq_level,
+        }
+    }
+
+    /// A port in state `s`, driving `irq` and writing to `out`.
+    pub fn from_state(s: &UartState, irq: Box<dyn IrqLine>, out: Box<dyn OutputSink>) -> Result<Uart, DeviceError> {
+        let mut u = Uart::new(irq, out);
+        u.restore(s)?;
+        Ok(u)
+    }
+
+    /// Puts this port in state `s`, keeping its wiring; unchanged if `s`
+    /// is refused. Drives no interrupt line: the PIC's state has the level.
+    pub fn restore(&mut self, s: &UartState) -> Result<(), DeviceError> {
+        s.check()?;
+        let UartState {
+            ier, fcr, lcr, mcr, scr, divisor, overrun, thr_ipending, rx, rx_total, tx_total, irq_level,
+        } = s;
+        (self.ier, self.fcr, self.lcr, self.mcr, self.scr, self.divisor) = (*ier, *fcr, *lcr, *mcr, *scr, *divisor);
+        (self.overrun, self.thr_ipending, self.irq_level) = (*overrun, *thr_ipending, *irq_level);
+        self.rx = rx.iter().copied().collect();
+        (self.rx_total, self.tx_total) = (*rx_total, *tx_total);
+        Ok(())
     }
 }
 
@@ -578,6 +666,64 @@ mod tests {
         u.read(SCR, &mut []);
         assert_eq!(rd(&mut u, 8), 0);
         wr(&mut u, 100, 1);
+    }
+
+    /// A copy built from `state()` behaves as the original: the FIFO's
+    /// bytes, a pending THRE, a sticky overrun, the line's level and the
+    /// byte counts all carry over.
+    #[test]
+    fn state_round_trip_behaves_identically() {
+        let (mut u, levels, sink) = uart();
+        wr(&mut u, LCR, LCR_DLAB);
+        wr(&mut u, RBR_THR_DLL, 0x01);
+        wr(&mut u, LCR, 0x03);
+        wr(&mut u, MCR, MCR_OUT2 | MCR_RTS);
+        wr(&mut u, IIR_FCR, FCR_ENABLE);
+        wr(&mut u, IER_DLM, IER_RDI | IER_THRI | IER_RLSI);
+        wr(&mut u, SCR, 0x5a);
+        wr(&mut u, RBR_THR_DLL, b'o');
+        u.push_input(b"0123456789abcdefXY"); // two bytes overrun
+        rd(&mut u, RBR_THR_DLL);
+        let s = u.state();
+        assert_eq!((s.rx.len(), s.rx_total, s.tx_total, s.overrun, s.irq_level), (15, 18, 1, true, true));
+        let (levels2, sink2) = (Levels::default(), Sink::default());
+        let mut v = Uart::from_state(&s, Box::new(levels2.clone()), Box::new(sink2.clone())).unwrap();
+        assert_eq!(v.state(), s);
+        levels.take();
+        let drive = |u: &mut Uart| {
+            let mut seen = Vec::new();
+            for _ in 0..20 {
+                seen.extend([rd(u, IIR_FCR), rd(u, LSR), rd(u, RBR_THR_DLL)]);
+            }
+            wr(u, RBR_THR_DLL, b'k');
+            u.push_input(b"z");
+            seen.extend([rd(u, IIR_FCR), rd(u, IIR_FCR), rd(u, SCR), rd(u, MSR), u.rx_room() as u8]);
+            wr(u, LCR, LCR_DLAB);
+            seen.extend([rd(u, RBR_THR_DLL), rd(u, IER_DLM)]);
+            seen.extend(u.rx_total().to_le_bytes());
+            seen.extend(u.tx_total().to_le_bytes());
+            seen
+        };
+        assert_eq!(drive(&mut u), drive(&mut v));
+        assert_eq!(levels.take(), levels2.take());
+        assert_eq!(&sink.bytes()[1..], &sink2.bytes()[..]);
+        assert_eq!(u.state(), v.state());
+    }
+
+    #[test]
+    fn impossible_states_are_refused() {
+        let (mut u, _, _) = uart();
+        let good = u.state();
+        let mut s = good.clone();
+        s.rx = vec![0; 17];
+        assert!(u.restore(&s).unwrap_err().to_string().contains("17 bytes"));
+        let mut s = good.clone();
+        s.ier = 0x10;
+        assert!(u.restore(&s).is_err());
+        let mut s = good.clone();
+        s.fcr = FCR_CLEAR_RX;
+        assert!(u.restore(&s).is_err());
+        assert_eq!(u.state(), good);
     }
 
     #[test]
