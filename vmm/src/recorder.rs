@@ -19,6 +19,8 @@ use crate::engine::{EngineError, ExitPoint, Flow, Inputs, Observed};
 use crate::ft::commit::{self, GroupCommit};
 use crate::ft::gate::Gate;
 use crate::ft::log_buf::LogBuf;
+use crate::ft::xfer::{Taken, Transfers};
+use crate::snapshot::Snapshot;
 use crate::ft::HEARTBEAT;
 use crate::kick::Kicker;
 use crate::machine::Machine;
@@ -64,6 +66,8 @@ pub struct Recorder {
     /// The last exit, when output produced there waits for a mark that
     /// group commit deferred: a kick marks it if the guest does not exit.
     unmarked_at: Option<replay_log::Position>,
+    /// Snapshots asked for by a joining backup's log sender.
+    transfers: Option<Arc<Transfers>>,
 }
 
 /// Pages per `Pages` record: 4 MiB of a delta, well under the format's
@@ -88,7 +92,40 @@ impl Recorder {
             cleared: Instant::now(),
             resync_pages: 0,
             unmarked_at: None,
+            transfers: None,
         }
+    }
+
+    /// Answers requests for snapshots (state transfer to a joining
+    /// backup, `ft::xfer`); needs `with_mark_index`.
+    pub fn with_transfers(mut self, t: Arc<Transfers>) -> Self {
+        self.transfers = Some(t);
+        self
+    }
+
+    /// Takes the snapshot a joining backup asked for, at the end of this
+    /// exit: flushes the log first, so its end is exactly the offset from
+    /// which the backup needs it. A failure is answered to the sender (it
+    /// drops the backup's stream); the run goes on.
+    fn transfer(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<(), EngineError> {
+        let Some(reply) = self.transfers.as_ref().and_then(|t| t.take()) else { return Ok(()) };
+        let t0 = Instant::now();
+        self.flush()?;
+        let (Some(t), Some(index)) = (self.transfers.clone(), self.marks.as_ref().and_then(|mk| mk.index.clone())) else {
+            let _ = reply.send(Err("this VMM keeps no log to stream".into()));
+            return Ok(());
+        };
+        let offset = index.len();
+        let taken = Snapshot::capture(t.guest.clone(), m, at).map_err(|e| e.to_string()).and_then(|s| {
+            let mut bytes = Vec::new();
+            s.write_to(&mut bytes, "snapshot for the backup").map_err(|e| e.to_string())?;
+            Ok(Taken { bytes, offset, position: s.position, pause: t0.elapsed() })
+        });
+        if let Ok(tk) = &taken {
+            t.taken_at(tk.position.ordinal);
+        }
+        let _ = reply.send(taken);
+        Ok(())
     }
 
     /// Kicks a guest that computes past a timer deadline without exiting
@@ -202,7 +239,16 @@ impl Recorder {
     fn throttle(&self, ordinal: u64) {
         let Some(mk) = &self.marks else { return };
         let t0 = Instant::now();
-        while commit::too_far_behind(ordinal, mk.gate.look(ordinal)) && t0.elapsed() < commit::MAX_LAG_WAIT {
+        // A backup that joined by state transfer has everything up to the
+        // snapshot; while the snapshot is still to be taken there is
+        // nothing to wait for.
+        let floor = self.transfers.as_ref().map_or(0, |t| t.floor());
+        let look = |g: &Gate| {
+            let mut l = g.look(ordinal);
+            l.acked = l.acked.max(floor);
+            l
+        };
+        while commit::too_far_behind(ordinal, look(&mk.gate)) && t0.elapsed() < commit::MAX_LAG_WAIT {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -363,6 +409,9 @@ impl Inputs for Recorder {
                 if let Some(k) = &self.kicker {
                     let pit = m.pit.lock().unwrap();
                     k.set_due(pit.next_deadline_ns(), pit.tick_ns());
+                }
+                if self.transfers.as_ref().is_some_and(|t| t.pending()) && m.stop.get().is_none() {
+                    self.transfer(m, at)?;
                 }
             }
             Observed::End { reason, mem_digest } => {

@@ -28,7 +28,10 @@ struct State {
     /// so a late ack from the previous one cannot release output.
     ack_gen: u64,
     pending: VecDeque<(u64, u8)>,
+    /// The tail of the released output: bytes `[base, base + len)` of the
+    /// console stream (at most about 2 × [`KEEP_RELEASED`]).
     released: Vec<u8>,
+    base: u64,
     emitted: u64,
     ended: Option<String>,
     /// Console input delivered to the guest: (ordinal, total bytes so far),
@@ -37,6 +40,11 @@ struct State {
     /// Console input bytes that are in the log and safe with the backup.
     input_acked: u64,
 }
+
+/// Released console output kept for console clients that reconnect (after
+/// a failover, a dropped connection): the last 1 MiB or so. A client that
+/// asks for older bytes gets the kept tail, after a notice.
+pub const KEEP_RELEASED: usize = 1 << 20;
 
 pub struct Gate {
     s: Mutex<State>,
@@ -63,6 +71,7 @@ impl Gate {
                 ack_gen: 0,
                 pending: VecDeque::new(),
                 released: Vec::new(),
+                base: 0,
                 emitted: 0,
                 ended: None,
                 inputs: VecDeque::new(),
@@ -112,6 +121,11 @@ impl Gate {
         }
         if s.released.len() != before {
             self.changed.notify_all();
+        }
+        if s.released.len() > 2 * KEEP_RELEASED {
+            let cut = s.released.len() - KEEP_RELEASED;
+            s.released.drain(..cut);
+            s.base += cut as u64;
         }
     }
 
@@ -189,8 +203,18 @@ impl Gate {
         self.s.lock().unwrap().emitted
     }
 
+    /// Console bytes released so far (the sequence number of the next).
     pub fn released_len(&self) -> u64 {
-        self.s.lock().unwrap().released.len() as u64
+        let s = self.s.lock().unwrap();
+        s.base + s.released.len() as u64
+    }
+
+    /// For a VM restored from a snapshot: the console had already sent
+    /// `bytes` bytes, so this gate's output is numbered from there.
+    pub fn start_at(&self, bytes: u64) {
+        let mut s = self.s.lock().unwrap();
+        s.base = bytes;
+        s.emitted = bytes;
     }
 
     pub fn pending_len(&self) -> usize {
@@ -227,11 +251,15 @@ impl Gate {
         let s = self.s.lock().unwrap();
         let (s, _) = self
             .changed
-            .wait_timeout_while(s, timeout, |s| s.released.len() as u64 <= from && s.ended.is_none())
+            .wait_timeout_while(s, timeout, |s| s.base + s.released.len() as u64 <= from && s.ended.is_none())
             .unwrap();
-        if (s.released.len() as u64) > from {
-            let end = s.released.len().min(from as usize + max);
-            Next::Data { seq: from, bytes: s.released[from as usize..end].to_vec() }
+        if s.base + (s.released.len() as u64) > from {
+            // Bytes before the kept tail are gone: the client gets the
+            // tail (its sequence number says where it starts).
+            let from = from.max(s.base);
+            let i = (from - s.base) as usize;
+            let end = s.released.len().min(i + max);
+            Next::Data { seq: from, bytes: s.released[i..end].to_vec() }
         } else if let Some(m) = &s.ended {
             let may_speak = matches!(s.role, Role::Primary { .. }) && s.lease_until.is_some_and(|t| Instant::now() < t);
             if may_speak && s.pending.is_empty() {
