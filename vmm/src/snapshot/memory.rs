@@ -34,6 +34,14 @@ impl std::fmt::Debug for MemoryImage {
 }
 
 /// Length of chunk `i` of a memory of `size` bytes.
+/// Whether every byte is zero. An OR over the whole slice rather than an
+/// early-exit scan: the compiler vectorizes it, which makes a snapshot of a
+/// mostly empty guest (and so the primary's pause for a state transfer)
+/// several times shorter.
+fn is_zero(data: &[u8]) -> bool {
+    data.iter().fold(0u8, |acc, &b| acc | b) == 0
+}
+
 pub fn chunk_len(size: u64, i: usize) -> usize {
     let start = i as u64 * CHUNK;
     size.saturating_sub(start).min(CHUNK) as usize
@@ -59,7 +67,7 @@ impl MemoryImage {
             let gpa = i as u64 * CHUNK;
             let data = &mut buf[..chunk_len(size, i)];
             mem.read_slice(data, GuestAddress(gpa)).map_err(|e| format!("reading guest memory at {gpa:#x}: {e}"))?;
-            chunks.push(if data.iter().all(|&b| b == 0) { Chunk::Zero } else { Chunk::Lz4(lz4_flex::block::compress(data)) });
+            chunks.push(if is_zero(data) { Chunk::Zero } else { Chunk::Lz4(lz4_flex::block::compress(data)) });
         }
         Ok(MemoryImage { size, chunks })
     }
