@@ -116,13 +116,22 @@ impl Recorder {
             return Ok(());
         };
         let offset = index.len();
-        let taken = Snapshot::capture(t.guest.clone(), m, at).map_err(|e| e.to_string()).and_then(|s| {
-            let mut bytes = Vec::new();
-            s.write_to(&mut bytes, "snapshot for the backup").map_err(|e| e.to_string())?;
-            Ok(Taken { bytes, offset, position: s.position, pause: t0.elapsed() })
-        });
+        // Everything written up to this exit, for the chunks to capture
+        // again (a new dirty interval starts here: harmless to resyncs,
+        // which need only what is written after the last exit).
+        if self.tracking {
+            self.take_dirty(at, "get the dirty log")?;
+        }
+        let mut in_pause = 0;
+        let taken = Snapshot::capture_with(t.guest.clone(), m, at, |mem| {
+            let (image, n) = t.memory_now(mem)?;
+            in_pause = n;
+            Ok(image)
+        })
+        .map(|snapshot| Taken { snapshot, chunks_in_pause: in_pause, offset, pause: t0.elapsed() })
+        .map_err(|e| e.to_string());
         if let Ok(tk) = &taken {
-            t.taken_at(tk.position.ordinal);
+            t.taken_at(tk.snapshot.position.ordinal);
         }
         let _ = reply.send(taken);
         Ok(())
@@ -141,8 +150,7 @@ impl Recorder {
     fn resync(&mut self, at: &mut ExitPoint) -> Result<(), EngineError> {
         let state = at.capture()?;
         let ordinal = at.ordinal;
-        let dirty = at.vcpu().take_dirty().map_err(|err| EngineError::Kvm { what: "get the dirty log", ordinal, err })?;
-        self.cleared = Instant::now();
+        let dirty = self.take_dirty(at, "get the dirty log")?;
         for chunk in dirty.chunks(PAGES_PER_RECORD) {
             let mut pages = Vec::with_capacity(chunk.len());
             for &gpa in chunk {
@@ -160,12 +168,27 @@ impl Recorder {
         self.append(at, Event::VcpuState { state: state.to_bytes() })
     }
 
+    /// The pages written since the last call (a new dirty interval
+    /// starts), reported to a state transfer's pre-copy too.
+    fn take_dirty(&mut self, at: &mut ExitPoint, what: &'static str) -> Result<Vec<u64>, EngineError> {
+        let ordinal = at.ordinal;
+        let dirty = at.vcpu().take_dirty().map_err(|err| EngineError::Kvm { what, ordinal, err })?;
+        self.cleared = Instant::now();
+        if let Some(t) = &self.transfers {
+            t.note_dirty(&dirty);
+        }
+        Ok(dirty)
+    }
+
     fn tracking(&mut self, at: &mut ExitPoint) -> Result<(), EngineError> {
         if self.log.is_some() && !self.tracking {
             let ordinal = at.ordinal;
             at.vcpu().set_dirty_tracking(true).map_err(|err| EngineError::Kvm { what: "start dirty-page tracking", ordinal, err })?;
             self.tracking = true;
             self.cleared = Instant::now();
+            if let Some(t) = &self.transfers {
+                t.tracking_on();
+            }
         }
         Ok(())
     }
@@ -366,9 +389,7 @@ impl Inputs for Recorder {
         self.maybe_mark(at, true, false)?;
         self.flush()?;
         if self.tracking && self.cleared.elapsed() >= CLEAR_EVERY {
-            let ordinal = at.ordinal;
-            at.vcpu().take_dirty().map_err(|err| EngineError::Kvm { what: "clear the dirty log", ordinal, err })?;
-            self.cleared = Instant::now();
+            self.take_dirty(at, "clear the dirty log")?;
         }
         let deadline = m.pit.lock().unwrap().next_deadline_ns();
         if deadline.is_none() && !self.input.open() && self.input.pending() == 0 {

@@ -183,6 +183,7 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
     let ordinal = Arc::new(AtomicU64::new(0));
     let marked = Arc::new(AtomicU64::new(0));
     let transfers = Transfers::new(h.clone());
+    let backup_transfers = transfers.clone();
     let recv = LogReceiver { reader, ack: write, log: own, buf: log.clone(), to_vcpu: rec_tx, records: 0 };
     let promoter = Promoter {
         witness: WitnessClient::new(&opts.witness, &opts.key),
@@ -203,6 +204,7 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
     let cfg = GuestConfig::for_log(&h, &stream_name, opts.kernel.as_deref(), opts.initrd.as_deref())?;
     let sink = GateSink { gate: gate.clone(), ordinal: ordinal.clone() };
     let mut vm = Vm::new(&cfg, Arc::new(VmClock::replay()), Box::new(sink), ordinal)?;
+    backup_transfers.set_mem(vm.mem.clone());
     let at = match snap {
         Some(snap) => {
             snap.restore_vm(&mut vm)?;

@@ -187,6 +187,7 @@ pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32),
     let marked = Arc::new(AtomicU64::new(0));
     let sink = GateSink { gate: gate.clone(), ordinal: ordinal.clone() };
     let mut vm = Vm::new(&cfg, Arc::new(VmClock::host()), Box::new(sink), ordinal)?;
+    transfers.set_mem(vm.mem.clone());
     log::info!("primary: {} is primary of view {}; console clients connect here", opts.listen, view.number);
     let stop = StopHandle::new();
     PrimaryDuty {

@@ -64,6 +64,18 @@ pub const MAX_SNAPSHOT_BYTES: u64 = (1 << 40) + (1 << 30);
 
 /// Waits for the snapshot asked for, while the stream is wanted.
 fn snapshot(s: &Sending) -> Option<Taken> {
+    let t0 = std::time::Instant::now();
+    match s.transfers.precopy(&s.stop) {
+        Ok(n) => log::info!(
+            "primary: pre-copied guest memory for backup {} in {:.1} ms ({n} MiB chunks written meanwhile)",
+            s.addr,
+            t0.elapsed().as_secs_f64() * 1e3
+        ),
+        Err(e) => log::info!("primary: no pre-copy for backup {} ({e}): all of memory is copied in the pause", s.addr),
+    }
+    if s.stop.load(Ordering::Relaxed) {
+        return None;
+    }
     let rx = s.transfers.request();
     let t0 = std::time::Instant::now();
     while !s.stop.load(Ordering::Relaxed) && t0.elapsed() < SNAPSHOT_WAIT {
@@ -91,11 +103,15 @@ fn send_header(conn: &mut SecureWriter, guest: &replay_log::Header) -> std::io::
     conn.flush()
 }
 
-/// Sends the snapshot frame; the records after its exit follow.
-fn send_snapshot(conn: &mut SecureWriter, t: &Taken) -> std::io::Result<()> {
-    conn.write_all(format!("SNAPSHOT {}\n", t.bytes.len()).as_bytes())?;
-    conn.write_all(&t.bytes)?;
-    conn.flush()
+/// Sends the snapshot frame; the records after its exit follow. Returns
+/// its length.
+fn send_snapshot(conn: &mut SecureWriter, t: &Taken) -> std::io::Result<usize> {
+    let mut bytes = Vec::new();
+    t.snapshot.write_to(&mut bytes, "snapshot for the backup").map_err(std::io::Error::other)?;
+    conn.write_all(format!("SNAPSHOT {}\n", bytes.len()).as_bytes())?;
+    conn.write_all(&bytes)?;
+    conn.flush()?;
+    Ok(bytes.len())
 }
 
 /// Streams the log (after a snapshot, or from boot) to the backup until `stop` is set or the
@@ -161,15 +177,16 @@ fn transfer(conn: &mut SecureWriter, s: &Sending, taken: Taken, sent: &AtomicUsi
     let t0 = std::time::Instant::now();
     let started = send_snapshot(conn, &taken);
     log::info!(
-        "primary: state transfer to backup {addr}: snapshot at exit #{}, {} bytes, guest paused {:.1} ms, sent in {:.1} ms",
-        taken.position.ordinal,
-        taken.bytes.len(),
+        "primary: state transfer to backup {addr}: snapshot at exit #{}, {} bytes, guest paused {:.1} ms ({} MiB chunks copied in the pause), encoded and sent in {:.1} ms",
+        taken.snapshot.position.ordinal,
+        started.as_ref().map_or(0, |n| *n),
         taken.pause.as_secs_f64() * 1e3,
+        taken.chunks_in_pause,
         t0.elapsed().as_secs_f64() * 1e3
     );
     drop(taken);
     match started {
-        Ok(()) => true,
+        Ok(_) => true,
         Err(e) => {
             log::warn!("primary: sending the snapshot to backup {addr} failed: {e}");
             false
