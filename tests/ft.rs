@@ -492,9 +492,11 @@ fn a_late_backup_catches_up_by_state_transfer() {
     // The early backup goes away; the primary runs alone again.
     early.kill9();
     wait_for("the witness to drop the backup", Duration::from_secs(20), || status(&w).contains("backup: none"));
-    std::thread::sleep(Duration::from_secs(12));
+    // Past 50,000 exits (about 20 s at hz=1000): a backup that had to
+    // replay from boot would also be throttled against.
+    std::thread::sleep(Duration::from_secs(16));
     let (late, _b2, t_late) = join_and_catch_up(&w);
-    eprintln!("catch-up after 5 s of run: {t_early:?}; after ~20 s: {t_late:?}");
+    eprintln!("catch-up after 5 s of run: {t_early:?}; after ~25 s: {t_late:?}");
     let err = primary.err();
     let transfers: Vec<&str> = err.lines().filter(|l| l.contains("state transfer to backup")).collect();
     eprintln!("{}", transfers.join("\n"));

@@ -74,6 +74,9 @@ impl PrimaryDuty {
         );
         match &v.backup {
             Some(b) => {
+                // Before the gate waits for it: the lag throttle must not
+                // hold the guest against a backup that has nothing yet.
+                self.transfers.joining();
                 let generation = self.gate.reset_acks();
                 self.gate.set_role(Role::Primary { need_ack: true });
                 let stop = Arc::new(AtomicBool::new(false));

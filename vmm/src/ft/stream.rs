@@ -152,6 +152,8 @@ fn start(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize) -> Option<usi
     // start): it replays from boot, nothing to snapshot.
     if let Some(off) = s.transfers.boot_records().filter(|&off| s.log.base() <= off) {
         sent.store(off, Ordering::SeqCst);
+        // It has nothing yet: the throttle counts from boot.
+        s.transfers.taken_at(0);
         return match write_line(conn, "BOOT") {
             Ok(()) => {
                 log::info!("primary: backup {addr} replays the log from boot");

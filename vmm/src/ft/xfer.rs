@@ -207,7 +207,14 @@ impl Transfers {
         self.reply.lock().unwrap().take()
     }
 
-    /// The snapshot was taken at `ordinal`.
+    /// A backup joins: until its transfer starts there is nothing to
+    /// throttle the guest against (call before the gate waits for it).
+    pub fn joining(&self) {
+        self.floor.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    /// The snapshot was taken at `ordinal` (0: the backup replays from
+    /// boot).
     pub fn taken_at(&self, ordinal: u64) {
         self.floor.store(ordinal, Ordering::SeqCst);
     }
