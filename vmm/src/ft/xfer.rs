@@ -35,7 +35,8 @@ pub struct Taken {
     /// Offset in the `LogBuf` just past the last record of the snapshot's
     /// exit: the backup gets the log from there on.
     pub offset: usize,
-    /// How long the guest was paused to take and encode it.
+    /// How long the guest was paused to take it (it is encoded and sent
+    /// after the guest resumes).
     pub pause: Duration,
 }
 
