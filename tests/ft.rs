@@ -430,8 +430,8 @@ fn reprotected_vm_survives_a_second_failover() {
     wait_for("output", Duration::from_secs(10), || c.console.out().contains("[0005]"));
     c.primary.kill9();
     wait_for("the first takeover", Duration::from_secs(10), || c.backup.err().contains("live at exit"));
-    // A fresh backup joins the running VM: it gets the log from boot and
-    // replays up to the present.
+    // A fresh backup joins the running VM: it gets a snapshot of it and
+    // the log from there (state transfer).
     let (mut backup2, b2) = start_backup(&c.w);
     wait_for("re-protection", Duration::from_secs(10), || backup2.err().contains("replaying in lockstep"));
     wait_for("the backup to catch up", Duration::from_secs(10), || {
@@ -445,6 +445,89 @@ fn reprotected_vm_survives_a_second_failover() {
     assert!(backup2.err().contains("live at exit"), "{}", backup2.err());
     assert_eq!(backup2.wait(Duration::from_secs(10)), Some(0));
     let _ = (&c.b, &c.witness);
+}
+
+/// (sent, acked) from `ftvm status`: the primary's last mark and the
+/// backup's acknowledgement.
+fn sent_acked(w: &str) -> (u64, u64) {
+    let s = status(w);
+    let line = s.lines().find_map(|l| l.strip_prefix("log: primary at exit #")).unwrap_or("");
+    let sent = line.split(',').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let acked = line.split("acknowledged #").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap_or(0);
+    (sent, acked)
+}
+
+/// Starts a backup for the running primary and waits until it has
+/// acknowledged the log through the exit the primary was at when it
+/// joined: how long that took.
+fn join_and_catch_up(w: &str) -> (Proc, String, Duration) {
+    let t0 = Instant::now();
+    let at = sent_acked(w).0;
+    let (b, addr) = start_backup(w);
+    wait_for("the backup to catch up", Duration::from_secs(60), || {
+        status(w).contains(&format!("backup: {addr}")) && sent_acked(w).1 >= at
+    });
+    (b, addr, t0.elapsed())
+}
+
+/// The largest "log kept in memory" the primary reported.
+fn max_kept(err: &str) -> u64 {
+    err.lines()
+        .filter_map(|l| l.split("log kept in memory: ").nth(1)?.split(' ').next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// Rule 5 by state transfer: a backup that joins late catches up about as
+/// fast as one that joins early (it gets a snapshot, not the log from
+/// boot), the primary's in-memory log stays bounded, and the re-protected
+/// VM fails over whole.
+#[test]
+fn a_late_backup_catches_up_by_state_transfer() {
+    let (_witness, w) = start_witness();
+    let (mut primary, _p) = start_primary(&w, "seconds=40 hz=1000");
+    let console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
+    std::thread::sleep(Duration::from_secs(5));
+    let (mut early, _b1, t_early) = join_and_catch_up(&w);
+    // The early backup goes away; the primary runs alone again.
+    early.kill9();
+    wait_for("the witness to drop the backup", Duration::from_secs(20), || status(&w).contains("backup: none"));
+    // Past 50,000 exits (about 20 s at hz=1000): a backup that had to
+    // replay from boot would also be throttled against.
+    std::thread::sleep(Duration::from_secs(16));
+    let (late, _b2, t_late) = join_and_catch_up(&w);
+    eprintln!("catch-up after 5 s of run: {t_early:?}; after ~25 s: {t_late:?}");
+    let err = primary.err();
+    let transfers: Vec<&str> = err.lines().filter(|l| l.contains("state transfer to backup")).collect();
+    eprintln!("{}", transfers.join("\n"));
+    assert_eq!(transfers.len(), 2, "{err}");
+    assert!(t_late < t_early * 3 + Duration::from_secs(1), "catch-up grew with the run: {t_early:?} then {t_late:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    let kept = max_kept(&primary.err());
+    eprintln!("largest log kept in memory by the primary: {kept} bytes");
+    assert!(kept > 0 && kept < 4 << 20, "the primary kept {kept} bytes of log:\n{}", primary.err());
+    primary.kill9();
+    let mut console = console;
+    assert_eq!(console.wait(Duration::from_secs(60)), Some(0), "{}\n{}", console.err(), late.err());
+    check_console(&console.out(), 400).unwrap();
+    assert!(late.err().contains("live at exit"), "{}", late.err());
+}
+
+/// A backup that joined by state transfer (memory pre-copied while the
+/// guest ran, the chunks written meanwhile copied again in the pause)
+/// replays to the end in lockstep: the log's last record checks the
+/// registers and a digest of all guest memory against the primary's.
+#[test]
+fn a_transferred_backup_matches_the_primary_to_the_last_byte() {
+    let (_witness, w) = start_witness();
+    let (mut primary, _p) = start_primary(&w, "seconds=5 hz=1000");
+    std::thread::sleep(Duration::from_millis(1500));
+    let (mut backup, _b) = start_backup(&w);
+    assert_eq!(primary.wait(Duration::from_secs(30)), Some(0), "{}", primary.err());
+    assert_eq!(backup.wait(Duration::from_secs(30)), Some(0), "{}", backup.err());
+    let (perr, berr) = (primary.err(), backup.err());
+    assert!(perr.contains("pre-copied guest memory") && perr.contains("state transfer to backup"), "{perr}");
+    assert!(berr.contains("received a snapshot at exit") && berr.contains("replayed to the end in lockstep"), "{berr}");
 }
 
 /// A TCP proxy that can be cut: the primary talks to the witness through it.

@@ -152,6 +152,15 @@ impl<R: Read> LogReader<R> {
         self.records
     }
 
+    /// The underlying reader, to read something other than records from
+    /// it between two records (a stream that embeds other frames, e.g.
+    /// ftvm's state transfer after the header). Only valid where no record
+    /// has been partly read: right after `new`, or after `next_record`
+    /// returned a record.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
     /// Gives back the underlying reader, dropping any partly received frame.
     pub fn into_inner(self) -> R {
         self.inner

@@ -311,6 +311,7 @@ fn failover_goes_live_at_the_end_of_the_log() {
         gate,
         // Not the sink's buffer: marks noted here are never consumed.
         buf: crate::ft::log_buf::LogBuf::new(),
+        transfers: crate::ft::xfer::Transfers::new(header()),
         on_live: Box::new(move |ord| *wl.lock().unwrap() = Some(ord)),
     };
     let stop = StopHandle::new();

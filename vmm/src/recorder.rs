@@ -19,6 +19,8 @@ use crate::engine::{EngineError, ExitPoint, Flow, Inputs, Observed};
 use crate::ft::commit::{self, GroupCommit};
 use crate::ft::gate::Gate;
 use crate::ft::log_buf::LogBuf;
+use crate::ft::xfer::{Taken, Transfers};
+use crate::snapshot::Snapshot;
 use crate::ft::HEARTBEAT;
 use crate::kick::Kicker;
 use crate::machine::Machine;
@@ -64,6 +66,8 @@ pub struct Recorder {
     /// The last exit, when output produced there waits for a mark that
     /// group commit deferred: a kick marks it if the guest does not exit.
     unmarked_at: Option<replay_log::Position>,
+    /// Snapshots asked for by a joining backup's log sender.
+    transfers: Option<Arc<Transfers>>,
 }
 
 /// Pages per `Pages` record: 4 MiB of a delta, well under the format's
@@ -88,7 +92,49 @@ impl Recorder {
             cleared: Instant::now(),
             resync_pages: 0,
             unmarked_at: None,
+            transfers: None,
         }
+    }
+
+    /// Answers requests for snapshots (state transfer to a joining
+    /// backup, `ft::xfer`); needs `with_mark_index`.
+    pub fn with_transfers(mut self, t: Arc<Transfers>) -> Self {
+        self.transfers = Some(t);
+        self
+    }
+
+    /// Takes the snapshot a joining backup asked for, at the end of this
+    /// exit: flushes the log first, so its end is exactly the offset from
+    /// which the backup needs it. A failure is answered to the sender (it
+    /// drops the backup's stream); the run goes on.
+    fn transfer(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<(), EngineError> {
+        let Some(reply) = self.transfers.as_ref().and_then(|t| t.take()) else { return Ok(()) };
+        let t0 = Instant::now();
+        self.flush()?;
+        let (Some(t), Some(index)) = (self.transfers.clone(), self.marks.as_ref().and_then(|mk| mk.index.clone())) else {
+            let _ = reply.send(Err("this VMM keeps no log to stream".into()));
+            return Ok(());
+        };
+        let offset = index.len();
+        // Everything written up to this exit, for the chunks to capture
+        // again (a new dirty interval starts here: harmless to resyncs,
+        // which need only what is written after the last exit).
+        if self.tracking {
+            self.take_dirty(at, "get the dirty log")?;
+        }
+        let mut in_pause = 0;
+        let taken = Snapshot::capture_with(t.guest.clone(), m, at, |mem| {
+            let (image, n) = t.memory_now(mem)?;
+            in_pause = n;
+            Ok(image)
+        })
+        .map(|snapshot| Taken { snapshot, chunks_in_pause: in_pause, offset, pause: t0.elapsed() })
+        .map_err(|e| e.to_string());
+        if let Ok(tk) = &taken {
+            t.taken_at(tk.snapshot.position.ordinal);
+        }
+        let _ = reply.send(taken);
+        Ok(())
     }
 
     /// Kicks a guest that computes past a timer deadline without exiting
@@ -104,8 +150,7 @@ impl Recorder {
     fn resync(&mut self, at: &mut ExitPoint) -> Result<(), EngineError> {
         let state = at.capture()?;
         let ordinal = at.ordinal;
-        let dirty = at.vcpu().take_dirty().map_err(|err| EngineError::Kvm { what: "get the dirty log", ordinal, err })?;
-        self.cleared = Instant::now();
+        let dirty = self.take_dirty(at, "get the dirty log")?;
         for chunk in dirty.chunks(PAGES_PER_RECORD) {
             let mut pages = Vec::with_capacity(chunk.len());
             for &gpa in chunk {
@@ -123,12 +168,27 @@ impl Recorder {
         self.append(at, Event::VcpuState { state: state.to_bytes() })
     }
 
+    /// The pages written since the last call (a new dirty interval
+    /// starts), reported to a state transfer's pre-copy too.
+    fn take_dirty(&mut self, at: &mut ExitPoint, what: &'static str) -> Result<Vec<u64>, EngineError> {
+        let ordinal = at.ordinal;
+        let dirty = at.vcpu().take_dirty().map_err(|err| EngineError::Kvm { what, ordinal, err })?;
+        self.cleared = Instant::now();
+        if let Some(t) = &self.transfers {
+            t.note_dirty(&dirty);
+        }
+        Ok(dirty)
+    }
+
     fn tracking(&mut self, at: &mut ExitPoint) -> Result<(), EngineError> {
         if self.log.is_some() && !self.tracking {
             let ordinal = at.ordinal;
             at.vcpu().set_dirty_tracking(true).map_err(|err| EngineError::Kvm { what: "start dirty-page tracking", ordinal, err })?;
             self.tracking = true;
             self.cleared = Instant::now();
+            if let Some(t) = &self.transfers {
+                t.tracking_on();
+            }
         }
         Ok(())
     }
@@ -202,7 +262,16 @@ impl Recorder {
     fn throttle(&self, ordinal: u64) {
         let Some(mk) = &self.marks else { return };
         let t0 = Instant::now();
-        while commit::too_far_behind(ordinal, mk.gate.look(ordinal)) && t0.elapsed() < commit::MAX_LAG_WAIT {
+        // A backup that joined by state transfer has everything up to the
+        // snapshot; while the snapshot is still to be taken there is
+        // nothing to wait for.
+        let floor = self.transfers.as_ref().map_or(0, |t| t.floor());
+        let look = |g: &Gate| {
+            let mut l = g.look(ordinal);
+            l.acked = l.acked.max(floor);
+            l
+        };
+        while commit::too_far_behind(ordinal, look(&mk.gate)) && t0.elapsed() < commit::MAX_LAG_WAIT {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -320,9 +389,7 @@ impl Inputs for Recorder {
         self.maybe_mark(at, true, false)?;
         self.flush()?;
         if self.tracking && self.cleared.elapsed() >= CLEAR_EVERY {
-            let ordinal = at.ordinal;
-            at.vcpu().take_dirty().map_err(|err| EngineError::Kvm { what: "clear the dirty log", ordinal, err })?;
-            self.cleared = Instant::now();
+            self.take_dirty(at, "clear the dirty log")?;
         }
         let deadline = m.pit.lock().unwrap().next_deadline_ns();
         if deadline.is_none() && !self.input.open() && self.input.pending() == 0 {
@@ -363,6 +430,9 @@ impl Inputs for Recorder {
                 if let Some(k) = &self.kicker {
                     let pit = m.pit.lock().unwrap();
                     k.set_due(pit.next_deadline_ns(), pit.tick_ns());
+                }
+                if self.transfers.as_ref().is_some_and(|t| t.pending()) && m.stop.get().is_none() {
+                    self.transfer(m, at)?;
                 }
             }
             Observed::End { reason, mem_digest } => {

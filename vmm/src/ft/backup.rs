@@ -15,7 +15,9 @@ use super::key::ClusterKey;
 use super::listener::{bind, log_buf_writer, serve_listener, wind_down, Incoming, LogStreams, RoleError};
 use super::log_buf::LogBuf;
 use super::primary::PrimaryDuty;
-use super::stream::{ChannelSource, LogReceiver, StreamEnd};
+use super::secure::SecureReader;
+use super::stream::{ChannelSource, LogReceiver, StreamEnd, MAX_SNAPSHOT_BYTES};
+use super::xfer::Transfers;
 use super::witness::{Promotion, View, WitnessClient, WitnessError, PING_INTERVAL};
 use super::{write_line, SILENCE};
 use crate::clock::VmClock;
@@ -24,6 +26,7 @@ use crate::console_io::ConsoleInput;
 use crate::engine::{self, Ending, Inputs, RunOptions};
 use crate::recorder::LogSink;
 use crate::replay::Replayer;
+use crate::snapshot::Snapshot;
 use crate::stop::StopHandle;
 use crate::vm::Vm;
 
@@ -38,6 +41,35 @@ pub struct BackupOpts {
 
 /// A log stream must bring its header this soon after the backup's `OK`.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The primary takes the snapshot at its vCPU's next exit and encodes it
+/// (a second or so for a few hundred MiB): its first byte comes this soon,
+/// and each later read waits no longer than this either.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Reads the `SNAPSHOT <len>` frame that starts a log stream (see
+/// `stream.rs`): the VM as the primary had it at one exit.
+/// `None` for `BOOT`: the log from boot follows.
+fn read_snapshot(reader: &mut SecureReader, name: &str) -> Result<Option<Snapshot>, String> {
+    use std::io::Read;
+    let _ = reader.tcp().set_read_timeout(Some(SNAPSHOT_TIMEOUT));
+    let line = super::read_line(reader).map_err(|e| e.to_string())?.ok_or("the stream ended before the snapshot")?;
+    if line == "BOOT" {
+        let _ = reader.tcp().set_read_timeout(Some(HEADER_TIMEOUT));
+        return Ok(None);
+    }
+    let len = line
+        .strip_prefix("SNAPSHOT ")
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|&n| n <= MAX_SNAPSHOT_BYTES)
+        .ok_or_else(|| format!("{line:?} where `SNAPSHOT <len>` (at most {MAX_SNAPSHOT_BYTES}) belongs"))?;
+    let mut body = reader.by_ref().take(len);
+    let snap = Snapshot::read_from(&mut body, name, None).map_err(|e| e.to_string())?;
+    if body.limit() != 0 {
+        return Err(format!("the snapshot is {} bytes shorter than its frame says", body.limit()));
+    }
+    let _ = reader.tcp().set_read_timeout(Some(HEADER_TIMEOUT));
+    Ok(Some(snap))
+}
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RoleError> {
     std::thread::Builder::new()
@@ -95,7 +127,7 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
     let stop = StopHandle::new();
     keep_place(witness, me.clone(), my_view.clone(), promoted.clone(), stop.clone())?;
 
-    let (reader, write, stream_view, peer, silence) = loop {
+    let (reader, write, stream_view, peer, silence, snap) = loop {
         let (reader, mut write, stream_view) = crossbeam_channel::select! {
             recv(log_rx) -> r => r.map_err(|_| RoleError::Stopped("backup: the listener stopped".into()))?,
             recv(stop.wakeup()) -> _ => {
@@ -110,10 +142,17 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
         let silence = reader.tcp().try_clone();
         let name = format!("log stream from {peer}");
         let opened = write_line(&mut write, "OK")
-            .map_err(|err| LogError::Io { source_name: name.clone(), offset: 0, err })
-            .and_then(|()| LogReader::new(reader, &name));
+            .map_err(|err| LogError::Io { source_name: name.clone(), offset: 0, err }.to_string())
+            .and_then(|()| LogReader::new(reader, &name).map_err(|e| e.to_string()))
+            .and_then(|mut r| {
+                if r.header().kernel_sha256 != kernel.sha256 {
+                    // Not a stream to refuse and forget: the cluster runs another kernel.
+                    return Ok((r, None));
+                }
+                read_snapshot(r.get_mut(), &name).map(|s| (r, Some(s)))
+            });
         match (opened, silence) {
-            (Ok(reader), Ok(silence)) => break (reader, write, stream_view, peer, silence),
+            (Ok((reader, snap)), Ok(silence)) => break (reader, write, stream_view, peer, silence, snap),
             (Err(e), _) => log::warn!("backup: refused the log stream from {peer}: {e}"),
             (_, Err(e)) => log::warn!("backup: refused the log stream from {peer}: {e}"),
         }
@@ -121,12 +160,21 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
     };
     let stream_name = format!("log stream from {peer}");
     let h = reader.header().clone();
-    if h.kernel_sha256 != kernel.sha256 {
+    let Some(snap) = snap.filter(|_| h.kernel_sha256 == kernel.sha256) else {
         return Err(RoleError::WrongKernel { primary: h.kernel_name.clone(), backup: kernel.name.clone() });
+    };
+    if let Some(snap) = &snap {
+        snap.check_guest(&h, &stream_name)?;
     }
     // From here on, silence means the primary may be gone.
     let _ = silence.set_read_timeout(Some(SILENCE));
-    log::info!("backup: receiving the log of view {stream_view} from {peer}; replaying in lockstep");
+    match &snap {
+        Some(s) => log::info!(
+            "backup: received a snapshot at exit #{} from {peer}; receiving the log of view {stream_view} after it, replaying in lockstep",
+            s.position.ordinal
+        ),
+        None => log::info!("backup: receiving the log of view {stream_view} from {peer} from boot; replaying in lockstep"),
+    }
 
     let log = LogBuf::new();
     let own: LogSink = LogWriter::new(log_buf_writer(&log), &h)?;
@@ -134,6 +182,8 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
     let slot: TakeoverSlot = Arc::new(Mutex::new(None));
     let ordinal = Arc::new(AtomicU64::new(0));
     let marked = Arc::new(AtomicU64::new(0));
+    let transfers = Transfers::new(h.clone());
+    let backup_transfers = transfers.clone();
     let recv = LogReceiver { reader, ack: write, log: own, buf: log.clone(), to_vcpu: rec_tx, records: 0 };
     let promoter = Promoter {
         witness: WitnessClient::new(&opts.witness, &opts.key),
@@ -143,6 +193,7 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
         promoted: promoted.clone(),
         gate: gate.clone(),
         log,
+        transfers,
         slot: slot.clone(),
         marked,
         input: in_rx,
@@ -153,9 +204,22 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
     let cfg = GuestConfig::for_log(&h, &stream_name, opts.kernel.as_deref(), opts.initrd.as_deref())?;
     let sink = GateSink { gate: gate.clone(), ordinal: ordinal.clone() };
     let mut vm = Vm::new(&cfg, Arc::new(VmClock::replay()), Box::new(sink), ordinal)?;
+    backup_transfers.set_mem(vm.mem.clone());
+    let at = match snap {
+        Some(snap) => {
+            snap.restore_vm(&mut vm)?;
+            gate.start_at(snap.console_bytes());
+            Some(snap.position)
+        }
+        None => None,
+    };
     let source = ChannelSource::new(rec_rx, stop.clone());
-    let mut inputs = BackupInputs::new(Replayer::new(source), slot, stop.clone());
-    let out = engine::run(vm.guest(), &mut inputs, &RunOptions { progress: opts.progress, stop })
+    let replayer = match at {
+        Some(p) => Replayer::new(source).resume_after(p),
+        None => Replayer::new(source),
+    };
+    let mut inputs = BackupInputs::new(replayer, slot, stop.clone());
+    let out = engine::run_from(vm.guest(), &mut inputs, &RunOptions { progress: opts.progress, stop }, at)
         .map_err(|err| RoleError::Engine { what: "backup replay", err })?;
     let (msg, code) = out.ending.describe();
     if matches!(out.ending, Ending::Stopped { .. }) {
@@ -181,6 +245,7 @@ struct Promoter {
     promoted: Arc<AtomicBool>,
     gate: Arc<Gate>,
     log: Arc<LogBuf>,
+    transfers: Arc<Transfers>,
     slot: TakeoverSlot,
     marked: Arc<AtomicU64>,
     input: Receiver<Vec<u8>>,
@@ -235,6 +300,7 @@ impl Promoter {
         let kit = Takeover {
             log,
             buf: self.log.clone(),
+            transfers: self.transfers.clone(),
             input: ConsoleInput::from_channel(self.input),
             marked: self.marked.clone(),
             gate: self.gate.clone(),
@@ -250,9 +316,11 @@ impl Promoter {
             view,
             gate: self.gate,
             log: self.log,
+            transfers: self.transfers,
             marked: self.marked,
             sender_stop: None,
             stop: self.stop,
+            log_said: Instant::now(),
         }
         .start(t0);
         drop(to_vcpu);

@@ -24,6 +24,8 @@ pub struct Takeover {
     pub gate: Arc<super::gate::Gate>,
     /// The in-memory log `log` writes to (its marks are noted there).
     pub buf: Arc<super::log_buf::LogBuf>,
+    /// Snapshots for a backup of its own (state transfer).
+    pub transfers: Arc<super::xfer::Transfers>,
     /// Called once at the switch (e.g. to say so on stderr).
     pub on_live: Box<dyn FnOnce(u64) + Send>,
 }
@@ -68,6 +70,7 @@ impl BackupInputs {
             Recorder::new(Some(kit.log), kit.input)
                 .with_marks(kit.marked, kit.gate)
                 .with_mark_index(kit.buf)
+                .with_transfers(kit.transfers)
                 .with_kicks(self.stop.clone(), m.clock.clone()),
         );
         Ok(Flow::Continue)

@@ -28,7 +28,10 @@ struct State {
     /// so a late ack from the previous one cannot release output.
     ack_gen: u64,
     pending: VecDeque<(u64, u8)>,
+    /// The tail of the released output: bytes `[base, base + len)` of the
+    /// console stream (at most about 2 × [`KEEP_RELEASED`]).
     released: Vec<u8>,
+    base: u64,
     emitted: u64,
     ended: Option<String>,
     /// Console input delivered to the guest: (ordinal, total bytes so far),
@@ -37,6 +40,11 @@ struct State {
     /// Console input bytes that are in the log and safe with the backup.
     input_acked: u64,
 }
+
+/// Released console output kept for console clients that reconnect (after
+/// a failover, a dropped connection): the last 1 MiB or so. A client that
+/// asks for older bytes gets the kept tail, after a notice.
+pub const KEEP_RELEASED: usize = 1 << 20;
 
 pub struct Gate {
     s: Mutex<State>,
@@ -63,6 +71,7 @@ impl Gate {
                 ack_gen: 0,
                 pending: VecDeque::new(),
                 released: Vec::new(),
+                base: 0,
                 emitted: 0,
                 ended: None,
                 inputs: VecDeque::new(),
@@ -112,6 +121,11 @@ impl Gate {
         }
         if s.released.len() != before {
             self.changed.notify_all();
+        }
+        if s.released.len() > 2 * KEEP_RELEASED {
+            let cut = s.released.len() - KEEP_RELEASED;
+            s.released.drain(..cut);
+            s.base += cut as u64;
         }
     }
 
@@ -189,8 +203,18 @@ impl Gate {
         self.s.lock().unwrap().emitted
     }
 
+    /// Console bytes released so far (the sequence number of the next).
     pub fn released_len(&self) -> u64 {
-        self.s.lock().unwrap().released.len() as u64
+        let s = self.s.lock().unwrap();
+        s.base + s.released.len() as u64
+    }
+
+    /// For a VM restored from a snapshot: the console had already sent
+    /// `bytes` bytes, so this gate's output is numbered from there.
+    pub fn start_at(&self, bytes: u64) {
+        let mut s = self.s.lock().unwrap();
+        s.base = bytes;
+        s.emitted = bytes;
     }
 
     pub fn pending_len(&self) -> usize {
@@ -227,11 +251,15 @@ impl Gate {
         let s = self.s.lock().unwrap();
         let (s, _) = self
             .changed
-            .wait_timeout_while(s, timeout, |s| s.released.len() as u64 <= from && s.ended.is_none())
+            .wait_timeout_while(s, timeout, |s| s.base + s.released.len() as u64 <= from && s.ended.is_none())
             .unwrap();
-        if (s.released.len() as u64) > from {
-            let end = s.released.len().min(from as usize + max);
-            Next::Data { seq: from, bytes: s.released[from as usize..end].to_vec() }
+        if s.base + (s.released.len() as u64) > from {
+            // Bytes before the kept tail are gone: the client gets the
+            // tail (its sequence number says where it starts).
+            let from = from.max(s.base);
+            let i = (from - s.base) as usize;
+            let end = s.released.len().min(i + max);
+            Next::Data { seq: from, bytes: s.released[i..end].to_vec() }
         } else if let Some(m) = &s.ended {
             let may_speak = matches!(s.role, Role::Primary { .. }) && s.lease_until.is_some_and(|t| Instant::now() < t);
             if may_speak && s.pending.is_empty() {
@@ -286,6 +314,42 @@ mod tests {
         assert_eq!(text(g.next(4, 64, Duration::ZERO)), "END bye");
         g.set_role(Role::Silent);
         assert_eq!(text(g.next(4, 64, Duration::ZERO)), "hang up");
+    }
+
+    #[test]
+    fn released_output_keeps_a_bounded_tail_numbered_as_before() {
+        let g = Gate::new(Role::Primary { need_ack: false });
+        g.set_lease(Instant::now() + Duration::from_secs(10));
+        let chunk = vec![b'x'; KEEP_RELEASED / 2];
+        for i in 0..6 {
+            g.emit(i, &chunk);
+        }
+        let total = 3 * KEEP_RELEASED as u64;
+        assert_eq!(g.released_len(), total);
+        assert!(g.s.lock().unwrap().released.len() <= 2 * KEEP_RELEASED);
+        // A client that has the last byte gets nothing new; one from byte 0
+        // gets the kept tail, numbered where it starts.
+        assert!(matches!(g.next(total, 64, Duration::ZERO), Next::Nothing));
+        match g.next(0, 64, Duration::ZERO) {
+            Next::Data { seq, bytes } => {
+                assert!(seq > 0 && seq + 64 <= total, "{seq}");
+                assert_eq!(bytes.len(), 64);
+            }
+            _ => panic!("no data"),
+        }
+    }
+
+    #[test]
+    fn a_restored_vm_numbers_its_output_after_the_snapshot() {
+        let g = Gate::new(Role::Primary { need_ack: false });
+        g.set_lease(Instant::now() + Duration::from_secs(10));
+        g.start_at(1000);
+        g.emit(1, b"ab");
+        assert_eq!((g.released_len(), g.emitted()), (1002, 1002));
+        match g.next(1001, 64, Duration::ZERO) {
+            Next::Data { seq, bytes } => assert_eq!((seq, bytes), (1001, b"b".to_vec())),
+            _ => panic!("no data"),
+        }
     }
 
     #[test]

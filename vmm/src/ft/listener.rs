@@ -27,6 +27,8 @@ pub enum RoleError {
     Witness(#[from] WitnessError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("state transfer: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error(transparent)]
     Vm(#[from] crate::vm::VmError),
     #[error("{what}: {err}")]

@@ -1,6 +1,9 @@
-//! The log kept in memory by whichever VMM is primary, from boot: a backup
-//! that joins gets all of it from byte 0 and replays up to the present.
-//! (Re-protection by replaying from boot: the boot state is the snapshot.)
+//! The log kept in memory by whichever VMM is primary: the records a
+//! backup has not been sent yet. A backup that joins gets a snapshot and
+//! the log from the snapshot's offset on (`xfer.rs`), so the bytes before
+//! what was last sent (or before the last snapshot) are dropped
+//! (`trim_before`): offsets stay absolute (bytes since the log began), the
+//! buffer holds only `[base, len)`.
 //!
 //! It also knows where each high-water mark ends, so that the stream to a
 //! backup can tell which marks it has sent: an acknowledgement of anything
@@ -12,7 +15,9 @@ use std::time::Duration;
 
 #[derive(Default)]
 struct Inner {
+    /// The log's bytes from offset `base` on.
     bytes: Vec<u8>,
+    base: usize,
     /// (offset just past the mark, its ordinal), in log order.
     marks: Vec<(usize, u64)>,
     /// A mark whose bytes the next append ends with.
@@ -30,8 +35,37 @@ impl LogBuf {
         Arc::new(Self::default())
     }
 
+    /// Offset of the end of the log (bytes ever appended).
     pub fn len(&self) -> usize {
+        let g = self.inner.lock().unwrap();
+        g.base + g.bytes.len()
+    }
+
+    /// Offset of the first byte still held.
+    pub fn base(&self) -> usize {
+        self.inner.lock().unwrap().base
+    }
+
+    /// Bytes actually held (what `trim_before` keeps bounded).
+    pub fn kept(&self) -> usize {
         self.inner.lock().unwrap().bytes.len()
+    }
+
+    /// Drops the bytes before `offset` (no backup will ever need them: a
+    /// backup that joins gets a snapshot). Marks before it are dropped too,
+    /// except the last one, so that `last_mark_within` still answers.
+    pub fn trim_before(&self, offset: usize) {
+        let mut g = self.inner.lock().unwrap();
+        let end = g.base + g.bytes.len();
+        let offset = offset.min(end);
+        if offset <= g.base {
+            return;
+        }
+        let cut = offset - g.base;
+        g.bytes.drain(..cut);
+        g.base = offset;
+        let keep_from = g.marks.partition_point(|&(e, _)| e <= offset).saturating_sub(1);
+        g.marks.drain(..keep_from);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -42,7 +76,7 @@ impl LogBuf {
         let mut g = self.inner.lock().unwrap();
         g.bytes.extend_from_slice(b);
         if let Some(ord) = g.next_mark.take() {
-            let end = g.bytes.len();
+            let end = g.base + g.bytes.len();
             g.marks.push((end, ord));
         }
         drop(g);
@@ -66,14 +100,19 @@ impl LogBuf {
         i.checked_sub(1).map(|i| g.marks[i].1)
     }
 
-    /// Bytes from `offset` on, waiting up to `timeout` for there to be any.
-    pub fn read_from(&self, offset: usize, timeout: Duration) -> Vec<u8> {
+    /// Bytes from `offset` on, waiting up to `timeout` for there to be any;
+    /// `Err(base)` if bytes before `offset` were already dropped (the
+    /// reader must start over from a fresh snapshot).
+    pub fn read_from(&self, offset: usize, timeout: Duration) -> Result<Vec<u8>, usize> {
         let g = self.inner.lock().unwrap();
         let (g, _) = self
             .grew
-            .wait_timeout_while(g, timeout, |g| g.bytes.len() <= offset)
+            .wait_timeout_while(g, timeout, |g| g.base + g.bytes.len() <= offset)
             .unwrap();
-        g.bytes.get(offset..).map(<[u8]>::to_vec).unwrap_or_default()
+        if offset < g.base {
+            return Err(g.base);
+        }
+        Ok(g.bytes.get(offset - g.base..).map(<[u8]>::to_vec).unwrap_or_default())
     }
 }
 
@@ -101,8 +140,25 @@ mod tests {
         let t = std::thread::spawn(move || l2.read_from(3, Duration::from_secs(5)));
         std::thread::sleep(Duration::from_millis(20));
         LogBufWriter(log.clone()).write_all(b"abcdef").unwrap();
-        assert_eq!(t.join().unwrap(), b"def");
-        assert!(log.read_from(6, Duration::from_millis(1)).is_empty());
+        assert_eq!(t.join().unwrap().unwrap(), b"def");
+        assert!(log.read_from(6, Duration::from_millis(1)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn trimmed_bytes_are_gone_but_offsets_stay() {
+        let log = LogBuf::new();
+        log.append(b"header");
+        log.mark_follows(7);
+        log.append(b"recs+mark"); // ends at 15
+        log.append(b"more");
+        log.trim_before(15);
+        assert_eq!(log.len(), 19);
+        assert_eq!(log.kept(), 4);
+        assert_eq!(log.read_from(15, Duration::from_millis(1)).unwrap(), b"more");
+        assert_eq!(log.read_from(3, Duration::from_millis(1)), Err(15));
+        assert_eq!(log.last_mark_within(19), Some(7));
+        log.trim_before(100);
+        assert_eq!((log.len(), log.kept()), (19, 0));
     }
 
     #[test]

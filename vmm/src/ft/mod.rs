@@ -15,6 +15,7 @@ pub mod remote_console;
 pub mod secure;
 pub mod stream;
 pub mod witness;
+pub mod xfer;
 
 use std::io::{BufRead, Read, Write};
 use std::time::Duration;

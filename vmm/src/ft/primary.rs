@@ -13,6 +13,7 @@ use super::key::ClusterKey;
 use super::listener::{bind, log_buf_writer, serve_listener, wind_down, RoleError};
 use super::log_buf::LogBuf;
 use super::stream::{self, Sending};
+use super::xfer::Transfers;
 use super::witness::{View, WitnessClient, WitnessError, LEASE, PING_INTERVAL};
 use crate::clock::VmClock;
 use crate::config::GuestConfig;
@@ -32,12 +33,19 @@ pub(super) struct PrimaryDuty {
     pub(super) view: View,
     pub(super) gate: Arc<Gate>,
     pub(super) log: Arc<LogBuf>,
+    /// Where the log sender asks the vCPU for a snapshot.
+    pub(super) transfers: Arc<Transfers>,
     /// Ordinal of the last high-water mark (reported to the witness).
     pub(super) marked: Arc<AtomicU64>,
     pub(super) sender_stop: Option<Arc<AtomicBool>>,
     /// Ends this VMM's run when the witness fences it.
     pub(super) stop: StopHandle,
+    /// When the size of the kept log was last said.
+    pub(super) log_said: Instant,
 }
+
+/// How often the primary says how much log it keeps in memory.
+const LOG_SIZE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl PrimaryDuty {
     pub(super) fn start(mut self, first_lease_at: Instant) {
@@ -66,6 +74,9 @@ impl PrimaryDuty {
         );
         match &v.backup {
             Some(b) => {
+                // Before the gate waits for it: the lag throttle must not
+                // hold the guest against a backup that has nothing yet.
+                self.transfers.joining();
                 let generation = self.gate.reset_acks();
                 self.gate.set_role(Role::Primary { need_ack: true });
                 let stop = Arc::new(AtomicBool::new(false));
@@ -78,6 +89,7 @@ impl PrimaryDuty {
                     gate: self.gate.clone(),
                     generation,
                     stop,
+                    transfers: self.transfers.clone(),
                 };
                 let send = move || stream::run_sender(to);
                 if let Err(e) = std::thread::Builder::new().name("ftvm-log-sender".into()).spawn(send) {
@@ -95,6 +107,7 @@ impl PrimaryDuty {
         let mut cut_off = false;
         loop {
             std::thread::sleep(PING_INTERVAL);
+            self.bound_log();
             let t0 = Instant::now();
             let sent = self.marked.load(Ordering::Relaxed);
             match self.witness.primary_ping(&self.me, self.view.number, sent, self.gate.acked()) {
@@ -127,6 +140,19 @@ impl PrimaryDuty {
         }
     }
 
+    /// Without a backup no one will ever be sent the log kept so far (a
+    /// backup that joins gets a snapshot): drop it. With one, its sender
+    /// drops what it has sent. Says how much is kept, now and then.
+    fn bound_log(&mut self) {
+        if self.view.backup.is_none() {
+            self.log.trim_before(self.log.len());
+        }
+        if self.log_said.elapsed() >= LOG_SIZE_EVERY {
+            self.log_said = Instant::now();
+            log::info!("primary: log kept in memory: {} bytes (offset {})", self.log.kept(), self.log.len());
+        }
+    }
+
     /// Rule 4 from the other side: a primary the witness no longer
     /// recognises never releases another byte, and stops (exit code 75).
     fn fenced(&self, why: &str) {
@@ -156,12 +182,15 @@ pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32),
     let gate = Gate::new(Role::Primary { need_ack: view.backup.is_some() });
     let log = LogBuf::new();
     let writer: LogSink = LogWriter::new(log_buf_writer(&log), &cfg.header())?;
+    let transfers = Transfers::new(cfg.header());
+    transfers.set_boot_records(log.len());
     let (in_tx, in_rx) = crossbeam_channel::unbounded();
     serve_listener(listener, opts.key.clone(), gate.clone(), in_tx, None);
     let ordinal = Arc::new(AtomicU64::new(0));
     let marked = Arc::new(AtomicU64::new(0));
     let sink = GateSink { gate: gate.clone(), ordinal: ordinal.clone() };
     let mut vm = Vm::new(&cfg, Arc::new(VmClock::host()), Box::new(sink), ordinal)?;
+    transfers.set_mem(vm.mem.clone());
     log::info!("primary: {} is primary of view {}; console clients connect here", opts.listen, view.number);
     let stop = StopHandle::new();
     PrimaryDuty {
@@ -171,14 +200,17 @@ pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32),
         view,
         gate: gate.clone(),
         log: log.clone(),
+        transfers: transfers.clone(),
         marked: marked.clone(),
         sender_stop: None,
         stop: stop.clone(),
+        log_said: Instant::now(),
     }
     .start(t0);
     let mut rec = Recorder::new(Some(writer), ConsoleInput::from_channel(in_rx))
         .with_marks(marked, gate.clone())
         .with_mark_index(log)
+        .with_transfers(transfers)
         .with_kicks(stop.clone(), vm.machine.clock.clone());
     let out = engine::run(vm.guest(), &mut rec, &RunOptions { progress: opts.progress, stop })
         .map_err(|err| RoleError::Engine { what: "primary", err })?;

@@ -201,6 +201,12 @@ pub fn run_client(witness: &str, key: &ClusterKey, give_up: Duration) -> anyhow:
                 }
                 first = false;
                 let end = seq + len;
+                if seq > next_seq {
+                    log::warn!(
+                        "console: output bytes {next_seq}..{seq} are gone (the primary keeps only the last {} KiB of released output); continuing from byte {seq}",
+                        super::gate::KEEP_RELEASED >> 10
+                    );
+                }
                 if end > next_seq {
                     let skip = next_seq.saturating_sub(seq) as usize;
                     out.write_all(&bytes[skip..])?;

@@ -1,7 +1,10 @@
 //! The log stream from primary to backup: a one-line hello that names the
 //! view (`FTVM-LOG view=N`), the backup's `OK` or `ERR ...`, then the log
-//! itself in the replay-log format (header and records, exactly as in a
-//! file), while the backup sends `ACK <ordinal>` lines back each time it
+//! header (replay-log format), then either a line `SNAPSHOT <len>` and
+//! `len` bytes of a snapshot of the VM taken at the end of some exit N
+//! (docs/SNAPSHOT.md; state transfer, `xfer.rs`) followed by the log's
+//! records from the first one after exit N on, or a line `BOOT` followed
+//! by the records from boot (a backup in the view from the start), while the backup sends `ACK <ordinal>` lines back each time it
 //! has received the log through that ordinal (a high-water mark record).
 //! The connection is authenticated and encrypted (`secure.rs`); its hello
 //! binds it to one view, and a new view means a new connection.
@@ -17,12 +20,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
-use replay_log::{Event, LogError, LogReader, Record};
+use replay_log::{Event, LogError, LogReader, LogWriter, Record};
 
 use super::gate::Gate;
 use super::key::ClusterKey;
 use super::log_buf::LogBuf;
 use super::secure::{self, SecureReader, SecureWriter};
+use super::xfer::{Taken, Transfers};
 use super::{read_line, write_line, HEARTBEAT};
 use crate::recorder::LogSink;
 use crate::stop::StopHandle;
@@ -47,9 +51,70 @@ pub struct Sending {
     pub log: Arc<LogBuf>,
     pub gate: Arc<Gate>,
     pub stop: Arc<AtomicBool>,
+    /// Where snapshots for the backup are asked for.
+    pub transfers: Arc<Transfers>,
 }
 
-/// Streams the log from byte 0 to the backup until `stop` is set or the
+/// The longest a sender waits for its snapshot (the vCPU takes it at its
+/// next exit; a guest that never exits is kicked by its timer anyway).
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(60);
+/// The largest snapshot a backup accepts: 1 TiB of memory, incompressible,
+/// plus its other sections.
+pub const MAX_SNAPSHOT_BYTES: u64 = (1 << 40) + (1 << 30);
+
+/// Waits for the snapshot asked for, while the stream is wanted.
+fn snapshot(s: &Sending) -> Option<Taken> {
+    let t0 = std::time::Instant::now();
+    match s.transfers.precopy(&s.stop) {
+        Ok(n) => log::info!(
+            "primary: pre-copied guest memory for backup {} in {:.1} ms ({n} MiB chunks written meanwhile)",
+            s.addr,
+            t0.elapsed().as_secs_f64() * 1e3
+        ),
+        Err(e) => log::info!("primary: no pre-copy for backup {} ({e}): all of memory is copied in the pause", s.addr),
+    }
+    if s.stop.load(Ordering::Relaxed) {
+        return None;
+    }
+    let rx = s.transfers.request();
+    let t0 = std::time::Instant::now();
+    while !s.stop.load(Ordering::Relaxed) && t0.elapsed() < SNAPSHOT_WAIT {
+        match rx.recv_timeout(HEARTBEAT) {
+            Ok(Ok(t)) => return Some(t),
+            Ok(Err(e)) => {
+                log::warn!("primary: cannot take a snapshot for backup {}: {e}", s.addr);
+                return None;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
+        }
+    }
+    if !s.stop.load(Ordering::Relaxed) {
+        log::warn!("primary: no snapshot for backup {} after {SNAPSHOT_WAIT:?}", s.addr);
+    }
+    None
+}
+
+/// Sends the log header, before the snapshot is taken (a stream that is
+/// not a log is refused by the backup at once).
+fn send_header(conn: &mut SecureWriter, guest: &replay_log::Header) -> std::io::Result<()> {
+    let header = LogWriter::new(Vec::new(), guest).and_then(|w| w.into_inner()).map_err(std::io::Error::other)?;
+    conn.write_all(&header)?;
+    conn.flush()
+}
+
+/// Sends the snapshot frame; the records after its exit follow. Returns
+/// its length.
+fn send_snapshot(conn: &mut SecureWriter, t: &Taken) -> std::io::Result<usize> {
+    let mut bytes = Vec::new();
+    t.snapshot.write_to(&mut bytes, "snapshot for the backup").map_err(std::io::Error::other)?;
+    conn.write_all(format!("SNAPSHOT {}\n", bytes.len()).as_bytes())?;
+    conn.write_all(&bytes)?;
+    conn.flush()?;
+    Ok(bytes.len())
+}
+
+/// Streams the log (after a snapshot, or from boot) to the backup until `stop` is set or the
 /// connection fails; acknowledgements go to the gate.
 pub fn run_sender(s: Sending) {
     let Some((reader, mut conn)) = open(&s) else { return };
@@ -68,12 +133,86 @@ pub fn run_sender(s: Sending) {
         return;
     };
     let _ = conn.tcp().set_write_timeout(Some(WRITE_TIMEOUT));
-    let mut off = 0usize;
+    if let Some(off) = start(&mut conn, &s, &sent) {
+        stream_records(&mut conn, &s, &sent, off);
+    }
+    let _ = conn.tcp().shutdown(std::net::Shutdown::Both);
+    let _ = acks.join();
+}
+
+/// Sends the log header, then `BOOT` or the snapshot: returns the offset
+/// in the log from which the records follow, `None` if the stream is over.
+fn start(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize) -> Option<usize> {
+    let addr = &s.addr;
+    if let Err(e) = send_header(conn, &s.transfers.guest) {
+        log::warn!("primary: sending the log header to backup {addr} failed: {e}");
+        return None;
+    }
+    // The log from boot is all there (the backup was in the view from the
+    // start): it replays from boot, nothing to snapshot.
+    if let Some(off) = s.transfers.boot_records().filter(|&off| s.log.base() <= off) {
+        sent.store(off, Ordering::SeqCst);
+        // It has nothing yet: the throttle counts from boot.
+        s.transfers.taken_at(0);
+        return match write_line(conn, "BOOT") {
+            Ok(()) => {
+                log::info!("primary: backup {addr} replays the log from boot");
+                Some(off)
+            }
+            Err(e) => {
+                log::warn!("primary: log stream to backup {addr} broke: {e}");
+                None
+            }
+        };
+    }
+    let taken = snapshot(s)?;
+    let off = taken.offset;
+    transfer(conn, s, taken, sent).then_some(off)
+}
+
+/// Sends the snapshot; drops the log before it. False if the stream broke.
+fn transfer(conn: &mut SecureWriter, s: &Sending, taken: Taken, sent: &AtomicUsize) -> bool {
+    let addr = &s.addr;
+    // Nothing before the snapshot is ever needed again.
+    s.log.trim_before(taken.offset);
+    sent.store(taken.offset, Ordering::SeqCst);
+    let t0 = std::time::Instant::now();
+    let started = send_snapshot(conn, &taken);
+    log::info!(
+        "primary: state transfer to backup {addr}: snapshot at exit #{}, {} bytes, guest paused {:.1} ms ({} MiB chunks copied in the pause), encoded and sent in {:.1} ms",
+        taken.snapshot.position.ordinal,
+        started.as_ref().map_or(0, |n| *n),
+        taken.pause.as_secs_f64() * 1e3,
+        taken.chunks_in_pause,
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    drop(taken);
+    match started {
+        Ok(_) => true,
+        Err(e) => {
+            log::warn!("primary: sending the snapshot to backup {addr} failed: {e}");
+            false
+        }
+    }
+}
+
+/// Streams the log's records from `off` until `stop` or a broken stream.
+fn stream_records(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize, mut off: usize) {
+    let addr = &s.addr;
     while !s.stop.load(Ordering::Relaxed) {
-        let b = s.log.read_from(off, HEARTBEAT);
-        if b.is_empty() {
+        let b = match s.log.read_from(off, HEARTBEAT) {
+            Ok(b) => b,
+            Err(base) => {
+                log::warn!("primary: the log before offset {base} is gone; backup {addr} must join again");
+                break;
+            }
+        };
+        if b.is_empty() || s.stop.load(Ordering::Relaxed) {
             continue;
         }
+        // A backup that joins later gets a snapshot: what this one was
+        // sent is not needed again.
+        s.log.trim_before(off);
         // Counted before the bytes leave, so an ack can never arrive for
         // a mark the ack reader does not yet count as sent.
         off += b.len();
@@ -85,8 +224,6 @@ pub fn run_sender(s: Sending) {
             break;
         }
     }
-    let _ = conn.tcp().shutdown(std::net::Shutdown::Both);
-    let _ = acks.join();
 }
 
 /// Connects and says hello, retrying (a backup still starting, a listener
@@ -199,6 +336,10 @@ impl LogReceiver {
                     }
                     if mark {
                         let _ = self.log.flush();
+                        // Once promoted, this VMM brings a backup of its
+                        // own up by state transfer: the log kept so far is
+                        // never sent.
+                        self.buf.trim_before(self.buf.len());
                         let _ = write_line(&mut self.ack, &format!("ACK {}", rec.pos.ordinal));
                     }
                     if self.to_vcpu.send(rec).is_err() {

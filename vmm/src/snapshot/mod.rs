@@ -30,7 +30,7 @@ use crate::vcpu_state::VcpuState;
 use crate::vm::Vm;
 
 pub use file::{MAGIC, MAX_MEM_BYTES, VERSION};
-pub use memory::{Chunk, MemoryImage, CHUNK};
+pub use memory::{capture_chunk, chunk_count, Chunk, MemoryImage, CHUNK};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -76,6 +76,19 @@ impl Snapshot {
     /// the guest (`GuestConfig::header`). The run can go on afterwards:
     /// the next `KVM_RUN` simply has nothing left to complete.
     pub fn capture(guest: Header, m: &Machine, at: &mut ExitPoint) -> Result<Snapshot, SnapshotError> {
+        let size = guest.mem_bytes;
+        Self::capture_with(guest, m, at, |mem| MemoryImage::capture(mem, size))
+    }
+
+    /// [`Snapshot::capture`] with memory captured by `memory` (state
+    /// transfer: most of it was copied while the guest ran, only the
+    /// chunks written since are captured again here).
+    pub fn capture_with(
+        guest: Header,
+        m: &Machine,
+        at: &mut ExitPoint,
+        memory: impl FnOnce(&GuestMemoryMmap) -> Result<MemoryImage, String>,
+    ) -> Result<Snapshot, SnapshotError> {
         let ordinal = at.ordinal;
         let fail = |what: String| SnapshotError::Capture { ordinal, what };
         if at.exit == ExitKind::Boot || ordinal == 0 {
@@ -90,7 +103,7 @@ impl Snapshot {
         vcpu.complete_pending().map_err(|e| fail(format!("KVM could not complete the exit: {e}")))?;
         let vcpu = vcpu.capture().map_err(|e| fail(format!("KVM could not capture the vCPU: {e}")))?;
         let machine = m.state();
-        let memory = MemoryImage::capture(at.mem(), guest.mem_bytes).map_err(fail)?;
+        let memory = memory(at.mem()).map_err(fail)?;
         Ok(Snapshot { guest, position, vcpu, machine, memory })
     }
 
