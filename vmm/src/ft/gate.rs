@@ -134,6 +134,16 @@ impl Gate {
         s.emitted += bytes.len() as u64;
         s.pending.extend(bytes.iter().map(|&b| (ordinal, b)));
         self.release(&mut s);
+        // A backup never releases: of its guest's output it needs only the
+        // tail a console may still miss when it takes over (what the old
+        // primary had not released), as the primary keeps only a released
+        // tail. Older bytes are forgotten, their numbers kept.
+        if s.role == Role::Silent && s.pending.len() > 2 * KEEP_RELEASED {
+            let cut = s.pending.len() - KEEP_RELEASED;
+            s.pending.drain(..cut);
+            s.base += (s.released.len() + cut) as u64;
+            s.released.clear();
+        }
     }
 
     /// The backup has the log through `ordinal`.
@@ -367,6 +377,25 @@ mod tests {
         assert_eq!(g.released_len(), 0, "released on an expired lease");
         g.set_lease(Instant::now() + Duration::from_secs(1));
         assert_eq!(g.released_len(), 2);
+    }
+
+    #[test]
+    fn a_backup_keeps_a_bounded_tail_of_its_output_with_its_numbers() {
+        let g = Gate::new(Role::Silent);
+        let chunk = vec![b'x'; 64 << 10];
+        for i in 0..64u64 {
+            g.emit(i + 1, &chunk);
+        }
+        let total = 64 * chunk.len() as u64;
+        assert_eq!(g.emitted(), total);
+        assert!(g.pending_len() <= 2 * KEEP_RELEASED, "{}", g.pending_len());
+        // Promoted: what it kept is released with the right numbers.
+        g.set_lease(Instant::now() + Duration::from_secs(10));
+        g.set_role(Role::Primary { need_ack: false });
+        match g.next(total - 10, 1 << 16, Duration::ZERO) {
+            Next::Data { seq, bytes } => assert_eq!((seq, bytes.len()), (total - 10, 10)),
+            _ => panic!("the tail is not served"),
+        }
     }
 
     #[test]
