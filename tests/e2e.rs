@@ -1,59 +1,13 @@
 //! End-to-end tests: the real `ftvm` binary running guests on the real
 //! `/dev/kvm`.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-fn ftvm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ftvm"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ftvm-e2e-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn check(o: &Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what} failed: {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-}
-
-fn record(log: &Path, cmdline: &str, input: &[&[u8]]) -> Output {
-    let mut child = ftvm()
-        .args(["record", "--log"])
-        .arg(log)
-        .args(["--cmdline", cmdline])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let chunks: Vec<Vec<u8>> = input.iter().map(|c| c.to_vec()).collect();
-    let feeder = std::thread::spawn(move || {
-        for c in chunks {
-            std::thread::sleep(Duration::from_millis(150));
-            let _ = stdin.write_all(&c);
-            let _ = stdin.flush();
-        }
-    });
-    let out = child.wait_with_output().unwrap();
-    feeder.join().unwrap();
-    out
-}
+#[path = "common/guest_cli.rs"]
+mod guest_cli;
+use guest_cli::*;
 
 fn replay(log: &Path) -> Output {
     ftvm().args(["replay", "--log"]).arg(log).stdin(Stdio::null()).output().unwrap()
