@@ -5,248 +5,19 @@
 
 use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ftvm::ft::key::ClusterKey;
 use ftvm::ft::secure;
 
+#[path = "common/cluster.rs"]
+mod cluster;
+use cluster::*;
+
 mod ft_attacks;
-
-fn ftvm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ftvm"))
-}
-
-/// A scratch directory for this test process.
-fn scratch() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("ftvm-ft-tests-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    })
-}
-
-/// A new key file made by `ftvm keygen`.
-fn keygen(name: &str) -> String {
-    let p = scratch().join(name);
-    let o = ftvm().args(["keygen", "--out"]).arg(&p).output().unwrap();
-    assert!(o.status.success(), "ftvm keygen: {}", String::from_utf8_lossy(&o.stderr));
-    p.to_str().unwrap().to_string()
-}
-
-/// The cluster key file every role and client of these tests holds.
-fn key_file() -> &'static str {
-    static KEY: OnceLock<String> = OnceLock::new();
-    KEY.get_or_init(|| keygen("cluster.key"))
-}
-
-/// The cluster key, for tests that speak the protocols themselves.
-fn key() -> ClusterKey {
-    ClusterKey::load(key_file().as_ref()).unwrap()
-}
-
-/// `args` with the cluster key added after an FT subcommand.
-fn with_key<'a>(args: &[&'a str]) -> Vec<&'a str> {
-    let mut v = args.to_vec();
-    if matches!(args.first(), Some(&("witness" | "primary" | "backup" | "console" | "status"))) && !args.contains(&"--key") {
-        v.splice(1..1, ["--key", key_file()]);
-    }
-    v
-}
-
-/// `ftvm ARGS` (with the cluster key), to run to completion.
-fn ft(args: &[&str]) -> Command {
-    let mut c = ftvm();
-    c.args(with_key(args));
-    c
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn addr() -> String {
-    format!("127.0.0.1:{}", free_port())
-}
-
-fn unix_ms() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()
-}
-
-/// A child process whose output is collected; killed on drop.
-struct Proc {
-    child: Child,
-    out: Arc<Mutex<Vec<u8>>>,
-    err: Arc<Mutex<Vec<u8>>>,
-}
-
-fn collect<R: Read + Send + 'static>(mut r: R) -> Arc<Mutex<Vec<u8>>> {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let b = buf.clone();
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = r.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            b.lock().unwrap().extend_from_slice(&chunk[..n]);
-        }
-    });
-    buf
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        Self::spawn_with(args, Stdio::null())
-    }
-
-    fn spawn_with(args: &[&str], stdin: Stdio) -> Proc {
-        let mut child = ft(args)
-            .stdin(stdin)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = collect(child.stdout.take().unwrap());
-        let err = collect(child.stderr.take().unwrap());
-        Proc { child, out, err }
-    }
-    fn out(&self) -> String {
-        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
-    }
-    fn err(&self) -> String {
-        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
-    }
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-    fn signal(&self, sig: &str) {
-        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
-        assert!(st.success());
-    }
-    /// Waits for exit (up to `t`), then a moment for the output threads.
-    fn wait(&mut self, t: Duration) -> Option<i32> {
-        let deadline = Instant::now() + t;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(50));
-                return st.code();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(what: &str, t: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + t;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-struct Cluster {
-    w: String,
-    witness: Proc,
-    backup: Proc,
-    b: String,
-    primary: Proc,
-    p: String,
-    console: Proc,
-}
-
-/// Starts `ftvm ARGS --listen ADDR` on a fresh port and waits for `ready`
-/// on its stderr. A port found free can be taken (by another test's
-/// connection) before the role binds it: then it tries another.
-fn listening(args: &[&str], ready: &str) -> (Proc, String) {
-    for _ in 0..5 {
-        let a = addr();
-        let mut p = Proc::spawn(&[args, &["--listen", &a]].concat());
-        let t0 = Instant::now();
-        loop {
-            if p.err().contains(ready) {
-                return (p, a);
-            }
-            if let Some(st) = p.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(50));
-                assert!(p.err().contains("in use"), "{args:?} exited ({st}):\n{}", p.err());
-                break;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(20), "timed out waiting for {args:?}:\n{}", p.err());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    panic!("no free port for {args:?}");
-}
-
-fn start_witness() -> (Proc, String) {
-    listening(&["witness"], "witness: listening on")
-}
-
-fn start_backup(w: &str) -> (Proc, String) {
-    listening(&["backup", "--witness", w], "waiting for the primary")
-}
-
-fn start_primary(w: &str, cmdline: &str) -> (Proc, String) {
-    listening(&["primary", "--witness", w, "--no-stdin", "--cmdline", cmdline], "is primary of view")
-}
-
-fn start(seconds: u32) -> Cluster {
-    let (witness, w) = start_witness();
-    let (backup, b) = start_backup(&w);
-    let (primary, p) = start_primary(&w, &format!("seconds={seconds}"));
-    let console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
-    Cluster { w, witness, backup, b, primary, p, console }
-}
-
-/// Lines [0001]..[n] each exactly once, in order, then [done].
-fn check_console(out: &str, n: usize) -> Result<(), String> {
-    let nums: Vec<usize> = out
-        .lines()
-        .filter(|l| l.starts_with("[0") || l.starts_with("[1"))
-        .filter_map(|l| l.get(1..5)?.parse().ok())
-        .collect();
-    let want: Vec<usize> = (1..=n).collect();
-    if nums != want {
-        let missing: Vec<_> = want.iter().filter(|i| !nums.contains(i)).collect();
-        let mut seen = std::collections::HashSet::new();
-        let dups: Vec<_> = nums.iter().filter(|i| !seen.insert(**i)).collect();
-        return Err(format!("lines wrong: missing {missing:?}, duplicated {dups:?}\n{out}"));
-    }
-    if !out.lines().last().unwrap_or("").starts_with("[done]") {
-        return Err(format!("no [done] line at the end:\n{out}"));
-    }
-    Ok(())
-}
-
-fn status(w: &str) -> String {
-    let o = ft(&["status", "--witness", w]).output().unwrap();
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn primary_exit(w: &str) -> u64 {
-    let s = status(w);
-    s.lines()
-        .find_map(|l| l.strip_prefix("log: primary at exit #"))
-        .and_then(|r| r.split(',').next()?.parse().ok())
-        .unwrap_or(0)
-}
 
 /// One kill-the-primary trial; returns the failover time.
 fn primary_kill_trial(kill_after: Duration) -> Result<u128, String> {
@@ -530,44 +301,6 @@ fn a_transferred_backup_matches_the_primary_to_the_last_byte() {
     assert!(berr.contains("received a snapshot at exit") && berr.contains("replayed to the end in lockstep"), "{berr}");
 }
 
-/// A TCP proxy that can be cut: the primary talks to the witness through it.
-fn proxy(listen: &str, to: String, cut: Arc<AtomicBool>) {
-    let l = TcpListener::bind(listen).unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(c) = c else { continue };
-            if cut.load(Ordering::SeqCst) {
-                continue;
-            }
-            let Ok(s) = TcpStream::connect(&to) else { continue };
-            for (mut a, mut b) in [(c.try_clone().unwrap(), s.try_clone().unwrap()), (s, c)] {
-                let cut = cut.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    let _ = a.set_read_timeout(Some(Duration::from_millis(50)));
-                    loop {
-                        if cut.load(Ordering::SeqCst) {
-                            let _ = a.shutdown(std::net::Shutdown::Both);
-                            let _ = b.shutdown(std::net::Shutdown::Both);
-                            return;
-                        }
-                        match a.read(&mut buf) {
-                            Ok(0) => return,
-                            Ok(n) => {
-                                if b.write_all(&buf[..n]).is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
-                            Err(_) => return,
-                        }
-                    }
-                });
-            }
-        }
-    });
-}
-
 #[test]
 fn primary_cut_from_the_witness_goes_quiet_before_the_backup_goes_live() {
     let (_witness, w) = start_witness();
@@ -634,4 +367,32 @@ fn typed_input_is_neither_lost_nor_repeated_across_a_failover() {
     assert_eq!(out.matches("[echo] \"during-failover\"").count(), 1, "{out}");
     assert!(out.contains("rx=28 "), "the guest did not count 28 typed bytes:\n{out}");
     check_console(&out, 50).unwrap();
+}
+
+/// The checker every FT test leans on must see what it is for: a line
+/// lost, a line repeated, a torn line, and two runs spliced at a line
+/// boundary with the numbering intact.
+#[test]
+fn the_console_checker_sees_loss_repeats_tears_and_splices() {
+    let run = || {
+        let o = ftvm().args(["run", "--no-stdin", "--cmdline", "seconds=1 lines=12"]).output().unwrap();
+        assert!(o.status.success());
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(check_chain(&a), Ok(12));
+    check_console(&a, 12).unwrap();
+    let lines: Vec<&str> = a.lines().collect();
+    let without = |i: usize| lines.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, l)| *l).collect::<Vec<_>>().join("\n");
+    assert!(check_chain(&without(5)).unwrap_err().contains("where line"), "a lost line");
+    let repeated = [&lines[..6], &lines[5..]].concat().join("\n");
+    assert!(check_chain(&repeated).is_err(), "a repeated line");
+    let torn = lines.iter().map(|l| if l.starts_with("[0004]") { &l[..18] } else { l }).collect::<Vec<_>>().join("\n");
+    assert!(check_chain(&torn).unwrap_err().contains("torn"), "a torn line:\n{torn}");
+    // Run a to line 6, run b from line 7: numbers and format all fine.
+    let cut = |s: &str, from: bool| {
+        s.lines().filter(|l| (l.starts_with("[00") && (l[1..5].parse::<u32>().unwrap() > 6) == from) || (from && l.starts_with("[done]"))).collect::<Vec<_>>().join("\n")
+    };
+    let spliced = format!("{}\n{}\n", cut(&a, false), cut(&b, true));
+    assert!(check_chain(&spliced).unwrap_err().contains("chain"), "a splice of two runs:\n{spliced}");
 }
