@@ -65,6 +65,11 @@ enum Cmd {
         /// Address to listen on, e.g. 127.0.0.1:7000.
         #[arg(long)]
         listen: String,
+        /// Keep the view in this file across restarts of the witness
+        /// (taken up if it exists). Without it, a restarted witness knows
+        /// no view and fences the running VM's roles.
+        #[arg(long)]
+        state: Option<PathBuf>,
         #[command(flatten)]
         key: KeyArg,
     },
@@ -447,8 +452,11 @@ pub fn main() -> Result<i32> {
             eprintln!("ftvm: wrote a new cluster key to {} (mode 0600); give it to every role and client with --key", out.display());
             Ok(0)
         }
-        Cmd::Witness { listen, key } => {
-            let w = Witness::bind(&listen, key.load()?)?;
+        Cmd::Witness { listen, state, key } => {
+            let mut w = Witness::bind(&listen, key.load()?)?;
+            if let Some(path) = &state {
+                w = w.with_state_file(path)?;
+            }
             eprintln!("witness: listening on {}", w.local_addr());
             w.serve()?;
             Ok(0)
