@@ -245,6 +245,12 @@ pub fn replay_under_gdb(log: &Path, cfg: &GuestConfig, opts: &GdbOptions) -> Res
         };
         if s.quit.is_some() || s.is_free() {
             eprintln!("{verdict}");
+            match &s.quit {
+                Some(Quit::Killed) => eprintln!("ftvm: killed from gdb"),
+                Some(Quit::Detached) => eprintln!("ftvm: gdb left (detached); the replay ran on to its end"),
+                Some(Quit::Disconnected(why)) => eprintln!("ftvm: gdb left ({why}); the replay ran on to its end"),
+                None => {}
+            }
             report(s, rewinds, started);
             return Ok(code);
         }
@@ -267,7 +273,8 @@ pub fn replay_under_gdb(log: &Path, cfg: &GuestConfig, opts: &GdbOptions) -> Res
         eprintln!("{verdict}");
         match &s.quit {
             Some(Quit::Killed) => eprintln!("ftvm: killed from gdb"),
-            Some(q) => eprintln!("ftvm: gdb left ({q:?})"),
+            Some(Quit::Detached) => eprintln!("ftvm: gdb left (detached) at the end of the replay"),
+            Some(Quit::Disconnected(why)) => eprintln!("ftvm: gdb left ({why}) at the end of the replay"),
             None => {}
         }
         report(s, rewinds, started);
