@@ -110,6 +110,16 @@ enum Event {
     Delivered(u64),
 }
 
+/// The measurement of whether this KVM stops at hardware breakpoints
+/// (the lab's nested KVM never does; ours does at CPL0): done once, at
+/// boot, before gdb gets the first stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    Todo,
+    Running(u64),
+    Done,
+}
+
 /// How the session ended, when it did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Quit {
@@ -145,6 +155,7 @@ pub struct Session {
     /// its handler (see `deliver`).
     delivering: Option<u64>,
     armed: Option<GuestDebug>,
+    probe: Probe,
     exits_run: u64,
     pub ckpts: Checkpoints<Snapshot>,
     guest: Header,
@@ -191,6 +202,7 @@ impl Session {
             next0: None,
             delivering: None,
             armed: None,
+            probe: Probe::Todo,
             exits_run: 0,
             ckpts,
             guest,
@@ -234,6 +246,25 @@ impl Session {
         if self.is_free() {
             self.arm(at, GuestDebug::default())?;
             return Ok(Flow::Continue);
+        }
+        match self.probe {
+            Probe::Todo => {
+                // A breakpoint on the first instruction: a KVM that honours
+                // debug registers stops there before running anything.
+                let rip = at.vcpu().regs().map_err(kvm("get regs", at.ordinal))?.rip;
+                self.arm(at, GuestDebug { single_step: false, hw_breakpoints: [Some(rip), None, None, None] })?;
+                self.probe = Probe::Running(rip);
+                return Ok(Flow::Continue);
+            }
+            Probe::Running(rip) => {
+                // The guest ran on to an exit: no hardware breakpoints here.
+                self.probe = Probe::Done;
+                self.t.hw_breakpoints = false;
+                log::warn!(
+                    "ftvm: gdb: this KVM did not stop at a hardware breakpoint on the first instruction ({rip:#x}): breakpoints are refused; stepi, reverse-stepi and monitor goto work"
+                );
+            }
+            Probe::Done => {}
         }
         if self.seen != Some(at.ordinal) {
             self.new_exit(m, at)?;
@@ -560,6 +591,11 @@ impl Session {
     /// A debug exit: a step done or a breakpoint hit.
     pub fn debug_exit(&mut self, pc: u64, dr6: u64) -> bool {
         let armed = self.armed.unwrap_or_default();
+        if self.probe == Probe::Running(pc) && dr6 & 0x4000 == 0 {
+            self.probe = Probe::Done;
+            log::debug!("ftvm: gdb: hardware breakpoints work on this KVM (stopped at {pc:#x})");
+            return true;
+        }
         if self.delivering == Some(pc) && dr6 & 0x4000 == 0 {
             // Not an arrival: the one at step 0 was counted already.
             self.delivering = None;
@@ -879,7 +915,12 @@ impl Session {
                         }
                     }
                 }
-                GdbStubStateMachine::Disconnected(d) => {
+                GdbStubStateMachine::Disconnected(mut d) => {
+                    if d.get_reason() == DisconnectReason::Kill {
+                        // gdb's `kill` sends vKill and waits for its OK,
+                        // which gdbstub sends only in extended mode.
+                        let _ = Write::write_all(d.borrow_conn(), b"$OK#9a");
+                    }
                     self.quit = Some(match d.get_reason() {
                         DisconnectReason::Kill => Quit::Killed,
                         _ => Quit::Detached,

@@ -67,6 +67,8 @@ pub struct DbgTarget {
     pub breakpoints: Vec<u64>,
     /// Software ones among them (for the stop reason gdb expects).
     pub sw: Vec<u64>,
+    /// Whether this KVM stops at hardware breakpoints (measured at boot).
+    pub hw_breakpoints: bool,
     pub request: Option<Request>,
     pub info: StopInfo,
 }
@@ -81,6 +83,7 @@ impl DbgTarget {
             diverged_now: false,
             breakpoints: Vec::new(),
             sw: Vec::new(),
+            hw_breakpoints: true,
             request: None,
             info: StopInfo::default(),
         }
@@ -105,6 +108,12 @@ impl DbgTarget {
                 self.sw.push(addr);
             }
             return true;
+        }
+        if !self.hw_breakpoints {
+            log::warn!(
+                "ftvm: gdb: breakpoint at {addr:#x} refused: this KVM does not stop at hardware breakpoints (measured at start) and int3 does not exit"
+            );
+            return false;
         }
         let Some(m) = self.paging().translate(&self.mem, addr) else {
             log::warn!("ftvm: gdb: breakpoint at {addr:#x} refused: the address is not mapped in the guest's page tables");
