@@ -286,18 +286,27 @@ impl Session {
         if self.quit.is_some() || self.is_free() {
             return Ok(Flow::Continue);
         }
+        // The last exit gets no turn of the loop: it is handled here, so a
+        // seek whose goal is the end reaches it.
         if self.seen != Some(at.ordinal) {
-            self.tr.exit(at.ordinal);
-            self.seen = Some(at.ordinal);
-            self.completed = false;
+            self.new_exit(m, at)?;
         }
-        if let Mode::Seek(s) = &self.mode {
-            self.notes.push(format!("ftvm: the replay ended before reaching {}: {why}\n", s.goal));
+        self.ended = Some(why.clone());
+        if self.rewind.is_none() {
+            let running = match &self.mode {
+                Mode::Seek(s) => {
+                    self.notes.push(format!("ftvm: the replay ended before reaching {}: {why}\n", s.goal));
+                    true
+                }
+                Mode::Run | Mode::Step | Mode::Count { .. } => true,
+                _ => false,
+            };
+            if running || self.pending == Some(Stop::Step) {
+                self.notes.push(format!("ftvm: end of the replay at exit #{}: {why}\n", at.ordinal));
+                self.mode = Mode::Stopped;
+                self.pending = Some(Stop::End);
+            }
         }
-        self.notes.push(format!("ftvm: end of the replay at exit #{}: {why}\n", at.ordinal));
-        self.ended = Some(why);
-        self.mode = Mode::Stopped;
-        self.pending = Some(Stop::End);
         self.drive(m, at)
     }
 
