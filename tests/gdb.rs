@@ -181,11 +181,20 @@ fn breakpoint_on_the_timer_handler_continue_and_reverse_continue() {
             "x/gd &ticks",
             "p/x $pc",
             "monitor when",
+            // To the end of the log, then back across all of it (every
+            // checkpoint) to the one call of pit_init at boot.
+            "delete",
+            "break pit_init",
+            "continue",
+            "reverse-continue",
+            "monitor when",
             "detach",
         ],
     );
     let t = d.ticks();
     assert_eq!(t.len(), 4, "{}", d.context());
+    assert!(d.gdb.contains("No more reverse-execution history"), "continue ran to the end: {}", d.context());
+    assert!(d.gdb.contains("Breakpoint 2, 0x") && d.gdb.contains("in pit_init ()"), "{}", d.context());
     assert!(t[0] < t[1] && t[1] < t[2], "the tick counter grows at each hit: {t:?}\n{}", d.context());
     assert_eq!(t[3], t[1], "reverse-continue stops at the previous hit: {t:?}\n{}", d.context());
     assert_eq!(d.gdb.matches("Breakpoint 1, ").count(), 4, "{}", d.context());
