@@ -396,10 +396,16 @@ fn gdb_going_away_mid_session_ends_the_replay_cleanly() {
     let r = start_replay(&s);
     let mut c = TcpStream::connect(&r.addr).unwrap();
     c.write_all(b"$?#3f").unwrap();
-    let mut buf = [0u8; 64];
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let n = c.read(&mut buf).unwrap();
-    assert!(n > 0 && buf[..n].contains(&b'$'), "a stop reply: {:?}", String::from_utf8_lossy(&buf[..n]));
+    // The ack ('+') and the reply may come in separate reads.
+    let mut got = Vec::new();
+    while !got.contains(&b'#') {
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "the connection closed before a stop reply: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.contains(&b'$'), "a stop reply: {:?}", String::from_utf8_lossy(&got));
     drop(c);
     let f = wait_for(r.child, 120, "ftvm replay --gdb");
     let err = r.stderr.join().unwrap();
