@@ -13,6 +13,7 @@
 //! and writes), `position.rs` (positions between exits, checkpoints),
 //! `paging.rs` (virtual addresses), `monitor.rs` (`monitor` commands).
 
+pub mod conn;
 pub mod monitor;
 pub mod paging;
 pub mod position;
@@ -201,18 +202,21 @@ pub fn replay_under_gdb(log: &Path, cfg: &GuestConfig, opts: &GdbOptions) -> Res
         };
         let start_bytes = snap.as_ref().map_or(0, |s| s.console_bytes());
         let sink = OnceSink { next: start_bytes, printed: printed.clone() };
+        let t0 = std::time::Instant::now();
         let mut vm = Vm::new(cfg, Arc::new(VmClock::replay()), Box::new(sink), Default::default())?;
+        let t1 = t0.elapsed();
         let mut rep = Replayer::new(LogReader::open(log)?.end_is_final());
         if let Some(s) = &snap {
             s.restore_vm(&mut vm)?;
             rep = rep.resume_after(s.position);
         }
+        log::debug!("ftvm: gdb: VM built in {t1:?}, restored in {:?}", t0.elapsed() - t1);
         let s = match &mut session {
             Some(s) => s,
             None => {
                 let t = DbgTarget::new(vm.mem.clone());
                 let c = ckpts.take().expect("the session is made once");
-                let conn = conn.try_clone().map_err(|e| GdbError::Stub(e.to_string()))?;
+                let conn = conn::GdbConn::new(conn.try_clone().map_err(|e| GdbError::Stub(e.to_string()))?, t.hold.clone());
                 let s = Session::new(conn, t, cfg.header(), log_last, c).map_err(GdbError::Stub)?;
                 session.insert(s)
             }

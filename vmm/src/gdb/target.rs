@@ -71,6 +71,9 @@ pub struct DbgTarget {
     pub hw_breakpoints: bool,
     pub request: Option<Request>,
     pub info: StopInfo,
+    /// Holds gdb's output back until a `monitor goto` is done (see
+    /// `conn.rs`).
+    pub hold: std::rc::Rc<std::cell::Cell<bool>>,
 }
 
 impl DbgTarget {
@@ -86,6 +89,7 @@ impl DbgTarget {
             hw_breakpoints: true,
             request: None,
             info: StopInfo::default(),
+            hold: Default::default(),
         }
     }
 
@@ -395,6 +399,8 @@ impl MonitorCmd for DbgTarget {
                     let p = Pos { ordinal, anchor: None, steps };
                     outputln!(out, "going to {p} (then `flushregs` so that gdb reads the registers again)");
                     self.request = Some(Request::Goto(p));
+                    // gdb gets the end of this command once it is there.
+                    self.hold.set(true);
                 }
             }
         }

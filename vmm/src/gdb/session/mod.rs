@@ -18,9 +18,6 @@
 //! a breakpoint already counted is stepped over first (this KVM does not
 //! honour RF: a breakpoint at RIP fires again at once).
 
-use std::io::Write;
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
 
 use gdbstub::common::Signal;
 use gdbstub::conn::ConnectionExt;
@@ -32,6 +29,7 @@ use replay_log::Header;
 mod run;
 mod serve;
 
+use super::conn::{GdbConn, Poll};
 use super::position::{Checkpoints, Pos, Tracker};
 use super::target::{DbgTarget, Request};
 use crate::engine::{EngineError, Ending, ExitPoint, Flow};
@@ -132,7 +130,7 @@ pub enum Quit {
 }
 
 pub struct Session {
-    sm: Option<GdbStubStateMachine<'static, DbgTarget, TcpStream>>,
+    sm: Option<GdbStubStateMachine<'static, DbgTarget, GdbConn>>,
     pub t: DbgTarget,
     tr: Tracker,
     mode: Mode,
@@ -174,7 +172,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(conn: TcpStream, t: DbgTarget, guest: Header, log_last: u64, ckpts: Checkpoints<Snapshot>) -> Result<Session, String> {
+    pub fn new(conn: GdbConn, t: DbgTarget, guest: Header, log_last: u64, ckpts: Checkpoints<Snapshot>) -> Result<Session, String> {
         let stub = GdbStub::new(conn);
         let mut t = t;
         let sm = stub.run_state_machine(&mut t).map_err(|e| format!("gdb stub: {e}"))?;
@@ -263,6 +261,9 @@ impl Session {
             self.new_exit(m, at)?;
         } else if let Some(ev) = self.event.take() {
             self.after_debug_exit(ev);
+        }
+        if let Some(sm) = &mut self.sm {
+            keep_alive(sm);
         }
         if let Mode::Run = self.mode {
             self.exits_run += 1;
@@ -557,6 +558,15 @@ impl Session {
         self.notes.push(why.into());
         self.mode = Mode::Stopped;
         self.pending = Some(Stop::Refused);
+    }
+}
+
+/// See `GdbConn::keep_alive`.
+fn keep_alive(sm: &mut GdbStubStateMachine<'static, DbgTarget, GdbConn>) {
+    match sm {
+        GdbStubStateMachine::Idle(i) => i.borrow_conn().keep_alive(),
+        GdbStubStateMachine::Running(r) => r.borrow_conn().keep_alive(),
+        _ => {}
     }
 }
 

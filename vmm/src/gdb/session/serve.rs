@@ -2,6 +2,7 @@
 //! until gdb resumes, Ctrl-C while the guest runs, gdb going away.
 
 use super::*;
+use gdbstub::conn::Connection;
 
 fn note_packet(text: &str) -> Vec<u8> {
     // An `O` packet: console output gdb prints as it arrives.
@@ -34,17 +35,13 @@ impl Session {
     /// While the guest runs: did gdb send Ctrl-C, or go away?
     pub(super) fn poll_ctrl_c(&mut self) {
         let Some(GdbStubStateMachine::Running(r)) = &mut self.sm else { return };
-        let fd = r.borrow_conn().as_raw_fd();
-        let mut b = [0u8; 1];
-        // SAFETY: `fd` is the open socket of the connection the state
-        // machine owns; recv writes at most 1 byte into `b`.
-        let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-        if n == 0 {
-            self.quit = Some(Quit::Disconnected("gdb closed the connection while the guest ran".into()));
-            return;
-        }
-        if n < 0 {
-            return;
+        match r.borrow_conn().poll() {
+            Poll::Closed => {
+                self.quit = Some(Quit::Disconnected("gdb closed the connection while the guest ran".into()));
+                return;
+            }
+            Poll::Nothing => return,
+            Poll::Data => {}
         }
         let Some(GdbStubStateMachine::Running(mut r)) = self.sm.take() else { return };
         let next = match r.borrow_conn().read() {
@@ -89,7 +86,7 @@ impl Session {
             sm = match sm {
                 GdbStubStateMachine::Running(mut r) => {
                     for n in self.notes.drain(..) {
-                        let _ = Write::write_all(r.borrow_conn(), &note_packet(&n));
+                        let _ = Connection::write_all(r.borrow_conn(), &note_packet(&n));
                     }
                     match r.report_stop(&mut self.t, stop_reason(stop)) {
                         Ok(sm) => sm,
@@ -101,6 +98,16 @@ impl Session {
                 }
                 other => other,
             };
+        }
+        if let GdbStubStateMachine::Idle(i) = &mut sm {
+            if i.borrow_conn().holding() {
+                // A `monitor goto` is done (or failed): its notes, then its OK.
+                let notes: Vec<u8> = self.notes.drain(..).flat_map(|n| note_packet(&n)).collect();
+                if let Err(e) = i.borrow_conn().release(&notes) {
+                    self.quit = Some(Quit::Disconnected(format!("gdb connection lost: {e}")));
+                    return Ok(());
+                }
+            }
         }
         for n in self.notes.drain(..) {
             // Not waiting for a stop reply: gdb cannot be told now.
@@ -148,7 +155,7 @@ impl Session {
                     if d.get_reason() == DisconnectReason::Kill {
                         // gdb's `kill` sends vKill and waits for its OK,
                         // which gdbstub sends only in extended mode.
-                        let _ = Write::write_all(d.borrow_conn(), b"$OK#9a");
+                        let _ = Connection::write_all(d.borrow_conn(), b"$OK#9a");
                     }
                     self.quit = Some(match d.get_reason() {
                         DisconnectReason::Kill => Quit::Killed,
