@@ -21,7 +21,6 @@ use guest_cli::*;
 const CMDLINE: &str = "seconds=1 hz=100 lines=5";
 
 struct Setup {
-    dir: PathBuf,
     log: PathBuf,
     elf: PathBuf,
 }
@@ -37,7 +36,7 @@ fn setup(name: &str) -> Setup {
     check(&o, "record");
     let elf = dir.join("guest.elf");
     check(&ftvm().args(["guest-elf", "--out"]).arg(&elf).output().unwrap(), "guest-elf");
-    Setup { dir, log, elf }
+    Setup { log, elf }
 }
 
 /// Waits for `child` at most `secs`, then kills it (a hung session fails
@@ -283,6 +282,42 @@ fn monitor_goto_shows_the_rip_that_log_dump_printed() {
         assert!(d.gdb.contains(&format!("at exit #{n}\n")), "{}", d.context());
         assert!(d.gdb.contains(&format!("exit: @{n} rip={rip:#x} io-out")), "{}", d.context());
     }
+    d.verified();
+}
+
+#[test]
+fn a_breakpoint_added_between_two_exits_is_counted_from_the_exit() {
+    let s = setup("gdb-mid");
+    // pic_eoi runs after pit_irq in the same interval (the timer's
+    // handler acknowledges the interrupt): added while stopped in pit_irq,
+    // it must be found forwards and backwards at the same place.
+    let d = debug(
+        &s,
+        &[
+            "break pit_irq",
+            "continue",
+            "continue",
+            "break pic_eoi",
+            "continue",
+            "monitor when",
+            "continue",
+            "reverse-continue",
+            "monitor when",
+            "reverse-continue",
+            "detach",
+        ],
+    );
+    let hits: Vec<&str> = d
+        .gdb
+        .lines()
+        .filter(|l| l.starts_with("Breakpoint ") && l.contains(" in "))
+        .map(|l| l.split(" in ").nth(1).unwrap().trim_end_matches(" ()"))
+        .collect();
+    assert_eq!(hits, ["pit_irq", "pit_irq", "pic_eoi", "pit_irq", "pic_eoi", "pit_irq"], "{}", d.context());
+    let whens: Vec<&str> = d.gdb.lines().filter(|l| l.starts_with("at exit #")).collect();
+    assert_eq!(whens.len(), 2, "{}", d.context());
+    let exit_of = |w: &str| w.split(',').next().unwrap().to_string();
+    assert_eq!(exit_of(whens[0]), exit_of(whens[1]), "the same pic_eoi call, forwards and backwards: {}", d.context());
     d.verified();
 }
 

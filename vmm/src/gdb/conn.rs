@@ -147,3 +147,63 @@ impl ConnectionExt for GdbConn {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    fn pair() -> (GdbConn, TcpStream, Rc<Cell<bool>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        client.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let hold = Rc::new(Cell::new(false));
+        (GdbConn::new(server, hold.clone()), client, hold)
+    }
+
+    fn read_some(c: &mut TcpStream) -> Vec<u8> {
+        let mut b = [0u8; 256];
+        match Read::read(c, &mut b) {
+            Ok(n) => b[..n].to_vec(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn held_output_goes_out_after_the_notes_on_release() {
+        let (mut conn, mut gdb, hold) = pair();
+        Connection::write_all(&mut conn, b"$a#61").unwrap();
+        assert_eq!(read_some(&mut gdb), b"$a#61");
+        hold.set(true);
+        Connection::write_all(&mut conn, b"$OK#9a").unwrap();
+        Connection::flush(&mut conn).unwrap();
+        assert!(read_some(&mut gdb).is_empty(), "held back");
+        conn.release(b"$O41#84").unwrap();
+        let mut got = Vec::new();
+        while got.len() < 13 {
+            let more = read_some(&mut gdb);
+            assert!(!more.is_empty());
+            got.extend(more);
+        }
+        assert_eq!(got, b"$O41#84$OK#9a");
+        assert!(!conn.holding());
+    }
+
+    #[test]
+    fn reads_are_buffered_and_a_closed_socket_is_seen() {
+        let (mut conn, mut gdb, _) = pair();
+        assert_eq!(conn.poll(), Poll::Nothing);
+        Write::write_all(&mut gdb, b"+$?#3f").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(conn.poll(), Poll::Data);
+        assert_eq!(conn.peek().unwrap(), Some(b'+'));
+        let got: Vec<u8> = (0..6).map(|_| conn.read().unwrap()).collect();
+        assert_eq!(got, b"+$?#3f");
+        drop(gdb);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(conn.poll(), Poll::Closed);
+        assert!(conn.read().is_err());
+    }
+}
