@@ -71,6 +71,10 @@ pub struct DbgTarget {
     pub hw_breakpoints: bool,
     pub request: Option<Request>,
     pub info: StopInfo,
+    /// Messages for gdb's console at the next stop.
+    pub notes: Vec<String>,
+    /// Breakpoints already warned about (user-accessible pages).
+    warned: Vec<u64>,
     /// Holds gdb's output back until a `monitor goto` is done (see
     /// `conn.rs`).
     pub hold: std::rc::Rc<std::cell::Cell<bool>>,
@@ -89,6 +93,8 @@ impl DbgTarget {
             hw_breakpoints: true,
             request: None,
             info: StopInfo::default(),
+            notes: Vec::new(),
+            warned: Vec::new(),
             hold: Default::default(),
         }
     }
@@ -129,10 +135,15 @@ impl DbgTarget {
             );
             return false;
         }
-        if m.user {
+        if m.user && !self.warned.contains(&addr) {
             // The page is user-accessible: code there may run at CPL3,
-            // where this KVM does not stop at debug registers.
-            log::warn!("ftvm: gdb: breakpoint at {addr:#x} is in a user-accessible page: it is honoured only while the guest runs at CPL0");
+            // where this KVM does not stop at debug registers. (gdb inserts
+            // its breakpoints again at every resume: the check follows the
+            // guest's page tables as they change.)
+            self.warned.push(addr);
+            let w = format!("ftvm: breakpoint at {addr:#x} is in a user-accessible page: it stops the guest only while it runs at CPL0, not CPL3\n");
+            log::warn!("{}", w.trim_end());
+            self.notes.push(w);
         }
         self.breakpoints.push(addr);
         if sw {

@@ -165,6 +165,7 @@ impl Session {
                 }
             };
         }
+        self.notes.append(&mut self.t.notes);
         if self.t.diverged_now {
             self.t.diverged_now = false;
             self.notes.push(
