@@ -215,6 +215,8 @@ impl Session {
         self.t.cpu_written = false;
         self.seen = None;
         self.injected = injected;
+        self.delivering = None;
+        self.event = None;
         self.armed = None;
         self.ended = None;
     }
