@@ -26,13 +26,17 @@ struct Setup {
 }
 
 fn setup(name: &str) -> Setup {
+    setup_with(name, CMDLINE)
+}
+
+fn setup_with(name: &str, cmdline: &str) -> Setup {
     assert!(
         Command::new("gdb").arg("--version").output().is_ok_and(|o| o.status.success()),
         "these tests need gdb (Debian package `gdb`; scripts/setup.sh installs it)"
     );
     let dir = tmpdir(name);
     let log = dir.join("run.ftlog");
-    let o = ftvm().args(["record", "--no-stdin", "--log"]).arg(&log).args(["--cmdline", CMDLINE]).stdin(Stdio::null()).output().unwrap();
+    let o = ftvm().args(["record", "--no-stdin", "--log"]).arg(&log).args(["--cmdline", cmdline]).stdin(Stdio::null()).output().unwrap();
     check(&o, "record");
     let elf = dir.join("guest.elf");
     check(&ftvm().args(["guest-elf", "--out"]).arg(&elf).output().unwrap(), "guest-elf");
@@ -468,4 +472,77 @@ fn gdb_going_away_mid_session_ends_the_replay_cleanly() {
     let err = r.stderr.join().unwrap();
     assert_eq!(f.status.code(), Some(0), "{err}");
     assert!(err.contains("gdb left") && err.contains("replay verified"), "{err}");
+}
+
+/// One packet of the remote protocol, with its checksum.
+fn packet(body: &str) -> Vec<u8> {
+    let sum = body.bytes().fold(0u8, |a, b| a.wrapping_add(b));
+    format!("${body}#{sum:02x}").into_bytes()
+}
+
+/// Reads until a whole packet (`$...#xx`) arrived; returns its body.
+fn read_packet(c: &mut TcpStream, got: &mut Vec<u8>) -> String {
+    loop {
+        if let Some(start) = got.iter().position(|&b| b == b'$') {
+            if let Some(end) = got[start..].iter().position(|&b| b == b'#').map(|e| start + e) {
+                if got.len() >= end + 3 {
+                    // gdbstub run-length encodes: "x*n" is x and n-29 more.
+                    let mut body = Vec::new();
+                    let mut raw = got[start + 1..end].iter();
+                    while let Some(&b) = raw.next() {
+                        if b == b'*' {
+                            let n = raw.next().map_or(0, |&n| n - 29);
+                            let last = *body.last().unwrap();
+                            body.extend(std::iter::repeat_n(last, usize::from(n)));
+                        } else {
+                            body.push(b);
+                        }
+                    }
+                    got.drain(..end + 3);
+                    return String::from_utf8_lossy(&body).into_owned();
+                }
+            }
+        }
+        let mut buf = [0u8; 256];
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "the connection closed: {:?}", String::from_utf8_lossy(got));
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn ctrl_c_stops_a_running_replay() {
+    // Two seconds at 1000 Hz: the replay runs long enough (about 15,000
+    // exits) to be interrupted.
+    let s = setup_with("gdb-ctrlc", "seconds=2 hz=1000 lines=5");
+    let r = start_replay(&s);
+    let mut c = TcpStream::connect(&r.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = Vec::new();
+    c.write_all(&packet("QStartNoAckMode")).unwrap();
+    assert_eq!(read_packet(&mut c, &mut got), "OK");
+    c.write_all(&packet("c")).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    c.write_all(&[0x03]).unwrap();
+    let reply = read_packet(&mut c, &mut got);
+    assert!(reply.starts_with("S02") || reply.starts_with("T02"), "a SIGINT stop: {reply:?}");
+    // It stopped somewhere in the middle, at a position.
+    c.write_all(&packet(&format!("qRcmd,{}", "when".bytes().map(|b| format!("{b:02x}")).collect::<String>()))).unwrap();
+    let mut when = String::new();
+    loop {
+        let p = read_packet(&mut c, &mut got);
+        if p == "OK" {
+            break;
+        }
+        let hex = p.trim_start_matches('O');
+        when.extend((0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap() as char));
+    }
+    assert!(when.starts_with("at exit #") && !when.contains("the replay ended"), "{when}");
+    c.write_all(&packet("D")).unwrap();
+    assert_eq!(read_packet(&mut c, &mut got), "OK");
+    drop(c);
+    let f = wait_for(r.child, 120, "ftvm replay --gdb");
+    let err = r.stderr.join().unwrap();
+    assert_eq!(f.status.code(), Some(0), "{err}");
+    assert!(err.contains("replay verified"), "{err}");
 }
