@@ -432,7 +432,7 @@ impl crate::engine::Inputs for EmitEachExit<'_> {
     fn observe(&mut self, m: &Machine, at: &mut crate::engine::ExitPoint, what: crate::engine::Observed) -> Result<crate::engine::Flow, EngineError> {
         self.inner.observe(m, at, what)
     }
-    fn kicked(&mut self, m: &Machine) -> bool {
+    fn kicked(&mut self, m: &Machine) -> Result<bool, EngineError> {
         self.inner.kicked(m)
     }
     fn summary(&self) -> String {
