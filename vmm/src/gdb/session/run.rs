@@ -60,10 +60,21 @@ impl Session {
         Ok(())
     }
 
+    /// Arms KVM for `want`. Where the debug registers do not work, its
+    /// breakpoints are patched into guest memory instead, for this run
+    /// only: `left_guest` takes them out at the next exit of any kind.
     pub(super) fn arm(&mut self, at: &mut ExitPoint, want: GuestDebug) -> Result<(), EngineError> {
+        let patch = !self.t.hw_breakpoints;
         if self.armed != Some(want) {
-            at.vcpu().set_guest_debug(&want).map_err(kvm("set guest debug (single-step, debug registers)", at.ordinal))?;
+            let kvm_want = if patch { GuestDebug { single_step: want.single_step, hw_breakpoints: [None; 4] } } else { want };
+            at.vcpu().set_guest_debug(&kvm_want).map_err(kvm("set guest debug (single-step, debug registers)", at.ordinal))?;
             self.armed = Some(want);
+        }
+        if patch {
+            self.left_guest(None);
+            if want.hw_breakpoints.iter().any(Option::is_some) {
+                self.patch(at, &want.hw_breakpoints)?;
+            }
         }
         Ok(())
     }
