@@ -257,8 +257,12 @@ fn patched_hlt_breakpoints_stop_like_debug_registers() {
     // gdb reads the instruction, never the patch.
     let b = d.gdb.lines().find(|l| l.contains("<pit_irq>:")).unwrap_or_else(|| panic!("{}", d.context()));
     assert!(!b.contains("0xf4"), "{b}\n{}", d.context());
-    // The same transcript as with the debug registers.
-    assert_eq!(d.gdb, hw.gdb, "patched vs debug registers");
+    // The same transcript as with the debug registers, but for how
+    // `monitor when` names the moment: a seek to a hit runs to the patched
+    // breakpoint (arrival n at it) rather than stepping the interval
+    // (instructions since the exit).
+    let same = |g: &str| g.lines().filter(|l| !l.starts_with("at exit #")).collect::<Vec<_>>().join("\n");
+    assert_eq!(same(&d.gdb), same(&hw.gdb), "patched vs debug registers");
     d.verified();
     hw.verified();
 }
