@@ -10,7 +10,7 @@ use crossbeam_channel::Receiver;
 use replay_log::{LogError, LogReader, LogWriter};
 
 use super::backup_inputs::{BackupInputs, TakeoverSlot};
-use super::gate::{Gate, GateSink, Role, KEEP_RELEASED};
+use super::gate::{Gate, GateSink, Role, MAX_TAIL};
 use super::key::ClusterKey;
 use super::listener::{bind, log_buf_writer, serve_listener, wind_down, Endpoints, Incoming, LogStreams, RoleError, Route};
 use super::log_buf::LogBuf;
@@ -74,7 +74,7 @@ fn read_snapshot(reader: &mut SecureReader, name: &str) -> Result<(Option<Receiv
         .strip_prefix("TAIL ")
         .and_then(|r| r.split_once(' '))
         .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<usize>().ok()?)))
-        .filter(|&(seq, n)| n <= 2 * KEEP_RELEASED && seq + n as u64 == snap.console_bytes())
+        .filter(|&(seq, n)| n <= MAX_TAIL && seq + n as u64 == snap.console_bytes())
         .ok_or_else(|| format!("{line:?} where `TAIL <seq> <len>` ending at byte {} belongs", snap.console_bytes()))?;
     let mut bytes = vec![0u8; tail.1];
     reader.read_exact(&mut bytes).map_err(|e| format!("reading the output tail: {e}"))?;
@@ -180,9 +180,6 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
     let h = reader.header().clone();
     if let Some(r) = &snap {
         r.snap.check_guest(&h, &stream_name)?;
-        // It holds the state: whatever the primary releases from now on
-        // waits for its acknowledgements, everything before is in it.
-        m.ready.store(true, Ordering::SeqCst);
     }
     // From here on, silence means the primary may be gone.
     let _ = silence.set_read_timeout(Some(SILENCE));
@@ -227,7 +224,6 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
         marked,
         input: in_rx,
     };
-    spawn("ftvm-log-receiver", move || promoter.run(recv))?;
 
     let cfg = GuestConfig::for_log(&h, &stream_name, opts.kernel.as_deref(), opts.initrd.as_deref())?;
     let sink = GateSink { gate: gate.clone(), ordinal: ordinal.clone() };
@@ -241,10 +237,16 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
             // released if this backup takes over, deduplicated by number.
             gate.start_at(seq);
             gate.emit(snap.position.ordinal, &bytes);
+            // It holds the state (a VM that failed to restore ends this
+            // process above, never counted ready): whatever the primary
+            // releases from now on waits for its acknowledgements, which
+            // start only now, with the receiver.
+            m.ready.store(true, Ordering::SeqCst);
             Some(snap.position)
         }
         None => None,
     };
+    spawn("ftvm-log-receiver", move || promoter.run(recv))?;
     let source = ChannelSource::new(rec_rx, m.stop.clone());
     let replayer = match at {
         Some(p) => Replayer::new(source).resume_after(p),

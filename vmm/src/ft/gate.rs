@@ -50,6 +50,10 @@ struct State {
 /// a failover, a dropped connection): the last 1 MiB or so. A client that
 /// asks for older bytes gets the kept tail, after a notice.
 pub const KEEP_RELEASED: usize = 1 << 20;
+/// The most console output a state transfer carries (`emitted_tail`): held
+/// output beyond it (a guest printing 64 MiB while its backup joins) is cut
+/// from the front, and a console sees the gap said.
+pub const MAX_TAIL: usize = 64 << 20;
 
 pub struct Gate {
     s: Mutex<State>,
@@ -208,6 +212,11 @@ impl Gate {
         self.s.lock().unwrap().role
     }
 
+    /// The lease ran out at least `d` ago (or there is none).
+    pub fn lease_gone_for(&self, d: Duration) -> bool {
+        self.s.lock().unwrap().lease_until.is_none_or(|t| BootInstant::now() >= t + d)
+    }
+
     pub fn lease_live(&self) -> bool {
         self.s.lock().unwrap().lease_until.is_some_and(|t| BootInstant::now() < t)
     }
@@ -227,11 +236,13 @@ impl Gate {
     /// number of the first: what a backup that joins by snapshot needs of
     /// the output before it, to release what is still held when it takes
     /// over and to serve a console that was a little behind.
+    /// Everything still held goes (up to [`MAX_TAIL`]), and at most `max`
+    /// bytes of the released tail before it.
     pub fn emitted_tail(&self, max: usize) -> (u64, Vec<u8>) {
         let s = self.s.lock().unwrap();
         let all = s.released.len() + s.pending.len();
-        let skip = all.saturating_sub(max);
-        let bytes: Vec<u8> = s.released.iter().chain(s.pending.bytes()).skip(skip).copied().collect();
+        let keep = (s.pending.len() + max.min(s.released.len())).min(MAX_TAIL);
+        let bytes: Vec<u8> = s.released.iter().chain(s.pending.bytes()).skip(all - keep).copied().collect();
         (s.emitted - bytes.len() as u64, bytes)
     }
 
@@ -417,6 +428,19 @@ mod tests {
             Next::Data { seq, bytes } => assert_eq!((seq, bytes.len()), (total - 10, 10)),
             _ => panic!("the tail is not served"),
         }
+    }
+
+    #[test]
+    fn a_state_transfer_takes_all_held_output_and_a_released_tail() {
+        let g = Gate::new(Role::Primary { need_ack: true });
+        g.set_lease(BootInstant::now() + Duration::from_secs(10));
+        g.emit(1, b"abc");
+        g.emit(2, b"de");
+        g.ack(1);
+        assert_eq!(g.released_len(), 3);
+        assert_eq!(g.emitted_tail(1), (2, b"cde".to_vec()), "one released byte, all held ones");
+        assert_eq!(g.emitted_tail(0), (3, b"de".to_vec()), "held bytes go whatever the tail");
+        assert_eq!(g.emitted_tail(100), (0, b"abcde".to_vec()));
     }
 
     #[test]

@@ -44,7 +44,17 @@ pub(super) struct PrimaryDuty {
     pub(super) stop: StopHandle,
     /// When the size of the kept log was last said.
     pub(super) log_said: BootInstant,
+    /// The backup's acknowledgement last seen, and since when.
+    pub(super) acks: Option<(u64, BootInstant)>,
 }
+
+/// A backup whose acknowledgements do not move for this long while marks
+/// go out is given up (a silent partition between primary and backup: the
+/// backup still pings the witness, so nobody else would ever notice, and
+/// output would be held for good) ...
+const ACK_STALL: Duration = Duration::from_secs(5);
+/// ... or this long before its first acknowledgement (its state transfer).
+const ACK_STALL_JOINING: Duration = Duration::from_secs(120);
 
 /// How often the primary says how much log it keeps in memory.
 const LOG_SIZE_EVERY: Duration = Duration::from_secs(1);
@@ -129,6 +139,7 @@ impl PrimaryDuty {
                     self.gate.set_lease(own_lease(t0));
                     self.apply_view(v, cut_off);
                     cut_off = false;
+                    self.check_acks();
                 }
                 Ok(v) => return self.fenced(&format!("view {} has primary {:?}", v.number, v.primary)),
                 Err(WitnessError::Refused { msg, .. }) => return self.fenced(&msg),
@@ -149,6 +160,34 @@ impl PrimaryDuty {
                     }
                 }
             }
+        }
+    }
+
+    /// Gives up on a backup whose acknowledgements stopped (see
+    /// [`ACK_STALL`]): asks the witness to drop it, which then never
+    /// promotes it over output released from here on.
+    fn check_acks(&mut self) {
+        let Some(b) = self.view.backup.clone() else {
+            self.acks = None;
+            return;
+        };
+        let (acked, marked, now) = (self.gate.acked(), self.marked.load(Ordering::Relaxed), BootInstant::now());
+        let since = match self.acks {
+            Some((a, since)) if a == acked && marked > acked => since,
+            _ => {
+                self.acks = Some((acked, now));
+                return;
+            }
+        };
+        let bound = if acked == 0 { ACK_STALL_JOINING } else { ACK_STALL };
+        if now.saturating_duration_since(since) < bound {
+            return;
+        }
+        log::warn!("primary: backup {b} acknowledged nothing past exit #{acked} for {bound:?} while the log went on to #{marked}; giving it up");
+        self.acks = None;
+        match self.witness.drop_backup(&self.me, self.view.number, &b) {
+            Ok(v) => self.apply_view(v, false),
+            Err(e) => log::warn!("primary: could not give up backup {b}: {e}"),
         }
     }
 
@@ -222,6 +261,7 @@ pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32),
         sender_stop: None,
         stop: stop.clone(),
         log_said: BootInstant::now(),
+        acks: None,
     }
     .start(t0);
     let mut rec = Recorder::new(Some(writer), ConsoleInput::from_channel(in_rx))

@@ -231,6 +231,7 @@ impl Promoter {
             sender_stop: None,
             stop: self.m.stop.clone(),
             log_said: BootInstant::now(),
+            acks: None,
         }
         .start(asked);
         drop(to_vcpu);

@@ -31,6 +31,7 @@ use super::key::ClusterKey;
 use super::log_buf::LogBuf;
 use super::secure::{self, SecureReader, SecureWriter};
 use super::xfer::{Taken, Transfers};
+use super::witness::LEASE_MARGIN;
 use super::{read_line, write_line, HEARTBEAT};
 use crate::recorder::LogSink;
 use crate::stop::StopHandle;
@@ -235,10 +236,13 @@ fn transfer(conn: &mut SecureWriter, s: &Sending, taken: Taken, sent: &AtomicUsi
 fn stream_records(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize, mut off: usize) {
     let addr = &s.addr;
     while !s.stop.load(Ordering::Relaxed) {
-        if !s.gate.lease_live() {
-            // Rule 4: this primary may no longer speak for the VM; closing
-            // the stream lets the backup ask to take over now, without
-            // waiting for a witness request that may hang for seconds.
+        if s.gate.lease_gone_for(LEASE_MARGIN) {
+            // The witness may promote the backup from now on (this VMM's
+            // own lease ends LEASE_MARGIN earlier): closing the stream lets
+            // the backup ask at once, without waiting for a witness request
+            // of ours that may hang for seconds. Not earlier: a renewal a
+            // little late must not cost the backup its stream (it accepts
+            // one stream per membership, and would have to join again).
             log::warn!("primary: the lease ran out; closing the log stream to backup {addr}");
             break;
         }

@@ -64,6 +64,13 @@ impl WitnessClient {
         }
     }
 
+    /// The primary `me` gives up on `backup`, whose acknowledgements stopped.
+    pub fn drop_backup(&mut self, me: &str, view: u64, backup: &str) -> Result<View, WitnessError> {
+        self.check_addr(me)?;
+        self.check_addr(backup)?;
+        self.view_call(&format!("op=drop_backup me={me} view={view} backup={backup}"))
+    }
+
     pub fn view(&mut self) -> Result<View, WitnessError> {
         self.view_call("op=view")
     }

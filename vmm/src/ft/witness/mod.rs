@@ -10,6 +10,7 @@
 //! op=backup_ping    me=M view=N|0 ready=0|1 applied=A       -> ok VIEW   (0: join)
 //! op=primary_ping   me=M view=N sent=S acked=A released=B   -> ok VIEW
 //! op=promote        me=M view=N lost=0|1 ready=0|1          -> ok result=granted|wait VIEW
+//! op=drop_backup    me=M view=N backup=B                    -> ok VIEW
 //! op=view                                                   -> ok VIEW
 //! op=status -> ok VIEW lease_left_ms=MS|- sent=S acked=A backup_alive=0|1
 //!              ready=0|1 applied=A released=B lost=0|1

@@ -169,6 +169,23 @@ impl State {
         Ok(view_kv(&self.view))
     }
 
+    /// The primary gives up on its backup: its acknowledgements stopped
+    /// (a silent partition between them, which the backup cannot see and
+    /// the witness cannot either). Without this, output would be held for
+    /// good. The backup, no longer in the view, can never be promoted over
+    /// what is released from now on; it joins again.
+    pub(super) fn drop_backup(&mut self, me: &str, view: u64, backup: &str, now: BootInstant) -> Result<String, String> {
+        let n = self.view.number;
+        if self.view.primary.as_deref() != Some(me) || !self.lease_alive(now) {
+            return Err(format!("{me} is not the primary of view {n} with a live lease"));
+        }
+        if view != n || self.view.backup.as_deref() != Some(backup) {
+            return Err(format!("stale view {view}: the current view is {n} with backup {}", or_dash(&self.view.backup)));
+        }
+        self.change(self.view.primary.clone(), None, now, "the primary's backup stopped acknowledging");
+        Ok(view_kv(&self.view))
+    }
+
     pub(super) fn promote(&mut self, me: &str, view: u64, lost: bool, ready: bool, now: BootInstant) -> Result<String, String> {
         let n = self.view.number;
         if self.last_promotion.as_ref().is_some_and(|(v, p)| *v == view && p == me)

@@ -136,6 +136,7 @@ fn handle_inner(st: &mut State, line: &str) -> Result<String, String> {
             st.primary_ping(me, view, sent, acked, released, now)
         }
         "promote" => st.promote(me()?, num("view")?, flag("lost")?, flag("ready")?, now),
+        "drop_backup" => st.drop_backup(me()?, num("view")?, name("backup")?, now),
         "view" => Ok(view_kv(&st.view)),
         "status" => Ok(st.status(now)),
         _ => Err(format!("unknown op {op:?}")),

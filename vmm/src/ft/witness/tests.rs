@@ -361,9 +361,15 @@ fn a_restarted_witness_takes_up_its_saved_view_and_the_vm_goes_on() {
     c.backup_ping(B, 2, true, 0).unwrap();
     c.primary_ping(P, 2, 100, 90, 777).unwrap();
     let saved = std::fs::read_to_string(&file).unwrap();
-    assert!(saved.starts_with("ftvm-witness-state 1\nview=2 primary=127.0.0.1:7101 backup=127.0.0.1:7102 run=00000000000000aa ready=1"), "{saved}");
-    // "Restart": another witness process on the same file (the first one
-    // is as good as dead: nobody talks to it again).
+    assert!(saved.starts_with("ftvm-witness-state 1\nview=2 primary=127.0.0.1:7101 backup=127.0.0.1:7102 run=00000000000000aa ready=1 promoted_from=0 promoted=-"), "{saved}");
+    // The file is locked: a second witness on it is refused.
+    let e = Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&file).err().unwrap();
+    assert!(e.to_string().contains("another witness holds"), "{e}");
+    // "Restart": another witness on a copy of the file (the first one is
+    // as good as dead: nobody talks to it again, but it holds its lock).
+    let file2 = dir.join("restarted.state");
+    std::fs::copy(&file, &file2).unwrap();
+    let file = file2;
     let mut c = serve(Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&file).unwrap());
     assert_eq!(c.view().unwrap(), v(2, Some(P), Some(B)));
     let st = c.status().unwrap();
@@ -376,6 +382,7 @@ fn a_restarted_witness_takes_up_its_saved_view_and_the_vm_goes_on() {
     thread::sleep(T.lease + Duration::from_millis(50));
     assert!(matches!(c.promote(B, 2, true, true).unwrap(), Promotion::Granted(_)));
     // A damaged file is a clear error that names it.
+    let file = dir.join("damaged.state");
     std::fs::write(&file, "ftvm-witness-state 1\nview=x\n").unwrap();
     let e = Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&file).err().unwrap();
     assert!(e.to_string().contains(&file.display().to_string()) && e.to_string().contains("not a witness state line"), "{e}");
@@ -383,4 +390,62 @@ fn a_restarted_witness_takes_up_its_saved_view_and_the_vm_goes_on() {
     let e = Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&file).err().unwrap();
     assert!(e.to_string().contains("not a witness state file"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_promotion_granted_before_a_restart_is_found_by_its_retry() {
+    let dir = std::env::temp_dir().join(format!("ftvm-witness-promo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (dir.join("a.state"), dir.join("b.state"));
+    let serve = |w: Witness| {
+        let addr = w.local_addr().to_string();
+        thread::spawn(move || w.serve());
+        client(&addr)
+    };
+    let mut c = serve(Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&a).unwrap());
+    c.become_primary(P, RUN, false).unwrap();
+    c.backup_ping(B, 0, true, 0).unwrap();
+    c.backup_ping(B, 2, true, 0).unwrap();
+    thread::sleep(T.lease + Duration::from_millis(50));
+    let granted = c.promote(B, 2, true, true).unwrap();
+    // The answer "was lost"; the witness restarts from its file.
+    std::fs::copy(&a, &b).unwrap();
+    let mut c = serve(Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&b).unwrap());
+    assert_eq!(c.promote(B, 2, true, true).unwrap(), granted, "the retry finds its promotion");
+    assert!(c.status().unwrap().lease_left_ms.is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_change_the_witness_cannot_save_is_refused_and_taken_back() {
+    let dir = std::env::temp_dir().join(format!("ftvm-witness-ro-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("w.state");
+    let w = Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&file).unwrap();
+    let addr = w.local_addr().to_string();
+    thread::spawn(move || w.serve());
+    let mut c = client(&addr);
+    // Saving goes through a temporary file beside it: a directory in its
+    // way makes every save fail, as a full disk would.
+    std::fs::create_dir_all(file.with_extension("tmp")).unwrap();
+    refused(c.become_primary(P, RUN, false), "cannot save its state");
+    assert_eq!(c.view().unwrap(), View::default(), "a change that was not saved was kept");
+    std::fs::remove_dir_all(file.with_extension("tmp")).unwrap();
+    assert_eq!(c.become_primary(P, RUN, false).unwrap(), v(1, Some(P), None));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_primary_can_give_up_a_backup_that_stopped_acknowledging() {
+    let (_, mut c) = start_pair();
+    refused(c.drop_backup(S, 2, B), "is not the primary of view 2");
+    refused(c.drop_backup(P, 1, B), "stale view 1");
+    refused(c.drop_backup(P, 2, S), "with backup 127.0.0.1:7102");
+    assert_eq!(c.drop_backup(P, 2, B).unwrap(), v(3, Some(P), None));
+    // The backup given up is out: its keepalive is refused, it joins anew.
+    refused(c.backup_ping(B, 2, true, 0), "it was dropped");
+    refused(c.promote(B, 2, true, true), "stale view 2");
+    assert_eq!(c.backup_ping("127.0.0.1:7102@new", 0, false, 0).unwrap().backup.as_deref(), Some("127.0.0.1:7102@new"));
 }
