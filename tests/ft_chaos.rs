@@ -1,0 +1,758 @@
+//! Fault injection against real ftvm roles (issue 8, "Tests"): a
+//! randomized schedule of mixed faults, the named scenarios of the issue,
+//! and failover measurements.
+//!
+//! Every role is a real `ftvm` process on /dev/kvm running the test guest;
+//! faults are real: `kill -9`, `SIGSTOP`/`SIGCONT`, restarts at the same
+//! address, links cut or slowed. Each role runs in a network namespace of
+//! its own (loopback only; `cluster.rs`, `Netns`), reached through
+//! forwarders we control, so its link to the witness and the log stream to
+//! it can be cut or slowed (20 ms per receive). Without namespaces (not
+//! root) the roles share the test's namespace and only the witness links
+//! are ours.
+//!
+//! The checker, for every schedule: (a) safety: what one `ftvm console`
+//! printed is one run's output, every line once and in order with the test
+//! guest's checksum chain unbroken (`check_chain`); (b) progress: within
+//! `PROGRESS_BOUND` after the last fault ends, either the run completes
+//! (`[done]`, console exit 0) or the cluster says the VM is lost (`ftvm
+//! status`: `state: lost`), and then a `--new-run` primary makes the
+//! console stop with "is gone" (exit 3) without printing the new run.
+//!
+//! `FTVM_CHAOS_SCHEDULES=N` sets the number of schedules (default 50),
+//! `FTVM_CHAOS_SEED=S` reruns exactly one, `FTVM_CHAOS_PARALLEL=K` runs K at
+//! a time (default 2).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[path = "common/cluster.rs"]
+mod cluster;
+use cluster::*;
+
+/// Guest time of a schedule's run, and its lines (10 a second).
+const GUEST_SECONDS: u64 = 6;
+const LINES: usize = 60;
+/// Once the last fault has ended, the run completes or the cluster says
+/// the VM is lost within this long.
+const PROGRESS_BOUND: Duration = Duration::from_secs(20);
+/// A slow link holds each receive this long.
+const SLOW_MS: u64 = 20;
+
+// ------------------------------------------------------------------ randomness
+
+/// splitmix64: one seed, one schedule, on any machine.
+#[derive(Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+    fn chance(&mut self, pct: u64) -> bool {
+        self.next() % 100 < pct
+    }
+}
+
+// ------------------------------------------------------------------ the fabric
+
+/// One role's slot: an address (127.0.0.1:port, the same in its namespace
+/// and, through a forwarder, here), its namespace, its links, and the
+/// processes that ran there (the last one current).
+struct Member {
+    name: String,
+    addr: String,
+    port: u16,
+    ns: Option<Arc<Netns>>,
+    /// Into the role: the log stream to it, consoles to it.
+    inbound: Option<Link>,
+    /// Its link to the witness.
+    wlink: Link,
+    /// Inside its namespace: to the other roles.
+    outs: Vec<Link>,
+    procs: Vec<(String, Proc)>,
+    killed: bool,
+}
+
+impl Member {
+    fn cur(&mut self) -> Option<&mut Proc> {
+        self.procs.last_mut().map(|(_, p)| p)
+    }
+    fn alive(&mut self) -> bool {
+        self.cur().is_some_and(|p| p.child.try_wait().ok().flatten().is_none())
+    }
+    fn witness_addr(&self, w_port: u16) -> String {
+        match self.ns {
+            Some(_) => format!("127.0.0.1:{w_port}"),
+            None => format!("127.0.0.1:{}", self.wlink.port),
+        }
+    }
+}
+
+/// A cluster under test: the witness (here), its members, the console.
+struct Fabric {
+    w: String,
+    w_port: u16,
+    witness: Proc,
+    use_ns: bool,
+    members: Vec<Member>,
+    /// What happened, with times since the start, for reports.
+    journal: Vec<String>,
+    t0: Instant,
+    /// The (primary, backup) ports the witness named last, kept fresh by a
+    /// poller: a fault aimed at "the primary" while the witness is stopped
+    /// hits the last one it named.
+    seen: Arc<Mutex<(Option<u16>, Option<u16>)>>,
+    polling: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        self.polling.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Fabric {
+    fn new() -> Fabric {
+        let (witness, w) = start_witness();
+        let w_port = w.rsplit(':').next().unwrap().parse().unwrap();
+        let seen = Arc::new(Mutex::new((None, None)));
+        let polling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        {
+            let (w, seen, polling) = (w.clone(), seen.clone(), polling.clone());
+            std::thread::spawn(move || {
+                while polling.load(std::sync::atomic::Ordering::SeqCst) {
+                    let s = status(&w);
+                    if s.contains("primary:") {
+                        *seen.lock().unwrap() =
+                            (status_field(&s, "primary").and_then(member_port), status_field(&s, "backup").and_then(member_port));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        }
+        Fabric {
+            w,
+            w_port,
+            witness,
+            use_ns: Netns::available(),
+            members: Vec::new(),
+            journal: Vec::new(),
+            t0: Instant::now(),
+            seen,
+            polling,
+        }
+    }
+
+    fn note(&mut self, what: String) {
+        self.journal.push(format!("{:>6} ms  {what}", self.t0.elapsed().as_millis()));
+    }
+
+    /// A new slot with a fresh address.
+    fn add(&mut self, name: &str) -> usize {
+        let wl = format!("127.0.0.1:{}", self.w_port);
+        let m = if self.use_ns {
+            let ns = Netns::new().expect("a network namespace");
+            // Here: the forwarder into the role takes a fresh port; the role
+            // listens on the same port inside.
+            let inbound = {
+                let ns2 = ns.clone();
+                let mut tries = 0;
+                loop {
+                    // The port must be free here; inside, the role will bind it.
+                    let to = format!("127.0.0.1:{}", free_port());
+                    match link(&to, None, &to, Some(ns2.clone()), LinkCtl::new()) {
+                        Ok(l) => break l,
+                        Err(e) => {
+                            tries += 1;
+                            assert!(tries < 10, "no port for a member: {e}");
+                        }
+                    }
+                }
+            };
+            let port = inbound.port;
+            let wlink = link(&wl, Some(&ns), &wl, None, LinkCtl::new()).expect("the witness link");
+            let mut outs = Vec::new();
+            for o in &self.members {
+                let a = format!("127.0.0.1:{}", o.port);
+                if let Ok(l) = link(&a, Some(&ns), &a, None, LinkCtl::new()) {
+                    outs.push(l);
+                }
+            }
+            let a = format!("127.0.0.1:{port}");
+            for o in &mut self.members {
+                if let Some(ons) = &o.ns {
+                    if let Ok(l) = link(&a, Some(ons), &a, None, LinkCtl::new()) {
+                        o.outs.push(l);
+                    }
+                }
+            }
+            Member { name: name.into(), addr: a, port, ns: Some(ns), inbound: Some(inbound), wlink, outs, procs: Vec::new(), killed: false }
+        } else {
+            let wlink = link("127.0.0.1:0", None, &wl, None, LinkCtl::new()).expect("the witness link");
+            let port = free_port();
+            Member { name: name.into(), addr: format!("127.0.0.1:{port}"), port, ns: None, inbound: None, wlink, outs: Vec::new(), procs: Vec::new(), killed: false }
+        };
+        self.members.push(m);
+        self.members.len() - 1
+    }
+
+    /// Starts `ftvm primary` (with `extra` options) or `ftvm backup` in slot `i`.
+    fn start(&mut self, i: usize, role: &str, cmdline: &str, extra: &[&str]) {
+        let w_port = self.w_port;
+        let m = &mut self.members[i];
+        let wa = m.witness_addr(w_port);
+        let mut args = vec![role, "--witness", &wa, "--listen", &m.addr];
+        if role == "primary" {
+            args.extend(["--no-stdin", "--cmdline", cmdline]);
+        }
+        args.extend(extra);
+        let p = spawn_in(m.ns.as_deref(), &args);
+        let label = format!("{} ({role}{}{}, pid {})", m.name, if extra.is_empty() { "" } else { " " }, extra.join(" "), p.child.id());
+        m.procs.push((label.clone(), p));
+        m.killed = false;
+        self.note(format!("started {label} at {}", self.members[i].addr));
+    }
+
+    /// Waits until slot `i`'s process says `what` on stderr (or ends).
+    fn wait_says(&mut self, i: usize, what: &str, t: Duration) -> bool {
+        let deadline = Instant::now() + t;
+        loop {
+            let m = &mut self.members[i];
+            let Some(p) = m.cur() else { return false };
+            if p.err().contains(what) {
+                return true;
+            }
+            if p.child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn by_port(&mut self, port: Option<u16>) -> Option<usize> {
+        let port = port?;
+        self.members.iter().position(|m| m.port == port)
+    }
+
+    /// (primary, backup) slots as the witness named them last.
+    fn view(&mut self) -> (Option<usize>, Option<usize>, String) {
+        let (p, b) = *self.seen.lock().unwrap();
+        (self.by_port(p), self.by_port(b), format!("primary port {p:?}, backup port {b:?}"))
+    }
+
+    fn kill(&mut self, i: usize) -> Option<u128> {
+        let m = &mut self.members[i];
+        if !m.alive() {
+            return None;
+        }
+        let at = unix_ms();
+        m.cur().unwrap().kill9();
+        m.killed = true;
+        let n = m.name.clone();
+        self.note(format!("kill -9 {n}"));
+        Some(at)
+    }
+
+    /// Stderr tails of every process that ran, and the witness's.
+    fn tails(&mut self) -> String {
+        let mut s = format!("--- witness {}:\n{}", self.w, tail(&self.witness.err(), 30));
+        for m in &self.members {
+            for (label, p) in &m.procs {
+                s += &format!("--- {label} at {}:\n{}", m.addr, tail(&p.err(), 40));
+            }
+        }
+        s
+    }
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    let from = v.len().saturating_sub(lines);
+    let mut out = v[from..].join("\n");
+    out.push('\n');
+    out
+}
+
+fn signal_pid(pid: u32, sig: i32) {
+    // SAFETY: a plain kill(2).
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+// ------------------------------------------------------------------ schedules
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Primary,
+    Backup,
+    Witness,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Fault {
+    KillPrimary,
+    KillBackup,
+    Pause { who: Who, ms: u64 },
+    /// The slot killed last gets a new process at its address: `ftvm
+    /// backup`, or `ftvm primary` as it was started first.
+    Restart { as_backup: bool },
+    CutPrimaryWitness { ms: u64 },
+    SlowWitness { ms: u64 },
+    SlowLog { ms: u64 },
+    NewBackup,
+}
+
+impl Fault {
+    fn lasts(&self) -> u64 {
+        match *self {
+            Fault::Pause { ms, .. } | Fault::CutPrimaryWitness { ms } | Fault::SlowWitness { ms } | Fault::SlowLog { ms } => ms,
+            _ => 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Plan {
+    seed: u64,
+    hz: u32,
+    /// The first backup joins this long after the primary started (else it
+    /// is there first).
+    late_backup_ms: Option<u64>,
+    /// (ms after the primary started, fault)
+    faults: Vec<(u64, Fault)>,
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "seed={} guest seconds={GUEST_SECONDS} hz={}", self.seed, self.hz)?;
+        match self.late_backup_ms {
+            Some(ms) => write!(f, "; backup joins at {ms} ms")?,
+            None => write!(f, "; backup from the start")?,
+        }
+        for (at, x) in &self.faults {
+            write!(f, "; {at} ms: {x:?}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Plan {
+    fn from_seed(seed: u64) -> Plan {
+        let mut r = Rng(seed);
+        let hz = if r.chance(50) { 100 } else { 1000 };
+        let late_backup_ms = r.chance(25).then(|| r.range(300, 2500));
+        let n = r.range(1, 4);
+        let mut faults: Vec<(u64, Fault)> = (0..n)
+            .map(|_| {
+                let at = r.range(200, 3500);
+                let f = match r.range(0, 13) {
+                    0..=2 => Fault::KillPrimary,
+                    3 => Fault::KillBackup,
+                    4 => Fault::Pause { who: Who::Primary, ms: r.range(100, 3000) },
+                    5 => Fault::Pause { who: Who::Backup, ms: r.range(100, 3000) },
+                    6 => Fault::Pause { who: Who::Witness, ms: r.range(100, 3000) },
+                    7 | 8 => Fault::Restart { as_backup: r.chance(50) },
+                    9 => Fault::CutPrimaryWitness { ms: r.range(300, 3000) },
+                    10 => Fault::SlowWitness { ms: r.range(500, 3000) },
+                    11 => Fault::SlowLog { ms: r.range(500, 3000) },
+                    _ => Fault::NewBackup,
+                };
+                (at, f)
+            })
+            .collect();
+        faults.sort_by_key(|(at, _)| *at);
+        // A restart needs a kill before it.
+        let mut killed = false;
+        for (_, f) in faults.iter_mut() {
+            match f {
+                Fault::KillPrimary | Fault::KillBackup => killed = true,
+                Fault::Restart { .. } if !killed => {
+                    *f = Fault::KillBackup;
+                    killed = true;
+                }
+                _ => {}
+            }
+        }
+        Plan { seed, hz, late_backup_ms, faults }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Outcome {
+    /// `[done]`, every line once.
+    Completed,
+    /// `state: lost`, and a `--new-run` primary stopped the console ("is gone").
+    Lost,
+    /// Before the coming semantics: no lease for 5 s and no `state:` line.
+    LostInferred,
+    Failed(String),
+}
+
+struct Result1 {
+    plan: Plan,
+    outcome: Outcome,
+    failovers: usize,
+    /// kill -9 of a primary -> the console's first output from the next one.
+    failover_ms: Vec<u128>,
+    /// The last fault's end -> the outcome.
+    settle_ms: u128,
+    /// A restarted `ftvm primary` that the witness accepted.
+    restarted_primary_accepted: bool,
+}
+
+/// The console's output without an unterminated last line (a VM lost in
+/// the middle of a line released that much of it), and that tail.
+fn split_torn(out: &str) -> (&str, &str) {
+    match out.rfind('\n') {
+        Some(i) => (&out[..=i], &out[i + 1..]),
+        None => ("", out),
+    }
+}
+
+/// "first output from new primary ... unix_ms=T" lines of a console.
+fn new_primary_times(err: &str) -> Vec<u128> {
+    err.lines()
+        .filter_map(|l| l.split("first output from new primary").nth(1)?.split("unix_ms=").nth(1)?.trim().parse().ok())
+        .collect()
+}
+
+enum Ev {
+    Start(usize),
+    End(usize),
+    LateBackup,
+}
+
+fn run_plan(plan: &Plan) -> Result1 {
+    let mut fab = Fabric::new();
+    let cmdline = format!("seconds={GUEST_SECONDS} hz={}", plan.hz);
+    let b0 = fab.add("b0");
+    if plan.late_backup_ms.is_none() {
+        fab.start(b0, "backup", "", &[]);
+        fab.wait_says(b0, "waiting for the primary", Duration::from_secs(20));
+    }
+    let p0 = fab.add("p0");
+    fab.start(p0, "primary", &cmdline, &[]);
+    let mut result = Result1 {
+        plan: plan.clone(),
+        outcome: Outcome::Completed,
+        failovers: 0,
+        failover_ms: Vec::new(),
+        settle_ms: 0,
+        restarted_primary_accepted: false,
+    };
+    if !fab.wait_says(p0, "is primary of view", Duration::from_secs(30)) {
+        result.outcome = Outcome::Failed(format!("the first primary did not start\n{}", fab.tails()));
+        return result;
+    }
+    let mut console = Proc::spawn(&["console", "--witness", &fab.w, "--give-up", "60"]);
+    let t0 = Instant::now();
+    fab.t0 = t0;
+
+    let mut evs: Vec<(u64, Ev)> = Vec::new();
+    if let Some(ms) = plan.late_backup_ms {
+        evs.push((ms, Ev::LateBackup));
+    }
+    for (i, (at, f)) in plan.faults.iter().enumerate() {
+        evs.push((*at, Ev::Start(i)));
+        if f.lasts() > 0 {
+            evs.push((at + f.lasts(), Ev::End(i)));
+        }
+    }
+    evs.sort_by_key(|(at, _)| *at);
+
+    let mut kills: Vec<u128> = Vec::new();
+    let mut stopped: HashMap<usize, u32> = HashMap::new();
+    let mut links: HashMap<usize, Vec<Arc<LinkCtl>>> = HashMap::new();
+    let mut last_killed: Option<usize> = None;
+    let mut new_backups = 0;
+    let mut primary_restarts: Vec<usize> = Vec::new();
+    for (at, ev) in evs {
+        let when = t0 + Duration::from_millis(at);
+        if let Some(d) = when.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+        match ev {
+            Ev::LateBackup => fab.start(b0, "backup", "", &[]),
+            Ev::Start(i) => {
+                let f = plan.faults[i].1.clone();
+                fab.note(format!("fault {i}: {f:?}"));
+                match f {
+                    Fault::KillPrimary | Fault::KillBackup => {
+                        let (p, b, s) = fab.view();
+                        let target = if f == Fault::KillPrimary { p } else { b };
+                        match target {
+                            Some(t) => {
+                                if let Some(ms) = fab.kill(t) {
+                                    if f == Fault::KillPrimary {
+                                        kills.push(ms);
+                                    }
+                                    last_killed = Some(t);
+                                }
+                            }
+                            None => fab.note(format!("  nothing to kill: {}", s.replace('\n', "; "))),
+                        }
+                    }
+                    Fault::Pause { who, .. } => {
+                        let pid = match who {
+                            Who::Witness => Some(fab.witness.child.id()),
+                            _ => {
+                                let (p, b, _) = fab.view();
+                                let t = if who == Who::Primary { p } else { b };
+                                t.and_then(|t| {
+                                    let m = &mut fab.members[t];
+                                    m.alive().then(|| m.cur().unwrap().child.id())
+                                })
+                            }
+                        };
+                        if let Some(pid) = pid {
+                            signal_pid(pid, libc::SIGSTOP);
+                            fab.note(format!("  SIGSTOP pid {pid}"));
+                            stopped.insert(i, pid);
+                        }
+                    }
+                    Fault::Restart { as_backup } => {
+                        if let Some(t) = last_killed.take() {
+                            if as_backup {
+                                fab.start(t, "backup", "", &[]);
+                            } else {
+                                fab.start(t, "primary", &cmdline, &[]);
+                                primary_restarts.push(t);
+                            }
+                        }
+                    }
+                    Fault::CutPrimaryWitness { .. } => {
+                        let (p, _, _) = fab.view();
+                        if let Some(p) = p {
+                            let ctl = fab.members[p].wlink.ctl.clone();
+                            ctl.set_cut(true);
+                            links.insert(i, vec![ctl]);
+                        }
+                    }
+                    Fault::SlowWitness { .. } => {
+                        let ctls: Vec<_> = fab.members.iter().map(|m| m.wlink.ctl.clone()).collect();
+                        for c in &ctls {
+                            c.set_delay(SLOW_MS);
+                        }
+                        links.insert(i, ctls);
+                    }
+                    Fault::SlowLog { .. } => {
+                        let (_, b, _) = fab.view();
+                        if let Some(ctl) = b.and_then(|b| fab.members[b].inbound.as_ref().map(|l| l.ctl.clone())) {
+                            ctl.set_delay(SLOW_MS);
+                            links.insert(i, vec![ctl]);
+                        }
+                    }
+                    Fault::NewBackup => {
+                        new_backups += 1;
+                        let n = fab.add(&format!("b{new_backups}"));
+                        fab.start(n, "backup", "", &[]);
+                    }
+                }
+            }
+            Ev::End(i) => {
+                if let Some(pid) = stopped.remove(&i) {
+                    signal_pid(pid, libc::SIGCONT);
+                    fab.note(format!("fault {i} ends: SIGCONT pid {pid}"));
+                }
+                for c in links.remove(&i).unwrap_or_default() {
+                    c.set_cut(false);
+                    c.set_delay(0);
+                    fab.note(format!("fault {i} ends: link healed"));
+                }
+            }
+        }
+    }
+    // Quiet from here on.
+    let quiet = Instant::now();
+    fab.note("faults over".into());
+    let mut lease_none_since: Option<Instant> = None;
+    let mut new_run: Option<Instant> = None;
+    let outcome = loop {
+        if let Some(code) = console.child.try_wait().unwrap().map(|s| s.code()) {
+            std::thread::sleep(Duration::from_millis(100));
+            let (out, err) = (console.out(), console.err());
+            break match (code, new_run) {
+                (Some(0), _) => match check_console(&out, LINES) {
+                    Ok(()) => Outcome::Completed,
+                    Err(e) => Outcome::Failed(format!("completed, but: {}", e.lines().next().unwrap_or(""))),
+                },
+                (Some(3), Some(_)) if err.contains("is gone") => Outcome::Lost,
+                _ => Outcome::Failed(format!("the console exited {code:?}")),
+            };
+        }
+        let s = status(&fab.w);
+        if new_run.is_none() && s.lines().any(|l| l.starts_with("state: lost")) {
+            // The cluster says so: a new run in its place must not reach
+            // this console.
+            fab.note(format!("status says lost: {}", s.replace('\n', "; ")));
+            let n = fab.add("new-run");
+            fab.start(n, "primary", "seconds=3", &["--new-run"]);
+            new_run = Some(Instant::now());
+        }
+        if !s.is_empty() && !s.contains("state:") && s.contains("lease: none") {
+            let since = *lease_none_since.get_or_insert(Instant::now());
+            if since.elapsed() > Duration::from_secs(5) {
+                fab.note(format!("no lease for 5 s: {}", s.replace('\n', "; ")));
+                break Outcome::LostInferred;
+            }
+        } else {
+            lease_none_since = None;
+        }
+        if new_run.is_some_and(|t| t.elapsed() > Duration::from_secs(15)) {
+            break Outcome::Failed("a --new-run primary started 15 s ago and the console did not stop".into());
+        }
+        if quiet.elapsed() > PROGRESS_BOUND + Duration::from_secs(if new_run.is_some() { 15 } else { 0 }) {
+            break Outcome::Failed(format!(
+                "no progress within {PROGRESS_BOUND:?} after the last fault; status:\n{s}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    result.settle_ms = quiet.elapsed().as_millis();
+    let (out, err) = (console.out(), console.err());
+    // Safety whatever the outcome: one run's output.
+    let (whole, torn) = split_torn(&out);
+    let mut outcome = outcome;
+    if let Err(e) = check_chain(whole) {
+        outcome = Outcome::Failed(format!("the console's output is not one run's: {}", e.lines().next().unwrap_or("")));
+    } else if outcome != Outcome::Completed && whole.contains("[done]") {
+        outcome = Outcome::Failed("a [done] line, yet the run did not complete".into());
+    } else if !torn.is_empty() && outcome == Outcome::Completed {
+        outcome = Outcome::Failed(format!("torn last line {torn:?}"));
+    }
+    for t in primary_restarts {
+        let m = &mut fab.members[t];
+        let e = m.procs.last().map(|(_, p)| p.err()).unwrap_or_default();
+        if e.contains("is primary of view") {
+            result.restarted_primary_accepted = true;
+        }
+    }
+    let firsts = new_primary_times(&err);
+    result.failovers = firsts.len();
+    for k in &kills {
+        if let Some(f) = firsts.iter().find(|&&f| f > *k) {
+            result.failover_ms.push(f - k);
+        }
+    }
+    if std::env::var_os("FTVM_CHAOS_VERBOSE").is_some() {
+        eprintln!("journal of seed={}:\n  {}", plan.seed, fab.journal.join("\n  "));
+    }
+    if let Outcome::Failed(why) = &outcome {
+        let mut report = format!("{why}\nschedule: {plan}\nrerun: FTVM_CHAOS_SEED={}\njournal:\n", plan.seed);
+        for j in &fab.journal {
+            report += &format!("  {j}\n");
+        }
+        report += &format!("--- console stdout (tail):\n{}--- console stderr (tail):\n{}", tail(&out, 25), tail(&err, 25));
+        report += &fab.tails();
+        report += &format!("--- status now:\n{}", status(&fab.w));
+        result.outcome = Outcome::Failed(report);
+    } else {
+        result.outcome = outcome;
+    }
+    // Nothing may stay stopped or alive.
+    for pid in stopped.values() {
+        signal_pid(*pid, libc::SIGCONT);
+    }
+    result
+}
+
+fn pct(sorted: &[u128], p: f64) -> u128 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn env_u64(k: &str) -> Option<u64> {
+    std::env::var(k).ok()?.trim().parse().ok()
+}
+
+#[test]
+fn mixed_fault_schedules() {
+    let seeds: Vec<u64> = match env_u64("FTVM_CHAOS_SEED") {
+        Some(s) => vec![s],
+        None => {
+            let n = env_u64("FTVM_CHAOS_SCHEDULES").unwrap_or(50);
+            let mut r = Rng(env_u64("FTVM_CHAOS_BASE").unwrap_or(unix_ms() as u64));
+            (0..n).map(|_| r.next() >> 16).collect()
+        }
+    };
+    let parallel = env_u64("FTVM_CHAOS_PARALLEL").unwrap_or(2).max(1) as usize;
+    let total = seeds.len();
+    let queue = Arc::new(Mutex::new(seeds.into_iter().enumerate().collect::<Vec<_>>()));
+    queue.lock().unwrap().reverse();
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..parallel)
+        .map(|_| {
+            let (queue, results) = (queue.clone(), results.clone());
+            std::thread::spawn(move || loop {
+                let Some((i, seed)) = queue.lock().unwrap().pop() else { return };
+                let plan = Plan::from_seed(seed);
+                eprintln!("schedule {}/{total} FTVM_CHAOS_SEED={seed}: {plan}", i + 1);
+                let t = Instant::now();
+                let r = run_plan(&plan);
+                let verdict = match &r.outcome {
+                    Outcome::Failed(_) => "FAILED".to_string(),
+                    o => format!("{o:?}"),
+                };
+                eprintln!(
+                    "schedule {}/{total} seed={seed}: {verdict} in {:.1} s (failovers {}, failover ms {:?}, settled {} ms after the last fault{})",
+                    i + 1,
+                    t.elapsed().as_secs_f64(),
+                    r.failovers,
+                    r.failover_ms,
+                    r.settle_ms,
+                    if r.restarted_primary_accepted { ", a restarted primary was accepted" } else { "" }
+                );
+                if let Outcome::Failed(rep) = &r.outcome {
+                    eprintln!("=== schedule seed={seed} FAILED:\n{rep}\n===");
+                }
+                results.lock().unwrap().push(r);
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let results = results.lock().unwrap();
+    let count = |f: &dyn Fn(&Outcome) -> bool| results.iter().filter(|r| f(&r.outcome)).count();
+    let mut fo: Vec<u128> = results.iter().flat_map(|r| r.failover_ms.iter().copied()).collect();
+    fo.sort();
+    let mut settle: Vec<u128> = results.iter().filter(|r| !matches!(r.outcome, Outcome::Failed(_))).map(|r| r.settle_ms).collect();
+    settle.sort();
+    let failed: Vec<&Result1> = results.iter().filter(|r| matches!(r.outcome, Outcome::Failed(_))).collect();
+    eprintln!(
+        "chaos summary: {} schedules in {:.0} s: completed {}, lost {} (+{} inferred without `state:`), failed {}; failovers {}; \
+         failover after kill -9 (n={}) p50 {} ms, p99 {} ms, worst {} ms; settled after the last fault: worst {} ms (bound {} ms); \
+         restarted primaries accepted in {} schedules",
+        results.len(),
+        started.elapsed().as_secs_f64(),
+        count(&|o| *o == Outcome::Completed),
+        count(&|o| *o == Outcome::Lost),
+        count(&|o| *o == Outcome::LostInferred),
+        failed.len(),
+        results.iter().map(|r| r.failovers).sum::<usize>(),
+        fo.len(),
+        pct(&fo, 0.5),
+        pct(&fo, 0.99),
+        fo.last().copied().unwrap_or(0),
+        settle.last().copied().unwrap_or(0),
+        PROGRESS_BOUND.as_millis(),
+        results.iter().filter(|r| r.restarted_primary_accepted).count(),
+    );
+    let seeds: Vec<String> = failed.iter().map(|r| format!("FTVM_CHAOS_SEED={}", r.plan.seed)).collect();
+    assert!(failed.is_empty(), "{} of {} schedules failed (reports above): {}", failed.len(), results.len(), seeds.join(" "));
+}
