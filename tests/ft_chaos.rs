@@ -576,6 +576,46 @@ fn run_plan(plan: &Plan) -> Result1 {
     // Quiet from here on.
     let quiet = Instant::now();
     fab.note("faults over".into());
+    let outcome = settle(&mut fab, &mut console, LINES, PROGRESS_BOUND);
+    result.settle_ms = quiet.elapsed().as_millis();
+    let err = console.err();
+    for t in primary_restarts {
+        let m = &mut fab.members[t];
+        let e = m.procs.last().map(|(_, p)| p.err()).unwrap_or_default();
+        if e.contains("is primary of view") {
+            result.restarted_primary_accepted = true;
+        }
+    }
+    let firsts = new_primary_times(&err);
+    result.failovers = firsts.len();
+    for k in &kills {
+        if let Some(f) = firsts.iter().find(|&&f| f > *k) {
+            result.failover_ms.push(f - k);
+        }
+    }
+    if std::env::var_os("FTVM_CHAOS_VERBOSE").is_some() {
+        eprintln!("journal of seed={}:\n  {}", plan.seed, fab.journal.join("\n  "));
+    }
+    if let Outcome::Failed(why) = &outcome {
+        let why = format!("{why}\nschedule: {plan}\nrerun: FTVM_CHAOS_SEED={}", plan.seed);
+        result.outcome = Outcome::Failed(report(&mut fab, &console, &why));
+    } else {
+        result.outcome = outcome;
+    }
+    // Nothing may stay stopped or alive.
+    for pid in stopped.values() {
+        signal_pid(*pid, libc::SIGCONT);
+    }
+    result
+}
+
+/// Waits, once faults are over, for the outcome: the run completes (every
+/// line of `lines` once, `[done]`), or the cluster says the VM is lost and
+/// a `--new-run` primary then stops the console ("is gone") — within
+/// `bound` (and 15 s more for the new run). The console's output must be
+/// one run's in every case.
+fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -> Outcome {
+    let quiet = Instant::now();
     let mut lease_none_since: Option<Instant> = None;
     let mut new_run: Option<Instant> = None;
     let outcome = loop {
@@ -583,7 +623,7 @@ fn run_plan(plan: &Plan) -> Result1 {
             std::thread::sleep(Duration::from_millis(100));
             let (out, err) = (console.out(), console.err());
             break match (code, new_run) {
-                (Some(0), _) => match check_console(&out, LINES) {
+                (Some(0), _) => match check_console(&out, lines) {
                     Ok(()) => Outcome::Completed,
                     Err(e) => Outcome::Failed(format!("completed, but: {}", e.lines().next().unwrap_or(""))),
                 },
@@ -612,15 +652,12 @@ fn run_plan(plan: &Plan) -> Result1 {
         if new_run.is_some_and(|t| t.elapsed() > Duration::from_secs(15)) {
             break Outcome::Failed("a --new-run primary started 15 s ago and the console did not stop".into());
         }
-        if quiet.elapsed() > PROGRESS_BOUND + Duration::from_secs(if new_run.is_some() { 15 } else { 0 }) {
-            break Outcome::Failed(format!(
-                "no progress within {PROGRESS_BOUND:?} after the last fault; status:\n{s}"
-            ));
+        if quiet.elapsed() > bound + Duration::from_secs(if new_run.is_some() { 15 } else { 0 }) {
+            break Outcome::Failed(format!("no progress within {bound:?} after the last fault; status:\n{s}"));
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    result.settle_ms = quiet.elapsed().as_millis();
-    let (out, err) = (console.out(), console.err());
+    let out = console.out();
     // Safety whatever the outcome: one run's output.
     let (whole, torn) = split_torn(&out);
     let mut outcome = outcome;
@@ -631,40 +668,20 @@ fn run_plan(plan: &Plan) -> Result1 {
     } else if !torn.is_empty() && outcome == Outcome::Completed {
         outcome = Outcome::Failed(format!("torn last line {torn:?}"));
     }
-    for t in primary_restarts {
-        let m = &mut fab.members[t];
-        let e = m.procs.last().map(|(_, p)| p.err()).unwrap_or_default();
-        if e.contains("is primary of view") {
-            result.restarted_primary_accepted = true;
-        }
+    outcome
+}
+
+/// A failure report: why, the journal, the console's output and every
+/// role's stderr (tails), the witness's view now.
+fn report(fab: &mut Fabric, console: &Proc, why: &str) -> String {
+    let mut r = format!("{why}\njournal:\n");
+    for j in &fab.journal {
+        r += &format!("  {j}\n");
     }
-    let firsts = new_primary_times(&err);
-    result.failovers = firsts.len();
-    for k in &kills {
-        if let Some(f) = firsts.iter().find(|&&f| f > *k) {
-            result.failover_ms.push(f - k);
-        }
-    }
-    if std::env::var_os("FTVM_CHAOS_VERBOSE").is_some() {
-        eprintln!("journal of seed={}:\n  {}", plan.seed, fab.journal.join("\n  "));
-    }
-    if let Outcome::Failed(why) = &outcome {
-        let mut report = format!("{why}\nschedule: {plan}\nrerun: FTVM_CHAOS_SEED={}\njournal:\n", plan.seed);
-        for j in &fab.journal {
-            report += &format!("  {j}\n");
-        }
-        report += &format!("--- console stdout (tail):\n{}--- console stderr (tail):\n{}", tail(&out, 25), tail(&err, 25));
-        report += &fab.tails();
-        report += &format!("--- status now:\n{}", status(&fab.w));
-        result.outcome = Outcome::Failed(report);
-    } else {
-        result.outcome = outcome;
-    }
-    // Nothing may stay stopped or alive.
-    for pid in stopped.values() {
-        signal_pid(*pid, libc::SIGCONT);
-    }
-    result
+    r += &format!("--- console stdout (tail):\n{}--- console stderr (tail):\n{}", tail(&console.out(), 25), tail(&console.err(), 25));
+    r += &fab.tails();
+    r += &format!("--- status now:\n{}", status(&fab.w));
+    r
 }
 
 fn pct(sorted: &[u128], p: f64) -> u128 {
@@ -755,4 +772,286 @@ fn mixed_fault_schedules() {
     );
     let seeds: Vec<String> = failed.iter().map(|r| format!("FTVM_CHAOS_SEED={}", r.plan.seed)).collect();
     assert!(failed.is_empty(), "{} of {} schedules failed (reports above): {}", failed.len(), results.len(), seeds.join(" "));
+}
+
+// ------------------------------------------------------------------ named scenarios
+
+/// A cluster to script by hand: the witness, then slots as asked.
+fn console_of(fab: &Fabric) -> Proc {
+    Proc::spawn(&["console", "--witness", &fab.w, "--give-up", "60"])
+}
+
+fn must(fab: &mut Fabric, console: &Proc, ok: bool, why: &str) {
+    if !ok {
+        panic!("{}", report(fab, console, why));
+    }
+}
+
+/// `ftvm primary ARGS` at `addr` of slot `i`, run to its end: (exit code, stderr).
+fn primary_once(fab: &mut Fabric, i: usize, extra: &[&str]) -> (Option<i32>, String) {
+    fab.start(i, "primary", "seconds=3", extra);
+    let p = fab.members[i].cur().unwrap();
+    let code = p.wait(Duration::from_secs(10));
+    (code, p.err())
+}
+
+/// The views members as `ftvm status` names them (`ADDR` or `ADDR@ID`).
+fn member_of(s: &str, what: &str) -> String {
+    status_field(s, what).and_then(|v| v.split_whitespace().next()).unwrap_or("none").to_string()
+}
+
+/// Issue 8, scenario 1 (the seed's "primary fails before completing state
+/// transfer"): the primary runs alone a while, a backup joins over a slow
+/// link (20 ms per receive on the log stream), the primary is killed
+/// shortly after. Whether the transfer was done by then or not, the
+/// console stays one run's output: either the backup takes over with every
+/// line once, or the cluster says the VM is lost.
+#[test]
+fn late_join_over_a_slow_link_then_the_primary_dies() {
+    let mut fab = Fabric::new();
+    let p0 = fab.add("p0");
+    fab.start(p0, "primary", "seconds=14 hz=1000", &[]);
+    assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
+    let mut console = console_of(&fab);
+    std::thread::sleep(Duration::from_secs(5));
+    let b0 = fab.add("b0");
+    if let Some(l) = &fab.members[b0].inbound {
+        l.ctl.set_delay(SLOW_MS);
+    }
+    fab.start(b0, "backup", "", &[]);
+    fab.wait_says(b0, "waiting for the primary", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(1500));
+    let printed = console.out().len();
+    fab.kill(p0);
+    let outcome = settle(&mut fab, &mut console, 140, PROGRESS_BOUND);
+    eprintln!("late join over a slow link, primary killed 1.5 s later: {outcome:?} ({printed} bytes printed before the kill)");
+    let ok = matches!(outcome, Outcome::Completed | Outcome::Lost);
+    must(&mut fab, &console, ok, &format!("outcome {outcome:?}"));
+}
+
+/// Issue 8, scenario 2: a primary killed and restarted at the same address
+/// at once is a new member, not the old one: refused while its backup
+/// takes over, and the console gets the old run whole from the backup.
+#[test]
+fn a_restarted_primary_at_the_same_address_is_not_taken_for_the_old_one() {
+    let mut fab = Fabric::new();
+    let b0 = fab.add("b0");
+    fab.start(b0, "backup", "", &[]);
+    assert!(fab.wait_says(b0, "waiting for the primary", Duration::from_secs(20)), "{}", fab.tails());
+    let p0 = fab.add("p0");
+    fab.start(p0, "primary", "seconds=6", &[]);
+    assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
+    let before = member_of(&status(&fab.w), "primary");
+    let mut console = console_of(&fab);
+    wait_for("output", Duration::from_secs(10), || console.out().contains("[0005]"));
+    fab.kill(p0);
+    let (code, err) = primary_once(&mut fab, p0, &[]);
+    let refused = code.is_some_and(|c| c != 0) && (err.contains("takes over") || err.contains("already running"));
+    must(&mut fab, &console, refused, &format!("the restarted primary at the old address was not refused (exit {code:?})"));
+    let outcome = settle(&mut fab, &mut console, 60, PROGRESS_BOUND);
+    must(&mut fab, &console, outcome == Outcome::Completed, &format!("outcome {outcome:?}"));
+    let b = fab.members[b0].cur().unwrap().err();
+    must(&mut fab, &console, b.contains("live at exit"), "the backup never went live");
+    eprintln!("old primary {before}; restarted and refused: {}", err.lines().last().unwrap_or(""));
+}
+
+/// The other half of scenario 2 and the seed's "no backup and primary
+/// fails": the VM is lost; the cluster says so, a restarted `ftvm primary`
+/// is refused ("is lost", naming --new-run), a `--new-run` primary boots a
+/// new VM, and the console of the old run stops ("is gone", exit 3)
+/// without printing a byte of the new one.
+#[test]
+fn a_lost_vm_is_said_so_and_a_new_run_does_not_reach_the_old_console() {
+    let mut fab = Fabric::new();
+    let p0 = fab.add("p0");
+    fab.start(p0, "primary", "seconds=6", &[]);
+    assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
+    let mut console = console_of(&fab);
+    wait_for("output", Duration::from_secs(10), || console.out().contains("[0005]"));
+    fab.kill(p0);
+    std::thread::sleep(Duration::from_millis(1000));
+    let s = status(&fab.w);
+    must(&mut fab, &console, s.lines().any(|l| l.starts_with("state: lost")), &format!("status does not say lost:\n{s}"));
+    let (code, err) = primary_once(&mut fab, p0, &[]);
+    let refused = code.is_some_and(|c| c != 0) && err.contains("is lost") && err.contains("--new-run");
+    must(&mut fab, &console, refused, &format!("a plain primary after the loss was not refused as it should (exit {code:?})"));
+    let printed = console.out();
+    let outcome = settle(&mut fab, &mut console, 60, PROGRESS_BOUND);
+    must(&mut fab, &console, outcome == Outcome::Lost, &format!("outcome {outcome:?}"));
+    must(&mut fab, &console, console.out() == printed, "the console printed more after the loss");
+}
+
+/// Issue 8, scenario 3: the primary dies while a backup is still joining
+/// (its state transfer slowed by a 20 ms-per-receive link): the cluster
+/// does not hang. Either the transfer was done and the backup takes over
+/// whole, or the backup says it cannot be promoted, `ftvm status` says the
+/// VM is lost, a `--new-run` primary is accepted, the old console stops,
+/// and the waiting backup joins the new run by itself.
+#[test]
+fn the_primary_dies_while_a_backup_is_joining_the_cluster_does_not_hang() {
+    let mut fab = Fabric::new();
+    let p0 = fab.add("p0");
+    fab.start(p0, "primary", "seconds=20 hz=1000", &[]);
+    assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
+    let mut console = console_of(&fab);
+    std::thread::sleep(Duration::from_secs(3));
+    let b0 = fab.add("b0");
+    if let Some(l) = &fab.members[b0].inbound {
+        l.ctl.set_delay(SLOW_MS);
+    }
+    fab.start(b0, "backup", "", &[]);
+    fab.wait_says(b0, "waiting for the primary", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(100));
+    fab.kill(p0);
+    let t = Instant::now();
+    // The log stream to the backup stays slow: so would a real one.
+    let mut lost = false;
+    while t.elapsed() < Duration::from_secs(10) {
+        let s = status(&fab.w);
+        if s.lines().any(|l| l.starts_with("state: lost")) {
+            lost = true;
+            break;
+        }
+        if fab.members[b0].cur().unwrap().err().contains("live at exit") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("primary killed while a backup joined: {} after {:?}", if lost { "lost" } else { "not lost" }, t.elapsed());
+    if !lost {
+        let outcome = settle(&mut fab, &mut console, 200, PROGRESS_BOUND);
+        must(&mut fab, &console, outcome == Outcome::Completed, &format!("neither lost nor taken over: {outcome:?}"));
+        return;
+    }
+    let alive = fab.members[b0].alive();
+    must(&mut fab, &console, alive, "the joining backup died instead of waiting");
+    let n = fab.add("p-other");
+    let (code, err) = primary_once(&mut fab, n, &[]);
+    let refused = code.is_some_and(|c| c != 0) && err.contains("is lost") && err.contains("--new-run");
+    must(&mut fab, &console, refused, &format!("a plain primary after the loss was not refused (exit {code:?})"));
+    let nr = fab.add("new-run");
+    fab.start(nr, "primary", "seconds=6", &["--new-run"]);
+    let accepted = fab.wait_says(nr, "is primary of view", Duration::from_secs(20));
+    must(&mut fab, &console, accepted, "the --new-run primary was not accepted");
+    let code = console.wait(Duration::from_secs(15));
+    must(&mut fab, &console, code == Some(3) && console.err().contains("is gone"), &format!("the old console did not stop (exit {code:?})"));
+    check_chain(split_torn(&console.out()).0).map_err(|e| report(&mut fab, &console, &e)).unwrap();
+    // The backup that waited joins the new run by itself.
+    let b_port = fab.members[b0].port;
+    let t = Instant::now();
+    let mut joined = false;
+    while t.elapsed() < Duration::from_secs(15) && !joined {
+        let s = status(&fab.w);
+        joined = status_field(&s, "backup").and_then(member_port) == Some(b_port) && s.contains("(alive)");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    must(&mut fab, &console, joined, "the waiting backup did not join the new run");
+}
+
+/// Issue 8, scenario 4: a backup stopped for more than 2 s (dropped by
+/// the witness) rejoins by itself as a new member, and the VM survives a
+/// later primary failure whole.
+#[test]
+fn a_backup_paused_for_more_than_2_s_rejoins_by_itself_and_the_vm_survives_a_later_primary_failure() {
+    let mut fab = Fabric::new();
+    let b0 = fab.add("b0");
+    fab.start(b0, "backup", "", &[]);
+    assert!(fab.wait_says(b0, "waiting for the primary", Duration::from_secs(20)), "{}", fab.tails());
+    let p0 = fab.add("p0");
+    fab.start(p0, "primary", "seconds=12", &[]);
+    assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
+    let mut console = console_of(&fab);
+    wait_for("output", Duration::from_secs(10), || console.out().contains("[0010]"));
+    let first = member_of(&status(&fab.w), "backup");
+    let pid = fab.members[b0].cur().unwrap().child.id();
+    signal_pid(pid, libc::SIGSTOP);
+    fab.note("SIGSTOP b0 for 3 s".into());
+    std::thread::sleep(Duration::from_secs(3));
+    let during = status(&fab.w);
+    signal_pid(pid, libc::SIGCONT);
+    fab.note("SIGCONT b0".into());
+    must(&mut fab, &console, !during.contains(&format!("backup: {first} (alive)")), &format!("the witness kept a backup stopped for 3 s:\n{during}"));
+    // Back in the view, caught up.
+    let b_port = fab.members[b0].port;
+    let t = Instant::now();
+    let mut back = false;
+    while t.elapsed() < Duration::from_secs(10) && !back {
+        let s = status(&fab.w);
+        let lag: Option<u64> = s.split("(lag ").nth(1).and_then(|r| r.split(' ').next()?.parse().ok());
+        back = status_field(&s, "backup").and_then(member_port) == Some(b_port) && s.contains("(alive)") && lag.is_some_and(|l| l < 50);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let back = back && fab.members[b0].alive();
+    must(&mut fab, &console, back, "the paused backup did not rejoin by itself within 10 s");
+    let again = member_of(&status(&fab.w), "backup");
+    eprintln!("backup {first} paused 3 s, rejoined as {again} after {:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(500));
+    fab.kill(p0);
+    let outcome = settle(&mut fab, &mut console, 120, PROGRESS_BOUND);
+    must(&mut fab, &console, outcome == Outcome::Completed, &format!("outcome {outcome:?}"));
+    let b = fab.members[b0].cur().unwrap().err();
+    must(&mut fab, &console, b.contains("live at exit"), "the rejoined backup never went live");
+}
+
+/// Watches the console's output length while `f` runs a fault of `hold`:
+/// returns (bytes printed from 800 ms into the fault to its end, total
+/// before the fault).
+fn output_during(console: &Proc, hold: Duration, start: impl FnOnce(), end: impl FnOnce()) -> (usize, usize) {
+    let before = console.out().len();
+    start();
+    std::thread::sleep(Duration::from_millis(800));
+    let at = console.out().len();
+    std::thread::sleep(hold.saturating_sub(Duration::from_millis(850)));
+    let grew = console.out().len() - at;
+    end();
+    (grew, before)
+}
+
+/// The seed's "view-server failure": the witness stopped for 2 s. No
+/// primary can renew its lease, so output pauses (within the lease), then
+/// resumes from one primary; every line once.
+#[test]
+fn witness_paused_output_pauses_and_resumes_without_duplicates() {
+    let mut fab = Fabric::new();
+    let b0 = fab.add("b0");
+    fab.start(b0, "backup", "", &[]);
+    assert!(fab.wait_says(b0, "waiting for the primary", Duration::from_secs(20)), "{}", fab.tails());
+    let p0 = fab.add("p0");
+    fab.start(p0, "primary", "seconds=8", &[]);
+    assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
+    let mut console = console_of(&fab);
+    wait_for("output", Duration::from_secs(10), || console.out().contains("[0010]"));
+    let pid = fab.witness.child.id();
+    let (grew, _) = output_during(&console, Duration::from_secs(2), || signal_pid(pid, libc::SIGSTOP), || signal_pid(pid, libc::SIGCONT));
+    fab.note(format!("witness stopped 2 s; {grew} bytes printed from 800 ms in"));
+    must(&mut fab, &console, grew == 0, &format!("{grew} bytes of output released while the witness was stopped"));
+    let outcome = settle(&mut fab, &mut console, 80, PROGRESS_BOUND);
+    must(&mut fab, &console, outcome == Outcome::Completed, &format!("outcome {outcome:?}"));
+}
+
+/// The seed's "view-server isolation": the primary and the backup both cut
+/// from the witness for 2 s (the console still reaches it). Output pauses,
+/// then resumes; every line once.
+#[test]
+fn witness_isolated_output_pauses_and_resumes_without_duplicates() {
+    let mut fab = Fabric::new();
+    let b0 = fab.add("b0");
+    fab.start(b0, "backup", "", &[]);
+    assert!(fab.wait_says(b0, "waiting for the primary", Duration::from_secs(20)), "{}", fab.tails());
+    let p0 = fab.add("p0");
+    fab.start(p0, "primary", "seconds=8", &[]);
+    assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
+    let mut console = console_of(&fab);
+    wait_for("output", Duration::from_secs(10), || console.out().contains("[0010]"));
+    let ctls: Vec<_> = fab.members.iter().map(|m| m.wlink.ctl.clone()).collect();
+    let (grew, _) = output_during(
+        &console,
+        Duration::from_secs(2),
+        || ctls.iter().for_each(|c| c.set_cut(true)),
+        || ctls.iter().for_each(|c| c.set_cut(false)),
+    );
+    fab.note(format!("witness links cut 2 s; {grew} bytes printed from 800 ms in"));
+    must(&mut fab, &console, grew == 0, &format!("{grew} bytes of output released while the roles were cut from the witness"));
+    let outcome = settle(&mut fab, &mut console, 80, PROGRESS_BOUND);
+    must(&mut fab, &console, outcome == Outcome::Completed, &format!("outcome {outcome:?}"));
 }
