@@ -76,6 +76,11 @@ enum Cmd {
         /// Where console clients connect (and how the witness names us).
         #[arg(long, default_value = "127.0.0.1:7100")]
         listen: String,
+        /// Boot a new VM even though the cluster's VM was lost (its
+        /// primary died with no backup holding its state): that VM is
+        /// abandoned, and consoles following it stop.
+        #[arg(long)]
+        new_run: bool,
         #[command(flatten)]
         key: KeyArg,
         #[command(flatten)]
@@ -448,10 +453,10 @@ pub fn main() -> Result<i32> {
             w.serve()?;
             Ok(0)
         }
-        Cmd::Primary { witness, listen, key, guest } => {
+        Cmd::Primary { witness, listen, new_run, key, guest } => {
             let key = key.load()?;
             let cfg = guest.config()?;
-            Ok(ended(run_primary(PrimaryOpts { witness, listen, key, progress: guest.verbose }, cfg)?))
+            Ok(ended(run_primary(PrimaryOpts { witness, listen, key, progress: guest.verbose, new_run }, cfg)?))
         }
         Cmd::Backup { witness, listen, key, guest: g } => {
             let key = key.load()?;
@@ -463,14 +468,21 @@ pub fn main() -> Result<i32> {
         }
         Cmd::Status { witness, key } => {
             let s = WitnessClient::new(&witness, &key.load()?).status()?;
+            println!("state: {}", s.state());
             println!("view: {}", s.view.number);
+            println!("run: {}", s.view.run.as_deref().unwrap_or("none"));
             println!("primary: {}", s.view.primary.as_deref().unwrap_or("none"));
-            println!("backup: {} ({})", s.view.backup.as_deref().unwrap_or("none"), if s.backup_alive { "alive" } else { "silent" });
+            let ready = if s.backup_ready { format!("holds the state, replayed to exit #{}", s.backup_applied) } else { "joining".into() };
+            match &s.view.backup {
+                Some(b) => println!("backup: {b} ({}, {ready})", if s.backup_alive { "alive" } else { "silent" }),
+                None => println!("backup: none"),
+            }
             match s.lease_left_ms {
                 Some(ms) => println!("lease: {ms} ms left"),
                 None => println!("lease: none"),
             }
             println!("log: primary at exit #{}, backup acknowledged #{} (lag {} exits)", s.primary_sent, s.primary_acked, s.primary_sent.saturating_sub(s.primary_acked));
+            println!("output: {} bytes released", s.released);
             Ok(0)
         }
         Cmd::Log { cmd: LogCmd::Dump { file } } => log_dump(&file),

@@ -365,7 +365,7 @@ fn a_stopped_backup_ends_with_its_reason() {
 fn group_commit_marks_a_burst_once_per_acknowledgement() {
     let r = rig(VmClock::host());
     let gate = Gate::new(Role::Primary { need_ack: true });
-    gate.set_lease(std::time::Instant::now() + Duration::from_secs(60));
+    gate.set_lease(crate::ft::lease_clock::BootInstant::now() + Duration::from_secs(60));
     let buf = Shared::default();
     let marked = Arc::new(AtomicU64::new(0));
     let mut rec = Recorder::new(Some(writer(&buf)), ConsoleInput::none()).with_marks(marked.clone(), gate.clone());
@@ -447,7 +447,7 @@ impl crate::engine::Inputs for EmitEachExit<'_> {
 fn output_is_not_held_behind_a_guest_that_stops_exiting() {
     let r = rig(VmClock::host());
     let gate = Gate::new(Role::Primary { need_ack: true });
-    gate.set_lease(std::time::Instant::now() + Duration::from_secs(60));
+    gate.set_lease(crate::ft::lease_clock::BootInstant::now() + Duration::from_secs(60));
     let marked = Arc::new(AtomicU64::new(0));
     let stop = StopHandle::new();
     let mut rec = Recorder::new(Some(writer(&Shared::default())), ConsoleInput::none())

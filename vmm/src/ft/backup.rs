@@ -9,25 +9,23 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use replay_log::{LogError, LogReader, LogWriter};
 
-use super::backup_inputs::{BackupInputs, Takeover, TakeoverSlot};
+use super::backup_inputs::{BackupInputs, TakeoverSlot};
 use super::gate::{Gate, GateSink, Role};
 use super::key::ClusterKey;
-use super::listener::{bind, log_buf_writer, serve_listener, wind_down, Incoming, LogStreams, RoleError};
+use super::listener::{bind, log_buf_writer, serve_listener, wind_down, Endpoints, Incoming, LogStreams, RoleError, Route};
 use super::log_buf::LogBuf;
-use super::primary::PrimaryDuty;
-use super::secure::SecureReader;
-use super::stream::{ChannelSource, LogReceiver, StreamEnd, MAX_SNAPSHOT_BYTES};
+use super::promoter::{keep_place, spawn, Membership, Promoter};
+use super::secure::{SecureReader, SecureWriter};
+use super::stream::{ChannelSource, LogReceiver, MAX_SNAPSHOT_BYTES};
 use super::xfer::Transfers;
-use super::witness::{Promotion, View, WitnessClient, WitnessError, PING_INTERVAL};
+use super::witness::{new_member, View, WitnessClient, WitnessError, PING_INTERVAL};
 use super::{write_line, SILENCE};
 use crate::clock::VmClock;
 use crate::config::GuestConfig;
-use crate::console_io::ConsoleInput;
 use crate::engine::{self, Ending, Inputs, RunOptions};
 use crate::recorder::LogSink;
 use crate::replay::Replayer;
 use crate::snapshot::Snapshot;
-use crate::stop::StopHandle;
 use crate::vm::Vm;
 
 pub struct BackupOpts {
@@ -48,14 +46,16 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Reads the `SNAPSHOT <len>` frame that starts a log stream (see
 /// `stream.rs`): the VM as the primary had it at one exit.
-/// `None` for `BOOT`: the log from boot follows.
-fn read_snapshot(reader: &mut SecureReader, name: &str) -> Result<Option<Snapshot>, String> {
+/// `None` for `BOOT <n>`: the log from boot follows, and output was
+/// released through exit `n` (returned second).
+fn read_snapshot(reader: &mut SecureReader, name: &str) -> Result<(Option<Snapshot>, Option<u64>), String> {
     use std::io::Read;
     let _ = reader.tcp().set_read_timeout(Some(SNAPSHOT_TIMEOUT));
     let line = super::read_line(reader).map_err(|e| e.to_string())?.ok_or("the stream ended before the snapshot")?;
-    if line == "BOOT" {
+    if let Some(n) = line.strip_prefix("BOOT ") {
+        let n = n.parse::<u64>().map_err(|_| format!("{line:?} where `BOOT <exit>` belongs"))?;
         let _ = reader.tcp().set_read_timeout(Some(HEADER_TIMEOUT));
-        return Ok(None);
+        return Ok((None, Some(n)));
     }
     let len = line
         .strip_prefix("SNAPSHOT ")
@@ -68,71 +68,224 @@ fn read_snapshot(reader: &mut SecureReader, name: &str) -> Result<Option<Snapsho
         return Err(format!("the snapshot is {} bytes shorter than its frame says", body.limit()));
     }
     let _ = reader.tcp().set_read_timeout(Some(HEADER_TIMEOUT));
-    Ok(Some(snap))
+    Ok((Some(snap), None))
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RoleError> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(f)
-        .map(|_| ())
-        .map_err(|err| RoleError::Io { what: format!("starting thread {name}"), err })
-}
-
-/// Keeps our place in the view until promoted; a backup the witness drops
-/// ends its run (exit code 1).
-fn keep_place(mut w: WitnessClient, me: String, my_view: Arc<AtomicU64>, promoted: Arc<AtomicBool>, stop: StopHandle) -> Result<(), RoleError> {
-    spawn("ftvm-backup-ping", move || {
-        while !promoted.load(Ordering::Relaxed) {
-            std::thread::sleep(PING_INTERVAL);
-            if promoted.load(Ordering::Relaxed) {
-                break;
-            }
-            match w.backup_ping(&me, my_view.load(Ordering::Relaxed)) {
-                Ok(v) => my_view.store(v.number, Ordering::Relaxed),
-                // A refusal while the promotion is being granted is not a
-                // drop: the witness names us primary.
-                Err(WitnessError::Refused { msg, .. })
-                    if !promoted.load(Ordering::Relaxed) && w.view().map_or(true, |v| v.primary.as_deref() != Some(me.as_str())) =>
-                {
-                    let why = format!("backup: the witness dropped this backup: {msg}");
-                    log::warn!("{why}");
-                    stop.stop(Ending::Stopped { why, code: 1 });
-                    return;
-                }
-                Err(_) => {}
-            }
-        }
-    })
+/// How one membership of the backup ended.
+enum Ended {
+    /// The process is done: (message, exit code).
+    Done(String, i32),
+    /// Dropped or refused: join the view again as a new member.
+    Rejoin(String),
 }
 
 /// Runs a backup until its guest ends (replayed, or live after a
-/// takeover) or it is stopped; returns (message, exit code).
+/// takeover) or it is stopped; returns (message, exit code). Dropped from
+/// the view (paused too long, cut off) or refused a promotion it cannot
+/// have, it joins again as a new member and gets the state anew: a backup
+/// re-protects the VM by itself.
 pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
     let kernel = crate::config::load_kernel(opts.kernel.as_deref())?;
     let listener = bind(&opts.listen)?;
-    let me = opts.listen.clone();
+    let (idle_tx, _) = crossbeam_channel::bounded(0);
+    let route = serve_listener(listener, opts.key.clone(), Endpoints { me: "-".into(), gate: Gate::new(Role::Silent), input: idle_tx, logs: None });
+    let mut rejoins = 0u64;
+    loop {
+        match membership(&opts, &kernel, &route)? {
+            Ended::Done(msg, code) => return Ok((msg, code)),
+            Ended::Rejoin(why) => {
+                rejoins += 1;
+                log::warn!("backup: joining the view again as a new member (rejoin #{rejoins}) after: {why}");
+                std::thread::sleep(PING_INTERVAL);
+            }
+        }
+    }
+}
+
+/// How often a backup that cannot join says why it waits.
+const SAY_WAITING: Duration = Duration::from_secs(5);
+
+/// Joins the view as `me`, retrying while the witness refuses (a backup
+/// slot still held by a silent predecessor, no live primary to join) or
+/// cannot be reached. `None` if this process is interrupted meanwhile.
+fn join(w: &mut WitnessClient, me: &str) -> Option<View> {
+    let mut said: Option<Instant> = None;
+    loop {
+        if crate::stop::INTERRUPTED.load(Ordering::SeqCst) {
+            return None;
+        }
+        let why = match w.backup_ping(me, 0, false, 0) {
+            Ok(v) => return Some(v),
+            Err(e) => e.to_string(),
+        };
+        if said.is_none_or(|t| t.elapsed() >= SAY_WAITING) {
+            log::warn!("backup: {me} cannot join the view yet ({why}); retrying");
+            said = Some(Instant::now());
+        }
+        std::thread::sleep(PING_INTERVAL);
+    }
+}
+
+/// One membership: join, wait for the primary's stream, replay in
+/// lockstep, take over or be dropped.
+fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Route) -> Result<Ended, RoleError> {
+    let me = new_member(&opts.listen);
     let mut witness = WitnessClient::new(&opts.witness, &opts.key);
-    let view = witness.backup_ping(&me, 0)?;
-    let my_view = Arc::new(AtomicU64::new(view.number));
-    let promoted = Arc::new(AtomicBool::new(false));
+    let Some(view) = join(&mut witness, &me) else {
+        return Ok(Ended::Done("backup: interrupted while joining".into(), 130));
+    };
+    let m = Membership::new(me.clone(), view.number);
     log::info!("backup: {me} is backup of view {}; waiting for the primary's log", view.number);
 
     let gate = Gate::new(Role::Silent);
     let (in_tx, in_rx) = crossbeam_channel::unbounded();
     let (log_tx, log_rx) = crossbeam_channel::bounded::<Incoming>(1);
     let taken = Arc::new(AtomicBool::new(false));
-    let streams = LogStreams { tx: log_tx, view: my_view.clone(), taken: taken.clone() };
-    serve_listener(listener, opts.key.clone(), gate.clone(), in_tx, Some(streams));
-    let stop = StopHandle::new();
-    keep_place(witness, me.clone(), my_view.clone(), promoted.clone(), stop.clone())?;
+    let streams = LogStreams { tx: log_tx, view: m.view.clone(), me: me.clone(), taken: taken.clone() };
+    *route.lock().unwrap_or_else(|e| e.into_inner()) = Endpoints { me: me.clone(), gate: gate.clone(), input: in_tx, logs: Some(streams) };
+    keep_place(witness, m.clone())?;
+    let ended = |m: &Membership| {
+        m.over.store(true, Ordering::SeqCst);
+        match m.rejoin_reason() {
+            Some(why) => Ended::Rejoin(why),
+            None => {
+                let (why, code) = m.stop.requested().map_or(("backup: stopped".into(), 1), |e| e.describe());
+                Ended::Done(why, code)
+            }
+        }
+    };
+    let Some(Opened { reader, write, stream_view, peer, silence, snap, ready_at }) = wait_for_stream(opts, kernel, &m, &log_rx, &taken)? else {
+        return Ok(ended(&m));
+    };
+    let stream_name = format!("log stream from {peer}");
+    let h = reader.header().clone();
+    if let Some(snap) = &snap {
+        snap.check_guest(&h, &stream_name)?;
+    }
+    // From here on, silence means the primary may be gone.
+    let _ = silence.set_read_timeout(Some(SILENCE));
+    match &snap {
+        Some(s) => log::info!(
+            "backup: received a snapshot at exit #{} from {peer}; receiving the log of view {stream_view} after it, replaying in lockstep",
+            s.position.ordinal
+        ),
+        None => log::info!("backup: receiving the log of view {stream_view} from {peer} from boot; replaying in lockstep"),
+    }
 
-    let (reader, write, stream_view, peer, silence, snap) = loop {
+    let log = LogBuf::new();
+    let own: LogSink = LogWriter::new(log_buf_writer(&log), &h)?;
+    // Bounded: a receiver that runs ahead of the replay blocks, stops
+    // acknowledging, and the primary's lag throttle holds its guest; an
+    // acknowledged mark is at most this many records from applied.
+    let (rec_tx, rec_rx) = crossbeam_channel::bounded(RECORDS_AHEAD);
+    let slot: TakeoverSlot = Arc::new(Mutex::new(None));
+    let ordinal = m.applied.clone();
+    let marked = Arc::new(AtomicU64::new(0));
+    let transfers = Transfers::new(h.clone());
+    let backup_transfers = transfers.clone();
+    let recv = LogReceiver {
+        reader,
+        ack: write,
+        log: own,
+        buf: log.clone(),
+        to_vcpu: rec_tx,
+        records: 0,
+        ready: m.ready.clone(),
+        ready_at: ready_at.unwrap_or(u64::MAX),
+    };
+    let promoter = Promoter {
+        witness: WitnessClient::new(&opts.witness, &opts.key),
+        key: opts.key.clone(),
+        m: m.clone(),
+        gate: gate.clone(),
+        log,
+        transfers,
+        slot: slot.clone(),
+        marked,
+        input: in_rx,
+    };
+    spawn("ftvm-log-receiver", move || promoter.run(recv))?;
+
+    let cfg = GuestConfig::for_log(&h, &stream_name, opts.kernel.as_deref(), opts.initrd.as_deref())?;
+    let sink = GateSink { gate: gate.clone(), ordinal: ordinal.clone() };
+    let mut vm = Vm::new(&cfg, Arc::new(VmClock::replay()), Box::new(sink), ordinal)?;
+    backup_transfers.set_mem(vm.mem.clone());
+    let at = match snap {
+        Some(snap) => {
+            snap.restore_vm(&mut vm)?;
+            gate.start_at(snap.console_bytes());
+            // Output released before the snapshot is in it; after it,
+            // only with this backup's acknowledgements.
+            m.ready.store(true, Ordering::SeqCst);
+            Some(snap.position)
+        }
+        None => None,
+    };
+    let source = ChannelSource::new(rec_rx, m.stop.clone());
+    let replayer = match at {
+        Some(p) => Replayer::new(source).resume_after(p),
+        None => Replayer::new(source),
+    };
+    let mut inputs = BackupInputs::new(replayer, slot, m.stop.clone());
+    let out = engine::run_from(vm.guest(), &mut inputs, &RunOptions { progress: opts.progress, stop: m.stop.clone() }, at)
+        .map_err(|err| RoleError::Engine { what: "backup replay", err })?;
+    let (msg, code) = out.ending.describe();
+    if matches!(out.ending, Ending::Stopped { .. }) {
+        return Ok(ended(&m));
+    }
+    m.over.store(true, Ordering::SeqCst);
+    if inputs.is_live() {
+        log::info!("primary: {msg}; {}; {}", out.summary(), inputs.summary());
+        wind_down(&gate, &msg);
+        Ok(Ended::Done(msg, code))
+    } else {
+        log::info!("backup: replayed to the end in lockstep: {msg}; {}", inputs.summary());
+        Ok(Ended::Done(msg, 0))
+    }
+}
+
+/// Records the receiver may hold ahead of the replaying vCPU.
+const RECORDS_AHEAD: usize = 1024;
+
+/// A log stream that brought its header and its start.
+struct Opened {
+    reader: LogReader<SecureReader>,
+    write: SecureWriter,
+    stream_view: u64,
+    peer: String,
+    silence: std::net::TcpStream,
+    snap: Option<Snapshot>,
+    /// For a stream from boot: the exit through which the primary had
+    /// released output before this backup joined.
+    ready_at: Option<u64>,
+}
+
+/// Waits for the primary's log stream. While none comes, asks the witness
+/// now and then whether it still may: a primary that died before sending
+/// the state leaves this backup with nothing to take over (the witness
+/// says the VM is lost) and it joins again. `None`: the membership ended.
+fn wait_for_stream(
+    opts: &BackupOpts,
+    kernel: &crate::kernel::KernelImage,
+    m: &Membership,
+    log_rx: &Receiver<Incoming>,
+    taken: &AtomicBool,
+) -> Result<Option<Opened>, RoleError> {
+    let mut witness = WitnessClient::new(&opts.witness, &opts.key);
+    loop {
         let (reader, mut write, stream_view) = crossbeam_channel::select! {
             recv(log_rx) -> r => r.map_err(|_| RoleError::Stopped("backup: the listener stopped".into()))?,
-            recv(stop.wakeup()) -> _ => {
-                let (why, code) = stop.requested().map_or(("backup: stopped".into(), 1), |e| e.describe());
-                return Ok((why, code));
+            recv(m.stop.wakeup()) -> _ => return Ok(None),
+            default(SILENCE) => {
+                if crate::stop::INTERRUPTED.load(Ordering::SeqCst) {
+                    m.stop.stop(Ending::Stopped { why: "backup: interrupted".into(), code: 130 });
+                    return Ok(None);
+                }
+                if let Err(WitnessError::Refused { msg, .. }) = witness.promote(&m.me, m.view.load(Ordering::Relaxed), false, false) {
+                    m.rejoin(format!("while waiting for the primary's log: {msg}"));
+                    return Ok(None);
+                }
+                continue;
             }
         };
         let peer = reader.tcp().peer_addr().map_or_else(|_| "primary".into(), |a| a.to_string());
@@ -152,177 +305,16 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
                 read_snapshot(r.get_mut(), &name).map(|s| (r, Some(s)))
             });
         match (opened, silence) {
-            (Ok((reader, snap)), Ok(silence)) => break (reader, write, stream_view, peer, silence, snap),
+            (Ok((reader, Some((snap, ready_at)))), Ok(silence)) => {
+                return Ok(Some(Opened { reader, write, stream_view, peer, silence, snap, ready_at }))
+            }
+            (Ok((reader, None)), _) => {
+                let h = reader.header();
+                return Err(RoleError::WrongKernel { primary: h.kernel_name.clone(), backup: kernel.name.clone() });
+            }
             (Err(e), _) => log::warn!("backup: refused the log stream from {peer}: {e}"),
             (_, Err(e)) => log::warn!("backup: refused the log stream from {peer}: {e}"),
         }
         taken.store(false, Ordering::SeqCst);
-    };
-    let stream_name = format!("log stream from {peer}");
-    let h = reader.header().clone();
-    let Some(snap) = snap.filter(|_| h.kernel_sha256 == kernel.sha256) else {
-        return Err(RoleError::WrongKernel { primary: h.kernel_name.clone(), backup: kernel.name.clone() });
-    };
-    if let Some(snap) = &snap {
-        snap.check_guest(&h, &stream_name)?;
-    }
-    // From here on, silence means the primary may be gone.
-    let _ = silence.set_read_timeout(Some(SILENCE));
-    match &snap {
-        Some(s) => log::info!(
-            "backup: received a snapshot at exit #{} from {peer}; receiving the log of view {stream_view} after it, replaying in lockstep",
-            s.position.ordinal
-        ),
-        None => log::info!("backup: receiving the log of view {stream_view} from {peer} from boot; replaying in lockstep"),
-    }
-
-    let log = LogBuf::new();
-    let own: LogSink = LogWriter::new(log_buf_writer(&log), &h)?;
-    let (rec_tx, rec_rx) = crossbeam_channel::unbounded();
-    let slot: TakeoverSlot = Arc::new(Mutex::new(None));
-    let ordinal = Arc::new(AtomicU64::new(0));
-    let marked = Arc::new(AtomicU64::new(0));
-    let transfers = Transfers::new(h.clone());
-    let backup_transfers = transfers.clone();
-    let recv = LogReceiver { reader, ack: write, log: own, buf: log.clone(), to_vcpu: rec_tx, records: 0 };
-    let promoter = Promoter {
-        witness: WitnessClient::new(&opts.witness, &opts.key),
-        key: opts.key.clone(),
-        me: me.clone(),
-        my_view: my_view.clone(),
-        promoted: promoted.clone(),
-        gate: gate.clone(),
-        log,
-        transfers,
-        slot: slot.clone(),
-        marked,
-        input: in_rx,
-        stop: stop.clone(),
-    };
-    spawn("ftvm-log-receiver", move || promoter.run(recv))?;
-
-    let cfg = GuestConfig::for_log(&h, &stream_name, opts.kernel.as_deref(), opts.initrd.as_deref())?;
-    let sink = GateSink { gate: gate.clone(), ordinal: ordinal.clone() };
-    let mut vm = Vm::new(&cfg, Arc::new(VmClock::replay()), Box::new(sink), ordinal)?;
-    backup_transfers.set_mem(vm.mem.clone());
-    let at = match snap {
-        Some(snap) => {
-            snap.restore_vm(&mut vm)?;
-            gate.start_at(snap.console_bytes());
-            Some(snap.position)
-        }
-        None => None,
-    };
-    let source = ChannelSource::new(rec_rx, stop.clone());
-    let replayer = match at {
-        Some(p) => Replayer::new(source).resume_after(p),
-        None => Replayer::new(source),
-    };
-    let mut inputs = BackupInputs::new(replayer, slot, stop.clone());
-    let out = engine::run_from(vm.guest(), &mut inputs, &RunOptions { progress: opts.progress, stop }, at)
-        .map_err(|err| RoleError::Engine { what: "backup replay", err })?;
-    let (msg, code) = out.ending.describe();
-    if matches!(out.ending, Ending::Stopped { .. }) {
-        return Ok((msg, code));
-    }
-    if inputs.is_live() {
-        log::info!("primary: {msg}; {}; {}", out.summary(), inputs.summary());
-        wind_down(&gate, &msg);
-        Ok((msg, code))
-    } else {
-        log::info!("backup: replayed to the end in lockstep: {msg}; {}", inputs.summary());
-        Ok((msg, 0))
-    }
-}
-
-/// Runs the backup's receive side; when the primary is gone, asks the
-/// witness for promotion and hands the VM over to live execution.
-struct Promoter {
-    witness: WitnessClient,
-    key: ClusterKey,
-    me: String,
-    my_view: Arc<AtomicU64>,
-    promoted: Arc<AtomicBool>,
-    gate: Arc<Gate>,
-    log: Arc<LogBuf>,
-    transfers: Arc<Transfers>,
-    slot: TakeoverSlot,
-    marked: Arc<AtomicU64>,
-    input: Receiver<Vec<u8>>,
-    stop: StopHandle,
-}
-
-impl Promoter {
-    fn run(mut self, mut recv: LogReceiver) {
-        let mut lost = None;
-        loop {
-            match recv.pump() {
-                StreamEnd::Silent => {}
-                StreamEnd::Lost(why) => {
-                    if lost.is_none() {
-                        log::warn!("backup: lost the primary's log stream ({why}) after {} records", recv.records);
-                    }
-                    lost = Some(why);
-                }
-            }
-            let view = self.my_view.load(Ordering::Relaxed);
-            match self.witness.promote(&self.me, view, lost.is_some()) {
-                Ok(Promotion::Granted(v)) => return self.take_over(recv, v),
-                Ok(Promotion::Wait) => {
-                    if lost.is_some() {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                }
-                Err(WitnessError::Refused { msg, .. }) => {
-                    if lost.is_some() {
-                        let why = format!("backup: not promoted: {msg}");
-                        log::warn!("{why}");
-                        // Dropping `recv` closes the record channel; the
-                        // replay sees the stop request.
-                        self.stop.stop(Ending::Stopped { why, code: 1 });
-                        return;
-                    }
-                }
-                Err(e) => {
-                    log::warn!("backup: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        }
-    }
-
-    fn take_over(self, recv: LogReceiver, view: View) {
-        let t0 = Instant::now();
-        self.promoted.store(true, Ordering::Relaxed);
-        self.my_view.store(view.number, Ordering::Relaxed);
-        log::info!("backup: promoted to primary of view {}; finishing the log, then going live", view.number);
-        let LogReceiver { log, to_vcpu, records, .. } = recv;
-        let kit = Takeover {
-            log,
-            buf: self.log.clone(),
-            transfers: self.transfers.clone(),
-            input: ConsoleInput::from_channel(self.input),
-            marked: self.marked.clone(),
-            gate: self.gate.clone(),
-            on_live: Box::new(move |ord| {
-                log::info!("primary: live at exit #{ord} after replaying {records} records");
-            }),
-        };
-        *self.slot.lock().unwrap() = Some(kit);
-        PrimaryDuty {
-            me: self.me,
-            key: self.key,
-            witness: self.witness,
-            view,
-            gate: self.gate,
-            log: self.log,
-            transfers: self.transfers,
-            marked: self.marked,
-            sender_stop: None,
-            stop: self.stop,
-            log_said: Instant::now(),
-        }
-        .start(t0);
-        drop(to_vcpu);
     }
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use super::lease_clock::BootInstant;
 use crate::devices::OutputSink;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +23,7 @@ pub enum Role {
 
 struct State {
     role: Role,
-    lease_until: Option<Instant>,
+    lease_until: Option<BootInstant>,
     acked: u64,
     /// Which backup's acknowledgements count: bumped for each new backup,
     /// so a late ack from the previous one cannot release output.
@@ -39,6 +40,9 @@ struct State {
     inputs: VecDeque<(u64, u64)>,
     /// Console input bytes that are in the log and safe with the backup.
     input_acked: u64,
+    /// The exit that produced the last byte released: a backup that joins
+    /// from boot is ready to take over only once it holds the log that far.
+    released_ordinal: u64,
 }
 
 /// Released console output kept for console clients that reconnect (after
@@ -76,6 +80,7 @@ impl Gate {
                 ended: None,
                 inputs: VecDeque::new(),
                 input_acked: 0,
+                released_ordinal: 0,
             }),
             changed: Condvar::new(),
         })
@@ -108,7 +113,7 @@ impl Gate {
     fn release(&self, s: &mut State) {
         Self::settle_inputs(s);
         let Role::Primary { need_ack } = s.role else { return };
-        if s.lease_until.is_none_or(|t| Instant::now() >= t) {
+        if s.lease_until.is_none_or(|t| BootInstant::now() >= t) {
             return;
         }
         let before = s.released.len();
@@ -117,6 +122,7 @@ impl Gate {
                 break;
             }
             s.released.push(b);
+            s.released_ordinal = ord;
             s.pending.pop_front();
         }
         if s.released.len() != before {
@@ -178,7 +184,7 @@ impl Gate {
         self.s.lock().unwrap().acked
     }
 
-    pub fn set_lease(&self, until: Instant) {
+    pub fn set_lease(&self, until: BootInstant) {
         let mut s = self.s.lock().unwrap();
         s.lease_until = Some(until);
         self.release(&mut s);
@@ -205,7 +211,7 @@ impl Gate {
     }
 
     pub fn lease_live(&self) -> bool {
-        self.s.lock().unwrap().lease_until.is_some_and(|t| Instant::now() < t)
+        self.s.lock().unwrap().lease_until.is_some_and(|t| BootInstant::now() < t)
     }
 
     /// Bytes emitted so far, released or not.
@@ -217,6 +223,11 @@ impl Gate {
     pub fn released_len(&self) -> u64 {
         let s = self.s.lock().unwrap();
         s.base + s.released.len() as u64
+    }
+
+    /// The exit that produced the last released byte (0: none yet).
+    pub fn released_ordinal(&self) -> u64 {
+        self.s.lock().unwrap().released_ordinal
     }
 
     /// For a VM restored from a snapshot: the console had already sent
@@ -271,7 +282,7 @@ impl Gate {
             let end = s.released.len().min(i + max);
             Next::Data { seq: from, bytes: s.released[i..end].to_vec() }
         } else if let Some(m) = &s.ended {
-            let may_speak = matches!(s.role, Role::Primary { .. }) && s.lease_until.is_some_and(|t| Instant::now() < t);
+            let may_speak = matches!(s.role, Role::Primary { .. }) && s.lease_until.is_some_and(|t| BootInstant::now() < t);
             if may_speak && s.pending.is_empty() {
                 Next::End(m.clone())
             } else {
@@ -311,7 +322,7 @@ mod tests {
     #[test]
     fn output_waits_for_the_ack_of_its_ordinal() {
         let g = Gate::new(Role::Primary { need_ack: true });
-        g.set_lease(Instant::now() + Duration::from_secs(10));
+        g.set_lease(BootInstant::now() + Duration::from_secs(10));
         g.emit(5, b"ab");
         g.emit(7, b"cd");
         assert_eq!(text(g.next(0, 64, Duration::ZERO)), "nothing");
@@ -329,7 +340,7 @@ mod tests {
     #[test]
     fn released_output_keeps_a_bounded_tail_numbered_as_before() {
         let g = Gate::new(Role::Primary { need_ack: false });
-        g.set_lease(Instant::now() + Duration::from_secs(10));
+        g.set_lease(BootInstant::now() + Duration::from_secs(10));
         let chunk = vec![b'x'; KEEP_RELEASED / 2];
         for i in 0..6 {
             g.emit(i, &chunk);
@@ -352,7 +363,7 @@ mod tests {
     #[test]
     fn a_restored_vm_numbers_its_output_after_the_snapshot() {
         let g = Gate::new(Role::Primary { need_ack: false });
-        g.set_lease(Instant::now() + Duration::from_secs(10));
+        g.set_lease(BootInstant::now() + Duration::from_secs(10));
         g.start_at(1000);
         g.emit(1, b"ab");
         assert_eq!((g.released_len(), g.emitted()), (1002, 1002));
@@ -365,17 +376,17 @@ mod tests {
     #[test]
     fn no_lease_or_silent_role_releases_nothing() {
         let g = Gate::new(Role::Silent);
-        g.set_lease(Instant::now() + Duration::from_secs(10));
+        g.set_lease(BootInstant::now() + Duration::from_secs(10));
         g.emit(1, b"x");
         g.ack(100);
         assert_eq!(g.released_len(), 0);
         let g = Gate::new(Role::Primary { need_ack: false });
         g.emit(1, b"x");
         assert_eq!(g.released_len(), 0, "released without a lease");
-        g.set_lease(Instant::now() - Duration::from_millis(1));
+        g.set_lease(BootInstant::now() - Duration::from_millis(1));
         g.emit(2, b"y");
         assert_eq!(g.released_len(), 0, "released on an expired lease");
-        g.set_lease(Instant::now() + Duration::from_secs(1));
+        g.set_lease(BootInstant::now() + Duration::from_secs(1));
         assert_eq!(g.released_len(), 2);
     }
 
@@ -390,7 +401,7 @@ mod tests {
         assert_eq!(g.emitted(), total);
         assert!(g.pending_len() <= 2 * KEEP_RELEASED, "{}", g.pending_len());
         // Promoted: what it kept is released with the right numbers.
-        g.set_lease(Instant::now() + Duration::from_secs(10));
+        g.set_lease(BootInstant::now() + Duration::from_secs(10));
         g.set_role(Role::Primary { need_ack: false });
         match g.next(total - 10, 1 << 16, Duration::ZERO) {
             Next::Data { seq, bytes } => assert_eq!((seq, bytes.len()), (total - 10, 10)),
@@ -401,7 +412,7 @@ mod tests {
     #[test]
     fn a_late_ack_from_the_previous_backup_releases_nothing() {
         let g = Gate::new(Role::Primary { need_ack: true });
-        g.set_lease(Instant::now() + Duration::from_secs(10));
+        g.set_lease(BootInstant::now() + Duration::from_secs(10));
         let old = g.reset_acks();
         g.emit(5, b"x");
         let new = g.reset_acks();
@@ -414,7 +425,7 @@ mod tests {
     #[test]
     fn backup_leaving_the_view_frees_output() {
         let g = Gate::new(Role::Primary { need_ack: true });
-        g.set_lease(Instant::now() + Duration::from_secs(10));
+        g.set_lease(BootInstant::now() + Duration::from_secs(10));
         g.emit(3, b"z");
         assert_eq!(g.released_len(), 0);
         g.set_role(Role::Primary { need_ack: false });

@@ -3,7 +3,7 @@
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
@@ -65,19 +65,43 @@ pub fn bind(listen: &str) -> Result<TcpListener, RoleError> {
 }
 
 /// Where a backup's listener hands log streams.
+#[derive(Clone)]
 pub struct LogStreams {
     pub tx: Sender<Incoming>,
     /// The backup's view (rule 3: older streams are refused).
     pub view: Arc<AtomicU64>,
+    /// The backup's member name (`ADDR@ID`): a stream sent to another
+    /// incarnation at this address is refused.
+    pub me: String,
     /// A stream was handed over; the backup clears it if that stream
     /// turns out not to be a log, to take the next one.
     pub taken: Arc<AtomicBool>,
 }
 
+/// What the listener serves now. A backup that rejoins the view swaps in
+/// a new membership's endpoints; the socket stays.
+#[derive(Clone)]
+pub struct Endpoints {
+    /// This VMM's member name (`ADDR@ID`); `-` before it has one.
+    pub me: String,
+    pub gate: Arc<Gate>,
+    pub input: Sender<Vec<u8>>,
+    /// On a backup: where log streams go.
+    pub logs: Option<LogStreams>,
+}
+
+pub type Route = Arc<Mutex<Endpoints>>;
+
 /// Accepts console clients (any role) and, on a backup, log streams: key
-/// holders only, at most `secure::MAX_CONNS` at once.
-pub fn serve_listener(l: TcpListener, key: ClusterKey, gate: Arc<Gate>, input: Sender<Vec<u8>>, logs: Option<LogStreams>) {
-    let handle = move |c: Conn| serve_conn(c, &gate, &input, logs.as_ref());
+/// holders only, at most `secure::MAX_CONNS` at once. Returns the route,
+/// to swap the endpoints later.
+pub fn serve_listener(l: TcpListener, key: ClusterKey, ends: Endpoints) -> Route {
+    let route = Arc::new(Mutex::new(ends));
+    let r = route.clone();
+    let handle = move |c: Conn| {
+        let ends = r.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        serve_conn(c, &ends.me, &ends.gate, &ends.input, ends.logs.as_ref())
+    };
     let accept = move || {
         if let Err(e) = secure::serve(l, key, "ftvm", "ftvm-conn", handle) {
             log::error!("ftvm: the listener failed: {e}; no more consoles or log streams are accepted");
@@ -86,10 +110,11 @@ pub fn serve_listener(l: TcpListener, key: ClusterKey, gate: Arc<Gate>, input: S
     if let Err(e) = std::thread::Builder::new().name("ftvm-listen".into()).spawn(accept) {
         log::error!("cannot start the listener thread: {e}");
     }
+    route
 }
 
 /// Serves one authenticated connection by its hello line.
-fn serve_conn(c: Conn, gate: &Arc<Gate>, input: &Sender<Vec<u8>>, logs: Option<&LogStreams>) {
+fn serve_conn(c: Conn, me: &str, gate: &Arc<Gate>, input: &Sender<Vec<u8>>, logs: Option<&LogStreams>) {
     let Conn { mut reader, mut writer, peer, slot: _slot } = c;
     if reader.tcp().set_read_timeout(Some(HELLO_TIMEOUT)).is_err() {
         return;
@@ -105,21 +130,36 @@ fn serve_conn(c: Conn, gate: &Arc<Gate>, input: &Sender<Vec<u8>>, logs: Option<&
     if reader.tcp().set_read_timeout(None).is_err() {
         return;
     }
-    if let Some(from) = hello.strip_prefix("CONSOLE from=") {
+    if let Some(rest) = hello.strip_prefix("CONSOLE from=") {
+        // `to=`: the member the client found in the view; another
+        // process at this address (restarted, another run) is not it.
+        let (from, to) = rest.split_once(" to=").map_or((rest, None), |(f, t)| (f, Some(t)));
         let Ok(from) = from.parse() else {
             let _ = write_line(&mut writer, "ERR malformed hello");
             return;
         };
+        if to.is_some_and(|t| t != me) {
+            let _ = write_line(&mut writer, &format!("ERR this is {me}, not {}", to.unwrap_or("-")));
+            return;
+        }
         remote_console::serve(writer, reader, from, gate.clone(), input.clone());
-    } else if let Some(v) = hello.strip_prefix(&format!("{HELLO} view=")) {
-        let Ok(view) = v.parse::<u64>() else {
+    } else if let Some(rest) = hello.strip_prefix(&format!("{HELLO} view=")) {
+        let parsed = rest.split_once(" to=").and_then(|(v, to)| Some((v.parse::<u64>().ok()?, to)));
+        let Some((view, to)) = parsed else {
             let _ = write_line(&mut writer, "ERR malformed hello");
             return;
         };
-        let Some(LogStreams { tx, view: my_view, taken }) = logs else {
+        let Some(LogStreams { tx, view: my_view, me, taken }) = logs else {
             let _ = write_line(&mut writer, "ERR this VMM is not a backup");
             return;
         };
+        if to != me {
+            // A primary that still sees an earlier incarnation of this
+            // backup (restarted, or rejoined) in its view.
+            log::warn!("backup: refused a log stream for {to}: this backup is {me}");
+            let _ = write_line(&mut writer, &format!("ERR this is {me}, not {to}"));
+            return;
+        }
         let mine = my_view.load(Ordering::Relaxed);
         if view < mine {
             // Rule 3: records of an older view are refused.

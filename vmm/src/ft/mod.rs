@@ -11,9 +11,11 @@ pub mod key;
 pub mod listener;
 pub mod log_buf;
 pub mod primary;
+pub mod promoter;
 pub mod remote_console;
 pub mod secure;
 pub mod stream;
+pub mod lease_clock;
 pub mod witness;
 pub mod xfer;
 

@@ -4,17 +4,18 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use replay_log::LogWriter;
 
 use super::gate::{Gate, GateSink, Role};
 use super::key::ClusterKey;
-use super::listener::{bind, log_buf_writer, serve_listener, wind_down, RoleError};
+use super::listener::{bind, log_buf_writer, serve_listener, wind_down, Endpoints, RoleError};
 use super::log_buf::LogBuf;
 use super::stream::{self, Sending};
 use super::xfer::Transfers;
-use super::witness::{View, WitnessClient, WitnessError, LEASE, PING_INTERVAL};
+use super::lease_clock::BootInstant;
+use super::witness::{addr_of, new_member, random_id, View, WitnessClient, WitnessError, LEASE, LEASE_MARGIN, PING_INTERVAL};
 use crate::clock::VmClock;
 use crate::config::GuestConfig;
 use crate::console_io::ConsoleInput;
@@ -27,6 +28,7 @@ use crate::vm::Vm;
 /// changes (a backup joining or leaving), and stream the log to the
 /// backup of the view.
 pub(super) struct PrimaryDuty {
+    /// This VMM as the witness knows it (`ADDR@ID`).
     pub(super) me: String,
     pub(super) key: ClusterKey,
     pub(super) witness: WitnessClient,
@@ -41,15 +43,23 @@ pub(super) struct PrimaryDuty {
     /// Ends this VMM's run when the witness fences it.
     pub(super) stop: StopHandle,
     /// When the size of the kept log was last said.
-    pub(super) log_said: Instant,
+    pub(super) log_said: BootInstant,
 }
 
 /// How often the primary says how much log it keeps in memory.
-const LOG_SIZE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const LOG_SIZE_EVERY: Duration = Duration::from_secs(1);
+
+/// Until when this primary may release output, for a lease request sent
+/// at `asked`: the witness counts its lease from when it answered, later
+/// than `asked`, and this VMM stops [`LEASE_MARGIN`] before even that.
+pub(super) fn own_lease(asked: BootInstant) -> BootInstant {
+    asked + (LEASE - LEASE_MARGIN)
+}
 
 impl PrimaryDuty {
-    pub(super) fn start(mut self, first_lease_at: Instant) {
-        self.gate.set_lease(first_lease_at + LEASE);
+    /// `asked`: when the request that granted the first lease was sent.
+    pub(super) fn start(mut self, asked: BootInstant) {
+        self.gate.set_lease(own_lease(asked));
         self.apply_view(self.view.clone(), true);
         let stop = self.stop.clone();
         if let Err(e) = std::thread::Builder::new().name("ftvm-primary-duty".into()).spawn(move || self.run()) {
@@ -82,7 +92,8 @@ impl PrimaryDuty {
                 let stop = Arc::new(AtomicBool::new(false));
                 self.sender_stop = Some(stop.clone());
                 let to = Sending {
-                    addr: b.clone(),
+                    addr: addr_of(b).to_string(),
+                    to: b.clone(),
                     view: v.number,
                     key: self.key.clone(),
                     log: self.log.clone(),
@@ -103,18 +114,19 @@ impl PrimaryDuty {
 
     fn run(mut self) {
         let mut warned = false;
-        let mut last_ok = Instant::now();
+        let mut last_ok = BootInstant::now();
         let mut cut_off = false;
         loop {
             std::thread::sleep(PING_INTERVAL);
             self.bound_log();
-            let t0 = Instant::now();
+            let t0 = BootInstant::now();
             let sent = self.marked.load(Ordering::Relaxed);
-            match self.witness.primary_ping(&self.me, self.view.number, sent, self.gate.acked()) {
+            let released = self.gate.released_len();
+            match self.witness.primary_ping(&self.me, self.view.number, sent, self.gate.acked(), released) {
                 Ok(v) if v.primary.as_deref() == Some(self.me.as_str()) => {
                     warned = false;
                     last_ok = t0;
-                    self.gate.set_lease(t0 + LEASE);
+                    self.gate.set_lease(own_lease(t0));
                     self.apply_view(v, cut_off);
                     cut_off = false;
                 }
@@ -128,7 +140,7 @@ impl PrimaryDuty {
                     // Rule 4: without a lease we release nothing (the gate
                     // checks it), and we let go of the backup so that it
                     // can ask the witness to take over.
-                    if !cut_off && last_ok.elapsed() > LEASE {
+                    if !cut_off && last_ok.elapsed() > LEASE - LEASE_MARGIN {
                         cut_off = true;
                         log::info!("primary: lease expired; output held, log stream to the backup closed");
                         if let Some(s) = self.sender_stop.take() {
@@ -148,7 +160,7 @@ impl PrimaryDuty {
             self.log.trim_before(self.log.len());
         }
         if self.log_said.elapsed() >= LOG_SIZE_EVERY {
-            self.log_said = Instant::now();
+            self.log_said = BootInstant::now();
             log::info!("primary: log kept in memory: {} bytes (offset {})", self.log.kept(), self.log.len());
         }
     }
@@ -171,30 +183,35 @@ pub struct PrimaryOpts {
     pub listen: String,
     pub key: ClusterKey,
     pub progress: bool,
+    /// Boot a new VM even if the cluster's VM was lost (the operator
+    /// abandons it).
+    pub new_run: bool,
 }
 
 /// Runs the guest as primary; returns how it ended (message, exit code).
 pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32), RoleError> {
     let listener = bind(&opts.listen)?;
     let mut witness = WitnessClient::new(&opts.witness, &opts.key);
-    let t0 = Instant::now();
-    let view = witness.become_primary(&opts.listen)?;
+    let me = new_member(&opts.listen);
+    let run = random_id();
+    let t0 = BootInstant::now();
+    let view = witness.become_primary(&me, &run, opts.new_run)?;
     let gate = Gate::new(Role::Primary { need_ack: view.backup.is_some() });
     let log = LogBuf::new();
     let writer: LogSink = LogWriter::new(log_buf_writer(&log), &cfg.header())?;
     let transfers = Transfers::new(cfg.header());
     transfers.set_boot_records(log.len());
     let (in_tx, in_rx) = crossbeam_channel::unbounded();
-    serve_listener(listener, opts.key.clone(), gate.clone(), in_tx, None);
+    serve_listener(listener, opts.key.clone(), Endpoints { me: me.clone(), gate: gate.clone(), input: in_tx, logs: None });
     let ordinal = Arc::new(AtomicU64::new(0));
     let marked = Arc::new(AtomicU64::new(0));
     let sink = GateSink { gate: gate.clone(), ordinal: ordinal.clone() };
     let mut vm = Vm::new(&cfg, Arc::new(VmClock::host()), Box::new(sink), ordinal)?;
     transfers.set_mem(vm.mem.clone());
-    log::info!("primary: {} is primary of view {}; console clients connect here", opts.listen, view.number);
+    log::info!("primary: {me} is primary of view {} (run {run}); console clients connect to {}", view.number, opts.listen);
     let stop = StopHandle::new();
     PrimaryDuty {
-        me: opts.listen.clone(),
+        me,
         key: opts.key.clone(),
         witness,
         view,
@@ -204,7 +221,7 @@ pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32),
         marked: marked.clone(),
         sender_stop: None,
         stop: stop.clone(),
-        log_said: Instant::now(),
+        log_said: BootInstant::now(),
     }
     .start(t0);
     let mut rec = Recorder::new(Some(writer), ConsoleInput::from_channel(in_rx))

@@ -17,7 +17,7 @@ use super::gate::{Gate, Next, Role};
 use super::key::ClusterKey;
 use super::read_line;
 use super::secure::{self, SecureReader, SecureWriter};
-use super::witness::WitnessClient;
+use super::witness::{addr_of, WitnessClient};
 
 /// Most bytes in one `DATA` frame: the server sends a backlog in pieces,
 /// and the client refuses a larger length rather than allocate it.
@@ -121,6 +121,8 @@ pub fn run_client(witness: &str, key: &ClusterKey, give_up: Duration) -> anyhow:
     }
     let mut next_seq = 0u64;
     let mut last_primary: Option<String> = None;
+    // The run (one VM's life) this console shows; never another's.
+    let mut my_run: Option<String> = None;
     let mut lost_at = Instant::now();
     let mut out = std::io::stdout();
     // The address last warned about for refusing our key.
@@ -136,13 +138,25 @@ pub fn run_client(witness: &str, key: &ClusterKey, give_up: Duration) -> anyhow:
                 continue;
             }
         };
-        let Some(addr) = view.primary.clone() else {
+        if let (Some(mine), Some(now)) = (&my_run, &view.run) {
+            if mine != now {
+                log::error!(
+                    "console: the VM this console followed (run {mine}) is gone; the cluster now runs another VM (run {now}): not showing its output"
+                );
+                return Ok(3);
+            }
+        }
+        if view.primary.is_some() && my_run.is_none() {
+            my_run = view.run.clone();
+        }
+        let Some(member) = view.primary.clone() else {
             if lost_at.elapsed() > give_up {
                 anyhow::bail!("the witness at {witness} names no primary (view {})", view.number);
             }
             std::thread::sleep(Duration::from_millis(50));
             continue;
         };
+        let addr = addr_of(&member).to_string();
         let (mut r, conn) = match secure::connect(&addr, key, Duration::from_secs(1)) {
             Ok(c) => c,
             Err(e) => {
@@ -158,21 +172,21 @@ pub fn run_client(witness: &str, key: &ClusterKey, give_up: Duration) -> anyhow:
             }
         };
         let mut conn = Some(conn);
-        if conn.as_mut().is_some_and(|c| c.write_all(format!("CONSOLE from={next_seq}\n").as_bytes()).is_err()) {
+        if conn.as_mut().is_some_and(|c| c.write_all(format!("CONSOLE from={next_seq} to={member}\n").as_bytes()).is_err()) {
             continue;
         }
         // A primary that lost its lease goes quiet without hanging up; if
         // the witness names another primary, drop this one.
         let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
         {
-            let (watching, waddr, addr, key) = (watching.clone(), witness.to_string(), addr.clone(), key.clone());
+            let (watching, waddr, member, key) = (watching.clone(), witness.to_string(), member.clone(), key.clone());
             let conn = r.tcp().try_clone()?;
             let _ = std::thread::Builder::new().name("ftvm-console-watch".into()).spawn(move || {
                 let mut w = WitnessClient::new(&waddr, &key);
                 while watching.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(200));
                     if let Ok(v) = w.view() {
-                        if v.primary.is_some() && v.primary.as_deref() != Some(addr.as_str()) {
+                        if v.primary.is_some() && v.primary.as_deref() != Some(member.as_str()) {
                             let _ = conn.shutdown(std::net::Shutdown::Both);
                             return;
                         }
@@ -180,8 +194,8 @@ pub fn run_client(witness: &str, key: &ClusterKey, give_up: Duration) -> anyhow:
                 }
             });
         }
-        let changed = last_primary.as_deref() != Some(addr.as_str());
-        log::info!("console: connected to primary {addr} (view {})", view.number);
+        let changed = last_primary.as_deref() != Some(member.as_str());
+        log::info!("console: connected to primary {member} (view {})", view.number);
         let mut first = changed;
         while let Ok(Some(line)) = read_line(&mut r) {
             if let Some(rest) = line.strip_prefix("DATA ") {
@@ -229,7 +243,7 @@ pub fn run_client(witness: &str, key: &ClusterKey, give_up: Duration) -> anyhow:
         typed.lock().unwrap().conn = None;
         watching.store(false, std::sync::atomic::Ordering::Relaxed);
         log::info!("console: lost the primary {addr} at unix_ms={}; following the primary", unix_ms());
-        last_primary = Some(addr);
+        last_primary = Some(member);
         lost_at = Instant::now();
         let _ = r.tcp().shutdown(std::net::Shutdown::Both);
         std::thread::sleep(Duration::from_millis(20));

@@ -1,10 +1,12 @@
 //! The log stream from primary to backup: a one-line hello that names the
-//! view (`FTVM-LOG view=N`), the backup's `OK` or `ERR ...`, then the log
+//! view and the backup's incarnation (`FTVM-LOG view=N to=ADDR@ID`), the backup's `OK` or `ERR ...`, then the log
 //! header (replay-log format), then either a line `SNAPSHOT <len>` and
 //! `len` bytes of a snapshot of the VM taken at the end of some exit N
 //! (docs/SNAPSHOT.md; state transfer, `xfer.rs`) followed by the log's
 //! records from the first one after exit N on, or a line `BOOT` followed
-//! by the records from boot (a backup in the view from the start), while the backup sends `ACK <ordinal>` lines back each time it
+//! by the records from boot (a backup in the view from the start; `BOOT <n>`:
+//! output was released through exit n, so the backup can take over only
+//! once it holds the log that far), while the backup sends `ACK <ordinal>` lines back each time it
 //! has received the log through that ordinal (a high-water mark record).
 //! The connection is authenticated and encrypted (`secure.rs`); its hello
 //! binds it to one view, and a new view means a new connection.
@@ -42,7 +44,11 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who the log goes to, and what the acknowledgements are checked against.
 pub struct Sending {
+    /// Where the backup listens.
     pub addr: String,
+    /// The backup as the view names it (`ADDR@ID`): the stream is for
+    /// that incarnation only.
+    pub to: String,
     pub view: u64,
     /// The gate's acknowledgement generation for this backup (a late ack
     /// of a previous backup must not count).
@@ -154,7 +160,11 @@ fn start(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize) -> Option<usi
         sent.store(off, Ordering::SeqCst);
         // It has nothing yet: the throttle counts from boot.
         s.transfers.taken_at(0);
-        return match write_line(conn, "BOOT") {
+        // Output released before this backup was in the view (the gate
+        // waits for its acks from now on): it can take over only once it
+        // holds the log through that exit.
+        let released = s.gate.released_ordinal();
+        return match write_line(conn, &format!("BOOT {released}")) {
             Ok(()) => {
                 log::info!("primary: backup {addr} replays the log from boot");
                 Some(off)
@@ -232,7 +242,7 @@ fn open(s: &Sending) -> Option<(SecureReader, SecureWriter)> {
     let mut warned = false;
     while !s.stop.load(Ordering::Relaxed) {
         let tried = secure::connect(&s.addr, &s.key, CONNECT_TIMEOUT).and_then(|(mut r, mut w)| {
-            write_line(&mut w, &format!("{HELLO} view={}", s.view))?;
+            write_line(&mut w, &format!("{HELLO} view={} to={}", s.view, s.to))?;
             r.tcp().set_read_timeout(Some(CONNECT_TIMEOUT))?;
             let answer = read_line(&mut r);
             r.tcp().set_read_timeout(None)?;
@@ -318,6 +328,10 @@ pub struct LogReceiver {
     pub buf: Arc<LogBuf>,
     pub to_vcpu: Sender<Record>,
     pub records: u64,
+    /// Set once this backup holds the log through `ready_at`: the exit of
+    /// the last output released before it joined (`BOOT <n>`).
+    pub ready: Arc<AtomicBool>,
+    pub ready_at: u64,
 }
 
 impl LogReceiver {
@@ -335,6 +349,9 @@ impl LogReceiver {
                         return StreamEnd::Lost(format!("keeping the log: {e}"));
                     }
                     if mark {
+                        if rec.pos.ordinal >= self.ready_at {
+                            self.ready.store(true, Ordering::SeqCst);
+                        }
                         let _ = self.log.flush();
                         // Once promoted, this VMM brings a backup of its
                         // own up by state transfer: the log kept so far is

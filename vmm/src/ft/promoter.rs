@@ -1,0 +1,203 @@
+//! The backup's receive side and its standing with the witness: keeps its
+//! place in the view (pings saying whether it holds the VM's state), pumps
+//! the primary's log to the replaying vCPU, and when the primary is gone
+//! asks to be promoted and hands the VM over to live execution.
+//!
+//! Whatever ends a membership without ending the process (dropped from the
+//! view, refused promotion) goes through [`Membership::rejoin`]: the backup
+//! then joins again as a new member (`backup.rs`).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+
+use super::backup_inputs::{Takeover, TakeoverSlot};
+use super::gate::Gate;
+use super::key::ClusterKey;
+use super::lease_clock::BootInstant;
+use super::listener::RoleError;
+use super::log_buf::LogBuf;
+use super::primary::PrimaryDuty;
+use super::stream::{LogReceiver, StreamEnd};
+use super::witness::{Promotion, View, WitnessClient, WitnessError, PING_INTERVAL};
+use super::xfer::Transfers;
+use crate::console_io::ConsoleInput;
+use crate::engine::Ending;
+use crate::stop::StopHandle;
+
+/// One membership of a backup in the view: what its threads share.
+#[derive(Clone)]
+pub(super) struct Membership {
+    /// This backup as the witness knows it (`ADDR@ID`).
+    pub me: String,
+    pub view: Arc<AtomicU64>,
+    /// It holds the VM's state: a snapshot restored, or the log from boot
+    /// through the last output released before it joined.
+    pub ready: Arc<AtomicBool>,
+    /// The exit the replay is at.
+    pub applied: Arc<AtomicU64>,
+    pub promoted: Arc<AtomicBool>,
+    /// Set when the membership is over: its threads stop.
+    pub over: Arc<AtomicBool>,
+    /// Why to join again, if this membership ends that way.
+    pub rejoin_why: Arc<Mutex<Option<String>>>,
+    pub stop: StopHandle,
+}
+
+impl Membership {
+    pub fn new(me: String, view: u64) -> Membership {
+        Membership {
+            me,
+            view: Arc::new(AtomicU64::new(view)),
+            ready: Arc::new(AtomicBool::new(false)),
+            applied: Arc::new(AtomicU64::new(0)),
+            promoted: Arc::new(AtomicBool::new(false)),
+            over: Arc::new(AtomicBool::new(false)),
+            rejoin_why: Arc::new(Mutex::new(None)),
+            stop: StopHandle::new(),
+        }
+    }
+
+    /// Ends this membership; the backup joins the view again.
+    pub fn rejoin(&self, why: String) {
+        log::warn!("backup: {why}");
+        self.rejoin_why.lock().unwrap().get_or_insert(why.clone());
+        self.stop.stop(Ending::Stopped { why, code: 1 });
+    }
+
+    /// Why it ended so, if it did.
+    pub fn rejoin_reason(&self) -> Option<String> {
+        self.rejoin_why.lock().unwrap().clone()
+    }
+
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+pub(super) fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RoleError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(|_| ())
+        .map_err(|err| RoleError::Io { what: format!("starting thread {name}"), err })
+}
+
+/// Keeps our place in the view until promoted or the membership is over,
+/// saying whether we hold the state; a backup the witness drops joins
+/// again.
+pub(super) fn keep_place(mut w: WitnessClient, m: Membership) -> Result<(), RoleError> {
+    spawn("ftvm-backup-ping", move || {
+        while !m.promoted.load(Ordering::Relaxed) && !m.over.load(Ordering::Relaxed) {
+            std::thread::sleep(PING_INTERVAL);
+            if m.promoted.load(Ordering::Relaxed) || m.over.load(Ordering::Relaxed) {
+                break;
+            }
+            match w.backup_ping(&m.me, m.view.load(Ordering::Relaxed), m.ready(), m.applied.load(Ordering::Relaxed)) {
+                Ok(v) => m.view.store(v.number, Ordering::Relaxed),
+                // A refusal while the promotion is being granted is not a
+                // drop: the witness names us primary.
+                Err(WitnessError::Refused { msg, .. })
+                    if !m.promoted.load(Ordering::Relaxed)
+                        && w.view().map_or(true, |v| v.primary.as_deref() != Some(m.me.as_str())) =>
+                {
+                    return m.rejoin(format!("the witness dropped this backup: {msg}"));
+                }
+                Err(_) => {}
+            }
+        }
+    })
+}
+
+/// The receive side; when the primary is gone, asks the witness for
+/// promotion and hands the VM over to live execution.
+pub(super) struct Promoter {
+    pub witness: WitnessClient,
+    pub key: ClusterKey,
+    pub m: Membership,
+    pub gate: Arc<Gate>,
+    pub log: Arc<LogBuf>,
+    pub transfers: Arc<Transfers>,
+    pub slot: TakeoverSlot,
+    pub marked: Arc<AtomicU64>,
+    pub input: Receiver<Vec<u8>>,
+}
+
+impl Promoter {
+    pub fn run(mut self, mut recv: LogReceiver) {
+        let mut lost = None;
+        loop {
+            match recv.pump() {
+                StreamEnd::Silent => {}
+                StreamEnd::Lost(why) => {
+                    if lost.is_none() && !self.m.over.load(Ordering::Relaxed) {
+                        log::warn!("backup: lost the primary's log stream ({why}) after {} records", recv.records);
+                    }
+                    lost = Some(why);
+                }
+            }
+            if self.m.over.load(Ordering::Relaxed) {
+                return;
+            }
+            let view = self.m.view.load(Ordering::Relaxed);
+            // The lease a promotion grants runs from the witness's answer,
+            // later than this: ours ends first.
+            let asked = BootInstant::now();
+            match self.witness.promote(&self.m.me, view, lost.is_some(), self.m.ready()) {
+                Ok(Promotion::Granted(v)) => return self.take_over(recv, v, asked),
+                Ok(Promotion::Wait) => {
+                    if lost.is_some() {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                Err(WitnessError::Refused { msg, .. }) => {
+                    if lost.is_some() || !self.m.ready() {
+                        // Dropping `recv` closes the record channel; the
+                        // replay sees the stop request.
+                        return self.m.rejoin(format!("not promoted: {msg}"));
+                    }
+                }
+                Err(e) => {
+                    log::warn!("backup: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+
+    fn take_over(self, recv: LogReceiver, view: View, asked: BootInstant) {
+        self.m.promoted.store(true, Ordering::Relaxed);
+        self.m.view.store(view.number, Ordering::Relaxed);
+        log::info!("backup: promoted to primary of view {}; finishing the log, then going live", view.number);
+        let LogReceiver { log, to_vcpu, records, .. } = recv;
+        let kit = Takeover {
+            log,
+            buf: self.log.clone(),
+            transfers: self.transfers.clone(),
+            input: ConsoleInput::from_channel(self.input),
+            marked: self.marked.clone(),
+            gate: self.gate.clone(),
+            on_live: Box::new(move |ord| {
+                log::info!("primary: live at exit #{ord} after replaying {records} records");
+            }),
+        };
+        *self.slot.lock().unwrap() = Some(kit);
+        PrimaryDuty {
+            me: self.m.me.clone(),
+            key: self.key,
+            witness: self.witness,
+            view,
+            gate: self.gate,
+            log: self.log,
+            transfers: self.transfers,
+            marked: self.marked,
+            sender_stop: None,
+            stop: self.m.stop.clone(),
+            log_said: BootInstant::now(),
+        }
+        .start(asked);
+        drop(to_vcpu);
+    }
+}

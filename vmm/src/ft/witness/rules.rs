@@ -1,0 +1,226 @@
+//! The witness's rules, without sockets: who may become primary, when a
+//! backup joins or is dropped, when it is promoted, and when a VM is lost.
+//! Times are [`BootInstant`]s passed in, so the rules are tested with any
+//! clock (`tests.rs`).
+
+use super::{or_dash, view_kv, Timeouts, View};
+use crate::ft::lease_clock::BootInstant;
+
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) t: Timeouts,
+    pub(super) view: View,
+    lease_until: Option<BootInstant>,
+    /// The view in which the current primary was installed.
+    primary_since: u64,
+    backup_seen: Option<BootInstant>,
+    /// The backup said it holds the VM's state (a snapshot, or the log
+    /// from boot): only such a backup can take over.
+    backup_ready: bool,
+    backup_applied: u64,
+    sent: u64,
+    acked: u64,
+    /// Console bytes of the run released, as the primary last reported.
+    released: u64,
+    /// When the backup of the current view first asked for promotion.
+    promote_asked: Option<BootInstant>,
+    /// (view promoted from, new primary): makes a retried promote idempotent.
+    last_promotion: Option<(u64, String)>,
+}
+
+impl State {
+    pub(super) fn new(t: Timeouts) -> State {
+        State { t, ..State::default() }
+    }
+
+    fn lease_alive(&self, now: BootInstant) -> bool {
+        self.view.primary.is_some() && self.lease_until.is_some_and(|u| now < u)
+    }
+
+    fn backup_alive(&self, now: BootInstant) -> bool {
+        self.view.backup.is_some()
+            && self.backup_seen.is_some_and(|s| now.saturating_duration_since(s) <= self.t.backup_timeout)
+    }
+
+    /// The run's primary is gone and no backup can take over: a backup
+    /// that has the state may still be paused (then it is not lost yet).
+    fn lost(&self, now: BootInstant) -> bool {
+        self.view.primary.is_some() && !self.lease_alive(now) && !(self.view.backup.is_some() && self.backup_ready)
+    }
+
+    /// Install view N+1. The caller grants a lease if it installs a primary.
+    fn change(&mut self, primary: Option<String>, backup: Option<String>, now: BootInstant, reason: &str) {
+        let number = self.view.number + 1;
+        if primary != self.view.primary {
+            self.lease_until = None;
+            self.sent = 0;
+            self.acked = 0;
+            self.primary_since = number;
+        }
+        if backup != self.view.backup {
+            self.backup_seen = backup.as_ref().map(|_| now);
+            self.backup_ready = false;
+            self.backup_applied = 0;
+        }
+        self.view = View { number, primary, backup, run: self.view.run.clone() };
+        self.promote_asked = None;
+        log::info!("witness: {} ({reason})", self.view);
+    }
+
+    pub(super) fn become_primary(&mut self, me: &str, run: &str, new_run: bool, now: BootInstant) -> Result<String, String> {
+        let n = self.view.number;
+        if let Some(p) = self.view.primary.clone() {
+            if self.lease_alive(now) {
+                return if p == me {
+                    Ok(view_kv(&self.view))
+                } else {
+                    Err(format!("a primary is already running: {p} in view {n}"))
+                };
+            }
+            let b = or_dash(&self.view.backup);
+            if self.view.backup.is_some() && self.backup_ready {
+                if self.view.backup.as_deref() == Some(me) {
+                    return Err(format!("{me} is the backup of view {n}: ask for promotion"));
+                }
+                if self.backup_alive(now) {
+                    return Err(format!("primary {p} of view {n} is silent; its backup {b} takes over"));
+                }
+                if !new_run {
+                    return Err(format!(
+                        "primary {p} of view {n} is silent and so is its backup {b}, which holds the VM of run {}: it takes over if it comes back; --new-run abandons that VM and boots another",
+                        or_dash(&self.view.run)
+                    ));
+                }
+            } else if !new_run {
+                let r = or_dash(&self.view.run);
+                return Err(format!(
+                    "the VM of run {r} is lost: its primary {p} is gone and no backup holds its state ({} bytes of its output or more were released); a new primary would boot another VM: start it with --new-run to do that",
+                    self.released
+                ));
+            }
+            log::warn!("witness: run {} abandoned (its VM is lost); {me} boots run {run}", or_dash(&self.view.run));
+        }
+        self.released = 0;
+        self.view.run = Some(run.to_string());
+        let reason = if self.view.primary.is_some() { "a new run replaces a lost one" } else { "first primary" };
+        // A backup waiting for a primary (no run yet) protects this one;
+        // one of a lost run has nothing of this run: it joins again.
+        let backup = self.view.backup.clone().filter(|b| self.view.primary.is_none() && self.backup_alive(now) && b != me);
+        self.change(Some(me.to_string()), backup, now, reason);
+        self.lease_until = Some(now + self.t.lease);
+        Ok(view_kv(&self.view))
+    }
+
+    pub(super) fn backup_ping(&mut self, me: &str, view: u64, ready: bool, applied: u64, now: BootInstant) -> Result<String, String> {
+        let n = self.view.number;
+        if view > n {
+            return Err(format!("view {view} does not exist yet: the current view is {n}"));
+        }
+        if self.view.backup.as_deref() == Some(me) {
+            self.backup_seen = Some(now);
+            self.backup_ready = ready;
+            self.backup_applied = applied;
+            return Ok(view_kv(&self.view));
+        }
+        if self.view.primary.as_deref() == Some(me) {
+            return Err(format!("{me} is the primary of view {n}, not a backup"));
+        }
+        if self.backup_alive(now) {
+            return Err(format!("view {n} already has backup {}", or_dash(&self.view.backup)));
+        }
+        if let Some(p) = &self.view.primary {
+            // Nobody could bring it the state; and joining would hide
+            // that the VM is lost.
+            if !self.lease_alive(now) {
+                return Err(format!("no live primary to join: primary {p} of view {n} is silent"));
+            }
+        }
+        let reason = if self.view.backup.is_some() { "backup replaces a silent one" } else { "backup joined" };
+        self.change(self.view.primary.clone(), Some(me.to_string()), now, reason);
+        // A joining backup has nothing yet, whatever it says.
+        self.backup_applied = applied;
+        Ok(view_kv(&self.view))
+    }
+
+    pub(super) fn primary_ping(&mut self, me: &str, view: u64, sent: u64, acked: u64, released: u64, now: BootInstant) -> Result<String, String> {
+        let (n, since) = (self.view.number, self.primary_since);
+        if self.view.primary.as_deref() != Some(me) {
+            let p = or_dash(&self.view.primary);
+            return Err(format!("not the primary of view {n} (primary is {p})"));
+        }
+        if view < since || view > n {
+            return Err(format!("view {view} is not one of this primary's views ({since} to {n})"));
+        }
+        self.lease_until = Some(now + self.t.lease);
+        self.sent = sent;
+        self.acked = acked;
+        self.released = self.released.max(released);
+        if self.view.backup.is_some() && !self.backup_alive(now) {
+            self.change(self.view.primary.clone(), None, now, "backup silent");
+        }
+        Ok(view_kv(&self.view))
+    }
+
+    pub(super) fn promote(&mut self, me: &str, view: u64, lost: bool, ready: bool, now: BootInstant) -> Result<String, String> {
+        let n = self.view.number;
+        if self.last_promotion.as_ref().is_some_and(|(v, p)| *v == view && p == me)
+            && self.view.primary.as_deref() == Some(me)
+        {
+            return Ok(format!("result=granted {}", view_kv(&self.view))); // retried request
+        }
+        if view != n {
+            return Err(format!("stale view {view}: the current view is {n}"));
+        }
+        if self.view.backup.as_deref() != Some(me) {
+            return Err(format!("{me} is not the backup of view {n} (backup is {})", or_dash(&self.view.backup)));
+        }
+        self.backup_seen = Some(now); // asking proves it is alive
+        self.backup_ready = ready;
+        if !self.lease_alive(now) {
+            if !ready {
+                // Rules 1, 2 and 5: it could not produce the output the
+                // primary released. The VM is lost; say so, do not hang.
+                let p = or_dash(&self.view.primary).to_string();
+                self.change(self.view.primary.clone(), None, now, "the primary died before its backup had the state");
+                return Err(format!(
+                    "cannot take over: primary {p} died before this backup had the VM's state (its state transfer had not completed); the VM of run {} is lost",
+                    or_dash(&self.view.run)
+                ));
+            }
+            self.change(Some(me.to_string()), None, now, "primary lease expired, backup promoted");
+            self.lease_until = Some(now + self.t.lease);
+            self.last_promotion = Some((view, me.to_string()));
+            return Ok(format!("result=granted {}", view_kv(&self.view)));
+        }
+        // Only a broken link starts the clock: a backup that merely heard
+        // nothing for a while (a slow primary) asks with lost=0 and must not
+        // be dropped for it later.
+        if !lost {
+            return Ok(format!("result=wait {}", view_kv(&self.view)));
+        }
+        let first = *self.promote_asked.get_or_insert(now);
+        // The lease is alive, so the primary renewed it after `first` once this much time passed.
+        if now.saturating_duration_since(first) > 2 * self.t.lease {
+            self.change(self.view.primary.clone(), None, now, "backup lost its link to a live primary");
+            return Err(format!("dropped from view {n}: the primary is alive"));
+        }
+        Ok(format!("result=wait {}", view_kv(&self.view)))
+    }
+
+    pub(super) fn status(&self, now: BootInstant) -> String {
+        let left = match self.lease_until {
+            Some(u) if self.lease_alive(now) => u.saturating_duration_since(now).as_millis().to_string(),
+            _ => "-".to_string(),
+        };
+        let (kv, alive) = (view_kv(&self.view), self.backup_alive(now) as u8);
+        format!(
+            "{kv} lease_left_ms={left} sent={} acked={} backup_alive={alive} ready={} applied={} released={} lost={}",
+            self.sent,
+            self.acked,
+            self.backup_ready as u8,
+            self.backup_applied,
+            self.released,
+            self.lost(now) as u8
+        )
+    }
+}
