@@ -857,7 +857,7 @@ fn member_of(s: &str, what: &str) -> String {
 fn late_join_over_a_slow_link_then_the_primary_dies() {
     let mut fab = Fabric::new();
     let p0 = fab.add("p0");
-    fab.start(p0, "primary", "seconds=14 hz=1000", &[]);
+    fab.start(p0, "primary", "seconds=14 hz=5000", &[]);
     assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
     let mut console = console_of(&fab);
     std::thread::sleep(Duration::from_secs(5));
@@ -1143,4 +1143,133 @@ fn the_primary_dies_while_the_witness_is_stopped_and_the_backup_takes_over() {
     fab.note("SIGCONT witness".into());
     let outcome = settle(&mut fab, &mut console, 60, PROGRESS_BOUND);
     must(&mut fab, &console, outcome == Outcome::Completed, &format!("outcome {outcome:?}"));
+}
+
+// ------------------------------------------------------------------ measurements
+
+/// One failover: backup (its log stream slowed by `slow_ms` per receive
+/// from the start), primary `seconds=5`, console; the primary killed after
+/// `kill_after`. Returns kill -9 -> first output of the new primary.
+fn failover_trial(slow_ms: u64, kill_after: Duration) -> Result<u128, String> {
+    let mut fab = Fabric::new();
+    let b0 = fab.add("b0");
+    if let Some(l) = &fab.members[b0].inbound {
+        l.ctl.set_delay(slow_ms);
+    }
+    fab.start(b0, "backup", "", &[]);
+    fab.wait_says(b0, "waiting for the primary", Duration::from_secs(20));
+    let p0 = fab.add("p0");
+    fab.start(p0, "primary", "seconds=5", &[]);
+    if !fab.wait_says(p0, "is primary of view", Duration::from_secs(30)) {
+        return Err(fab.tails());
+    }
+    let mut console = console_of(&fab);
+    std::thread::sleep(kill_after);
+    let killed = fab.kill(p0).ok_or("the primary ended before the kill")?;
+    let outcome = settle(&mut fab, &mut console, 50, PROGRESS_BOUND);
+    if outcome != Outcome::Completed {
+        return Err(report(&mut fab, &console, &format!("outcome {outcome:?}")));
+    }
+    let first = new_primary_times(&console.err()).into_iter().find(|&f| f > killed);
+    first.map(|f| f - killed).ok_or_else(|| report(&mut fab, &console, "no output from a new primary"))
+}
+
+/// Failover time after kill -9 of the primary, p50/p99/max over
+/// `FTVM_BENCH_KILLS` kills (default 20) each, with the log stream to the
+/// backup as it is and slowed to 20 ms per receive. Prints one summary
+/// line per case (`scripts/bench-failover.sh`).
+#[test]
+#[ignore = "a measurement: scripts/bench-failover.sh"]
+fn bench_failover() {
+    let kills = env_u64("FTVM_BENCH_KILLS").unwrap_or(20) as usize;
+    let mut rng = Rng(env_u64("FTVM_CHAOS_BASE").unwrap_or(unix_ms() as u64));
+    if !Netns::available() {
+        eprintln!("failover bench: no network namespaces here; the slow case runs with a plain link");
+    }
+    for (label, slow) in [("log stream as is", 0), ("log stream 20 ms per receive", SLOW_MS)] {
+        let delays: Vec<Duration> = (0..kills).map(|_| Duration::from_millis(rng.range(1000, 3000))).collect();
+        let times = Arc::new(Mutex::new(Vec::new()));
+        let errs = Arc::new(Mutex::new(Vec::new()));
+        for pair in delays.chunks(2) {
+            let hs: Vec<_> = pair
+                .iter()
+                .map(|&d| {
+                    let (times, errs) = (times.clone(), errs.clone());
+                    std::thread::spawn(move || match failover_trial(slow, d) {
+                        Ok(ms) => times.lock().unwrap().push(ms),
+                        Err(e) => errs.lock().unwrap().push(format!("kill after {d:?}: {e}")),
+                    })
+                })
+                .collect();
+            for h in hs {
+                h.join().unwrap();
+            }
+        }
+        let mut t = times.lock().unwrap().clone();
+        t.sort();
+        let errs = errs.lock().unwrap();
+        for e in errs.iter() {
+            eprintln!("failover bench, {label}: a trial failed: {e}");
+        }
+        let line = format!(
+            "failover_ms ({label}): n={} p50={} p99={} max={} failed={} all={t:?}",
+            t.len(),
+            pct(&t, 0.5),
+            pct(&t, 0.99),
+            t.last().copied().unwrap_or(0),
+            errs.len()
+        );
+        eprintln!("{line}");
+    }
+}
+
+/// The harness's own links: a forwarder into a namespace carries bytes,
+/// holds each receive as long as it is told, and a cut closes it.
+#[test]
+fn links_forward_delay_and_cut() {
+    use std::io::{Read, Write};
+    let ns = if Netns::available() { Some(Netns::new().unwrap()) } else { None };
+    // An echo server on 127.0.0.1:P inside the namespace (or here).
+    let port = free_port();
+    let a = format!("127.0.0.1:{port}");
+    let l = {
+        let a = a.clone();
+        match &ns {
+            Some(ns) => ns.run(move || std::net::TcpListener::bind(a)).unwrap().unwrap(),
+            None => std::net::TcpListener::bind(&a).unwrap(),
+        }
+    };
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut c = c;
+                let mut b = [0u8; 256];
+                while let Ok(n) = c.read(&mut b) {
+                    if n == 0 || c.write_all(&b[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let (listen, to) = if ns.is_some() { (a.clone(), a.clone()) } else { ("127.0.0.1:0".to_string(), a.clone()) };
+    let link = link(&listen, None, &to, ns.clone(), LinkCtl::new()).unwrap();
+    let via = format!("127.0.0.1:{}", link.port);
+    let mut c = std::net::TcpStream::connect(&via).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let rtt = |c: &mut std::net::TcpStream| {
+        let t = Instant::now();
+        c.write_all(b"ping").unwrap();
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b).map(|_| t.elapsed())
+    };
+    let fast = rtt(&mut c).unwrap();
+    link.ctl.set_delay(100);
+    let slow = rtt(&mut c).unwrap();
+    assert!(fast < Duration::from_millis(50), "{fast:?}");
+    assert!(slow >= Duration::from_millis(200), "a delay of 100 ms per receive each way gave a round trip of {slow:?}");
+    link.ctl.set_cut(true);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(rtt(&mut c).is_err(), "a cut link still carried bytes");
+    eprintln!("link round trip {fast:?}, with 100 ms per receive {slow:?}; cut: closed");
 }
