@@ -363,6 +363,15 @@ impl fmt::Display for Plan {
 }
 
 impl Plan {
+    /// Whether fault `i` is alone: no other fault acts from 100 ms before
+    /// it to 2 s after it.
+    fn alone(&self, i: usize) -> bool {
+        let t = self.faults[i].0;
+        let (lo, hi) = (t.saturating_sub(100), t + 2000);
+        let late = self.late_backup_ms.is_some_and(|b| b + 2000 > t);
+        !late && self.faults.iter().enumerate().all(|(j, (a, f))| j == i || a + f.lasts() < lo || *a > hi)
+    }
+
     fn from_seed(seed: u64) -> Plan {
         let mut r = Rng(seed);
         let hz = if r.chance(50) { 100 } else { 1000 };
@@ -425,6 +434,8 @@ struct Result1 {
     failovers: usize,
     /// kill -9 of a primary -> the console's first output from the next one.
     failover_ms: Vec<u128>,
+    /// The same, for kills with no other fault from 100 ms before to 2 s after.
+    clean_failover_ms: Vec<u128>,
     /// The last fault's end -> the outcome.
     settle_ms: u128,
     /// A restarted `ftvm primary` that the witness accepted.
@@ -468,6 +479,7 @@ fn run_plan(plan: &Plan) -> Result1 {
         outcome: Outcome::Completed,
         failovers: 0,
         failover_ms: Vec::new(),
+        clean_failover_ms: Vec::new(),
         settle_ms: 0,
         restarted_primary_accepted: false,
     };
@@ -491,7 +503,8 @@ fn run_plan(plan: &Plan) -> Result1 {
     }
     evs.sort_by_key(|(at, _)| *at);
 
-    let mut kills: Vec<u128> = Vec::new();
+    // (unix ms, no other fault near it)
+    let mut kills: Vec<(u128, bool)> = Vec::new();
     let mut stopped: HashMap<usize, u32> = HashMap::new();
     let mut links: HashMap<usize, Vec<Arc<LinkCtl>>> = HashMap::new();
     let mut last_killed: Option<usize> = None;
@@ -515,7 +528,7 @@ fn run_plan(plan: &Plan) -> Result1 {
                             Some(t) => {
                                 if let Some(ms) = fab.kill(t) {
                                     if f == Fault::KillPrimary {
-                                        kills.push(ms);
+                                        kills.push((ms, plan.alone(i)));
                                     }
                                     last_killed = Some(t);
                                 }
@@ -606,11 +619,22 @@ fn run_plan(plan: &Plan) -> Result1 {
             result.restarted_primary_accepted = true;
         }
     }
+    // A restarted `ftvm primary` (no --new-run) joins a cluster whose VM
+    // is running, taken over or lost: it must be refused in every case.
+    let outcome = match outcome {
+        Outcome::Completed | Outcome::Lost | Outcome::Orphaned if result.restarted_primary_accepted => {
+            Outcome::Failed("a restarted `ftvm primary` (without --new-run) was accepted".into())
+        }
+        o => o,
+    };
     let firsts = new_primary_times(&err);
     result.failovers = firsts.len();
-    for k in &kills {
+    for (k, alone) in &kills {
         if let Some(f) = firsts.iter().find(|&&f| f > *k) {
             result.failover_ms.push(f - k);
+            if *alone {
+                result.clean_failover_ms.push(f - k);
+            }
         }
     }
     if std::env::var_os("FTVM_CHAOS_VERBOSE").is_some() {
@@ -639,6 +663,7 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
     let mut lease_none_since: Option<Instant> = None;
     let mut new_run: Option<Instant> = None;
     let mut orphaned = false;
+    let mut printed_at_loss: Option<usize> = None;
     let mut waits_for_dead: Option<Instant> = None;
     let outcome = loop {
         if let Some(code) = console.child.try_wait().unwrap().map(|s| s.code()) {
@@ -658,6 +683,7 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
             // The cluster says so: a new run in its place must not reach
             // this console.
             fab.note(format!("status says lost: {}", s.replace('\n', "; ")));
+            printed_at_loss = Some(console.out().len());
             let n = fab.add("new-run");
             fab.start(n, "primary", "seconds=3", &["--new-run"]);
             new_run = Some(Instant::now());
@@ -678,6 +704,7 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
             Some((b, Some(false))) if new_run.is_none() => {
                 if waits_for_dead.get_or_insert(Instant::now()).elapsed() > Duration::from_secs(2) {
                     fab.note(format!("the witness waits for backup {b}, whose process is dead: {}", s.replace('\n', "; ")));
+                    printed_at_loss = Some(console.out().len());
                     let n = fab.add("new-run");
                     fab.start(n, "primary", "seconds=3", &["--new-run"]);
                     new_run = Some(Instant::now());
@@ -706,15 +733,26 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
     let out = console.out();
     // Safety whatever the outcome: one run's output.
     let (whole, torn) = split_torn(&out);
-    let mut outcome = outcome;
-    if let Err(e) = check_chain(whole) {
-        outcome = Outcome::Failed(format!("the console's output is not one run's: {}", e.lines().next().unwrap_or("")));
-    } else if outcome != Outcome::Completed && whole.contains("[done]") {
-        outcome = Outcome::Failed("a [done] line, yet the run did not complete".into());
-    } else if !torn.is_empty() && outcome == Outcome::Completed {
-        outcome = Outcome::Failed(format!("torn last line {torn:?}"));
+    let mut problems = Vec::new();
+    if let Some(n) = printed_at_loss.filter(|&n| n != out.len()) {
+        problems.push(format!("the console printed {} more bytes after the cluster said the VM was lost", out.len() - n));
     }
-    outcome
+    if let Err(e) = check_chain(whole) {
+        problems.push(format!("the console's output is not one run's: {}", e.lines().next().unwrap_or("")));
+    }
+    if outcome != Outcome::Completed && whole.contains("[done]") {
+        problems.push("a [done] line, yet the run did not complete".into());
+    }
+    if !torn.is_empty() && outcome == Outcome::Completed {
+        problems.push(format!("torn last line {torn:?}"));
+    }
+    if problems.is_empty() {
+        return outcome;
+    }
+    if let Outcome::Failed(why) = outcome {
+        problems.insert(0, why);
+    }
+    Outcome::Failed(problems.join("; "))
 }
 
 /// A failure report: why, the journal, the console's output and every
@@ -794,12 +832,14 @@ fn mixed_fault_schedules() {
     let count = |f: &dyn Fn(&Outcome) -> bool| results.iter().filter(|r| f(&r.outcome)).count();
     let mut fo: Vec<u128> = results.iter().flat_map(|r| r.failover_ms.iter().copied()).collect();
     fo.sort();
+    let mut clean: Vec<u128> = results.iter().flat_map(|r| r.clean_failover_ms.iter().copied()).collect();
+    clean.sort();
     let mut settle: Vec<u128> = results.iter().filter(|r| !matches!(r.outcome, Outcome::Failed(_))).map(|r| r.settle_ms).collect();
     settle.sort();
     let failed: Vec<&Result1> = results.iter().filter(|r| matches!(r.outcome, Outcome::Failed(_))).collect();
     eprintln!(
         "chaos summary: {} schedules in {:.0} s: completed {}, lost {} (+{} inferred without `state:`), failed {}; failovers {}; \
-         orphaned (double failure) {}; failover after kill -9 (n={}) p50 {} ms, p99 {} ms, worst {} ms; settled after the last fault: worst {} ms (bound {} ms); \
+         orphaned (double failure) {}; failover after kill -9 (n={}) p50 {} ms, p99 {} ms, worst {} ms (a kill alone, n={}: p50 {} ms, p99 {} ms, worst {} ms); settled after the last fault: worst {} ms (bound {} ms); \
          restarted primaries accepted in {} schedules",
         results.len(),
         started.elapsed().as_secs_f64(),
@@ -813,6 +853,10 @@ fn mixed_fault_schedules() {
         pct(&fo, 0.5),
         pct(&fo, 0.99),
         fo.last().copied().unwrap_or(0),
+        clean.len(),
+        pct(&clean, 0.5),
+        pct(&clean, 0.99),
+        clean.last().copied().unwrap_or(0),
         settle.last().copied().unwrap_or(0),
         PROGRESS_BOUND.as_millis(),
         results.iter().filter(|r| r.restarted_primary_accepted).count(),
