@@ -1162,7 +1162,7 @@ fn witness_isolated_output_pauses_and_resumes_without_duplicates() {
 }
 
 /// The seed's "view-server failure" with a primary failure inside it: the
-/// witness is stopped for 2 s, the primary is killed in the middle of it.
+/// witness is stopped for 2.5 s, the primary is killed 1 s into it.
 /// The backup holds the state and is alive: once the witness is back it
 /// must take over, every line once (it must not be left waiting, nor leave
 /// its place in the view and the state with it).
@@ -1182,7 +1182,8 @@ fn the_primary_dies_while_the_witness_is_stopped_and_the_backup_takes_over() {
     fab.note("SIGSTOP witness".into());
     std::thread::sleep(Duration::from_millis(1000));
     fab.kill(p0);
-    std::thread::sleep(Duration::from_millis(1000));
+    // Past the backup timeout (2 s) in all.
+    std::thread::sleep(Duration::from_millis(1500));
     signal_pid(pid, libc::SIGCONT);
     fab.note("SIGCONT witness".into());
     let outcome = settle(&mut fab, &mut console, 60, PROGRESS_BOUND);
