@@ -407,15 +407,21 @@ impl Netns {
         Ok(ns)
     }
 
-    /// Whether this host lets the tests make namespaces (checked once).
+    /// Whether this host lets the tests make namespaces (checked once);
+    /// `FTVM_TEST_NO_NETNS=1` says no.
     pub fn available() -> bool {
         static OK: OnceLock<bool> = OnceLock::new();
-        *OK.get_or_init(|| match Netns::new() {
-            Ok(_) => true,
-            Err(e) => {
-                eprintln!("network namespaces unavailable ({e}): the log stream cannot be slowed");
-                false
-            }
+        *OK.get_or_init(|| {
+            let why = if std::env::var_os("FTVM_TEST_NO_NETNS").is_some() {
+                "FTVM_TEST_NO_NETNS is set".to_string()
+            } else {
+                match Netns::new() {
+                    Ok(_) => return true,
+                    Err(e) => e.to_string(),
+                }
+            };
+            eprintln!("network namespaces unavailable ({why}): the log stream cannot be slowed");
+            false
         })
     }
 
