@@ -738,9 +738,12 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
         problems.push(format!("the console printed {} more bytes after the cluster said the VM was lost", out.len() - n));
     }
     if let Err(e) = check_chain(whole) {
-        problems.push(format!("the console's output is not one run's: {}", e.lines().next().unwrap_or("")));
+        let e = e.lines().next().unwrap_or("").to_string();
+        if !matches!(&outcome, Outcome::Failed(why) if why.contains(&e)) {
+            problems.push(format!("the console's output is not one run's: {e}"));
+        }
     }
-    if outcome != Outcome::Completed && whole.contains("[done]") {
+    if matches!(outcome, Outcome::Lost | Outcome::Orphaned | Outcome::LostInferred) && whole.contains("[done]") {
         problems.push("a [done] line, yet the run did not complete".into());
     }
     if !torn.is_empty() && outcome == Outcome::Completed {
@@ -1317,4 +1320,40 @@ fn links_forward_delay_and_cut() {
     std::thread::sleep(Duration::from_millis(200));
     assert!(rtt(&mut c).is_err(), "a cut link still carried bytes");
     eprintln!("link round trip {fast:?}, with 100 ms per receive {slow:?}; cut: closed");
+}
+
+/// Found by the schedules (seed 83244890541587): a backup stopped past
+/// the backup timeout is dropped, and the primary releases output without
+/// it; then the primary is cut from the witness, and the backup comes
+/// back. It never had the log behind the output released meanwhile, so it
+/// must not take over (rule 2 and 5): the console stays one run's output,
+/// and the run completes (the primary, back in touch, goes on; or the
+/// backup, transferred anew, takes over).
+#[test]
+fn a_dropped_backup_that_comes_back_is_not_promoted_over_output_it_never_had() {
+    let mut fab = Fabric::new();
+    let b0 = fab.add("b0");
+    fab.start(b0, "backup", "", &[]);
+    assert!(fab.wait_says(b0, "waiting for the primary", Duration::from_secs(20)), "{}", fab.tails());
+    let p0 = fab.add("p0");
+    fab.start(p0, "primary", "seconds=6 hz=1000", &[]);
+    assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
+    let mut console = console_of(&fab);
+    wait_for("output", Duration::from_secs(10), || console.out().contains("[0002]"));
+    let pid = fab.members[b0].cur().unwrap().child.id();
+    signal_pid(pid, libc::SIGSTOP);
+    fab.note("SIGSTOP b0".into());
+    // Dropped after 2 s; the primary releases output alone meanwhile.
+    std::thread::sleep(Duration::from_millis(2600));
+    let cut = fab.members[p0].wlink.ctl.clone();
+    cut.set_cut(true);
+    fab.note("p0 cut from the witness".into());
+    std::thread::sleep(Duration::from_millis(350));
+    signal_pid(pid, libc::SIGCONT);
+    fab.note("SIGCONT b0".into());
+    std::thread::sleep(Duration::from_millis(900));
+    cut.set_cut(false);
+    fab.note("p0's witness link healed".into());
+    let outcome = settle(&mut fab, &mut console, 60, PROGRESS_BOUND);
+    must(&mut fab, &console, outcome == Outcome::Completed, &format!("outcome {outcome:?}"));
 }
