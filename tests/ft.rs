@@ -160,17 +160,30 @@ fn stopped_backup_holds_output_while_the_guest_runs_on() {
     assert!(c.console.out().len() > held);
 }
 
+/// Rule 3 and identity: a stream for an older view, or for another
+/// incarnation at the backup's address, is refused.
 #[test]
-fn log_stream_of_an_older_view_is_refused() {
-    let (_witness, w) = start_witness();
-    let (backup, b) = start_backup(&w);
+fn log_stream_of_an_older_view_or_another_incarnation_is_refused() {
+    let (_witness, wa) = start_witness();
+    let (backup, b) = start_backup(&wa);
+    let me = member_of(&wa, "backup");
+    assert!(me.starts_with(&format!("{b}@")), "{me}");
+    let hello = |h: String| {
+        let (mut r, mut w) = secure::connect(&b, &key(), Duration::from_secs(2)).unwrap();
+        w.write_all(h.as_bytes()).unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        line
+    };
     // The backup joined view 1; a stream that claims view 0 is stale.
-    let (mut r, mut w) = secure::connect(&b, &key(), Duration::from_secs(2)).unwrap();
-    w.write_all(b"FTVM-LOG view=0\n").unwrap();
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
+    let line = hello(format!("FTVM-LOG view=0 to={me}\n"));
     assert!(line.starts_with("ERR stale view 0"), "{line}");
     wait_for("the refusal on stderr", Duration::from_secs(2), || backup.err().contains("refused a log stream for view 0"));
+    // A stream for the process that listened here before.
+    let line = hello(format!("FTVM-LOG view=1 to={b}@0123456789abcdef\n"));
+    assert_eq!(line.trim(), format!("ERR this is {me}, not {b}@0123456789abcdef"));
+    let line = hello("FTVM-LOG view=1\n".to_string());
+    assert_eq!(line.trim(), "ERR malformed hello");
 }
 
 #[test]

@@ -86,7 +86,7 @@ fn stranger_cannot_keep_a_dead_primary_alive() {
             let ping = format!("op=primary_ping me={p} view={view} sent=0 acked=0\n");
             while !stop.load(Ordering::SeqCst) {
                 heard.extend(stranger(&w, ping.repeat(5).as_bytes(), Duration::from_millis(100)));
-                refused_as_stranger(WitnessClient::new(&w, &stranger_key()).primary_ping(&p, view, 0, 0));
+                refused_as_stranger(WitnessClient::new(&w, &stranger_key()).primary_ping(&p, view, 0, 0, 0));
                 std::thread::sleep(Duration::from_millis(20));
             }
             heard
@@ -112,11 +112,11 @@ fn stranger_cannot_get_the_backup_dropped() {
     while t0.elapsed() < Duration::from_millis(2500) {
         let got = stranger(&c.w, lie.as_bytes(), Duration::from_millis(50));
         assert!(got.is_empty(), "the witness answered a stranger: {:?}", String::from_utf8_lossy(&got));
-        refused_as_stranger(WitnessClient::new(&c.w, &stranger_key()).promote(&c.b, view, true));
+        refused_as_stranger(WitnessClient::new(&c.w, &stranger_key()).promote(&c.b, view, true, true));
         std::thread::sleep(Duration::from_millis(20));
     }
     let s = status(&c.w);
-    assert!(s.contains(&format!("view: {view}\n")) && s.contains(&format!("backup: {} (alive)", c.b)), "{s}");
+    assert!(s.contains(&format!("view: {view}\n")) && backup_alive_at(&c.w, &c.b), "{s}");
     fails_over_whole(&mut c, 60);
 }
 
@@ -129,7 +129,7 @@ fn a_forged_log_is_not_taken_by_the_backup() {
     let forged = scratch().join("forged.ftlog");
     let o = ftvm().args(["record", "--no-stdin", "--cmdline", "seconds=1 lines=2", "--log"]).arg(&forged).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let mut stream = format!("FTVM-LOG view={}\n", view_of(&w)).into_bytes();
+    let mut stream = format!("FTVM-LOG view={} to={}\n", view_of(&w), member_of(&w, "backup")).into_bytes();
     stream.extend(std::fs::read(&forged).unwrap());
     let got = stranger(&b, &stream, Duration::from_secs(3));
     assert!(got.is_empty(), "the backup answered a stranger: {:?}", String::from_utf8_lossy(&got));
@@ -138,7 +138,7 @@ fn a_forged_log_is_not_taken_by_the_backup() {
     // Even a key holder's stream that is not a log is only refused: the
     // backup lives on and takes the next stream.
     let (mut r, mut wr) = secure::connect(&b, &key(), Duration::from_secs(2)).unwrap();
-    wr.write_all(format!("FTVM-LOG view={}\n", view_of(&w)).as_bytes()).unwrap();
+    wr.write_all(format!("FTVM-LOG view={} to={}\n", view_of(&w), member_of(&w, "backup")).as_bytes()).unwrap();
     assert_eq!(ftvm::ft::read_line(&mut r).unwrap().as_deref(), Some("OK"));
     wr.write_all(&[0x42; 4096]).unwrap();
     wait_for("the refusal", Duration::from_secs(5), || backup.err().contains("refused the log stream"));
@@ -163,7 +163,7 @@ fn stranger_cannot_pose_as_the_backup() {
     l.set_nonblocking(true).unwrap();
     let got = stranger(&w, format!("op=backup_ping me={me} view=0\n").as_bytes(), Duration::from_secs(1));
     assert!(got.is_empty(), "the witness answered a stranger: {:?}", String::from_utf8_lossy(&got));
-    refused_as_stranger(WitnessClient::new(&w, &stranger_key()).backup_ping(&me, 0));
+    refused_as_stranger(WitnessClient::new(&w, &stranger_key()).backup_ping(&me, 0, false, 0));
     // `ftvm backup` with another key: a clear error.
     let other = keygen("other-backup.key");
     let o = ft(&["backup", "--witness", &w, "--listen", &addr(), "--key", &other]).output().unwrap();
@@ -191,7 +191,7 @@ fn acks_beyond_what_was_sent_are_refused() {
     let (_witness, w) = start_witness();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let fake = l.local_addr().unwrap().to_string();
-    let view = WitnessClient::new(&w, &key()).backup_ping(&fake, 0).unwrap().number;
+    let view = WitnessClient::new(&w, &key()).backup_ping(&fake, 0, false, 0).unwrap().number;
     let pinging = Arc::new(AtomicBool::new(true));
     {
         let (w, fake, pinging) = (w.clone(), fake.clone(), pinging.clone());
@@ -199,7 +199,7 @@ fn acks_beyond_what_was_sent_are_refused() {
             let mut c = WitnessClient::new(&w, &key());
             let mut view = view;
             while pinging.load(Ordering::SeqCst) {
-                if let Ok(v) = c.backup_ping(&fake, view) {
+                if let Ok(v) = c.backup_ping(&fake, view, true, 0) {
                     view = v.number;
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -266,7 +266,7 @@ fn junk_does_not_crash_the_backup() {
     // Junk inside a session with another key: the handshake already fails.
     assert!(secure::connect(&c.b, &stranger_key(), Duration::from_secs(2)).is_err());
     assert!(c.backup.child.try_wait().unwrap().is_none(), "the backup died:\n{}", c.backup.err());
-    assert!(status(&c.w).contains(&format!("backup: {} (alive)", c.b)), "{}", status(&c.w));
+    assert!(backup_alive_at(&c.w, &c.b), "{}", status(&c.w));
     fails_over_whole(&mut c, 60);
 }
 
@@ -360,12 +360,12 @@ fn console_refuses_a_huge_length_and_a_stranger_at_the_primary_address() {
     let (_witness, w) = start_witness();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let fake = l.local_addr().unwrap().to_string();
-    let view = WitnessClient::new(&w, &key()).become_primary(&fake).unwrap().number;
+    let view = WitnessClient::new(&w, &key()).become_primary(&fake, "00000000000000ff", false).unwrap().number;
     {
         let (w, fake) = (w.clone(), fake.clone());
         std::thread::spawn(move || {
             let mut c = WitnessClient::new(&w, &key());
-            while c.primary_ping(&fake, view, 0, 0).is_ok() {
+            while c.primary_ping(&fake, view, 0, 0, 0).is_ok() {
                 std::thread::sleep(Duration::from_millis(100));
             }
         });

@@ -692,7 +692,7 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
         // back; if its process is dead, nothing will come back.
         let waits_for = status_field(&s, "state")
             .filter(|st| st.starts_with("waiting: the lease of primary") && st.contains("may still take over"))
-            .map(|_| member_of(&s, "backup"));
+            .map(|_| member_in(&s, "backup"));
         match waits_for.as_deref().map(|b| (b.to_string(), fab.holder_alive(b))) {
             Some((b, Some(true))) if new_run.is_none() => {
                 if waits_for_dead.get_or_insert(Instant::now()).elapsed() > Duration::from_secs(5) {
@@ -890,7 +890,7 @@ fn primary_once(fab: &mut Fabric, i: usize, extra: &[&str]) -> (Option<i32>, Str
 }
 
 /// The views members as `ftvm status` names them (`ADDR` or `ADDR@ID`).
-fn member_of(s: &str, what: &str) -> String {
+fn member_in(s: &str, what: &str) -> String {
     status_field(s, what).and_then(|v| v.split_whitespace().next()).unwrap_or("none").to_string()
 }
 
@@ -939,7 +939,7 @@ fn a_restarted_primary_at_the_same_address_is_not_taken_for_the_old_one() {
     let p0 = fab.add("p0");
     fab.start(p0, "primary", "seconds=6", &[]);
     assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
-    let before = member_of(&status(&fab.w), "primary");
+    let before = member_in(&status(&fab.w), "primary");
     let mut console = console_of(&fab);
     wait_for("output", Duration::from_secs(10), || console.out().contains("[0005]"));
     fab.kill(p0);
@@ -1068,7 +1068,7 @@ fn a_backup_paused_for_more_than_2_s_rejoins_by_itself_and_the_vm_survives_a_lat
     assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
     let mut console = console_of(&fab);
     wait_for("output", Duration::from_secs(10), || console.out().contains("[0010]"));
-    let first = member_of(&status(&fab.w), "backup");
+    let first = member_in(&status(&fab.w), "backup");
     let pid = fab.members[b0].cur().unwrap().child.id();
     signal_pid(pid, libc::SIGSTOP);
     fab.note("SIGSTOP b0 for 3 s".into());
@@ -1091,7 +1091,7 @@ fn a_backup_paused_for_more_than_2_s_rejoins_by_itself_and_the_vm_survives_a_lat
     }
     let back = back && fab.members[b0].alive();
     must(&mut fab, &console, back, "the paused backup did not rejoin by itself within 10 s");
-    let again = member_of(&status(&fab.w), "backup");
+    let again = member_in(&status(&fab.w), "backup");
     eprintln!("backup {first} paused 3 s, rejoined as {again} after {:?}", t.elapsed());
     std::thread::sleep(Duration::from_millis(500));
     fab.kill(p0);

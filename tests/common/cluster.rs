@@ -343,6 +343,22 @@ pub fn check_chain(out: &str) -> Result<u64, String> {
     Ok(n)
 }
 
+/// The member (`ADDR@ID`) `ftvm status` names for `role` ("primary" or
+/// "backup"); empty if none.
+pub fn member_of(w: &str, role: &str) -> String {
+    status(w)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{role}: "))?.split(' ').next().map(String::from))
+        .filter(|m| m != "none")
+        .unwrap_or_default()
+}
+
+/// `ftvm status` says `addr`'s member is the view's live backup.
+pub fn backup_alive_at(w: &str, addr: &str) -> bool {
+    let s = status(w);
+    s.lines().any(|l| l.starts_with(&format!("backup: {addr}@")) && l.contains("(alive,"))
+}
+
 // ------------------------------------------------ fault injection: links and network namespaces
 //
 // The log stream goes to the address a backup announces, which is the one

@@ -91,11 +91,14 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
     let route = serve_listener(listener, opts.key.clone(), Endpoints { me: "-".into(), gate: Gate::new(Role::Silent), input: idle_tx, logs: None });
     let mut rejoins = 0u64;
     loop {
-        match membership(&opts, &kernel, &route)? {
+        match membership(&opts, &kernel, &route, rejoins == 0)? {
             Ended::Done(msg, code) => return Ok((msg, code)),
             Ended::Rejoin(why) => {
                 rejoins += 1;
                 log::warn!("backup: joining the view again as a new member (rejoin #{rejoins}) after: {why}");
+                if crate::stop::INTERRUPTED.load(Ordering::SeqCst) {
+                    return Ok(("backup: interrupted".into(), 130));
+                }
                 std::thread::sleep(PING_INTERVAL);
             }
         }
@@ -106,16 +109,20 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
 const SAY_WAITING: Duration = Duration::from_secs(5);
 
 /// Joins the view as `me`, retrying while the witness refuses (a backup
-/// slot still held by a silent predecessor, no live primary to join) or
-/// cannot be reached. `None` if this process is interrupted meanwhile.
-fn join(w: &mut WitnessClient, me: &str) -> Option<View> {
+/// slot still held by a silent predecessor, no live primary to join), or,
+/// on a rejoin, cannot be reached. `None` if this process is interrupted
+/// meanwhile. A witness that does not take our key, or that cannot be
+/// reached at the first join, is an error.
+fn join(w: &mut WitnessClient, me: &str, first: bool) -> Result<Option<View>, RoleError> {
     let mut said: Option<Instant> = None;
     loop {
         if crate::stop::INTERRUPTED.load(Ordering::SeqCst) {
-            return None;
+            return Ok(None);
         }
         let why = match w.backup_ping(me, 0, false, 0) {
-            Ok(v) => return Some(v),
+            Ok(v) => return Ok(Some(v)),
+            Err(e @ (WitnessError::Unauthenticated { .. } | WitnessError::Protocol { .. })) => return Err(e.into()),
+            Err(e @ WitnessError::Unreachable { .. }) if first => return Err(e.into()),
             Err(e) => e.to_string(),
         };
         if said.is_none_or(|t| t.elapsed() >= SAY_WAITING) {
@@ -128,10 +135,10 @@ fn join(w: &mut WitnessClient, me: &str) -> Option<View> {
 
 /// One membership: join, wait for the primary's stream, replay in
 /// lockstep, take over or be dropped.
-fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Route) -> Result<Ended, RoleError> {
+fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Route, first: bool) -> Result<Ended, RoleError> {
     let me = new_member(&opts.listen);
     let mut witness = WitnessClient::new(&opts.witness, &opts.key);
-    let Some(view) = join(&mut witness, &me) else {
+    let Some(view) = join(&mut witness, &me, first)? else {
         return Ok(Ended::Done("backup: interrupted while joining".into(), 130));
     };
     let m = Membership::new(me.clone(), view.number);

@@ -176,6 +176,10 @@ impl State {
         }
         self.backup_seen = Some(now); // asking proves it is alive
         self.backup_ready = ready;
+        if self.view.primary.is_none() {
+            // A backup waiting for the first primary: nothing to take over.
+            return Ok(format!("result=wait {}", view_kv(&self.view)));
+        }
         if !self.lease_alive(now) {
             if !ready {
                 // Rules 1, 2 and 5: it could not produce the output the
