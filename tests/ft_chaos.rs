@@ -113,6 +113,8 @@ struct Fabric {
     /// hits the last one it named.
     seen: Arc<Mutex<(Option<u16>, Option<u16>)>>,
     polling: Arc<std::sync::atomic::AtomicBool>,
+    /// Primaries `ftvm status` called lost while their process ran.
+    false_lost: Vec<String>,
 }
 
 impl Drop for Fabric {
@@ -150,6 +152,7 @@ impl Fabric {
             t0: Instant::now(),
             seen,
             polling,
+            false_lost: Vec::new(),
         }
     }
 
@@ -440,6 +443,8 @@ struct Result1 {
     settle_ms: u128,
     /// A restarted `ftvm primary` that the witness accepted.
     restarted_primary_accepted: bool,
+    /// `state: lost` said while the primary's process ran (cut or stopped).
+    false_lost: usize,
 }
 
 /// The console's output without an unterminated last line (a VM lost in
@@ -482,6 +487,7 @@ fn run_plan(plan: &Plan) -> Result1 {
         clean_failover_ms: Vec::new(),
         settle_ms: 0,
         restarted_primary_accepted: false,
+        false_lost: 0,
     };
     if !fab.wait_says(p0, "is primary of view", Duration::from_secs(30)) {
         result.outcome = Outcome::Failed(format!("the first primary did not start\n{}", fab.tails()));
@@ -627,6 +633,7 @@ fn run_plan(plan: &Plan) -> Result1 {
         }
         o => o,
     };
+    result.false_lost = fab.false_lost.len();
     let firsts = new_primary_times(&err);
     result.failovers = firsts.len();
     for (k, alone) in &kills {
@@ -679,7 +686,17 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
             };
         }
         let s = status(&fab.w);
-        if new_run.is_none() && s.lines().any(|l| l.starts_with("state: lost")) {
+        let says_lost = s.lines().any(|l| l.starts_with("state: lost"));
+        // The witness says lost when the lease ran out and no backup holds
+        // the state; a primary only cut off or stopped may still come back
+        // (and does). Only a dead one makes the VM lost for good.
+        let p = member_in(&s, "primary");
+        if new_run.is_none() && says_lost && fab.holder_alive(&p) == Some(true) {
+            if !fab.false_lost.contains(&p) {
+                fab.note(format!("status says lost while the process of primary {p} runs: {}", s.replace('\n', "; ")));
+                fab.false_lost.push(p);
+            }
+        } else if new_run.is_none() && says_lost {
             // The cluster says so: a new run in its place must not reach
             // this console.
             fab.note(format!("status says lost: {}", s.replace('\n', "; ")));
@@ -813,13 +830,14 @@ fn mixed_fault_schedules() {
                     o => format!("{o:?}"),
                 };
                 eprintln!(
-                    "schedule {}/{total} seed={seed}: {verdict} in {:.1} s (failovers {}, failover ms {:?}, settled {} ms after the last fault{})",
+                    "schedule {}/{total} seed={seed}: {verdict} in {:.1} s (failovers {}, failover ms {:?}, settled {} ms after the last fault{}{})",
                     i + 1,
                     t.elapsed().as_secs_f64(),
                     r.failovers,
                     r.failover_ms,
                     r.settle_ms,
-                    if r.restarted_primary_accepted { ", a restarted primary was accepted" } else { "" }
+                    if r.restarted_primary_accepted { ", a restarted primary was accepted" } else { "" },
+                    if r.false_lost > 0 { ", `state: lost` said while the primary ran" } else { "" }
                 );
                 if let Outcome::Failed(rep) = &r.outcome {
                     eprintln!("=== schedule seed={seed} FAILED:\n{rep}\n===");
@@ -843,7 +861,7 @@ fn mixed_fault_schedules() {
     eprintln!(
         "chaos summary: {} schedules in {:.0} s: completed {}, lost {} (+{} inferred without `state:`), failed {}; failovers {}; \
          orphaned (double failure) {}; failover after kill -9 (n={}) p50 {} ms, p99 {} ms, worst {} ms (a kill alone, n={}: p50 {} ms, p99 {} ms, worst {} ms); settled after the last fault: worst {} ms (bound {} ms); \
-         restarted primaries accepted in {} schedules",
+         restarted primaries accepted in {} schedules; `state: lost` said of a primary whose process ran in {} schedules",
         results.len(),
         started.elapsed().as_secs_f64(),
         count(&|o| *o == Outcome::Completed),
@@ -863,6 +881,7 @@ fn mixed_fault_schedules() {
         settle.last().copied().unwrap_or(0),
         PROGRESS_BOUND.as_millis(),
         results.iter().filter(|r| r.restarted_primary_accepted).count(),
+        results.iter().filter(|r| r.false_lost > 0).count(),
     );
     let seeds: Vec<String> = failed.iter().map(|r| format!("FTVM_CHAOS_SEED={}", r.plan.seed)).collect();
     assert!(failed.is_empty(), "{} of {} schedules failed (reports above): {}", failed.len(), results.len(), seeds.join(" "));
