@@ -11,17 +11,44 @@
 //! root) the roles share the test's namespace and only the witness links
 //! are ours.
 //!
-//! The checker, for every schedule: (a) safety: what one `ftvm console`
-//! printed is one run's output, every line once and in order with the test
-//! guest's checksum chain unbroken (`check_chain`); (b) progress: within
-//! `PROGRESS_BOUND` after the last fault ends, either the run completes
-//! (`[done]`, console exit 0) or the cluster says the VM is lost (`ftvm
-//! status`: `state: lost`), and then a `--new-run` primary makes the
-//! console stop with "is gone" (exit 3) without printing the new run.
+//! A schedule (`Plan::from_seed`): the test guest for 6 s at hz=100 or
+//! 1000, a backup there from the start (or joining at a random moment),
+//! and 1-4 faults at random moments in the first 3.5 s: kill -9 of the
+//! primary or of the backup (whichever processes the witness names then),
+//! SIGSTOP/SIGCONT of the primary, the backup or the witness for 0.1-3 s,
+//! a restart of the role killed last at the same address (as `ftvm backup`,
+//! or as `ftvm primary`, which must be refused), the primary's witness link
+//! cut for 0.3-3 s, every witness link or the log stream to the backup
+//! slowed to 20 ms per receive for 0.5-3 s, a new backup. One `ftvm
+//! console` is the outside world.
+//!
+//! The checker, for every schedule: (a) safety: what the console printed
+//! is one run's output, every line once and in order with the test
+//! guest's checksum chain unbroken (`check_chain`; a VM lost in the middle
+//! of a line may leave that line unfinished), nothing printed after the
+//! cluster said the VM was lost, no restarted `ftvm primary` accepted;
+//! (b) progress: within `PROGRESS_BOUND` (20 s) after the last fault ends,
+//! one of
+//! - `Completed`: `[done]`, console exit 0, every line once;
+//! - `Lost`: `ftvm status` says `state: lost` and the primary's process is
+//!   dead; then a `--new-run` primary must make the console stop with "is
+//!   gone" (exit 3) without a byte of the new run;
+//! - `Orphaned`: a double failure within the backup timeout: the primary
+//!   died while the view's backup, which holds the state, was silent, and
+//!   that backup's process is dead too; the witness waits for it ("may
+//!   still take over"); `--new-run` must then stop the console as above.
+//!
+//! A failure prints the seed, the schedule, what happened when (journal),
+//! the console's output and every role's stderr (tails) and the witness's
+//! status. At the end a summary on stderr: outcomes, failovers, failover
+//! time after kill -9 (to the console's first output from the new primary)
+//! p50/p99/worst, over all kills and over kills with no other fault near.
 //!
 //! `FTVM_CHAOS_SCHEDULES=N` sets the number of schedules (default 50),
 //! `FTVM_CHAOS_SEED=S` reruns exactly one, `FTVM_CHAOS_PARALLEL=K` runs K at
-//! a time (default 2).
+//! a time (default 2), `FTVM_CHAOS_BASE=B` fixes the seeds of the whole set,
+//! `FTVM_CHAOS_VERBOSE=1` prints every schedule's journal,
+//! `FTVM_TEST_NO_NETNS=1` runs without network namespaces.
 
 use std::collections::HashMap;
 use std::fmt;
