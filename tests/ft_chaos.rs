@@ -47,6 +47,7 @@
 //! `FTVM_CHAOS_SCHEDULES=N` sets the number of schedules (default 50),
 //! `FTVM_CHAOS_SEED=S` reruns exactly one, `FTVM_CHAOS_PARALLEL=K` runs K at
 //! a time (default 2), `FTVM_CHAOS_BASE=B` fixes the seeds of the whole set,
+//! `FTVM_CHAOS_BUDGET_S=T` starts no schedule after T s (default 540),
 //! `FTVM_CHAOS_VERBOSE=1` prints every schedule's journal,
 //! `FTVM_TEST_NO_NETNS=1` runs without network namespaces.
 
@@ -833,11 +834,15 @@ fn mixed_fault_schedules() {
         Some(s) => vec![s],
         None => {
             let n = env_u64("FTVM_CHAOS_SCHEDULES").unwrap_or(50);
-            let mut r = Rng(env_u64("FTVM_CHAOS_BASE").unwrap_or(unix_ms() as u64));
+            let base = env_u64("FTVM_CHAOS_BASE").unwrap_or(unix_ms() as u64);
+            eprintln!("chaos: {n} schedules from FTVM_CHAOS_BASE={base}");
+            let mut r = Rng(base);
             (0..n).map(|_| r.next() >> 16).collect()
         }
     };
     let parallel = env_u64("FTVM_CHAOS_PARALLEL").unwrap_or(2).max(1) as usize;
+    // No schedule starts after this long (each one is bounded too).
+    let budget = Duration::from_secs(env_u64("FTVM_CHAOS_BUDGET_S").unwrap_or(540));
     let total = seeds.len();
     let queue = Arc::new(Mutex::new(seeds.into_iter().enumerate().collect::<Vec<_>>()));
     queue.lock().unwrap().reverse();
@@ -847,6 +852,9 @@ fn mixed_fault_schedules() {
         .map(|_| {
             let (queue, results) = (queue.clone(), results.clone());
             std::thread::spawn(move || loop {
+                if started.elapsed() > budget {
+                    return;
+                }
                 let Some((i, seed)) = queue.lock().unwrap().pop() else { return };
                 let plan = Plan::from_seed(seed);
                 eprintln!("schedule {}/{total} FTVM_CHAOS_SEED={seed}: {plan}", i + 1);
@@ -877,6 +885,9 @@ fn mixed_fault_schedules() {
         w.join().unwrap();
     }
     let results = results.lock().unwrap();
+    if results.len() < total {
+        eprintln!("chaos: the time budget ({budget:?}, FTVM_CHAOS_BUDGET_S) ran out: {} of {total} schedules ran", results.len());
+    }
     let count = |f: &dyn Fn(&Outcome) -> bool| results.iter().filter(|r| f(&r.outcome)).count();
     let mut fo: Vec<u128> = results.iter().flat_map(|r| r.failover_ms.iter().copied()).collect();
     fo.sort();
