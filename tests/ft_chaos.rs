@@ -701,7 +701,8 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
     let mut printed_at_loss: Option<usize> = None;
     let mut waits_for_dead: Option<Instant> = None;
     let outcome = loop {
-        if let Some(code) = console.child.try_wait().unwrap().map(|s| s.code()) {
+        if let Some(st) = console.child.try_wait().unwrap() {
+            let code = st.code();
             std::thread::sleep(Duration::from_millis(100));
             let (out, err) = (console.out(), console.err());
             break match (code, new_run) {
@@ -710,7 +711,12 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
                     Err(e) => Outcome::Failed(format!("completed, but: {}", e.lines().next().unwrap_or(""))),
                 },
                 (Some(3), Some(_)) if err.contains("is gone") => if orphaned { Outcome::Orphaned } else { Outcome::Lost },
-                _ => Outcome::Failed(format!("the console exited {code:?}")),
+                _ => match std::os::unix::process::ExitStatusExt::signal(&st) {
+                    Some(sig) => Outcome::Failed(format!(
+                        "the console was killed by signal {sig}, not by this test (is something else killing ftvm processes?)"
+                    )),
+                    None => Outcome::Failed(format!("the console exited {code:?}")),
+                },
             };
         }
         let s = status(&fab.w);
