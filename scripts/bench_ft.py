@@ -228,8 +228,9 @@ def raise_port_or(proc, msg):
 
 STATUS_RE = {
     "view": re.compile(r"^view: (\d+)$", re.M),
-    "primary": re.compile(r"^primary: (\S+)$", re.M),
-    "backup": re.compile(r"^backup: (\S+) \((alive|silent)\)$", re.M),
+    # Members are ADDR@ID; the bench names roles by address.
+    "primary": re.compile(r"^primary: ([^@\s]+)\S*$", re.M),
+    "backup": re.compile(r"^backup: ([^@\s]+)\S*(?: \((alive|silent)[,)].*)?$", re.M),
     "log": re.compile(r"^log: primary at exit #(\d+), backup acknowledged #(\d+)", re.M),
 }
 
@@ -347,8 +348,8 @@ class LagPoller:
                 r = subprocess.run([self.ftvm, "status", "--witness", self.waddr, "--key", self.key], capture_output=True, text=True, timeout=2)
                 out = r.stdout
                 m = STATUS_LOG_RE.search(out)
-                prim = re.search(r"^primary: (\S+)", out, re.M)
-                alive = re.search(r"^backup: \S+ \(alive\)", out, re.M)
+                prim = re.search(r"^primary: ([^@\s]+)", out, re.M)
+                alive = re.search(r"^backup: \S+ \(alive,", out, re.M)
                 if m and prim and prim.group(1) == self.primary and alive:
                     sent, acked, lag = map(int, m.groups())
                     if sent > 0:

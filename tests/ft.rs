@@ -18,6 +18,7 @@ mod cluster;
 use cluster::*;
 
 mod ft_attacks;
+mod ft_runs;
 
 /// One kill-the-primary trial; returns the failover time.
 fn primary_kill_trial(kill_after: Duration) -> Result<u128, String> {

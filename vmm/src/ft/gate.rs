@@ -11,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::lease_clock::BootInstant;
+use super::held::Held;
 use crate::devices::OutputSink;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +29,7 @@ struct State {
     /// Which backup's acknowledgements count: bumped for each new backup,
     /// so a late ack from the previous one cannot release output.
     ack_gen: u64,
-    pending: VecDeque<(u64, u8)>,
+    pending: Held,
     /// The tail of the released output: bytes `[base, base + len)` of the
     /// console stream (at most about 2 × [`KEEP_RELEASED`]).
     released: Vec<u8>,
@@ -73,7 +74,7 @@ impl Gate {
                 lease_until: None,
                 acked: 0,
                 ack_gen: 0,
-                pending: VecDeque::new(),
+                pending: Held::default(),
                 released: Vec::new(),
                 base: 0,
                 emitted: 0,
@@ -117,13 +118,10 @@ impl Gate {
             return;
         }
         let before = s.released.len();
-        while let Some(&(ord, b)) = s.pending.front() {
-            if need_ack && ord > s.acked {
-                break;
-            }
-            s.released.push(b);
+        let through = need_ack.then_some(s.acked);
+        let State { pending, released, .. } = s;
+        if let Some(ord) = pending.release(through, released) {
             s.released_ordinal = ord;
-            s.pending.pop_front();
         }
         if s.released.len() != before {
             self.changed.notify_all();
@@ -138,7 +136,7 @@ impl Gate {
     pub fn emit(&self, ordinal: u64, bytes: &[u8]) {
         let mut s = self.s.lock().unwrap();
         s.emitted += bytes.len() as u64;
-        s.pending.extend(bytes.iter().map(|&b| (ordinal, b)));
+        s.pending.push(ordinal, bytes);
         self.release(&mut s);
         // A backup never releases: of its guest's output it needs only the
         // tail a console may still miss when it takes over (what the old
@@ -146,7 +144,7 @@ impl Gate {
         // tail. Older bytes are forgotten, their numbers kept.
         if s.role == Role::Silent && s.pending.len() > 2 * KEEP_RELEASED {
             let cut = s.pending.len() - KEEP_RELEASED;
-            s.pending.drain(..cut);
+            s.pending.forget(cut);
             s.base += (s.released.len() + cut) as u64;
             s.released.clear();
         }
@@ -175,7 +173,7 @@ impl Gate {
         super::commit::GateLook {
             need_ack: matches!(s.role, Role::Primary { need_ack: true }),
             acked: s.acked,
-            unmarked_output: s.pending.back().is_some_and(|&(ord, _)| ord > last_mark)
+            unmarked_output: s.pending.last_ordinal().is_some_and(|ord| ord > last_mark)
                 || s.inputs.back().is_some_and(|&(ord, _)| ord > last_mark),
         }
     }

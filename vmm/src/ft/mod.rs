@@ -7,6 +7,7 @@ pub mod backup;
 pub mod backup_inputs;
 pub mod commit;
 pub mod gate;
+pub mod held;
 pub mod key;
 pub mod listener;
 pub mod log_buf;

@@ -160,6 +160,13 @@ pub fn run_client(witness: &str, key: &ClusterKey, give_up: Duration) -> anyhow:
         let (mut r, conn) = match secure::connect(&addr, key, Duration::from_secs(1)) {
             Ok(c) => c,
             Err(e) => {
+                // A primary that cannot be reached may be gone for good:
+                // the witness says whether its VM is lost.
+                if let Ok(st) = w.status() {
+                    if st.lost && st.view.run == my_run {
+                        anyhow::bail!("{}", st.state());
+                    }
+                }
                 if lost_at.elapsed() > give_up {
                     anyhow::bail!("cannot reach the primary {addr} of view {}: {e}", view.number);
                 }
