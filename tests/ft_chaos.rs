@@ -31,8 +31,9 @@
 //! one of
 //! - `Completed`: `[done]`, console exit 0, every line once;
 //! - `Lost`: `ftvm status` says `state: lost` and the primary's process is
-//!   dead; then a `--new-run` primary must make the console stop with "is
-//!   gone" (exit 3) without a byte of the new run;
+//!   dead; the console stops by itself saying the VM "is lost" (exit 1), or
+//!   a `--new-run` primary must make it stop with "is gone" (exit 3)
+//!   without a byte of the new run;
 //! - `Orphaned`: a double failure within the backup timeout: the primary
 //!   died while the view's backup, which holds the state, was silent, and
 //!   that backup's process is dead too; the witness waits for it ("may
@@ -711,6 +712,15 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
                     Err(e) => Outcome::Failed(format!("completed, but: {}", e.lines().next().unwrap_or(""))),
                 },
                 (Some(3), Some(_)) if err.contains("is gone") => if orphaned { Outcome::Orphaned } else { Outcome::Lost },
+                // The console itself stops when the witness says its VM is
+                // lost: right only if the primary is really gone.
+                (Some(1), _) if err.contains("is lost") => {
+                    let p = member_in(&status(&fab.w), "primary");
+                    match fab.holder_alive(&p) {
+                        Some(true) => Outcome::Failed(format!("the console gave up (\"is lost\") while the process of primary {p} runs")),
+                        _ => if orphaned { Outcome::Orphaned } else { Outcome::Lost },
+                    }
+                }
                 _ => match std::os::unix::process::ExitStatusExt::signal(&st) {
                     Some(sig) => Outcome::Failed(format!(
                         "the console was killed by signal {sig}, not by this test (is something else killing ftvm processes?)"
@@ -1027,8 +1037,8 @@ fn a_restarted_primary_at_the_same_address_is_not_taken_for_the_old_one() {
 /// The other half of scenario 2 and the seed's "no backup and primary
 /// fails": the VM is lost; the cluster says so, a restarted `ftvm primary`
 /// is refused ("is lost", naming --new-run), a `--new-run` primary boots a
-/// new VM, and the console of the old run stops ("is gone", exit 3)
-/// without printing a byte of the new one.
+/// new VM, and the console of the old run stops ("is lost", exit 1, or "is
+/// gone", exit 3) without printing a byte of the new one.
 #[test]
 fn a_lost_vm_is_said_so_and_a_new_run_does_not_reach_the_old_console() {
     let mut fab = Fabric::new();
@@ -1103,7 +1113,9 @@ fn the_primary_dies_while_a_backup_is_joining_the_cluster_does_not_hang() {
     let accepted = fab.wait_says(nr, "is primary of view", Duration::from_secs(20));
     must(&mut fab, &console, accepted, "the --new-run primary was not accepted");
     let code = console.wait(Duration::from_secs(15));
-    must(&mut fab, &console, code == Some(3) && console.err().contains("is gone"), &format!("the old console did not stop (exit {code:?})"));
+    let e = console.err();
+    let stopped = (code == Some(3) && e.contains("is gone")) || (code == Some(1) && e.contains("is lost"));
+    must(&mut fab, &console, stopped, &format!("the old console did not stop (exit {code:?})"));
     check_chain(split_torn(&console.out()).0).map_err(|e| report(&mut fab, &console, &e)).unwrap();
     // The backup that waited joins the new run by itself.
     let b_port = fab.members[b0].port;
