@@ -49,7 +49,7 @@
 //! `FTVM_CHAOS_SEED=S` reruns exactly one, `FTVM_CHAOS_PARALLEL=K` runs K at
 //! a time (default 2), `FTVM_CHAOS_BASE=B` fixes the seeds of the whole set,
 //! `FTVM_CHAOS_BUDGET_S=T` starts no schedule after T s (default 540),
-//! `FTVM_CHAOS_VERBOSE=1` prints every schedule's journal,
+//! `FTVM_CHAOS_VERBOSE=1` prints every schedule's journal and stderr tails,
 //! `FTVM_TEST_NO_NETNS=1` runs without network namespaces.
 
 use std::collections::HashMap;
@@ -674,7 +674,7 @@ fn run_plan(plan: &Plan) -> Result1 {
         }
     }
     if std::env::var_os("FTVM_CHAOS_VERBOSE").is_some() {
-        eprintln!("journal of seed={}:\n  {}", plan.seed, fab.journal.join("\n  "));
+        eprintln!("journal of seed={}:\n  {}\n{}", plan.seed, fab.journal.join("\n  "), fab.tails());
     }
     if let Outcome::Failed(why) = &outcome {
         let why = format!("{why}\nschedule: {plan}\nrerun: FTVM_CHAOS_SEED={}", plan.seed);
