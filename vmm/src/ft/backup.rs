@@ -14,7 +14,7 @@ use super::gate::{Gate, GateSink, Role};
 use super::key::ClusterKey;
 use super::listener::{bind, log_buf_writer, serve_listener, wind_down, Endpoints, Incoming, LogStreams, RoleError, Route};
 use super::log_buf::LogBuf;
-use super::promoter::{keep_place, spawn, Membership, Promoter};
+use super::promoter::{keep_place, spawn, standing, Membership, Promoter, Standing};
 use super::secure::{SecureReader, SecureWriter};
 use super::stream::{ChannelSource, LogReceiver, MAX_SNAPSHOT_BYTES};
 use super::xfer::Transfers;
@@ -138,18 +138,20 @@ fn join(w: &mut WitnessClient, me: &str, first: bool) -> Result<Option<View>, Ro
 fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Route, first: bool) -> Result<Ended, RoleError> {
     let me = new_member(&opts.listen);
     let mut witness = WitnessClient::new(&opts.witness, &opts.key);
-    let Some(view) = join(&mut witness, &me, first)? else {
-        return Ok(Ended::Done("backup: interrupted while joining".into(), 130));
-    };
-    let m = Membership::new(me.clone(), view.number);
-    log::info!("backup: {me} is backup of view {}; waiting for the primary's log", view.number);
-
+    // The listener serves this membership before the witness names it,
+    // so that a primary's first stream finds it.
+    let m = Membership::new(me.clone(), 0);
     let gate = Gate::new(Role::Silent);
     let (in_tx, in_rx) = crossbeam_channel::unbounded();
     let (log_tx, log_rx) = crossbeam_channel::bounded::<Incoming>(1);
     let taken = Arc::new(AtomicBool::new(false));
     let streams = LogStreams { tx: log_tx, view: m.view.clone(), me: me.clone(), taken: taken.clone() };
     *route.lock().unwrap_or_else(|e| e.into_inner()) = Endpoints { me: me.clone(), gate: gate.clone(), input: in_tx, logs: Some(streams) };
+    let Some(view) = join(&mut witness, &me, first)? else {
+        return Ok(Ended::Done("backup: interrupted while joining".into(), 130));
+    };
+    m.view.store(view.number, Ordering::SeqCst);
+    log::info!("backup: {me} is backup of view {}; waiting for the primary's log", view.number);
     keep_place(witness, m.clone())?;
     let ended = |m: &Membership| {
         m.over.store(true, Ordering::SeqCst);
@@ -288,11 +290,22 @@ fn wait_for_stream(
                     m.stop.stop(Ending::Stopped { why: "backup: interrupted".into(), code: 130 });
                     return Ok(None);
                 }
-                if let Err(WitnessError::Refused { msg, .. }) = witness.promote(&m.me, m.view.load(Ordering::Relaxed), false, false) {
-                    m.rejoin(format!("while waiting for the primary's log: {msg}"));
-                    return Ok(None);
+                match standing(&mut witness, &m.me) {
+                    Some(Standing::Lost(view)) => {
+                        // Have the witness drop us and say why, then join again.
+                        let why = match witness.promote(&m.me, view, true, false) {
+                            Err(WitnessError::Refused { msg, .. }) => msg,
+                            _ => "the primary died before sending the VM's state".into(),
+                        };
+                        m.rejoin(format!("while waiting for the primary's log: {why}"));
+                        return Ok(None);
+                    }
+                    Some(Standing::Out(why)) => {
+                        m.rejoin(format!("while waiting for the primary's log: {why}"));
+                        return Ok(None);
+                    }
+                    Some(Standing::Waiting) | None => continue,
                 }
-                continue;
             }
         };
         let peer = reader.tcp().peer_addr().map_or_else(|_| "primary".into(), |a| a.to_string());

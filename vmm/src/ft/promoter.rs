@@ -77,6 +77,29 @@ impl Membership {
     }
 }
 
+/// Where a backup without the state stands, by the witness's status.
+pub(super) enum Standing {
+    /// Still the view's backup; the primary lives (or there is none yet).
+    Waiting,
+    /// Still the view's backup, but the primary is gone and this backup
+    /// has no state: the VM is lost.
+    Lost(u64),
+    /// No longer the view's backup.
+    Out(String),
+}
+
+/// Asks the witness where `me` stands (`None`: no answer).
+pub(super) fn standing(w: &mut WitnessClient, me: &str) -> Option<Standing> {
+    let st = w.status().ok()?;
+    Some(if st.view.backup.as_deref() != Some(me) {
+        Standing::Out(format!("the witness's view {} no longer has this backup", st.view.number))
+    } else if st.lost {
+        Standing::Lost(st.view.number)
+    } else {
+        Standing::Waiting
+    })
+}
+
 pub(super) fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), RoleError> {
     std::thread::Builder::new()
         .name(name.into())
@@ -153,7 +176,10 @@ impl Promoter {
                     }
                 }
                 Err(WitnessError::Refused { msg, .. }) => {
-                    if lost.is_some() || !self.m.ready() {
+                    // A view that moved on since our last ping is not a
+                    // reason to give up while the primary still streams.
+                    let out = lost.is_some() || matches!(standing(&mut self.witness, &self.m.me), Some(Standing::Out(_) | Standing::Lost(_)));
+                    if out {
                         // Dropping `recv` closes the record channel; the
                         // replay sees the stop request.
                         return self.m.rejoin(format!("not promoted: {msg}"));

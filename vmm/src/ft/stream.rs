@@ -250,15 +250,14 @@ fn open(s: &Sending) -> Option<(SecureReader, SecureWriter)> {
         });
         match tried {
             Ok((r, w, Some(l))) if l == "OK" => return Some((r, w)),
-            // Taken by a stream the backup may yet refuse: ask again.
-            Ok((_, _, Some(l))) if l.contains("already receives") => {
-                if !warned {
-                    log::warn!("primary: backup {} is busy with another log stream; retrying", s.addr);
-                }
-            }
+            // Busy with a stream it may yet refuse, not yet the member the
+            // view names (joining, rejoining), or anything else: ask again
+            // while it is the view's backup (the duty thread stops us when
+            // it leaves the view).
             Ok((_, _, Some(l))) => {
-                log::warn!("primary: backup {} refused the log stream: {l}", s.addr);
-                return None;
+                if !warned {
+                    log::warn!("primary: backup {} refused the log stream ({l}); retrying while it is in the view", s.to);
+                }
             }
             Ok((_, _, None)) => {
                 if !warned {
