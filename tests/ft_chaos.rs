@@ -977,7 +977,9 @@ fn member_in(s: &str, what: &str) -> String {
 fn late_join_over_a_slow_link_then_the_primary_dies() {
     let mut fab = Fabric::new();
     let p0 = fab.add("p0");
-    fab.start(p0, "primary", "seconds=14 hz=5000", &[]);
+    // hz=5000: many exits, as in the issue; on a busy 2-core host the guest
+    // runs slower than real time, hence the longer bound below.
+    fab.start(p0, "primary", "seconds=10 hz=5000", &[]);
     assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
     let mut console = console_of(&fab);
     std::thread::sleep(Duration::from_secs(5));
@@ -990,7 +992,7 @@ fn late_join_over_a_slow_link_then_the_primary_dies() {
     std::thread::sleep(Duration::from_millis(1500));
     let printed = console.out().len();
     fab.kill(p0);
-    let outcome = settle(&mut fab, &mut console, 140, PROGRESS_BOUND);
+    let outcome = settle(&mut fab, &mut console, 100, PROGRESS_BOUND * 2);
     eprintln!("late join over a slow link, primary killed 1.5 s later: {outcome:?} ({printed} bytes printed before the kill)");
     let perr = fab.members[p0].procs[0].1.err();
     for l in perr.lines().filter(|l| l.contains("transfer") || l.contains("pre-copied")) {
