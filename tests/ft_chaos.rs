@@ -715,7 +715,13 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
                 // The console itself stops when the witness says its VM is
                 // lost: right only if the primary is really gone.
                 (Some(1), _) if err.contains("is lost") => {
-                    let p = member_in(&status(&fab.w), "primary");
+                    // The primary it names ("its primary ADDR@ID is gone").
+                    let p = err
+                        .rsplit("its primary ")
+                        .next()
+                        .and_then(|r| r.split_whitespace().next())
+                        .unwrap_or("")
+                        .to_string();
                     match fab.holder_alive(&p) {
                         Some(true) => Outcome::Failed(format!("the console gave up (\"is lost\") while the process of primary {p} runs")),
                         _ => if orphaned { Outcome::Orphaned } else { Outcome::Lost },
