@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! op=become_primary me=M run=R new_run=0|1                  -> ok VIEW
-//! op=backup_ping    me=M view=N ready=0|1 applied=A         -> ok VIEW
+//! op=backup_ping    me=M view=N|0 ready=0|1 applied=A       -> ok VIEW   (0: join)
 //! op=primary_ping   me=M view=N sent=S acked=A released=B   -> ok VIEW
 //! op=promote        me=M view=N lost=0|1 ready=0|1          -> ok result=granted|wait VIEW
 //! op=view                                                   -> ok VIEW

@@ -111,6 +111,8 @@ impl State {
         Ok(view_kv(&self.view))
     }
 
+    /// A backup's keepalive (`view` > 0: the view it last saw), or a
+    /// request to join (`view` = 0, a new member).
     pub(super) fn backup_ping(&mut self, me: &str, view: u64, ready: bool, applied: u64, now: BootInstant) -> Result<String, String> {
         let n = self.view.number;
         if view > n {
@@ -124,6 +126,12 @@ impl State {
         }
         if self.view.primary.as_deref() == Some(me) {
             return Err(format!("{me} is the primary of view {n}, not a backup"));
+        }
+        if view != 0 {
+            // A member's keepalive after it was dropped (paused, cut off):
+            // it must join again as a new member, with the state anew,
+            // not slip back in with whatever it held.
+            return Err(format!("{me} is not in view {n}: it was dropped from the view"));
         }
         if self.backup_alive(now) {
             return Err(format!("view {n} already has backup {}", or_dash(&self.view.backup)));

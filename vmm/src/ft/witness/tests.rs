@@ -38,7 +38,7 @@ fn start() -> (String, WitnessClient) {
 fn start_pair() -> (String, WitnessClient) {
     let (addr, mut c) = start();
     assert_eq!(c.become_primary(P, RUN, false).unwrap(), v(1, Some(P), None));
-    assert_eq!(c.backup_ping(B, 1, true, 0).unwrap(), v(2, Some(P), Some(B)));
+    assert_eq!(c.backup_ping(B, 0, true, 0).unwrap(), v(2, Some(P), Some(B)));
     // Joining, it has nothing whatever it says; its next ping says it
     // holds the state.
     assert!(!c.status().unwrap().backup_ready);
@@ -83,9 +83,9 @@ fn first_primary_and_second_refused() {
 fn backup_joins_and_slot_is_held() {
     let (_, mut c) = start();
     c.become_primary(P, RUN, false).unwrap();
-    assert_eq!(c.backup_ping(B, 1, true, 0).unwrap(), v(2, Some(P), Some(B)));
+    assert_eq!(c.backup_ping(B, 0, true, 0).unwrap(), v(2, Some(P), Some(B)));
     assert_eq!(c.backup_ping(B, 2, true, 0).unwrap(), v(2, Some(P), Some(B)));
-    refused(c.backup_ping(S, 2, true, 0), "view 2 already has backup 127.0.0.1:7102");
+    refused(c.backup_ping(S, 0, true, 0), "view 2 already has backup 127.0.0.1:7102");
     refused(c.backup_ping(P, 2, true, 0), "is the primary");
 }
 
@@ -152,7 +152,8 @@ fn silent_backup_dropped_on_primary_ping() {
     }
     assert!(t0.elapsed() > T.backup_timeout);
     assert_eq!(view, v(3, Some(P), None));
-    assert_eq!(c.backup_ping(S, 3, true, 0).unwrap(), v(4, Some(P), Some(S)), "a new backup may join");
+    refused(c.backup_ping(B, 2, true, 0), "127.0.0.1:7102 is not in view 3: it was dropped");
+    assert_eq!(c.backup_ping(S, 0, true, 0).unwrap(), v(4, Some(P), Some(S)), "a new backup may join");
 }
 
 #[test]
@@ -182,7 +183,7 @@ fn status_fields() {
     assert_eq!((st.view, st.lease_left_ms, st.backup_alive), (v(0, None, None), None, false));
     c.become_primary(P, RUN, false).unwrap();
     c.primary_ping(P, 1, 10, 7, 0).unwrap();
-    c.backup_ping(B, 1, true, 0).unwrap();
+    c.backup_ping(B, 0, true, 0).unwrap();
     let st = c.status().unwrap();
     assert_eq!(st.view, v(2, Some(P), Some(B)));
     assert!(st.lease_left_ms.is_some_and(|ms| ms <= T.lease.as_millis() as u64), "{:?}", st.lease_left_ms);
@@ -300,7 +301,7 @@ fn a_restarted_primary_is_a_new_member_not_the_old_one() {
 fn a_backup_without_the_state_never_takes_over_and_the_vm_is_said_lost() {
     let (_, mut c) = start();
     c.become_primary(P, RUN, false).unwrap();
-    c.backup_ping(B, 1, false, 0).unwrap();
+    c.backup_ping(B, 0, false, 0).unwrap();
     c.primary_ping(P, 2, 10, 0, 1234).unwrap();
     let st = c.status().unwrap();
     assert!(!st.backup_ready && !st.lost && st.state().contains("is joining"), "{}", st.state());
@@ -313,14 +314,14 @@ fn a_backup_without_the_state_never_takes_over_and_the_vm_is_said_lost() {
     refused(c.promote(B, 2, true, false), "cannot take over: primary 127.0.0.1:7101 died before this backup had the VM's state");
     assert_eq!(c.view().unwrap(), View { run: Some(RUN.into()), ..v(3, Some(P), None) }, "dropped, the primary's name kept");
     // Nobody can join a dead primary; nobody replaces it without saying so.
-    refused(c.backup_ping(B, 3, false, 0), "no live primary to join");
+    refused(c.backup_ping(B, 0, false, 0), "no live primary to join");
     refused(c.become_primary(S, "00000000000000dd", false), "is lost");
     refused(c.become_primary(S, "00000000000000dd", false), "--new-run");
     let v4 = c.become_primary(S, "00000000000000dd", true).unwrap();
     assert_eq!((v4.number, v4.primary.as_deref(), v4.run.as_deref()), (4, Some(S), Some("00000000000000dd")));
     assert_eq!(c.status().unwrap().released, 0, "a new run has released nothing");
     // Now the backup can join the new run.
-    assert_eq!(c.backup_ping(B, 4, false, 0).unwrap().backup.as_deref(), Some(B));
+    assert_eq!(c.backup_ping(B, 0, false, 0).unwrap().backup.as_deref(), Some(B));
 }
 
 #[test]
@@ -338,7 +339,7 @@ fn a_promotion_needs_the_state_even_when_the_backup_says_so_late() {
     // promotion request: it is believed (it is a key holder in the view).
     let (_, mut c) = start();
     c.become_primary(P, RUN, false).unwrap();
-    c.backup_ping(B, 1, false, 0).unwrap();
+    c.backup_ping(B, 0, false, 0).unwrap();
     thread::sleep(T.lease + Duration::from_millis(50));
     assert!(matches!(c.promote(B, 2, true, true).unwrap(), Promotion::Granted(_)));
 }
