@@ -67,6 +67,10 @@ const LINES: usize = 60;
 /// Once the last fault has ended, the run completes or the cluster says
 /// the VM is lost within this long.
 const PROGRESS_BOUND: Duration = Duration::from_secs(20);
+/// A kill -9 of the primary with no other fault near it (100 ms before to
+/// 2 s after) fails over within this long (the console's first output
+/// from the new primary); the 500 ms lease is most of it.
+const FAILOVER_BOUND: Duration = Duration::from_secs(3);
 /// A slow link holds each receive this long.
 const SLOW_MS: u64 = 20;
 
@@ -673,6 +677,13 @@ fn run_plan(plan: &Plan) -> Result1 {
             }
         }
     }
+    let outcome = match outcome {
+        Outcome::Completed if result.clean_failover_ms.iter().any(|&ms| ms > FAILOVER_BOUND.as_millis()) => Outcome::Failed(format!(
+            "a failover after a kill alone took {:?} ms, over {FAILOVER_BOUND:?}",
+            result.clean_failover_ms
+        )),
+        o => o,
+    };
     if std::env::var_os("FTVM_CHAOS_VERBOSE").is_some() {
         eprintln!("journal of seed={}:\n  {}\n{}", plan.seed, fab.journal.join("\n  "), fab.tails());
     }
