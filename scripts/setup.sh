@@ -8,6 +8,8 @@ need_pkgs=()
 command -v gcc >/dev/null || need_pkgs+=(gcc)
 command -v objdump >/dev/null || need_pkgs+=(binutils)
 command -v python3 >/dev/null || need_pkgs+=(python3)
+# gdb: tests/gdb.rs debugs replays with it (ftvm replay --gdb).
+command -v gdb >/dev/null || need_pkgs+=(gdb)
 # The lab (a standard KVM inside QEMU's emulator, for Linux guests):
 command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
 [ -x /bin/busybox ] || need_pkgs+=(busybox-static)

@@ -410,3 +410,24 @@ fn the_console_checker_sees_loss_repeats_tears_and_splices() {
     let spliced = format!("{}\n{}\n", cut(&a, false), cut(&b, true));
     assert!(check_chain(&spliced).unwrap_err().contains("chain"), "a splice of two runs:\n{spliced}");
 }
+
+/// The seed's view-server failure: the witness is killed and restarted
+/// at the same address with its state file. Meanwhile output pauses (no
+/// lease can be renewed, nobody can be promoted); then the same primary
+/// and backup go on, and the console is one run's output.
+#[test]
+fn a_witness_killed_and_restarted_with_its_state_file_loses_nothing() {
+    let state = scratch().join(format!("witness-{}.state", free_port()));
+    let (mut witness, w) = listening(&["witness", "--state", state.to_str().unwrap()], "witness: listening on");
+    let (backup, _b) = start_backup(&w);
+    let (primary, _p) = start_primary(&w, "seconds=6");
+    let mut console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
+    wait_for("output", Duration::from_secs(10), || console.out().contains("[0010]"));
+    witness.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _witness2 = Proc::spawn(&["witness", "--listen", &w, "--state", state.to_str().unwrap()]);
+    assert_eq!(console.wait(Duration::from_secs(40)), Some(0), "{}\nprimary:\n{}\nbackup:\n{}", console.err(), primary.err(), backup.err());
+    check_console(&console.out(), 60).unwrap();
+    let mut primary = primary;
+    assert_eq!(primary.wait(Duration::from_secs(10)), Some(0), "the primary did not carry on: {}", primary.err());
+}

@@ -26,10 +26,14 @@ for n in 1 2; do
 done
 run linux-stats /bin/ftvm log stats /tmp/l1.ftlog
 
-# Typed input: the guest's shell on the console gets two commands.
-# A fifo keeps stdin open while the lines trickle in.
+# Typed input: the guest's shell on the console gets two commands, typed
+# once the workload has ended (the shell is up; typing earlier races with
+# the console's setup, which drops what it finds, and the emulated lab's
+# speed depends on how busy the host is). A fifo keeps stdin open while
+# the lines trickle in.
 mkfifo /tmp/typed.fifo
-(sleep 16; printf 'echo typed-$((6*7))\n'; sleep 2; printf 'poweroff\n'; sleep 30) >/tmp/typed.fifo &
+(for _ in $(seq 600); do grep -q FTVM-WORKLOAD-END /tmp/linux-input-record.out 2>/dev/null && break; sleep 0.5; done
+ sleep 2; printf 'echo typed-$((6*7))\n'; sleep 2; printf 'poweroff\n'; sleep 30) >/tmp/typed.fifo &
 run linux-input-record sh -c "/bin/ftvm record --log /tmp/in.ftlog $K --cmdline quiet </tmp/typed.fifo"
 run linux-input-replay /bin/ftvm replay --log /tmp/in.ftlog $R
 

@@ -52,7 +52,15 @@ enum Cmd {
         #[command(flatten)]
         snapshots: SnapshotArgs,
         #[command(flatten)]
+        debug: GdbArgs,
+        #[command(flatten)]
         guest: RecordedGuest,
+    },
+    /// Write the built-in test guest's ELF, with its symbols, for gdb.
+    GuestElf {
+        /// File to write (e.g. guest.elf; then `gdb guest.elf`).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Make a cluster key: every FT role and client needs the same one (--key).
     Keygen {
@@ -65,6 +73,11 @@ enum Cmd {
         /// Address to listen on, e.g. 127.0.0.1:7000.
         #[arg(long)]
         listen: String,
+        /// Keep the view in this file across restarts of the witness
+        /// (taken up if it exists). Without it, a restarted witness knows
+        /// no view and fences the running VM's roles.
+        #[arg(long)]
+        state: Option<PathBuf>,
         #[command(flatten)]
         key: KeyArg,
     },
@@ -175,6 +188,20 @@ struct SnapshotArgs {
     /// replay the rest of the log from there.
     #[arg(long, value_name = "FILE")]
     from: Option<PathBuf>,
+}
+
+/// Debugging a recording with gdb (docs/DESIGN.md, "Debugging a recording").
+#[derive(Args)]
+struct GdbArgs {
+    /// Wait for gdb on this address (e.g. 127.0.0.1:1234) before the first
+    /// instruction, and replay under it: breakpoints, steps, reverse
+    /// execution, `monitor when` / `monitor goto N`.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["snapshot_at", "from"])]
+    gdb: Option<String>,
+    /// With --gdb: a checkpoint every N exits for reverse execution (at
+    /// most 64 and 256 MiB of them: the interval doubles as they thin out).
+    #[arg(long, value_name = "N", default_value_t = 1000, requires = "gdb")]
+    checkpoint_every: u64,
 }
 
 #[derive(Args)]
@@ -417,7 +444,8 @@ fn init_logging(verbose: bool) {
     use std::io::Write as _;
     let level = if verbose { log::LevelFilter::Debug } else { log::LevelFilter::Info };
     let mut b = env_logger::Builder::new();
-    b.filter_level(level).parse_env("RUST_LOG").format(|f, r| match r.level() {
+    // gdbstub logs every packet it does not handle at info level.
+    b.filter_level(level).filter_module("gdbstub", log::LevelFilter::Warn).parse_env("RUST_LOG").format(|f, r| match r.level() {
         log::Level::Info => writeln!(f, "{}", r.args()),
         log::Level::Warn | log::Level::Error => writeln!(f, "{}", r.args()),
         l => writeln!(f, "[{}] {}", l.as_str().to_lowercase(), r.args()),
@@ -441,14 +469,29 @@ pub fn main() -> Result<i32> {
     match cli.cmd {
         Cmd::Run(g) => run_live(g, None),
         Cmd::Record { log, guest } => run_live(guest, Some(&log)),
-        Cmd::Replay { log, snapshots, guest: g } => replay(&log, &snapshots, g.kernel.as_deref(), g.initrd.as_deref(), g.verbose),
+        Cmd::Replay { log, debug: GdbArgs { gdb: Some(listen), checkpoint_every }, guest: g, .. } => {
+            let reader = LogReader::open(&log)?;
+            let cfg = GuestConfig::for_log(reader.header(), &log.display().to_string(), g.kernel.as_deref(), g.initrd.as_deref())?;
+            drop(reader);
+            let opts = ftvm::gdb::GdbOptions { listen, checkpoint_every: checkpoint_every.max(1), ..Default::default() };
+            Ok(ftvm::gdb::replay_under_gdb(&log, &cfg, &opts)?)
+        }
+        Cmd::Replay { log, snapshots, guest: g, .. } => replay(&log, &snapshots, g.kernel.as_deref(), g.initrd.as_deref(), g.verbose),
+        Cmd::GuestElf { out } => {
+            std::fs::write(&out, ftvm_guest::TEST_GUEST_ELF).with_context(|| format!("cannot write {}", out.display()))?;
+            eprintln!("ftvm: wrote the test guest's ELF ({} bytes, with symbols) to {}; load it with `gdb {}`", ftvm_guest::TEST_GUEST_ELF.len(), out.display(), out.display());
+            Ok(0)
+        }
         Cmd::Keygen { out } => {
             ClusterKey::generate()?.write_new(&out)?;
             eprintln!("ftvm: wrote a new cluster key to {} (mode 0600); give it to every role and client with --key", out.display());
             Ok(0)
         }
-        Cmd::Witness { listen, key } => {
-            let w = Witness::bind(&listen, key.load()?)?;
+        Cmd::Witness { listen, state, key } => {
+            let mut w = Witness::bind(&listen, key.load()?)?;
+            if let Some(path) = &state {
+                w = w.with_state_file(path)?;
+            }
             eprintln!("witness: listening on {}", w.local_addr());
             w.serve()?;
             Ok(0)

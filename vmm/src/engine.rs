@@ -212,6 +212,19 @@ pub trait Inputs {
     fn resync_next(&mut self, _m: &Machine, _ordinal: u64) -> Result<bool, EngineError> {
         Ok(false)
     }
+    /// At the top of every turn of the exit loop, before the guest runs
+    /// again (after boot's arrivals, after each exit, after a debug exit):
+    /// a debugger stops the guest here (`gdb/`). Not a position; the
+    /// guest has not run since the last one. `at` is the last exit.
+    fn pause_point(&mut self, _m: &Machine, _at: &mut ExitPoint) -> Result<Flow, EngineError> {
+        Ok(Flow::Continue)
+    }
+    /// A debug exit (single step, hardware breakpoint) that a debugger
+    /// asked for: not a guest exit and never a position, so the ordinal
+    /// does not move. False: nobody asked for it (an error).
+    fn debug_exit(&mut self, _m: &Machine, _pc: u64, _dr6: u64) -> Result<bool, EngineError> {
+        Ok(false)
+    }
     /// A one-line account for progress reports and the run's summary.
     fn summary(&self) -> String;
 }
@@ -344,7 +357,7 @@ fn access(m: &Machine, exit: VmExit<'_>, stats: &mut ExitStats) {
         }
         VmExit::IrqWindowOpen => stats.irq_window += 1,
         VmExit::Shutdown => m.stop.request(StopRequest::Reset),
-        VmExit::Hlt | VmExit::Kicked | VmExit::Failed(_) => unreachable!("no device access"),
+        VmExit::Hlt | VmExit::Kicked | VmExit::Failed(_) | VmExit::Debug { .. } => unreachable!("no device access"),
     }
 }
 
@@ -358,7 +371,7 @@ fn exit_kind(exit: &VmExit<'_>) -> Option<ExitKind> {
         VmExit::RdMsr { index, .. } | VmExit::WrMsr { index, .. } => ExitKind::Msr(*index),
         VmExit::IrqWindowOpen => ExitKind::IrqWindowOpen,
         VmExit::Shutdown => ExitKind::Stop,
-        VmExit::Kicked | VmExit::Failed(_) => return None,
+        VmExit::Kicked | VmExit::Failed(_) | VmExit::Debug { .. } => return None,
     })
 }
 
@@ -414,6 +427,13 @@ pub fn run_from<I: Inputs + ?Sized>(g: Guest<'_>, inputs: &mut I, opts: &RunOpti
             inputs.observe(m, &mut at, Observed::End { reason: EndReason::Interrupted, mem_digest: &mem_digest })?;
             break Ending::Interrupted;
         }
+        {
+            // A debugger's stop (nothing without one).
+            let mut at = ExitPoint::new(ordinal, last_kind, &mut *vcpu, mem);
+            if let Flow::Stop(e) = inputs.pause_point(m, &mut at)? {
+                break e;
+            }
+        }
         if opts.progress && last_progress.elapsed() >= Duration::from_secs(1) {
             last_progress = Instant::now();
             log::info!(
@@ -447,6 +467,16 @@ pub fn run_from<I: Inputs + ?Sized>(g: Guest<'_>, inputs: &mut I, opts: &RunOpti
                     drop(exit);
                     let rip = vcpu.regs().map(|r| r.rip).unwrap_or(0);
                     return Err(EngineError::Guest { ordinal: next, rip, what });
+                }
+                if let VmExit::Debug { pc, dr6 } = &exit {
+                    let (pc, dr6) = (*pc, *dr6);
+                    drop(exit);
+                    // A step or breakpoint a debugger asked for: the guest
+                    // made no exit, so no ordinal.
+                    if !inputs.debug_exit(m, pc, dr6)? {
+                        return Err(EngineError::Guest { ordinal: next, rip: pc, what: format!("unexpected debug exit (dr6 {dr6:#x})") });
+                    }
+                    continue 'run;
                 }
                 drop(exit);
                 // A kick: the next entry must run the guest again.

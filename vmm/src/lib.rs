@@ -20,6 +20,7 @@ pub mod digest;
 pub mod elf;
 pub mod engine;
 pub mod ft;
+pub mod gdb;
 pub mod kernel;
 pub mod kick;
 pub mod kvm_ext;

@@ -17,7 +17,7 @@ use crate::clock::VmClock;
 use crate::console_io::ConsoleInput;
 use crate::engine::{EngineError, ExitPoint, Flow, Inputs, Observed};
 use crate::ft::commit::{self, GroupCommit};
-use crate::ft::gate::Gate;
+use crate::ft::gate::{Gate, KEEP_RELEASED};
 use crate::ft::log_buf::LogBuf;
 use crate::ft::xfer::{Taken, Transfers};
 use crate::snapshot::Snapshot;
@@ -128,7 +128,10 @@ impl Recorder {
             in_pause = n;
             Ok(image)
         })
-        .map(|snapshot| Taken { snapshot, chunks_in_pause: in_pause, offset, pause: t0.elapsed() })
+        .map(|snapshot| {
+            let tail = self.marks.as_ref().map_or((snapshot.console_bytes(), Vec::new()), |mk| mk.gate.emitted_tail(KEEP_RELEASED));
+            Taken { snapshot, chunks_in_pause: in_pause, offset, pause: t0.elapsed(), tail }
+        })
         .map_err(|e| e.to_string());
         if let Ok(tk) = &taken {
             t.taken_at(tk.snapshot.position.ordinal);

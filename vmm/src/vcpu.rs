@@ -35,6 +35,18 @@ pub enum VmExit<'a> {
     /// KVM could not run the guest (internal error, failed entry, an exit
     /// ftvm does not handle).
     Failed(String),
+    /// A debug exit (`KVM_EXIT_DEBUG`: a single step done or a hardware
+    /// breakpoint hit) asked for with [`Vcpu::set_guest_debug`]: not a
+    /// guest exit, never a position (see `gdb/`).
+    Debug { pc: u64, dr6: u64 },
+}
+
+/// What the debugger asks KVM for (`KVM_SET_GUEST_DEBUG`): single-step,
+/// and up to four hardware execute breakpoints (debug registers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestDebug {
+    pub single_step: bool,
+    pub hw_breakpoints: [Option<u64>; 4],
 }
 
 /// The vCPU as the exit loop sees it.
@@ -69,6 +81,11 @@ pub trait Vcpu {
     /// Guest-physical addresses of the pages written since tracking
     /// started or since the last call, which starts a new interval.
     fn take_dirty(&mut self) -> Result<Vec<u64>, VcpuError>;
+    /// Single-stepping and hardware breakpoints for a debugger; all off
+    /// with `GuestDebug::default()`. Not every vCPU has them.
+    fn set_guest_debug(&mut self, _dbg: &GuestDebug) -> Result<(), VcpuError> {
+        Err(VcpuError::new(libc::ENOTSUP))
+    }
 }
 
 /// A guest memory slot as KVM knows it, for switching dirty tracking.
@@ -171,6 +188,7 @@ impl Vcpu for KvmVcpu {
             VcpuExit::Shutdown => VmExit::Shutdown,
             VcpuExit::Intr => VmExit::Kicked,
             VcpuExit::InternalError => VmExit::Failed("KVM internal error (the instruction emulator failed)".into()),
+            VcpuExit::Debug(d) => VmExit::Debug { pc: d.pc, dr6: d.dr6 },
             VcpuExit::FailEntry(reason, cpu) => {
                 VmExit::Failed(format!("VM entry failed: hardware reason {reason:#x} on cpu {cpu}"))
             }
@@ -291,6 +309,29 @@ impl Vcpu for KvmVcpu {
             }
         }
         Ok(out)
+    }
+
+    fn set_guest_debug(&mut self, dbg: &GuestDebug) -> Result<(), VcpuError> {
+        use kvm_bindings::{kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP};
+        let mut d = kvm_guest_debug::default();
+        let mut dr7 = 0u64;
+        for (i, bp) in dbg.hw_breakpoints.iter().enumerate() {
+            if let Some(addr) = bp {
+                d.arch.debugreg[i] = *addr;
+                // Global enable (G0..G3), RW=00 (execute), LEN=00.
+                dr7 |= 2 << (i * 2);
+            }
+        }
+        if dr7 != 0 {
+            // GE, as the measurement in kvm-notes used (0x602 for DR0).
+            dr7 |= 0x600;
+            d.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
+        }
+        d.arch.debugreg[7] = dr7;
+        if dbg.single_step {
+            d.control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+        }
+        self.fd.set_guest_debug(&d)
     }
 
     fn arm_kick(&mut self) {

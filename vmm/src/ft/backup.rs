@@ -10,7 +10,7 @@ use crossbeam_channel::Receiver;
 use replay_log::{LogError, LogReader, LogWriter};
 
 use super::backup_inputs::{BackupInputs, TakeoverSlot};
-use super::gate::{Gate, GateSink, Role};
+use super::gate::{Gate, GateSink, Role, KEEP_RELEASED};
 use super::key::ClusterKey;
 use super::listener::{bind, log_buf_writer, serve_listener, wind_down, Endpoints, Incoming, LogStreams, RoleError, Route};
 use super::log_buf::LogBuf;
@@ -18,7 +18,7 @@ use super::promoter::{keep_place, spawn, standing, Membership, Promoter, Standin
 use super::secure::{SecureReader, SecureWriter};
 use super::stream::{ChannelSource, LogReceiver, MAX_SNAPSHOT_BYTES};
 use super::xfer::Transfers;
-use super::witness::{new_member, View, WitnessClient, WitnessError, PING_INTERVAL};
+use super::witness::{new_member, View, WitnessClient, WitnessError, LEASE, PING_INTERVAL};
 use super::{write_line, SILENCE};
 use crate::clock::VmClock;
 use crate::config::GuestConfig;
@@ -39,16 +39,18 @@ pub struct BackupOpts {
 
 /// A log stream must bring its header this soon after the backup's `OK`.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// The primary takes the snapshot at its vCPU's next exit and encodes it
-/// (a second or so for a few hundred MiB): its first byte comes this soon,
-/// and each later read waits no longer than this either.
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The primary pre-copies memory while the guest runs, takes the snapshot
+/// at its vCPU's next exit (it waits up to `stream::SNAPSHOT_WAIT`, 60 s)
+/// and encodes it before the first byte: the first byte comes this soon,
+/// and each later read waits no longer than this either. A stream that
+/// breaks here is refused and the primary streams again.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// Reads the `SNAPSHOT <len>` frame that starts a log stream (see
 /// `stream.rs`): the VM as the primary had it at one exit.
 /// `None` for `BOOT <n>`: the log from boot follows, and output was
 /// released through exit `n` (returned second).
-fn read_snapshot(reader: &mut SecureReader, name: &str) -> Result<(Option<Snapshot>, Option<u64>), String> {
+fn read_snapshot(reader: &mut SecureReader, name: &str) -> Result<(Option<Received>, Option<u64>), String> {
     use std::io::Read;
     let _ = reader.tcp().set_read_timeout(Some(SNAPSHOT_TIMEOUT));
     let line = super::read_line(reader).map_err(|e| e.to_string())?.ok_or("the stream ended before the snapshot")?;
@@ -67,8 +69,23 @@ fn read_snapshot(reader: &mut SecureReader, name: &str) -> Result<(Option<Snapsh
     if body.limit() != 0 {
         return Err(format!("the snapshot is {} bytes shorter than its frame says", body.limit()));
     }
+    let line = super::read_line(reader).map_err(|e| e.to_string())?.ok_or("the stream ended before the output tail")?;
+    let tail = line
+        .strip_prefix("TAIL ")
+        .and_then(|r| r.split_once(' '))
+        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<usize>().ok()?)))
+        .filter(|&(seq, n)| n <= 2 * KEEP_RELEASED && seq + n as u64 == snap.console_bytes())
+        .ok_or_else(|| format!("{line:?} where `TAIL <seq> <len>` ending at byte {} belongs", snap.console_bytes()))?;
+    let mut bytes = vec![0u8; tail.1];
+    reader.read_exact(&mut bytes).map_err(|e| format!("reading the output tail: {e}"))?;
     let _ = reader.tcp().set_read_timeout(Some(HEADER_TIMEOUT));
-    Ok((Some(snap), None))
+    Ok((Some(Received { snap, tail: (tail.0, bytes) }), None))
+}
+
+/// A snapshot from the primary, and the console output before it.
+struct Received {
+    snap: Snapshot,
+    tail: (u64, Vec<u8>),
 }
 
 /// How one membership of the backup ended.
@@ -96,9 +113,6 @@ pub fn run_backup(opts: BackupOpts) -> Result<(String, i32), RoleError> {
             Ended::Rejoin(why) => {
                 rejoins += 1;
                 log::warn!("backup: joining the view again as a new member (rejoin #{rejoins}) after: {why}");
-                if crate::stop::INTERRUPTED.load(Ordering::SeqCst) {
-                    return Ok(("backup: interrupted".into(), 130));
-                }
                 std::thread::sleep(PING_INTERVAL);
             }
         }
@@ -110,17 +124,15 @@ const SAY_WAITING: Duration = Duration::from_secs(5);
 
 /// Joins the view as `me`, retrying while the witness refuses (a backup
 /// slot still held by a silent predecessor, no live primary to join), or,
-/// on a rejoin, cannot be reached. `None` if this process is interrupted
-/// meanwhile. A witness that does not take our key, or that cannot be
-/// reached at the first join, is an error.
-fn join(w: &mut WitnessClient, me: &str, first: bool) -> Result<Option<View>, RoleError> {
+/// on a rejoin, cannot be reached. A witness that does not take our key,
+/// or that cannot be reached at the first join, is an error. (The FT roles
+/// install no signal handlers: SIGINT/SIGTERM end them like a crash, which
+/// is what the cluster is built to survive.)
+fn join(w: &mut WitnessClient, me: &str, first: bool) -> Result<View, RoleError> {
     let mut said: Option<Instant> = None;
     loop {
-        if crate::stop::INTERRUPTED.load(Ordering::SeqCst) {
-            return Ok(None);
-        }
         let why = match w.backup_ping(me, 0, false, 0) {
-            Ok(v) => return Ok(Some(v)),
+            Ok(v) => return Ok(v),
             Err(e @ (WitnessError::Unauthenticated { .. } | WitnessError::Protocol { .. })) => return Err(e.into()),
             Err(e @ WitnessError::Unreachable { .. }) if first => return Err(e.into()),
             Err(e) => e.to_string(),
@@ -147,9 +159,7 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
     let taken = Arc::new(AtomicBool::new(false));
     let streams = LogStreams { tx: log_tx, view: m.view.clone(), me: me.clone(), taken: taken.clone() };
     *route.lock().unwrap_or_else(|e| e.into_inner()) = Endpoints { me: me.clone(), gate: gate.clone(), input: in_tx, logs: Some(streams) };
-    let Some(view) = join(&mut witness, &me, first)? else {
-        return Ok(Ended::Done("backup: interrupted while joining".into(), 130));
-    };
+    let view = join(&mut witness, &me, first)?;
     m.view.store(view.number, Ordering::SeqCst);
     log::info!("backup: {me} is backup of view {}; waiting for the primary's log", view.number);
     keep_place(witness, m.clone())?;
@@ -168,15 +178,19 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
     };
     let stream_name = format!("log stream from {peer}");
     let h = reader.header().clone();
-    if let Some(snap) = &snap {
-        snap.check_guest(&h, &stream_name)?;
+    if let Some(r) = &snap {
+        r.snap.check_guest(&h, &stream_name)?;
+        // It holds the state: whatever the primary releases from now on
+        // waits for its acknowledgements, everything before is in it.
+        m.ready.store(true, Ordering::SeqCst);
     }
     // From here on, silence means the primary may be gone.
     let _ = silence.set_read_timeout(Some(SILENCE));
     match &snap {
-        Some(s) => log::info!(
-            "backup: received a snapshot at exit #{} from {peer}; receiving the log of view {stream_view} after it, replaying in lockstep",
-            s.position.ordinal
+        Some(r) => log::info!(
+            "backup: received a snapshot at exit #{} from {peer} ({} bytes of output before it); receiving the log of view {stream_view} after it, replaying in lockstep",
+            r.snap.position.ordinal,
+            r.tail.1.len()
         ),
         None => log::info!("backup: receiving the log of view {stream_view} from {peer} from boot; replaying in lockstep"),
     }
@@ -220,12 +234,13 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
     let mut vm = Vm::new(&cfg, Arc::new(VmClock::replay()), Box::new(sink), ordinal)?;
     backup_transfers.set_mem(vm.mem.clone());
     let at = match snap {
-        Some(snap) => {
+        Some(Received { snap, tail: (seq, bytes) }) => {
             snap.restore_vm(&mut vm)?;
-            gate.start_at(snap.console_bytes());
-            // Output released before the snapshot is in it; after it,
-            // only with this backup's acknowledgements.
-            m.ready.store(true, Ordering::SeqCst);
+            // The output before the snapshot that the primary may not have
+            // released yet (and a tail for consoles), numbered as before:
+            // released if this backup takes over, deduplicated by number.
+            gate.start_at(seq);
+            gate.emit(snap.position.ordinal, &bytes);
             Some(snap.position)
         }
         None => None,
@@ -263,7 +278,7 @@ struct Opened {
     stream_view: u64,
     peer: String,
     silence: std::net::TcpStream,
-    snap: Option<Snapshot>,
+    snap: Option<Received>,
     /// For a stream from boot: the exit through which the primary had
     /// released output before this backup joined.
     ready_at: Option<u64>,
@@ -281,16 +296,19 @@ fn wait_for_stream(
     taken: &AtomicBool,
 ) -> Result<Option<Opened>, RoleError> {
     let mut witness = WitnessClient::new(&opts.witness, &opts.key);
+    let mut lost_since: Option<Instant> = None;
     loop {
         let (reader, mut write, stream_view) = crossbeam_channel::select! {
             recv(log_rx) -> r => r.map_err(|_| RoleError::Stopped("backup: the listener stopped".into()))?,
             recv(m.stop.wakeup()) -> _ => return Ok(None),
             default(SILENCE) => {
-                if crate::stop::INTERRUPTED.load(Ordering::SeqCst) {
-                    m.stop.stop(Ending::Stopped { why: "backup: interrupted".into(), code: 130 });
-                    return Ok(None);
+                let now = standing(&mut witness, &m.me);
+                if !matches!(now, Some(Standing::Lost(_))) {
+                    lost_since = None;
                 }
-                match standing(&mut witness, &m.me) {
+                match now {
+                    // Lost for two leases running, not a late renewal.
+                    Some(Standing::Lost(_)) if lost_since.get_or_insert_with(Instant::now).elapsed() < 2 * LEASE => continue,
                     Some(Standing::Lost(view)) => {
                         // Have the witness drop us and say why, then join again.
                         let why = match witness.promote(&m.me, view, true, false) {

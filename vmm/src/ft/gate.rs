@@ -223,6 +223,18 @@ impl Gate {
         s.base + s.released.len() as u64
     }
 
+    /// The last `max` bytes the guest emitted, released or held, and the
+    /// number of the first: what a backup that joins by snapshot needs of
+    /// the output before it, to release what is still held when it takes
+    /// over and to serve a console that was a little behind.
+    pub fn emitted_tail(&self, max: usize) -> (u64, Vec<u8>) {
+        let s = self.s.lock().unwrap();
+        let all = s.released.len() + s.pending.len();
+        let skip = all.saturating_sub(max);
+        let bytes: Vec<u8> = s.released.iter().chain(s.pending.bytes()).skip(skip).copied().collect();
+        (s.emitted - bytes.len() as u64, bytes)
+    }
+
     /// The exit that produced the last released byte (0: none yet).
     pub fn released_ordinal(&self) -> u64 {
         self.s.lock().unwrap().released_ordinal

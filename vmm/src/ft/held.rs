@@ -31,6 +31,11 @@ impl Held {
         self.bytes.is_empty()
     }
 
+    /// The held bytes, oldest first.
+    pub fn bytes(&self) -> impl Iterator<Item = &u8> {
+        self.bytes.iter()
+    }
+
     /// The exit that produced the newest held byte.
     pub fn last_ordinal(&self) -> Option<u64> {
         self.runs.back().map(|&(o, _)| o)

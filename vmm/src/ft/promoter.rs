@@ -63,6 +63,9 @@ impl Membership {
     /// Ends this membership; the backup joins the view again.
     pub fn rejoin(&self, why: String) {
         log::warn!("backup: {why}");
+        // At once: its pinger must not keep the old member in the view
+        // (with its old word that it holds the state) while it winds down.
+        self.over.store(true, Ordering::SeqCst);
         self.rejoin_why.lock().unwrap().get_or_insert(why.clone());
         self.stop.stop(Ending::Stopped { why, code: 1 });
     }
@@ -151,6 +154,7 @@ pub(super) struct Promoter {
 impl Promoter {
     pub fn run(mut self, mut recv: LogReceiver) {
         let mut lost = None;
+        let mut said = None;
         loop {
             match recv.pump() {
                 StreamEnd::Silent => {}
@@ -186,7 +190,12 @@ impl Promoter {
                     }
                 }
                 Err(e) => {
-                    log::warn!("backup: {e}");
+                    // The witness is down or cut off: nobody can be promoted
+                    // (the seed's view-server failure); keep asking.
+                    if said.is_none_or(|t: BootInstant| t.elapsed() >= Duration::from_secs(5)) {
+                        log::warn!("backup: {e}; still asking");
+                        said = Some(BootInstant::now());
+                    }
                     std::thread::sleep(Duration::from_millis(50));
                 }
             }

@@ -22,6 +22,8 @@ use super::witness::{addr_of, WitnessClient};
 /// Most bytes in one `DATA` frame: the server sends a backlog in pieces,
 /// and the client refuses a larger length rather than allocate it.
 pub const MAX_DATA: usize = 64 * 1024;
+/// How long the witness must say the VM is lost before a console believes it.
+const LOST_FOR: Duration = Duration::from_secs(2);
 /// A client that takes no output for this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -123,6 +125,7 @@ pub fn run_client(witness: &str, key: &ClusterKey, give_up: Duration) -> anyhow:
     let mut last_primary: Option<String> = None;
     // The run (one VM's life) this console shows; never another's.
     let mut my_run: Option<String> = None;
+    let mut lost_since: Option<Instant> = None;
     let mut lost_at = Instant::now();
     let mut out = std::io::stdout();
     // The address last warned about for refusing our key.
@@ -162,10 +165,15 @@ pub fn run_client(witness: &str, key: &ClusterKey, give_up: Duration) -> anyhow:
             Err(e) => {
                 // A primary that cannot be reached may be gone for good:
                 // the witness says whether its VM is lost.
-                if let Ok(st) = w.status() {
-                    if st.lost && st.view.run == my_run {
-                        anyhow::bail!("{}", st.state());
+                // Said lost for four leases running: not a hiccup of the
+                // primary's renewals.
+                match w.status() {
+                    Ok(st) if st.lost && st.view.run == my_run => {
+                        if lost_since.get_or_insert_with(Instant::now).elapsed() >= LOST_FOR {
+                            anyhow::bail!("{}", st.state());
+                        }
                     }
+                    _ => lost_since = None,
                 }
                 if lost_at.elapsed() > give_up {
                     anyhow::bail!("cannot reach the primary {addr} of view {}: {e}", view.number);

@@ -2,7 +2,9 @@
 //! view and the backup's incarnation (`FTVM-LOG view=N to=ADDR@ID`), the backup's `OK` or `ERR ...`, then the log
 //! header (replay-log format), then either a line `SNAPSHOT <len>` and
 //! `len` bytes of a snapshot of the VM taken at the end of some exit N
-//! (docs/SNAPSHOT.md; state transfer, `xfer.rs`) followed by the log's
+//! (docs/SNAPSHOT.md; state transfer, `xfer.rs`), a line `TAIL <seq> <n>`
+//! and the last n bytes of console output before it (numbered from seq:
+//! what the primary still held, and a tail for consoles), followed by the log's
 //! records from the first one after exit N on, or a line `BOOT` followed
 //! by the records from boot (a backup in the view from the start; `BOOT <n>`:
 //! output was released through exit n, so the backup can take over only
@@ -43,6 +45,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who the log goes to, and what the acknowledgements are checked against.
+#[derive(Clone)]
 pub struct Sending {
     /// Where the backup listens.
     pub addr: String,
@@ -116,14 +119,36 @@ fn send_snapshot(conn: &mut SecureWriter, t: &Taken) -> std::io::Result<usize> {
     t.snapshot.write_to(&mut bytes, "snapshot for the backup").map_err(std::io::Error::other)?;
     conn.write_all(format!("SNAPSHOT {}\n", bytes.len()).as_bytes())?;
     conn.write_all(&bytes)?;
+    let (seq, tail) = &t.tail;
+    conn.write_all(format!("TAIL {seq} {}\n", tail.len()).as_bytes())?;
+    conn.write_all(tail)?;
     conn.flush()?;
     Ok(bytes.len())
 }
 
-/// Streams the log (after a snapshot, or from boot) to the backup until `stop` is set or the
-/// connection fails; acknowledgements go to the gate.
+/// Streams the log (after a snapshot, or from boot) to the backup until
+/// `stop` is set (the backup left the view); acknowledgements go to the
+/// gate. A stream that breaks, or that this primary closes because its
+/// lease ran out, is opened again (with a new snapshot) while the backup
+/// is in the view: a joining backup is never left waiting for good.
 pub fn run_sender(s: Sending) {
-    let Some((reader, mut conn)) = open(&s) else { return };
+    let mut streams = 0u64;
+    while !s.stop.load(Ordering::Relaxed) {
+        if !s.gate.lease_live() {
+            std::thread::sleep(HEARTBEAT);
+            continue;
+        }
+        if streams > 0 {
+            log::info!("primary: streaming to backup {} again (stream #{})", s.to, streams + 1);
+        }
+        streams += 1;
+        stream_once(&s);
+        std::thread::sleep(RETRY);
+    }
+}
+
+fn stream_once(s: &Sending) {
+    let Some((reader, mut conn)) = open(s) else { return };
     let addr = s.addr.clone();
     log::info!("primary: streaming the log to backup {addr} (view {})", s.view);
     // Bytes of the log handed to this connection so far.
@@ -139,8 +164,8 @@ pub fn run_sender(s: Sending) {
         return;
     };
     let _ = conn.tcp().set_write_timeout(Some(WRITE_TIMEOUT));
-    if let Some(off) = start(&mut conn, &s, &sent) {
-        stream_records(&mut conn, &s, &sent, off);
+    if let Some(off) = start(&mut conn, s, &sent) {
+        stream_records(&mut conn, s, &sent, off);
     }
     let _ = conn.tcp().shutdown(std::net::Shutdown::Both);
     let _ = acks.join();
@@ -210,6 +235,13 @@ fn transfer(conn: &mut SecureWriter, s: &Sending, taken: Taken, sent: &AtomicUsi
 fn stream_records(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize, mut off: usize) {
     let addr = &s.addr;
     while !s.stop.load(Ordering::Relaxed) {
+        if !s.gate.lease_live() {
+            // Rule 4: this primary may no longer speak for the VM; closing
+            // the stream lets the backup ask to take over now, without
+            // waiting for a witness request that may hang for seconds.
+            log::warn!("primary: the lease ran out; closing the log stream to backup {addr}");
+            break;
+        }
         let b = match s.log.read_from(off, HEARTBEAT) {
             Ok(b) => b,
             Err(base) => {

@@ -38,6 +38,9 @@ pub struct Taken {
     /// How long the guest was paused to take it (it is encoded and sent
     /// after the guest resumes).
     pub pause: Duration,
+    /// The console output before it (`Gate::emitted_tail`): its first
+    /// byte's number, and the bytes.
+    pub tail: (u64, Vec<u8>),
 }
 
 /// Requests for snapshots, between the log sender and the vCPU thread.

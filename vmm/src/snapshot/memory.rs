@@ -101,6 +101,11 @@ impl MemoryImage {
 
     /// Writes the image into guest memory, zero chunks included (a fresh
     /// VM's memory holds the freshly loaded kernel, not the snapshot's).
+    /// A zero chunk whose memory is all zeros already is not written:
+    /// writing would allocate every page of a fresh VM's memory (reading
+    /// untouched memory maps the zero page), which made a restore of a
+    /// mostly empty 128 MiB guest take 280 ms on this host instead of a
+    /// few.
     pub fn restore(&self, mem: &GuestMemoryMmap) -> Result<(), String> {
         let mut buf = vec![0u8; CHUNK as usize];
         let zeros = vec![0u8; CHUNK as usize];
@@ -108,7 +113,13 @@ impl MemoryImage {
             let gpa = i as u64 * CHUNK;
             let n = chunk_len(self.size, i);
             let data = match c {
-                Chunk::Zero => &zeros[..n],
+                Chunk::Zero => {
+                    mem.read_slice(&mut buf[..n], GuestAddress(gpa)).map_err(|e| format!("reading guest memory at {gpa:#x}: {e}"))?;
+                    if is_zero(&buf[..n]) {
+                        continue;
+                    }
+                    &zeros[..n]
+                }
                 Chunk::Lz4(z) => match lz4_flex::block::decompress_into(z, &mut buf[..n]) {
                     Ok(got) if got == n => &buf[..n],
                     _ => return Err(format!("memory chunk {i} (guest address {gpa:#x}) does not decompress to {n} bytes")),

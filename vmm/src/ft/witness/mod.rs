@@ -127,6 +127,8 @@ pub enum WitnessError {
     Protocol { addr: String, line: String },
     #[error("cannot listen on {addr}: {err}")]
     Listen { addr: String, err: io::Error },
+    #[error("witness state file {path}: {msg}")]
+    State { path: String, msg: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

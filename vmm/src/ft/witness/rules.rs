@@ -174,7 +174,10 @@ impl State {
         if self.last_promotion.as_ref().is_some_and(|(v, p)| *v == view && p == me)
             && self.view.primary.as_deref() == Some(me)
         {
-            return Ok(format!("result=granted {}", view_kv(&self.view))); // retried request
+            // A retried request (its answer was lost): the retrier counts
+            // its lease from its own, later, request; so does the witness.
+            self.lease_until = Some(now + self.t.lease);
+            return Ok(format!("result=granted {}", view_kv(&self.view)));
         }
         if view != n {
             return Err(format!("stale view {view}: the current view is {n}"));
@@ -217,6 +220,39 @@ impl State {
             return Err(format!("dropped from view {n}: the primary is alive"));
         }
         Ok(format!("result=wait {}", view_kv(&self.view)))
+    }
+
+    /// What must survive a restart of the witness (`server.rs` saves it
+    /// whenever it changes): the view with its run, and whether the backup
+    /// holds the state. The bytes released are saved along, as of then.
+    pub(super) fn durable(&self) -> String {
+        format!("{} ready={}", view_kv(&self.view), self.backup_ready as u8)
+    }
+
+    pub(super) fn saved_line(&self) -> String {
+        format!("{} released={}", self.durable(), self.released)
+    }
+
+    /// Takes up a saved state after a restart. The primary may hold a
+    /// lease granted just before the restart: it is counted as alive for
+    /// one lease from now (nobody is promoted or installed meanwhile, and
+    /// its renewals keep it), and the backup as alive for its timeout.
+    pub(super) fn restore(&mut self, line: &str, now: BootInstant) -> Result<(), String> {
+        let kv: std::collections::HashMap<&str, &str> = line.split_whitespace().filter_map(|t| t.split_once('=')).collect();
+        let opt = |k: &str| kv.get(k).map(|v| (*v != "-").then(|| v.to_string()));
+        let num = |k: &str| kv.get(k).and_then(|v| v.parse::<u64>().ok());
+        let (Some(number), Some(primary), Some(backup), Some(run), Some(ready), Some(released)) =
+            (num("view"), opt("primary"), opt("backup"), opt("run"), num("ready"), num("released"))
+        else {
+            return Err(format!("not a witness state line: {line:?}"));
+        };
+        self.view = View { number, primary, backup, run };
+        self.lease_until = self.view.primary.as_ref().map(|_| now + self.t.lease);
+        self.primary_since = 0;
+        self.backup_seen = self.view.backup.as_ref().map(|_| now);
+        self.backup_ready = ready == 1;
+        self.released = released;
+        Ok(())
     }
 
     pub(super) fn status(&self, now: BootInstant) -> String {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufRead, Read, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,14 +20,64 @@ const MAX_LINE: u64 = 4096;
 /// reconnects on its next call): a peer that vanished keeps no slot.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn handle(state: &Mutex<State>, line: &str) -> String {
-    match handle_inner(state, line) {
-        Ok(s) => format!("ok {s}"),
-        Err(e) => format!("err {}", e.replace(['\n', '\r'], " ")),
+/// The witness's state and where it is saved.
+pub(super) struct Shared {
+    state: Mutex<State>,
+    file: Option<StateFile>,
+}
+
+/// The saved state: one line in a file, replaced atomically (written to a
+/// temporary file, synced, renamed over it, the directory synced) before
+/// any reply that reveals a change to it, so that a witness that crashes
+/// and restarts never answers from a view older than one it gave out.
+/// A hand-written line: a handful of fields, no need for a format crate.
+struct StateFile {
+    path: PathBuf,
+    saved: Mutex<String>,
+}
+
+const STATE_MAGIC: &str = "ftvm-witness-state 1";
+
+impl StateFile {
+    fn save(&self, st: &State) {
+        let key = st.durable();
+        let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        if *saved == key {
+            return;
+        }
+        let tmp = self.path.with_extension("tmp");
+        let wrote = (|| -> io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            writeln!(f, "{STATE_MAGIC}\n{}", st.saved_line())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        })();
+        match wrote {
+            Ok(()) => *saved = key,
+            // Said each time: a witness that cannot save loses the view
+            // if it restarts (the VM is then lost), not the safety now.
+            Err(e) => log::error!("witness: cannot save its state to {}: {e}", self.path.display()),
+        }
     }
 }
 
-fn handle_inner(state: &Mutex<State>, line: &str) -> Result<String, String> {
+fn handle(shared: &Shared, line: &str) -> String {
+    let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+    let reply = match handle_inner(&mut st, line) {
+        Ok(s) => format!("ok {s}"),
+        Err(e) => format!("err {}", e.replace(['\n', '\r'], " ")),
+    };
+    if let Some(f) = &shared.file {
+        f.save(&st);
+    }
+    reply
+}
+
+fn handle_inner(st: &mut State, line: &str) -> Result<String, String> {
     let mut toks = line.split_whitespace();
     let op = toks.next().and_then(|t| t.strip_prefix("op=")).ok_or("a request must start with op=")?;
     let args = toks
@@ -44,7 +95,6 @@ fn handle_inner(state: &Mutex<State>, line: &str) -> Result<String, String> {
         a => Ok(a),
     };
     let me = || name("me");
-    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
     let now = BootInstant::now();
     match op {
         "become_primary" => st.become_primary(me()?, name("run")?, flag("new_run")?, now),
@@ -60,7 +110,7 @@ fn handle_inner(state: &Mutex<State>, line: &str) -> Result<String, String> {
     }
 }
 
-fn serve_conn(conn: Conn, state: &Mutex<State>) {
+fn serve_conn(conn: Conn, state: &Shared) {
     let Conn { mut reader, mut writer, .. } = conn;
     if reader.tcp().set_read_timeout(Some(IDLE_TIMEOUT)).is_err() || writer.tcp().set_write_timeout(Some(IO_TIMEOUT)).is_err() {
         return;
@@ -86,7 +136,8 @@ fn serve_conn(conn: Conn, state: &Mutex<State>) {
 /// The witness server.
 pub struct Witness {
     listener: TcpListener,
-    state: Arc<Mutex<State>>,
+    state: State,
+    file: Option<StateFile>,
     key: ClusterKey,
 }
 
@@ -98,7 +149,34 @@ impl Witness {
     pub fn bind_with(addr: &str, timeouts: Timeouts, key: ClusterKey) -> Result<Witness, WitnessError> {
         let listener =
             TcpListener::bind(addr).map_err(|err| WitnessError::Listen { addr: addr.to_string(), err })?;
-        Ok(Witness { listener, state: Arc::new(Mutex::new(State::new(timeouts))), key })
+        Ok(Witness { listener, state: State::new(timeouts), file: None, key })
+    }
+
+    /// Keeps the state in `path` across restarts: takes it up if the file
+    /// exists (a restart), creates it otherwise. Without it, a restarted
+    /// witness knows no view and the running VM's roles are fenced.
+    pub fn with_state_file(mut self, path: &Path) -> Result<Witness, WitnessError> {
+        let bad = |msg: String| WitnessError::State { path: path.display().to_string(), msg };
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let mut lines = text.lines();
+                if lines.next() != Some(STATE_MAGIC) {
+                    return Err(bad(format!("not a witness state file (its first line is not {STATE_MAGIC:?})")));
+                }
+                let line = lines.next().ok_or_else(|| bad("no state line after the header".into()))?;
+                self.state.restore(line, BootInstant::now()).map_err(bad)?;
+                log::info!("witness: took up the saved {}", self.state.view);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(bad(e.to_string())),
+        }
+        let file = StateFile { path: path.to_path_buf(), saved: Mutex::new(String::new()) };
+        file.save(&self.state);
+        if *file.saved.lock().unwrap_or_else(|e| e.into_inner()) != self.state.durable() {
+            return Err(bad("cannot write it (see above)".into()));
+        }
+        self.file = Some(file);
+        Ok(self)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -109,7 +187,7 @@ impl Witness {
     /// `secure::MAX_CONNS`), key holders only. Returns only if the
     /// listener fails.
     pub fn serve(self) -> io::Result<()> {
-        let state = self.state;
-        secure::serve(self.listener, self.key, "witness", "witness-conn", move |c| serve_conn(c, &state))
+        let shared = Arc::new(Shared { state: Mutex::new(self.state), file: self.file });
+        secure::serve(self.listener, self.key, "witness", "witness-conn", move |c| serve_conn(c, &shared))
     }
 }

@@ -343,3 +343,44 @@ fn a_promotion_needs_the_state_even_when_the_backup_says_so_late() {
     thread::sleep(T.lease + Duration::from_millis(50));
     assert!(matches!(c.promote(B, 2, true, true).unwrap(), Promotion::Granted(_)));
 }
+
+#[test]
+fn a_restarted_witness_takes_up_its_saved_view_and_the_vm_goes_on() {
+    let dir = std::env::temp_dir().join(format!("ftvm-witness-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("witness.state");
+    let serve = |w: Witness| {
+        let addr = w.local_addr().to_string();
+        thread::spawn(move || w.serve());
+        client(&addr)
+    };
+    let mut c = serve(Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&file).unwrap());
+    c.become_primary(P, RUN, false).unwrap();
+    c.backup_ping(B, 0, false, 0).unwrap();
+    c.backup_ping(B, 2, true, 0).unwrap();
+    c.primary_ping(P, 2, 100, 90, 777).unwrap();
+    let saved = std::fs::read_to_string(&file).unwrap();
+    assert!(saved.starts_with("ftvm-witness-state 1\nview=2 primary=127.0.0.1:7101 backup=127.0.0.1:7102 run=00000000000000aa ready=1"), "{saved}");
+    // "Restart": another witness process on the same file (the first one
+    // is as good as dead: nobody talks to it again).
+    let mut c = serve(Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&file).unwrap());
+    assert_eq!(c.view().unwrap(), v(2, Some(P), Some(B)));
+    let st = c.status().unwrap();
+    assert!(st.lease_left_ms.is_some() && st.backup_alive && st.backup_ready && !st.lost, "{}", st.state());
+    // The primary's lease may be alive: nobody else gets in meanwhile; its
+    // renewals keep it.
+    refused(c.become_primary(S, "00000000000000ee", true), "a primary is already running");
+    assert_eq!(c.primary_ping(P, 2, 120, 110, 800).unwrap(), v(2, Some(P), Some(B)));
+    // Without renewals the backup takes over, as before the restart.
+    thread::sleep(T.lease + Duration::from_millis(50));
+    assert!(matches!(c.promote(B, 2, true, true).unwrap(), Promotion::Granted(_)));
+    // A damaged file is a clear error that names it.
+    std::fs::write(&file, "ftvm-witness-state 1\nview=x\n").unwrap();
+    let e = Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&file).err().unwrap();
+    assert!(e.to_string().contains(&file.display().to_string()) && e.to_string().contains("not a witness state line"), "{e}");
+    std::fs::write(&file, "hello\n").unwrap();
+    let e = Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&file).err().unwrap();
+    assert!(e.to_string().contains("not a witness state file"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
