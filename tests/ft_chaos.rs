@@ -19,7 +19,9 @@
 //! a restart of the role killed last at the same address (as `ftvm backup`,
 //! or as `ftvm primary`, which must be refused), the primary's witness link
 //! cut for 0.3-3 s, every witness link or the log stream to the backup
-//! slowed to 20 ms per receive for 0.5-3 s, a new backup. One `ftvm
+//! slowed to 20 ms per receive for 0.5-3 s, a new backup; in some
+//! schedules the witness is killed and restarted 0.1-2 s later with its
+//! state file (`--state`). One `ftvm
 //! console` is the outside world.
 //!
 //! The checker, for every schedule: (a) safety: what the console printed
@@ -136,6 +138,10 @@ struct Fabric {
     w: String,
     w_port: u16,
     witness: Proc,
+    /// Its state file (`--state`): a restarted witness reads its view there.
+    w_state: String,
+    /// Witness processes that ran before the current one.
+    old_witnesses: Vec<Proc>,
     use_ns: bool,
     members: Vec<Member>,
     /// What happened, with times since the start, for reports.
@@ -158,7 +164,10 @@ impl Drop for Fabric {
 
 impl Fabric {
     fn new() -> Fabric {
-        let (witness, w) = start_witness();
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let w_state = scratch().join(format!("chaos-witness-{n}.state")).to_str().unwrap().to_string();
+        let (witness, w) = listening(&["witness", "--state", &w_state], "witness: listening on");
         let w_port = w.rsplit(':').next().unwrap().parse().unwrap();
         let seen = Arc::new(Mutex::new((None, None)));
         let polling = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -179,6 +188,8 @@ impl Fabric {
             w,
             w_port,
             witness,
+            w_state,
+            old_witnesses: Vec::new(),
             use_ns: Netns::available(),
             members: Vec::new(),
             journal: Vec::new(),
@@ -301,6 +312,25 @@ impl Fabric {
         (self.by_port(p), self.by_port(b), format!("primary port {p:?}, backup port {b:?}"))
     }
 
+    /// kill -9 of the witness.
+    fn kill_witness(&mut self) {
+        self.witness.kill9();
+        self.note("kill -9 witness".into());
+    }
+
+    /// A new witness at the same address with the same state file.
+    fn restart_witness(&mut self) {
+        let p = Proc::spawn(&["witness", "--listen", &self.w, "--state", &self.w_state]);
+        let old = std::mem::replace(&mut self.witness, p);
+        self.old_witnesses.push(old);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) && !self.witness.err().contains("listening on") {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = self.witness.child.id();
+        self.note(format!("witness restarted (pid {pid}) with its state file"));
+    }
+
     fn kill(&mut self, i: usize) -> Option<u128> {
         let m = &mut self.members[i];
         if !m.alive() {
@@ -316,7 +346,10 @@ impl Fabric {
 
     /// Stderr tails of every process that ran, and the witness's.
     fn tails(&mut self) -> String {
-        let mut s = format!("--- witness {}:\n{}", self.w, tail(&self.witness.err(), 30));
+        let mut s = String::new();
+        for p in self.old_witnesses.iter().chain([&self.witness]) {
+            s += &format!("--- witness {} (pid {}):\n{}", self.w, p.child.id(), tail(&p.err(), 30));
+        }
         for m in &self.members {
             for (label, p) in &m.procs {
                 s += &format!("--- {label} at {}:\n{}", m.addr, tail(&p.err(), 40));
@@ -362,12 +395,19 @@ enum Fault {
     SlowWitness { ms: u64 },
     SlowLog { ms: u64 },
     NewBackup,
+    /// kill -9 of the witness, restarted `ms` later at its address with its
+    /// state file.
+    RestartWitness { ms: u64 },
 }
 
 impl Fault {
     fn lasts(&self) -> u64 {
         match *self {
-            Fault::Pause { ms, .. } | Fault::CutPrimaryWitness { ms } | Fault::SlowWitness { ms } | Fault::SlowLog { ms } => ms,
+            Fault::Pause { ms, .. }
+            | Fault::CutPrimaryWitness { ms }
+            | Fault::SlowWitness { ms }
+            | Fault::SlowLog { ms }
+            | Fault::RestartWitness { ms } => ms,
             _ => 0,
         }
     }
@@ -431,6 +471,13 @@ impl Plan {
                 (at, f)
             })
             .collect();
+        // A witness killed and restarted with its state file, in some
+        // schedules (drawn apart, so that the other faults of a seed stay
+        // as they were before this fault existed).
+        let mut w = Rng(seed ^ 0x5749_544e_4553_5321);
+        if w.chance(15) {
+            faults.push((w.range(200, 3500), Fault::RestartWitness { ms: w.range(100, 2000) }));
+        }
         faults.sort_by_key(|(at, _)| *at);
         // A restart needs a kill before it.
         let mut killed = false;
@@ -545,6 +592,7 @@ fn run_plan(plan: &Plan) -> Result1 {
     // (unix ms, no other fault near it)
     let mut kills: Vec<(u128, bool)> = Vec::new();
     let mut stopped: HashMap<usize, u32> = HashMap::new();
+    let mut witness_down: std::collections::HashSet<usize> = std::collections::HashSet::new();
     let mut links: HashMap<usize, Vec<Arc<LinkCtl>>> = HashMap::new();
     let mut last_killed: Option<usize> = None;
     let mut new_backups = 0;
@@ -625,6 +673,10 @@ fn run_plan(plan: &Plan) -> Result1 {
                             links.insert(i, vec![ctl]);
                         }
                     }
+                    Fault::RestartWitness { .. } => {
+                        fab.kill_witness();
+                        witness_down.insert(i);
+                    }
                     Fault::NewBackup => {
                         new_backups += 1;
                         let n = fab.add(&format!("b{new_backups}"));
@@ -633,6 +685,9 @@ fn run_plan(plan: &Plan) -> Result1 {
                 }
             }
             Ev::End(i) => {
+                if witness_down.remove(&i) {
+                    fab.restart_witness();
+                }
                 if let Some(pid) = stopped.remove(&i) {
                     signal_pid(pid, libc::SIGCONT);
                     fab.note(format!("fault {i} ends: SIGCONT pid {pid}"));
