@@ -203,9 +203,10 @@ pub trait Inputs {
     fn observe(&mut self, m: &Machine, at: &mut ExitPoint, what: Observed) -> Result<Flow, EngineError>;
     /// Live: the vCPU was kicked out of the guest between exits. True
     /// makes this point a position (`ExitKind::Resync`): something is due
-    /// (the timer's deadline passed, or an interrupt is waiting).
-    fn kicked(&mut self, _m: &Machine) -> bool {
-        false
+    /// (the timer's deadline passed, or an interrupt is waiting). An error
+    /// (the log could not be written) ends the run like any other.
+    fn kicked(&mut self, _m: &Machine) -> Result<bool, EngineError> {
+        Ok(false)
     }
     /// Replay: the log's next position is a resync at `ordinal`; its state
     /// is applied instead of running the guest.
@@ -482,7 +483,7 @@ pub fn run_from<I: Inputs + ?Sized>(g: Guest<'_>, inputs: &mut I, opts: &RunOpti
                 // A kick: the next entry must run the guest again.
                 vcpu.clear_kick();
                 stats.signals += 1;
-                if opts.stop.requested().is_some() || INTERRUPTED.load(Ordering::Relaxed) || !inputs.kicked(m) {
+                if opts.stop.requested().is_some() || INTERRUPTED.load(Ordering::Relaxed) || !inputs.kicked(m)? {
                     continue 'run;
                 }
                 ordinal = next;

@@ -370,17 +370,7 @@ fn group_commit_marks_a_burst_once_per_acknowledgement() {
     let marked = Arc::new(AtomicU64::new(0));
     let mut rec = Recorder::new(Some(writer(&buf)), ConsoleInput::none()).with_marks(marked.clone(), gate.clone());
     // A backup that acknowledges each mark 200 µs after it is made.
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let acker = {
-        let (gate, marked, done) = (gate.clone(), marked.clone(), done.clone());
-        std::thread::spawn(move || {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let m = marked.load(std::sync::atomic::Ordering::Relaxed);
-                std::thread::sleep(Duration::from_micros(200));
-                gate.ack(m);
-            }
-        })
-    };
+    let acker = Acker::start(&gate, &marked, Duration::from_micros(200));
     // The sink of the rig is not the gate; feed output through the gate by
     // hand at each exit instead: every exit prints one byte.
     let mut p = vec![Step::Out(0x21, vec![0xff])];
@@ -397,8 +387,7 @@ fn group_commit_marks_a_burst_once_per_acknowledgement() {
     let g = Guest { vcpu: &mut vcpu, machine, mem: &r.mem, traps: None };
     let err = run(g, &mut inputs, &RunOptions::default()).err().expect("stops at max_exits");
     assert!(err.to_string().contains("max_exits"), "{err}");
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    acker.join().unwrap();
+    acker.stop();
     drop(rec);
     let marks = records(&buf.bytes()).iter().filter(|x| matches!(x.event, Event::Progress)).count();
     // 20,000 exits of 10 µs, acknowledgements 200 µs after each mark:
@@ -407,6 +396,33 @@ fn group_commit_marks_a_burst_once_per_acknowledgement() {
     assert!(marks < 20_000 / 4, "{marks} marks for 20000 output exits: no batching");
     // One byte per exit, plus one at boot.
     assert_eq!(gate.emitted(), 20_001);
+}
+
+/// A backup stand-in: acknowledges the last mark `delay` after seeing it,
+/// over and over, until stopped.
+struct Acker {
+    done: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Acker {
+    fn start(gate: &Arc<Gate>, marked: &Arc<AtomicU64>, delay: Duration) -> Acker {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (gate, marked, d) = (gate.clone(), marked.clone(), done.clone());
+        let thread = std::thread::spawn(move || {
+            while !d.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = marked.load(std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(delay);
+                gate.ack(m);
+            }
+        });
+        Acker { done, thread }
+    }
+
+    fn stop(self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap();
+    }
 }
 
 /// Emits one output byte per exit through the gate, tagged with the exit's
@@ -432,7 +448,7 @@ impl crate::engine::Inputs for EmitEachExit<'_> {
     fn observe(&mut self, m: &Machine, at: &mut crate::engine::ExitPoint, what: crate::engine::Observed) -> Result<crate::engine::Flow, EngineError> {
         self.inner.observe(m, at, what)
     }
-    fn kicked(&mut self, m: &Machine) -> bool {
+    fn kicked(&mut self, m: &Machine) -> Result<bool, EngineError> {
         self.inner.kicked(m)
     }
     fn summary(&self) -> String {
@@ -453,17 +469,7 @@ fn output_is_not_held_behind_a_guest_that_stops_exiting() {
     let mut rec = Recorder::new(Some(writer(&Shared::default())), ConsoleInput::none())
         .with_marks(marked.clone(), gate.clone())
         .with_kicks(stop.clone(), r.machine.clock.clone());
-    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let acker = {
-        let (gate, marked, done) = (gate.clone(), marked.clone(), done.clone());
-        std::thread::spawn(move || {
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                let m = marked.load(std::sync::atomic::Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(2));
-                gate.ack(m);
-            }
-        })
-    };
+    let acker = Acker::start(&gate, &marked, Duration::from_millis(2));
     let mut vcpu = FakeVcpu::new(vec![Step::Out(0x21, vec![0xff]), Step::Out(0x80, vec![1]), Step::Out(0x80, vec![1]), Step::Spin]);
     vcpu.loop_from = 3;
     // Exits back to back: the second output comes while the first mark is
@@ -476,8 +482,7 @@ fn output_is_not_held_behind_a_guest_that_stops_exiting() {
     assert!(err.to_string().contains("max_exits"), "{err}");
     // Give the last acknowledgement time to arrive.
     std::thread::sleep(Duration::from_millis(20));
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    acker.join().unwrap();
+    acker.stop();
     assert_eq!(gate.released_len(), gate.emitted(), "output held behind a guest that computes");
 }
 

@@ -409,15 +409,13 @@ impl Inputs for Recorder {
         Ok(Flow::Continue)
     }
 
-    fn kicked(&mut self, m: &Machine) -> bool {
+    fn kicked(&mut self, m: &Machine) -> Result<bool, EngineError> {
         if let Some(pos) = self.unmarked_at {
             // Everything of that exit is logged: mark it now.
-            if let Err(e) = self.mark_at(pos, Instant::now()) {
-                log::warn!("marking held output after a kick: {e}");
-            }
+            self.mark_at(pos, Instant::now())?;
         }
         let due = at_deadline(m).is_some_and(|d| m.clock.peek_host() >= d);
-        due || m.pic.lock().unwrap().has_interrupt()
+        Ok(due || m.pic.lock().unwrap().has_interrupt())
     }
 
     fn observe(&mut self, m: &Machine, at: &mut ExitPoint, what: Observed) -> Result<Flow, EngineError> {

@@ -130,8 +130,8 @@ impl Inputs for BackupInputs {
         }
     }
 
-    fn kicked(&mut self, m: &Machine) -> bool {
-        self.live.as_mut().is_some_and(|l| l.kicked(m))
+    fn kicked(&mut self, m: &Machine) -> Result<bool, EngineError> {
+        self.live.as_mut().map_or(Ok(false), |l| l.kicked(m))
     }
 
     fn resync_next(&mut self, m: &Machine, ordinal: u64) -> Result<bool, EngineError> {

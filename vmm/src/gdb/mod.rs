@@ -131,7 +131,7 @@ impl<S: RecordSource> Inputs for DebugInputs<'_, S> {
         self.inputs().observe(m, at, what)
     }
 
-    fn kicked(&mut self, m: &Machine) -> bool {
+    fn kicked(&mut self, m: &Machine) -> Result<bool, EngineError> {
         self.inputs().kicked(m)
     }
 

@@ -257,7 +257,7 @@ impl<I: Inputs + ?Sized> Inputs for SnapshotAt<'_, I> {
         }
     }
 
-    fn kicked(&mut self, m: &Machine) -> bool {
+    fn kicked(&mut self, m: &Machine) -> Result<bool, EngineError> {
         self.inner.kicked(m)
     }
 
