@@ -151,6 +151,11 @@ struct Fabric {
     /// poller: a fault aimed at "the primary" while the witness is stopped
     /// hits the last one it named.
     seen: Arc<Mutex<(Option<u16>, Option<u16>)>>,
+    /// The backup member (`ADDR@ID`) the witness last named alive and
+    /// holding the state.
+    ready_seen: Arc<Mutex<Option<String>>>,
+    /// Processes this test stopped or killed.
+    disturbed: std::collections::HashSet<u32>,
     polling: Arc<std::sync::atomic::AtomicBool>,
     /// Primaries `ftvm status` called lost while their process ran.
     false_lost: Vec<String>,
@@ -170,15 +175,19 @@ impl Fabric {
         let (witness, w) = listening(&["witness", "--state", &w_state], "witness: listening on");
         let w_port = w.rsplit(':').next().unwrap().parse().unwrap();
         let seen = Arc::new(Mutex::new((None, None)));
+        let ready_seen = Arc::new(Mutex::new(None));
         let polling = Arc::new(std::sync::atomic::AtomicBool::new(true));
         {
-            let (w, seen, polling) = (w.clone(), seen.clone(), polling.clone());
+            let (w, seen, polling, ready_seen) = (w.clone(), seen.clone(), polling.clone(), ready_seen.clone());
             std::thread::spawn(move || {
                 while polling.load(std::sync::atomic::Ordering::SeqCst) {
                     let s = status(&w);
                     if s.contains("primary:") {
                         *seen.lock().unwrap() =
                             (status_field(&s, "primary").and_then(member_port), status_field(&s, "backup").and_then(member_port));
+                        if status_field(&s, "backup").is_some_and(|b| b.contains("(alive, holds the state")) {
+                            *ready_seen.lock().unwrap() = Some(member_in(&s, "backup"));
+                        }
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -195,6 +204,8 @@ impl Fabric {
             journal: Vec::new(),
             t0: Instant::now(),
             seen,
+            ready_seen,
+            disturbed: Default::default(),
             polling,
             false_lost: Vec::new(),
         }
@@ -286,6 +297,20 @@ impl Fabric {
         }
     }
 
+    /// The process that was view member `member` (`ADDR@ID`, as it named
+    /// itself on stderr): (pid, still running).
+    fn holder(&mut self, member: &str) -> Option<(u32, bool)> {
+        let own = [format!("{member} is backup of view"), format!("{member} is primary of view")];
+        for m in &mut self.members {
+            for (_, p) in &mut m.procs {
+                if own.iter().any(|o| p.err().contains(o.as_str())) {
+                    return Some((p.child.id(), p.child.try_wait().ok().flatten().is_none()));
+                }
+            }
+        }
+        None
+    }
+
     /// Whether the process that was view member `member` (`ADDR@ID`, as
     /// it named itself on stderr) still runs; None if none named itself so.
     fn holder_alive(&mut self, member: &str) -> Option<bool> {
@@ -337,7 +362,9 @@ impl Fabric {
             return None;
         }
         let at = unix_ms();
+        let pid = m.cur().unwrap().child.id();
         m.cur().unwrap().kill9();
+        self.disturbed.insert(pid);
         m.killed = true;
         let n = m.name.clone();
         self.note(format!("kill -9 {n}"));
@@ -637,6 +664,7 @@ fn run_plan(plan: &Plan) -> Result1 {
                         };
                         if let Some(pid) = pid {
                             signal_pid(pid, libc::SIGSTOP);
+                            fab.disturbed.insert(pid);
                             fab.note(format!("  SIGSTOP pid {pid}"));
                             stopped.insert(i, pid);
                         }
@@ -862,6 +890,21 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
             break Outcome::Failed(format!("no progress within {bound:?} after the last fault; status:\n{s}"));
         }
         std::thread::sleep(Duration::from_millis(200));
+    };
+    // A VM is lost only if no backup had its state: a backup the witness
+    // last named holding it, whose process runs and was never stopped or
+    // killed here, could have taken over.
+    let outcome = match outcome {
+        Outcome::Lost | Outcome::Orphaned => {
+            let b = fab.ready_seen.lock().unwrap().clone();
+            match b.as_deref().and_then(|b| fab.holder(b).map(|h| (b.to_string(), h))) {
+                Some((b, (pid, true))) if !fab.disturbed.contains(&pid) => Outcome::Failed(format!(
+                    "the VM was called lost ({outcome:?}) though backup {b}, last named holding its state, runs (pid {pid}) and was never stopped or killed"
+                )),
+                _ => outcome,
+            }
+        }
+        o => o,
     };
     let out = console.out();
     // Safety whatever the outcome: one run's output.
