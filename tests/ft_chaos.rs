@@ -794,10 +794,16 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
     let mut new_run: Option<Instant> = None;
     let mut orphaned = false;
     let mut printed_at_loss: Option<usize> = None;
+    // The backup last named holding the state, as it was when the VM was
+    // found lost (before any new run).
+    let mut ready_at_loss: Option<Option<String>> = None;
     let mut waits_for_dead: Option<Instant> = None;
     let outcome = loop {
         if let Some(st) = console.child.try_wait().unwrap() {
             let code = st.code();
+            if ready_at_loss.is_none() {
+                ready_at_loss = Some(fab.ready_seen.lock().unwrap().clone());
+            }
             std::thread::sleep(Duration::from_millis(100));
             let (out, err) = (console.out(), console.err());
             break match (code, new_run) {
@@ -845,6 +851,7 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
             // this console.
             fab.note(format!("status says lost: {}", s.replace('\n', "; ")));
             printed_at_loss = Some(console.out().len());
+            ready_at_loss = Some(fab.ready_seen.lock().unwrap().clone());
             let n = fab.add("new-run");
             fab.start(n, "primary", "seconds=3", &["--new-run"]);
             new_run = Some(Instant::now());
@@ -866,6 +873,7 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
                 if waits_for_dead.get_or_insert(Instant::now()).elapsed() > Duration::from_secs(2) {
                     fab.note(format!("the witness waits for backup {b}, whose process is dead: {}", s.replace('\n', "; ")));
                     printed_at_loss = Some(console.out().len());
+                    ready_at_loss = Some(fab.ready_seen.lock().unwrap().clone());
                     let n = fab.add("new-run");
                     fab.start(n, "primary", "seconds=3", &["--new-run"]);
                     new_run = Some(Instant::now());
@@ -896,7 +904,7 @@ fn settle(fab: &mut Fabric, console: &mut Proc, lines: usize, bound: Duration) -
     // killed here, could have taken over.
     let outcome = match outcome {
         Outcome::Lost | Outcome::Orphaned => {
-            let b = fab.ready_seen.lock().unwrap().clone();
+            let b = ready_at_loss.flatten();
             match b.as_deref().and_then(|b| fab.holder(b).map(|h| (b.to_string(), h))) {
                 Some((b, (pid, true))) if !fab.disturbed.contains(&pid) => Outcome::Failed(format!(
                     "the VM was called lost ({outcome:?}) though backup {b}, last named holding its state, runs (pid {pid}) and was never stopped or killed"
