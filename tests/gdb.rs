@@ -66,7 +66,12 @@ struct Replay {
 }
 
 fn start_replay(s: &Setup) -> Replay {
+    start_replay_env(s, &[])
+}
+
+fn start_replay_env(s: &Setup, env: &[(&str, &str)]) -> Replay {
     let mut child = ftvm()
+        .envs(env.iter().copied())
         .args(["replay", "--log"])
         .arg(&s.log)
         .args(["--gdb", "127.0.0.1:0", "--checkpoint-every", "100"])
@@ -102,7 +107,11 @@ struct Session {
 
 /// One gdb session over the log with these commands, then the replay's end.
 fn debug(s: &Setup, commands: &[&str]) -> Session {
-    let r = start_replay(s);
+    debug_env(s, &[], commands)
+}
+
+fn debug_env(s: &Setup, env: &[(&str, &str)], commands: &[&str]) -> Session {
+    let r = start_replay_env(s, env);
     let mut cmd = Command::new("gdb");
     cmd.args(["-batch", "-nx", "-ex", "set pagination off", "-ex", "set confirm off", "-ex", "set width 0"]);
     cmd.args(["-ex", &format!("target remote {}", r.addr)]);
@@ -209,6 +218,53 @@ fn breakpoint_on_the_timer_handler_continue_and_reverse_continue() {
     let plain = ftvm().args(["replay", "--log"]).arg(&s.log).output().unwrap();
     check(&plain, "plain replay");
     assert_eq!(d.ftvm_out, text(&plain.stdout));
+}
+
+/// Breakpoints as patched `hlt` instructions (the lab's mechanism, where
+/// the debug registers do not work), forced here: the same stops as with
+/// the debug registers, gdb never sees the patch, and the replay stays
+/// verified (its memory digests never see it either).
+#[test]
+fn patched_hlt_breakpoints_stop_like_debug_registers() {
+    let s = setup("gdb-patched");
+    let commands = [
+        "break pit_irq",
+        "continue",
+        "x/gd &ticks",
+        "x/2xb pit_irq",
+        "continue",
+        "x/gd &ticks",
+        "continue",
+        "x/gd &ticks",
+        "reverse-continue",
+        "x/gd &ticks",
+        "p/x $pc",
+        "stepi",
+        "reverse-stepi",
+        "p/x $pc",
+        "monitor when",
+        "detach",
+    ];
+    let d = debug_env(&s, &[("FTVM_GDB_PATCHED_BREAKPOINTS", "1")], &commands);
+    let hw = debug(&s, &commands);
+    assert!(d.ftvm_err.contains("patched hlt"), "{}", d.context());
+    let t = d.ticks();
+    assert_eq!(t.len(), 4, "{}", d.context());
+    assert!(t[0] < t[1] && t[1] < t[2], "{t:?}\n{}", d.context());
+    assert_eq!(t[3], t[1], "{t:?}\n{}", d.context());
+    // Four stops at the breakpoint, and reverse-stepi back onto it.
+    assert_eq!(d.gdb.matches("Breakpoint 1, ").count(), 5, "{}", d.context());
+    // gdb reads the instruction, never the patch.
+    let b = d.gdb.lines().find(|l| l.contains("<pit_irq>:")).unwrap_or_else(|| panic!("{}", d.context()));
+    assert!(!b.contains("0xf4"), "{b}\n{}", d.context());
+    // The same transcript as with the debug registers, but for how
+    // `monitor when` names the moment: a seek to a hit runs to the patched
+    // breakpoint (arrival n at it) rather than stepping the interval
+    // (instructions since the exit).
+    let same = |g: &str| g.lines().filter(|l| !l.starts_with("at exit #")).collect::<Vec<_>>().join("\n");
+    assert_eq!(same(&d.gdb), same(&hw.gdb), "patched vs debug registers");
+    d.verified();
+    hw.verified();
 }
 
 #[test]

@@ -226,6 +226,16 @@ pub trait Inputs {
     fn debug_exit(&mut self, _m: &Machine, _pc: u64, _dr6: u64) -> Result<bool, EngineError> {
         Ok(false)
     }
+    /// The vCPU came back from the guest (any exit, a kick or a resync,
+    /// before anything looks at guest memory): a debugger that patched
+    /// guest code for this run (breakpoints as `hlt`, where the debug
+    /// registers do not work) puts it back here. `hlt_rip`: the RIP of a
+    /// HLT exit (just after the `hlt`). Returns the breakpoint's address
+    /// when that `hlt` was one of the debugger's: the engine then moves RIP
+    /// back to it and reports a debug exit (no ordinal, not a position).
+    fn left_guest(&mut self, _m: &Machine, _hlt_rip: Option<u64>) -> Result<Option<u64>, EngineError> {
+        Ok(None)
+    }
     /// A one-line account for progress reports and the run's summary.
     fn summary(&self) -> String;
 }
@@ -452,6 +462,7 @@ pub fn run_from<I: Inputs + ?Sized>(g: Guest<'_>, inputs: &mut I, opts: &RunOpti
                 // Replay: the recorder stopped the guest here, between
                 // exits. Finish the pending exit, then its state applies
                 // (arrivals) instead of running the guest to this point.
+                inputs.left_guest(m, None)?;
                 vcpu.complete_pending().map_err(|err| EngineError::Kvm { what: "complete the pending exit", ordinal, err })?;
                 ordinal = next;
                 stats.resyncs += 1;
@@ -462,6 +473,24 @@ pub fn run_from<I: Inputs + ?Sized>(g: Guest<'_>, inputs: &mut I, opts: &RunOpti
             let exit = vcpu.run();
             opts.stop.left();
             let exit = exit.map_err(|err| EngineError::Kvm { what: "run", ordinal, err })?;
+            let exit = if matches!(exit, VmExit::Hlt) {
+                drop(exit);
+                let mut regs = vcpu.regs().map_err(|err| EngineError::Kvm { what: "get regs", ordinal, err })?;
+                if let Some(pc) = inputs.left_guest(m, Some(regs.rip))? {
+                    // A debugger's breakpoint (a patched `hlt`, now put
+                    // back): the guest stands at it, not yet run.
+                    regs.rip = pc;
+                    vcpu.set_regs(&regs).map_err(|err| EngineError::Kvm { what: "set regs", ordinal, err })?;
+                    if !inputs.debug_exit(m, pc, 1)? {
+                        return Err(EngineError::Guest { ordinal: next, rip: pc, what: "unexpected breakpoint".into() });
+                    }
+                    continue 'run;
+                }
+                VmExit::Hlt
+            } else {
+                inputs.left_guest(m, None)?;
+                exit
+            };
             let Some(kind) = exit_kind(&exit) else {
                 if let VmExit::Failed(what) = &exit {
                     let what = what.clone();

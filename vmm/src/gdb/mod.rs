@@ -154,6 +154,10 @@ impl<S: RecordSource> Inputs for DebugInputs<'_, S> {
         Ok(self.s.debug_exit(pc, dr6))
     }
 
+    fn left_guest(&mut self, _m: &Machine, hlt_rip: Option<u64>) -> Result<Option<u64>, EngineError> {
+        Ok(self.s.left_guest(hlt_rip))
+    }
+
     fn summary(&self) -> String {
         match &self.live {
             Some(l) => format!("diverged from the log: {}", l.summary()),

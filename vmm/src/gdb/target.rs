@@ -119,16 +119,28 @@ impl DbgTarget {
             }
             return true;
         }
-        if !self.hw_breakpoints {
-            log::warn!(
-                "ftvm: gdb: breakpoint at {addr:#x} refused: this KVM does not stop at hardware breakpoints (measured at start) and int3 does not exit"
-            );
-            return false;
-        }
         let Some(m) = self.paging().translate(&self.mem, addr) else {
             log::warn!("ftvm: gdb: breakpoint at {addr:#x} refused: the address is not mapped in the guest's page tables");
             return false;
         };
+        if !self.hw_breakpoints {
+            // This KVM ignores the debug registers: a breakpoint is a `hlt`
+            // patched over the instruction's first byte while the guest
+            // runs (`session/patch.rs`). `hlt` exits only at CPL0.
+            if m.user {
+                let w = format!(
+                    "ftvm: breakpoint at {addr:#x} refused: this KVM does not stop at hardware breakpoints (measured at start) and int3 does not exit; ftvm patches a hlt there instead, which works for kernel (CPL0) code only, and this page is user-accessible\n"
+                );
+                log::warn!("{}", w.trim_end());
+                self.notes.push(w);
+                return false;
+            }
+            let mut b = [0u8; 1];
+            if vm_memory::Bytes::read_slice(&self.mem, &mut b, vm_memory::GuestAddress(m.gpa)).is_err() || b[0] == super::session::HLT {
+                log::warn!("ftvm: gdb: breakpoint at {addr:#x} refused: the instruction there is a hlt (or one of ftvm's rdtsc traps), which cannot be patched into a breakpoint");
+                return false;
+            }
+        }
         if self.breakpoints.len() >= MAX_BREAKPOINTS {
             log::warn!(
                 "ftvm: gdb: breakpoint at {addr:#x} refused: all {MAX_BREAKPOINTS} debug registers are in use (int3 does not exit on this KVM)"

@@ -6,7 +6,7 @@
 use super::{or_dash, view_kv, Timeouts, View};
 use crate::ft::lease_clock::BootInstant;
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(super) struct State {
     pub(super) t: Timeouts,
     pub(super) view: View,
@@ -226,7 +226,8 @@ impl State {
     /// whenever it changes): the view with its run, and whether the backup
     /// holds the state. The bytes released are saved along, as of then.
     pub(super) fn durable(&self) -> String {
-        format!("{} ready={}", view_kv(&self.view), self.backup_ready as u8)
+        let (from, to) = self.last_promotion.as_ref().map_or((0, "-"), |(v, p)| (*v, p.as_str()));
+        format!("{} ready={} promoted_from={from} promoted={to}", view_kv(&self.view), self.backup_ready as u8)
     }
 
     pub(super) fn saved_line(&self) -> String {
@@ -241,11 +242,21 @@ impl State {
         let kv: std::collections::HashMap<&str, &str> = line.split_whitespace().filter_map(|t| t.split_once('=')).collect();
         let opt = |k: &str| kv.get(k).map(|v| (*v != "-").then(|| v.to_string()));
         let num = |k: &str| kv.get(k).and_then(|v| v.parse::<u64>().ok());
-        let (Some(number), Some(primary), Some(backup), Some(run), Some(ready), Some(released)) =
-            (num("view"), opt("primary"), opt("backup"), opt("run"), num("ready"), num("released"))
-        else {
+        let (Some(number), Some(primary), Some(backup), Some(run), Some(ready), Some(released), Some(from), Some(to)) = (
+            num("view"),
+            opt("primary"),
+            opt("backup"),
+            opt("run"),
+            num("ready"),
+            num("released"),
+            num("promoted_from"),
+            opt("promoted"),
+        ) else {
             return Err(format!("not a witness state line: {line:?}"));
         };
+        // A promotion granted just before the restart, whose answer may
+        // never have arrived: its retry must find it granted.
+        self.last_promotion = to.map(|p| (from, p));
         self.view = View { number, primary, backup, run };
         self.lease_until = self.view.primary.as_ref().map(|_| now + self.t.lease);
         self.primary_since = 0;

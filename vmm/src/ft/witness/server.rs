@@ -34,16 +34,38 @@ pub(super) struct Shared {
 struct StateFile {
     path: PathBuf,
     saved: Mutex<String>,
+    /// An exclusive `flock` on `PATH.lock`, held while this witness runs:
+    /// two witnesses on one file would each overwrite the other's view.
+    _lock: std::fs::File,
 }
 
 const STATE_MAGIC: &str = "ftvm-witness-state 1";
 
 impl StateFile {
-    fn save(&self, st: &State) {
+    fn lock(path: &Path) -> Result<std::fs::File, String> {
+        use std::os::fd::AsRawFd;
+        let lock_path = path.with_extension("lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        // SAFETY: `f` is an open file for the whole call; flock only
+        // takes an advisory lock on it.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(format!("another witness holds {} ({})", lock_path.display(), io::Error::last_os_error()));
+        }
+        Ok(f)
+    }
+
+    /// Saves the state if what must survive changed; false if that
+    /// failed (the caller then takes the change back).
+    fn save(&self, st: &State) -> bool {
         let key = st.durable();
         let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
         if *saved == key {
-            return;
+            return true;
         }
         let tmp = self.path.with_extension("tmp");
         let wrote = (|| -> io::Result<()> {
@@ -57,22 +79,32 @@ impl StateFile {
             Ok(())
         })();
         match wrote {
-            Ok(()) => *saved = key,
-            // Said each time: a witness that cannot save loses the view
-            // if it restarts (the VM is then lost), not the safety now.
-            Err(e) => log::error!("witness: cannot save its state to {}: {e}", self.path.display()),
+            Ok(()) => {
+                *saved = key;
+                true
+            }
+            Err(e) => {
+                log::error!("witness: cannot save its state to {}: {e}; the change is refused", self.path.display());
+                false
+            }
         }
     }
 }
 
 fn handle(shared: &Shared, line: &str) -> String {
     let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+    // A change that cannot be saved is taken back and refused: a restart
+    // must never bring back a view older than one that was given out.
+    let before = shared.file.as_ref().map(|_| st.clone());
     let reply = match handle_inner(&mut st, line) {
         Ok(s) => format!("ok {s}"),
         Err(e) => format!("err {}", e.replace(['\n', '\r'], " ")),
     };
-    if let Some(f) = &shared.file {
-        f.save(&st);
+    if let (Some(f), Some(before)) = (&shared.file, before) {
+        if !f.save(&st) {
+            *st = before;
+            return format!("err the witness cannot save its state to {}", f.path.display());
+        }
     }
     reply
 }
@@ -157,6 +189,7 @@ impl Witness {
     /// witness knows no view and the running VM's roles are fenced.
     pub fn with_state_file(mut self, path: &Path) -> Result<Witness, WitnessError> {
         let bad = |msg: String| WitnessError::State { path: path.display().to_string(), msg };
+        let lock = StateFile::lock(path).map_err(bad)?;
         match std::fs::read_to_string(path) {
             Ok(text) => {
                 let mut lines = text.lines();
@@ -170,9 +203,8 @@ impl Witness {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(bad(e.to_string())),
         }
-        let file = StateFile { path: path.to_path_buf(), saved: Mutex::new(String::new()) };
-        file.save(&self.state);
-        if *file.saved.lock().unwrap_or_else(|e| e.into_inner()) != self.state.durable() {
+        let file = StateFile { path: path.to_path_buf(), saved: Mutex::new(String::new()), _lock: lock };
+        if !file.save(&self.state) {
             return Err(bad("cannot write it (see above)".into()));
         }
         self.file = Some(file);

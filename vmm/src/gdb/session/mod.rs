@@ -26,8 +26,11 @@ use gdbstub::stub::{DisconnectReason, GdbStub, SingleThreadStopReason};
 use gdbstub::target::ext::base::reverse_exec::ReplayLogPosition;
 use replay_log::Header;
 
+mod patch;
 mod run;
 mod serve;
+
+pub use patch::HLT;
 
 use super::conn::{GdbConn, Poll};
 use super::position::{Checkpoints, Pos, Tracker};
@@ -156,6 +159,10 @@ pub struct Session {
     /// its handler (see `deliver`).
     delivering: Option<u64>,
     armed: Option<GuestDebug>,
+    /// Breakpoints patched into guest memory as `hlt` for the run in
+    /// progress (where the debug registers do not work): (address, guest
+    /// physical address, the byte it replaced).
+    patched: Vec<(u64, u64, u8)>,
     probe: Probe,
     exits_run: u64,
     pub ckpts: Checkpoints<Snapshot>,
@@ -193,6 +200,7 @@ impl Session {
             next0: None,
             delivering: None,
             armed: None,
+            patched: Vec::new(),
             probe: Probe::Todo,
             exits_run: 0,
             ckpts,
@@ -219,6 +227,8 @@ impl Session {
         self.event = None;
         self.armed = None;
         self.ended = None;
+        // The patches were in the memory of the VM just dropped.
+        self.patched.clear();
     }
 
     pub fn take_rewind(&mut self) -> Option<Option<u64>> {
@@ -241,6 +251,12 @@ impl Session {
             return Ok(Flow::Continue);
         }
         match self.probe {
+            Probe::Todo if std::env::var_os("FTVM_GDB_PATCHED_BREAKPOINTS").is_some_and(|v| v == "1") => {
+                // Forced (tests): breakpoints as patched hlt, as in the lab.
+                self.probe = Probe::Done;
+                self.t.hw_breakpoints = false;
+                log::info!("ftvm: gdb: FTVM_GDB_PATCHED_BREAKPOINTS=1: breakpoints are patched hlt instructions, for kernel (CPL0) code only");
+            }
             Probe::Todo => {
                 // A breakpoint on the first instruction: a KVM that honours
                 // debug registers stops there before running anything.
@@ -254,7 +270,7 @@ impl Session {
                 self.probe = Probe::Done;
                 self.t.hw_breakpoints = false;
                 log::warn!(
-                    "ftvm: gdb: this KVM did not stop at a hardware breakpoint on the first instruction ({rip:#x}): breakpoints are refused; stepi, reverse-stepi and monitor goto work"
+                    "ftvm: gdb: this KVM did not stop at a hardware breakpoint on the first instruction ({rip:#x}): breakpoints are patched hlt instructions, for kernel (CPL0) code only"
                 );
             }
             Probe::Done => {}
@@ -279,6 +295,7 @@ impl Session {
     /// The run ended (the log's end, the guest stopped, or an error):
     /// serve gdb here until it goes back, or away.
     pub fn at_end(&mut self, m: &Machine, at: &mut ExitPoint, why: String) -> Result<Flow, EngineError> {
+        self.left_guest(None);
         if self.quit.is_some() || self.is_free() {
             return Ok(Flow::Continue);
         }

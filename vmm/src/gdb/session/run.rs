@@ -60,10 +60,21 @@ impl Session {
         Ok(())
     }
 
+    /// Arms KVM for `want`. Where the debug registers do not work, its
+    /// breakpoints are patched into guest memory instead, for this run
+    /// only: `left_guest` takes them out at the next exit of any kind.
     pub(super) fn arm(&mut self, at: &mut ExitPoint, want: GuestDebug) -> Result<(), EngineError> {
+        let patch = !self.t.hw_breakpoints;
         if self.armed != Some(want) {
-            at.vcpu().set_guest_debug(&want).map_err(kvm("set guest debug (single-step, debug registers)", at.ordinal))?;
+            let kvm_want = if patch { GuestDebug { single_step: want.single_step, hw_breakpoints: [None; 4] } } else { want };
+            at.vcpu().set_guest_debug(&kvm_want).map_err(kvm("set guest debug (single-step, debug registers)", at.ordinal))?;
             self.armed = Some(want);
+        }
+        if patch {
+            self.left_guest(None);
+            if want.hw_breakpoints.iter().any(Option::is_some) {
+                self.patch(at, &want.hw_breakpoints)?;
+            }
         }
         Ok(())
     }
@@ -131,7 +142,15 @@ impl Session {
                 self.run_with(at, &bps, true)?
             }
             Mode::Step | Mode::Count { .. } => self.step_once(at)?,
-            Mode::Seek(s) if s.goal.ordinal == self.tr.ordinal() => self.step_once(at)?,
+            Mode::Seek(s) if s.goal.ordinal == self.tr.ordinal() => match s.goal.anchor {
+                // A breakpoint hit (an arrival, no steps after it), where
+                // breakpoints are patched: run to it with the breakpoint
+                // armed rather than step the interval. The lab's KVM
+                // single-steps, but a step is lost at an `iretq` (the
+                // guest then runs on past the goal).
+                Some(a) if s.goal.steps == 0 && !self.t.hw_breakpoints => self.seek_arrival(at, &s, a.pc)?,
+                _ => self.step_once(at)?,
+            },
             Mode::Seek(s) => {
                 let bps = if s.scan.is_some() { self.t.breakpoints.clone() } else { Vec::new() };
                 self.run_with(at, &bps, false)?
@@ -142,6 +161,32 @@ impl Session {
             self.injected = None;
         }
         Ok(run)
+    }
+
+    /// Runs to the goal of a seek that is a breakpoint hit in this
+    /// interval, with the breakpoint (and, in a scan, gdb's) armed.
+    fn seek_arrival(&mut self, at: &mut ExitPoint, s: &Seek, pc: u64) -> Result<bool, EngineError> {
+        if !self.started && self.injected.is_none() {
+            // The interval's first instruction: an arrival, maybe the goal,
+            // maybe a hit for the scan.
+            self.start_interval(at)?;
+            let here = self.here.unwrap_or(0);
+            if !self.tr.at(&s.goal) && self.t.breakpoints.contains(&here) {
+                if let Mode::Seek(Seek { scan: Some((_, hits)), .. }) = &mut self.mode {
+                    let p = Pos { ordinal: self.tr.ordinal(), anchor: Some(crate::gdb::position::Anchor { pc: here, nth: 1 }), steps: 0 };
+                    hits.push((p, here));
+                }
+            }
+        }
+        if self.started && self.injected.is_none() && self.tr.at(&s.goal) {
+            self.reached(s.clone());
+            return Ok(false);
+        }
+        let mut bps = if s.scan.is_some() { self.t.breakpoints.clone() } else { Vec::new() };
+        if !bps.contains(&pc) {
+            bps.push(pc);
+        }
+        self.run_with(at, &bps, false)
     }
 
     pub(super) fn step_once(&mut self, at: &mut ExitPoint) -> Result<bool, EngineError> {
