@@ -358,3 +358,240 @@ pub fn backup_alive_at(w: &str, addr: &str) -> bool {
     let s = status(w);
     s.lines().any(|l| l.starts_with(&format!("backup: {addr}@")) && l.contains("(alive,"))
 }
+
+// ------------------------------------------------ fault injection: links and network namespaces
+//
+// The log stream goes to the address a backup announces, which is the one
+// it listens on: to put a link of our own in it, a role runs in a network
+// namespace of its own (loopback only) and listens there on 127.0.0.1:P,
+// while here, in the test's namespace, a forwarder listens on the same
+// 127.0.0.1:P and carries each connection into the role's namespace; inside
+// it, forwarders on 127.0.0.1:Q carry the role's own connections (to the
+// witness, to other roles) out. Every forwarder has a `LinkCtl`: cut, or a
+// delay per receive. No address but loopback is used.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::AtomicU64;
+
+/// The controls of one link: cut (its connections closed, new ones closed
+/// at once) or slow (each receive held `delay_ms` before it is passed on).
+#[derive(Default, Debug)]
+pub struct LinkCtl {
+    pub cut: AtomicBool,
+    pub delay_ms: AtomicU64,
+}
+
+impl LinkCtl {
+    pub fn new() -> Arc<LinkCtl> {
+        Arc::new(LinkCtl::default())
+    }
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::SeqCst);
+    }
+    pub fn set_delay(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+}
+
+/// A network namespace of our own with only its loopback, up; it lives as
+/// long as this handle (and any process in it).
+#[derive(Debug)]
+pub struct Netns {
+    fd: OwnedFd,
+}
+
+impl Netns {
+    /// Needs CAP_SYS_ADMIN (root); an error otherwise.
+    pub fn new() -> std::io::Result<Arc<Netns>> {
+        let fd = std::thread::spawn(|| -> std::io::Result<OwnedFd> {
+            // SAFETY: unshare affects only this thread, which ends here.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(OwnedFd::from(std::fs::File::open("/proc/thread-self/ns/net")?))
+        })
+        .join()
+        .unwrap()?;
+        let ns = Arc::new(Netns { fd });
+        let mut up = Command::new("ip");
+        up.args(["link", "set", "lo", "up"]).stdout(Stdio::null()).stderr(Stdio::piped());
+        ns.command(&mut up);
+        let o = up.output()?;
+        if !o.status.success() {
+            return Err(std::io::Error::other(format!("ip link set lo up: {}", String::from_utf8_lossy(&o.stderr))));
+        }
+        Ok(ns)
+    }
+
+    /// Whether this host lets the tests make namespaces (checked once);
+    /// `FTVM_TEST_NO_NETNS=1` says no.
+    pub fn available() -> bool {
+        static OK: OnceLock<bool> = OnceLock::new();
+        *OK.get_or_init(|| {
+            let why = if std::env::var_os("FTVM_TEST_NO_NETNS").is_some() {
+                "FTVM_TEST_NO_NETNS is set".to_string()
+            } else {
+                match Netns::new() {
+                    Ok(_) => return true,
+                    Err(e) => e.to_string(),
+                }
+            };
+            eprintln!("network namespaces unavailable ({why}): the log stream cannot be slowed");
+            false
+        })
+    }
+
+    /// Moves the calling thread into this namespace (for its new sockets).
+    pub fn enter(&self) -> std::io::Result<()> {
+        // SAFETY: a plain syscall on a valid fd.
+        if unsafe { libc::setns(self.fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// `c` will run inside this namespace.
+    pub fn command(&self, c: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: only a syscall between fork and exec.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+
+    /// `f` on a thread inside this namespace.
+    pub fn run<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
+        let ns = self.clone();
+        std::thread::spawn(move || -> std::io::Result<T> {
+            ns.enter()?;
+            Ok(f())
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+/// A forwarder: a listener that carries each connection to `to` through a
+/// `LinkCtl`. It stops (listener closed, connections shut) when dropped.
+pub struct Link {
+    pub ctl: Arc<LinkCtl>,
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Carries bytes from `a` to `b` until either side ends, the link is cut or
+/// stopped; holds each receive `delay_ms` first.
+fn pump(mut a: TcpStream, mut b: TcpStream, ctl: Arc<LinkCtl>, stop: Arc<AtomicBool>) {
+    let mut buf = vec![0u8; 64 << 10];
+    let _ = a.set_read_timeout(Some(Duration::from_millis(50)));
+    let end = |a: &TcpStream, b: &TcpStream| {
+        let _ = a.shutdown(std::net::Shutdown::Both);
+        let _ = b.shutdown(std::net::Shutdown::Both);
+    };
+    loop {
+        if ctl.cut.load(Ordering::SeqCst) || stop.load(Ordering::SeqCst) {
+            return end(&a, &b);
+        }
+        match a.read(&mut buf) {
+            Ok(0) => return end(&a, &b),
+            Ok(n) => {
+                let d = ctl.delay_ms.load(Ordering::SeqCst);
+                if d > 0 {
+                    std::thread::sleep(Duration::from_millis(d));
+                }
+                if ctl.cut.load(Ordering::SeqCst) || b.write_all(&buf[..n]).is_err() {
+                    return end(&a, &b);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return end(&a, &b),
+        }
+    }
+}
+
+/// A link listening on `listen` (inside `lns`, or in the test's namespace)
+/// to `to` (connected from inside `cns`, or from the test's namespace).
+/// `listen` may name port 0: `Link::port` says which one it got.
+pub fn link(listen: &str, lns: Option<&Arc<Netns>>, to: &str, cns: Option<Arc<Netns>>, ctl: Arc<LinkCtl>) -> std::io::Result<Link> {
+    let l = {
+        let listen = listen.to_string();
+        match lns {
+            Some(ns) => ns.run(move || TcpListener::bind(listen))??,
+            None => TcpListener::bind(listen)?,
+        }
+    };
+    l.set_nonblocking(true)?;
+    let port = l.local_addr()?.port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (to, c2, s2) = (to.to_string(), ctl.clone(), stop.clone());
+    std::thread::spawn(move || {
+        while !s2.load(Ordering::SeqCst) {
+            let c = match l.accept() {
+                Ok((c, _)) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            if c2.cut.load(Ordering::SeqCst) {
+                continue;
+            }
+            let (to, ctl, stop, cns) = (to.clone(), c2.clone(), s2.clone(), cns.clone());
+            std::thread::spawn(move || {
+                let _ = c.set_nonblocking(false);
+                if let Some(ns) = &cns {
+                    if ns.enter().is_err() {
+                        return;
+                    }
+                }
+                let Ok(s) = TcpStream::connect_timeout(&to.parse().unwrap(), Duration::from_secs(1)) else { return };
+                let _ = (c.set_nodelay(true), s.set_nodelay(true));
+                let (Ok(c2), Ok(s2)) = (c.try_clone(), s.try_clone()) else { return };
+                let (ctl2, stop2) = (ctl.clone(), stop.clone());
+                std::thread::spawn(move || pump(s2, c2, ctl2, stop2));
+                pump(c, s, ctl, stop);
+            });
+        }
+    });
+    Ok(Link { ctl, port, stop })
+}
+
+/// `ftvm ARGS` (with the cluster key) as a child whose output is collected,
+/// inside `ns` if given.
+pub fn spawn_in(ns: Option<&Netns>, args: &[&str]) -> Proc {
+    let mut c = ft(args);
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if let Some(ns) = ns {
+        ns.command(&mut c);
+    }
+    let mut child = c.spawn().unwrap();
+    let out = collect(child.stdout.take().unwrap());
+    let err = collect(child.stderr.take().unwrap());
+    Proc { child, out, err }
+}
+
+/// The port of a view member as `ftvm status` prints it (`ADDR` or
+/// `ADDR@ID`, maybe followed by more words), or None for `none`.
+pub fn member_port(s: &str) -> Option<u16> {
+    let a = s.split_whitespace().next()?;
+    let a = a.split('@').next()?;
+    a.rsplit(':').next()?.parse().ok()
+}
+
+/// The line of `ftvm status` output that starts with `what: `, without it.
+pub fn status_field<'a>(status: &'a str, what: &str) -> Option<&'a str> {
+    status.lines().find_map(|l| l.strip_prefix(what)?.strip_prefix(": "))
+}
