@@ -26,11 +26,31 @@ pub(super) struct State {
     promote_asked: Option<BootInstant>,
     /// (view promoted from, new primary): makes a retried promote idempotent.
     last_promotion: Option<(u64, String)>,
+    /// When the witness last handled a request.
+    last_request: Option<BootInstant>,
 }
 
 impl State {
     pub(super) fn new(t: Timeouts) -> State {
         State { t, ..State::default() }
+    }
+
+    /// Called before each request. In a running cluster a request comes
+    /// every ping interval; a gap longer than a lease means this witness was
+    /// stopped or cut off, and the backup's silence over it is the
+    /// witness's own, not the backup's: its timeout starts again. (The
+    /// first request handled after the gap may be a ping a dead primary
+    /// sent before it died; it must not cost the backup its place.)
+    pub(super) fn note_request(&mut self, now: BootInstant) {
+        if let Some(last) = self.last_request {
+            let gap = now.saturating_duration_since(last);
+            if gap > self.t.lease && self.view.backup.is_some() {
+                log::info!("witness: {gap:?} without any request (this witness was stopped or cut off): the backup's silence meanwhile is not counted");
+                self.backup_seen = Some(now);
+                self.promote_asked = None;
+            }
+        }
+        self.last_request = Some(now);
     }
 
     fn lease_alive(&self, now: BootInstant) -> bool {

@@ -128,6 +128,7 @@ fn handle_inner(st: &mut State, line: &str) -> Result<String, String> {
     };
     let me = || name("me");
     let now = BootInstant::now();
+    st.note_request(now);
     match op {
         "become_primary" => st.become_primary(me()?, name("run")?, flag("new_run")?, now),
         "backup_ping" => st.backup_ping(me()?, num("view")?, flag("ready")?, num("applied")?, now),

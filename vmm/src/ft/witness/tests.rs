@@ -51,6 +51,17 @@ fn v(number: u64, p: Option<&str>, b: Option<&str>) -> View {
     View { number, primary: p.map(String::from), backup: b.map(String::from), run: p.map(|_| RUN.to_string()) }
 }
 
+/// Waits `d` while asking the witness for its view every 30 ms: a witness
+/// that hears nothing for a lease counts itself stalled and forgives the
+/// backup's silence (`rules.rs note_request`); this one stays busy.
+fn watched(c: &mut WitnessClient, d: Duration) {
+    let t0 = Instant::now();
+    while t0.elapsed() < d {
+        c.view().unwrap();
+        thread::sleep(Duration::from_millis(30));
+    }
+}
+
 fn refused(r: Result<impl fmt::Debug, WitnessError>, needle: &str) {
     match r {
         Err(WitnessError::Refused { msg, .. }) => assert!(msg.contains(needle), "{msg:?} lacks {needle:?}"),
@@ -124,7 +135,7 @@ fn rule1_only_the_backup_takes_over() {
     refused(c.become_primary(S, RUN, false), "primary 127.0.0.1:7101 of view 2 is silent; its backup 127.0.0.1:7102 takes over");
     refused(c.become_primary(P, RUN, false), "takes over");
     refused(c.become_primary(B, RUN, false), "ask for promotion");
-    thread::sleep(T.backup_timeout);
+    watched(&mut c, T.backup_timeout);
     refused(c.become_primary(S, RUN, false), "takes over if it comes back; --new-run abandons that VM");
     let mut fresh = v(3, Some(S), None);
     fresh.run = Some("00000000000000bb".into());
@@ -191,7 +202,7 @@ fn status_fields() {
     thread::sleep(T.lease + Duration::from_millis(30));
     let st = c.status().unwrap();
     assert_eq!((st.lease_left_ms, st.backup_alive), (None, true));
-    thread::sleep(T.backup_timeout);
+    watched(&mut c, T.backup_timeout);
     assert!(!c.status().unwrap().backup_alive);
 }
 
@@ -448,4 +459,16 @@ fn the_primary_can_give_up_a_backup_that_stopped_acknowledging() {
     refused(c.backup_ping(B, 2, true, 0), "it was dropped");
     refused(c.promote(B, 2, true, true), "stale view 2");
     assert_eq!(c.backup_ping("127.0.0.1:7102@new", 0, false, 0).unwrap().backup.as_deref(), Some("127.0.0.1:7102@new"));
+}
+
+#[test]
+fn a_stalled_witness_does_not_count_its_own_silence_against_the_backup() {
+    let (_, mut c) = start_pair();
+    // Nobody reaches the witness for longer than the backup's timeout (it
+    // was stopped); the first request after is the primary's late ping.
+    thread::sleep(T.backup_timeout + Duration::from_millis(100));
+    assert_eq!(c.primary_ping(P, 2, 10, 10, 0).unwrap(), v(2, Some(P), Some(B)), "the backup was dropped for the witness's own stall");
+    // Its timeout runs again from there.
+    watched(&mut c, T.backup_timeout + Duration::from_millis(100));
+    assert_eq!(c.primary_ping(P, 2, 10, 10, 0).unwrap(), v(3, Some(P), None));
 }
