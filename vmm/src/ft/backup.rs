@@ -262,7 +262,7 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
     m.over.store(true, Ordering::SeqCst);
     if inputs.is_live() {
         log::info!("primary: {msg}; {}; {}", out.summary(), inputs.summary());
-        wind_down(&gate, &msg);
+        wind_down(&gate, &msg, &mut WitnessClient::new(&opts.witness, &opts.key), &m.me);
         Ok(Ended::Done(msg, code))
     } else {
         log::info!("backup: replayed to the end in lockstep: {msg}; {}", inputs.summary());

@@ -178,12 +178,18 @@ fn serve_conn(c: Conn, me: &str, gate: &Arc<Gate>, input: &Sender<Vec<u8>>, logs
 }
 
 /// After the guest stops: let the backup acknowledge the end, release the
-/// last output, and tell console clients.
-pub fn wind_down(gate: &Gate, msg: &str) {
+/// last output, tell console clients, and tell the witness that the run
+/// ended (so that it is not taken for a lost VM).
+pub fn wind_down(gate: &Gate, msg: &str, witness: &mut super::witness::WitnessClient, me: &str) {
     if !gate.drain(Duration::from_secs(10)) {
         log::warn!("ftvm: {} bytes of output were never acknowledged by the backup", gate.pending_len());
     }
     gate.end(msg.to_string());
+    if gate.lease_live() {
+        if let Err(e) = witness.ended(me) {
+            log::warn!("ftvm: could not tell the witness that the guest ended: {e}");
+        }
+    }
     // Give connected consoles a moment to receive the end.
     std::thread::sleep(Duration::from_millis(300));
 }

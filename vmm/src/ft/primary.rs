@@ -249,6 +249,7 @@ pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32),
     transfers.set_mem(vm.mem.clone());
     log::info!("primary: {me} is primary of view {} (run {run}); console clients connect to {}", view.number, opts.listen);
     let stop = StopHandle::new();
+    let me_at_end = me.clone();
     PrimaryDuty {
         me,
         key: opts.key.clone(),
@@ -278,6 +279,6 @@ pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32),
         return Ok((msg, code));
     }
     log::info!("primary: {msg}; {}; {}", out.summary(), rec.summary());
-    wind_down(&gate, &msg);
+    wind_down(&gate, &msg, &mut WitnessClient::new(&opts.witness, &opts.key), &me_at_end);
     Ok((msg, code))
 }

@@ -216,7 +216,9 @@ pub fn run_client(witness: &str, key: &ClusterKey, give_up: Duration) -> anyhow:
         let changed = last_primary.as_deref() != Some(member.as_str());
         log::info!("console: connected to primary {member} (view {})", view.number);
         let mut first = changed;
+        let mut lines = 0u64;
         while let Ok(Some(line)) = read_line(&mut r) {
+            lines += 1;
             if let Some(rest) = line.strip_prefix("DATA ") {
                 let mut it = rest.split(' ').filter_map(|x| x.parse::<u64>().ok());
                 let (Some(seq), Some(len)) = (it.next(), it.next()) else { break };
@@ -265,7 +267,10 @@ pub fn run_client(witness: &str, key: &ClusterKey, give_up: Duration) -> anyhow:
         last_primary = Some(member);
         lost_at = Instant::now();
         let _ = r.tcp().shutdown(std::net::Shutdown::Both);
-        std::thread::sleep(Duration::from_millis(20));
+        // A listener that refused us at once (another process now at the
+        // primary's address, e.g. a restarted one) is not asked again in a
+        // tight loop.
+        std::thread::sleep(Duration::from_millis(if lines <= 1 { 200 } else { 20 }));
     }
 }
 

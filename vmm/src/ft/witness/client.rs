@@ -71,6 +71,12 @@ impl WitnessClient {
         self.view_call(&format!("op=drop_backup me={me} view={view} backup={backup}"))
     }
 
+    /// The primary `me` says its guest ended.
+    pub fn ended(&mut self, me: &str) -> Result<View, WitnessError> {
+        self.check_addr(me)?;
+        self.view_call(&format!("op=ended me={me}"))
+    }
+
     pub fn view(&mut self) -> Result<View, WitnessError> {
         self.view_call("op=view")
     }
@@ -90,6 +96,7 @@ impl WitnessClient {
             backup_applied: num("applied")?,
             released: num("released")?,
             lost: num("lost")? == 1,
+            ended: num("ended")? == 1,
         })
     }
 

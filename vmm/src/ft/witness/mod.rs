@@ -11,9 +11,10 @@
 //! op=primary_ping   me=M view=N sent=S acked=A released=B   -> ok VIEW
 //! op=promote        me=M view=N lost=0|1 ready=0|1          -> ok result=granted|wait VIEW
 //! op=drop_backup    me=M view=N backup=B                    -> ok VIEW
+//! op=ended          me=M                                    -> ok VIEW   (the primary's guest ended)
 //! op=view                                                   -> ok VIEW
 //! op=status -> ok VIEW lease_left_ms=MS|- sent=S acked=A backup_alive=0|1
-//!              ready=0|1 applied=A released=B lost=0|1
+//!              ready=0|1 applied=A released=B lost=0|1 ended=0|1
 //! any refusal or malformed request                          -> err <free text to end of line>
 //! ```
 //!
@@ -88,6 +89,8 @@ pub struct Status {
     pub released: u64,
     /// The run's primary is gone and no backup holds its state.
     pub lost: bool,
+    /// The run's guest ended (its primary said so).
+    pub ended: bool,
 }
 
 impl Status {
@@ -95,6 +98,9 @@ impl Status {
     pub fn state(&self) -> String {
         let v = &self.view;
         let (p, b, r) = (or_dash(&v.primary), or_dash(&v.backup), or_dash(&v.run));
+        if self.ended {
+            return format!("ended: the guest of run {r} ended; a new primary starts a new run");
+        }
         if self.lost {
             return format!(
                 "lost: the VM of run {r} is lost: its primary {p} is gone and no backup holds its state ({} bytes of its output or more were released); start a primary with --new-run to boot a new VM",

@@ -28,6 +28,9 @@ pub(super) struct State {
     last_promotion: Option<(u64, String)>,
     /// When the witness last handled a request.
     last_request: Option<BootInstant>,
+    /// The run's guest ended (its primary said so): nothing is lost, a new
+    /// primary starts a new run without --new-run.
+    ended: bool,
 }
 
 impl State {
@@ -65,7 +68,19 @@ impl State {
     /// The run's primary is gone and no backup can take over: a backup
     /// that has the state may still be paused (then it is not lost yet).
     fn lost(&self, now: BootInstant) -> bool {
-        self.view.primary.is_some() && !self.lease_alive(now) && !(self.view.backup.is_some() && self.backup_ready)
+        !self.ended && self.view.primary.is_some() && !self.lease_alive(now) && !(self.view.backup.is_some() && self.backup_ready)
+    }
+
+    /// The primary `me` says its guest ended: the run is over, not lost.
+    pub(super) fn ended(&mut self, me: &str) -> Result<String, String> {
+        if self.view.primary.as_deref() != Some(me) {
+            return Err(format!("{me} is not the primary of view {}", self.view.number));
+        }
+        if !self.ended {
+            log::info!("witness: the guest of run {} ended", or_dash(&self.view.run));
+        }
+        self.ended = true;
+        Ok(view_kv(&self.view))
     }
 
     /// Install view N+1. The caller grants a lease if it installs a primary.
@@ -98,7 +113,9 @@ impl State {
                 };
             }
             let b = or_dash(&self.view.backup);
-            if self.view.backup.is_some() && self.backup_ready {
+            if self.ended {
+                log::info!("witness: run {} ended; {me} boots run {run}", or_dash(&self.view.run));
+            } else if self.view.backup.is_some() && self.backup_ready {
                 if self.view.backup.as_deref() == Some(me) {
                     return Err(format!("{me} is the backup of view {n}: ask for promotion"));
                 }
@@ -118,9 +135,12 @@ impl State {
                     self.released
                 ));
             }
-            log::warn!("witness: run {} abandoned (its VM is lost); {me} boots run {run}", or_dash(&self.view.run));
+            if !self.ended {
+                log::warn!("witness: run {} abandoned (its VM is lost); {me} boots run {run}", or_dash(&self.view.run));
+            }
         }
         self.released = 0;
+        self.ended = false;
         self.view.run = Some(run.to_string());
         let reason = if self.view.primary.is_some() { "a new run replaces a lost one" } else { "first primary" };
         // A backup waiting for a primary (no run yet) protects this one;
@@ -264,7 +284,7 @@ impl State {
     /// holds the state. The bytes released are saved along, as of then.
     pub(super) fn durable(&self) -> String {
         let (from, to) = self.last_promotion.as_ref().map_or((0, "-"), |(v, p)| (*v, p.as_str()));
-        format!("{} ready={} promoted_from={from} promoted={to}", view_kv(&self.view), self.backup_ready as u8)
+        format!("{} ready={} promoted_from={from} promoted={to} ended={}", view_kv(&self.view), self.backup_ready as u8, self.ended as u8)
     }
 
     pub(super) fn saved_line(&self) -> String {
@@ -294,6 +314,7 @@ impl State {
         // A promotion granted just before the restart, whose answer may
         // never have arrived: its retry must find it granted.
         self.last_promotion = to.map(|p| (from, p));
+        self.ended = num("ended") == Some(1);
         self.view = View { number, primary, backup, run };
         self.lease_until = self.view.primary.as_ref().map(|_| now + self.t.lease);
         self.primary_since = 0;
@@ -310,13 +331,14 @@ impl State {
         };
         let (kv, alive) = (view_kv(&self.view), self.backup_alive(now) as u8);
         format!(
-            "{kv} lease_left_ms={left} sent={} acked={} backup_alive={alive} ready={} applied={} released={} lost={}",
+            "{kv} lease_left_ms={left} sent={} acked={} backup_alive={alive} ready={} applied={} released={} lost={} ended={}",
             self.sent,
             self.acked,
             self.backup_ready as u8,
             self.backup_applied,
             self.released,
-            self.lost(now) as u8
+            self.lost(now) as u8,
+            self.ended as u8
         )
     }
 }

@@ -138,6 +138,7 @@ fn handle_inner(st: &mut State, line: &str) -> Result<String, String> {
         }
         "promote" => st.promote(me()?, num("view")?, flag("lost")?, flag("ready")?, now),
         "drop_backup" => st.drop_backup(me()?, num("view")?, name("backup")?, now),
+        "ended" => st.ended(me()?),
         "view" => Ok(view_kv(&st.view)),
         "status" => Ok(st.status(now)),
         _ => Err(format!("unknown op {op:?}")),

@@ -472,3 +472,18 @@ fn a_stalled_witness_does_not_count_its_own_silence_against_the_backup() {
     watched(&mut c, T.backup_timeout + Duration::from_millis(100));
     assert_eq!(c.primary_ping(P, 2, 10, 10, 0).unwrap(), v(3, Some(P), None));
 }
+
+#[test]
+fn a_run_whose_guest_ended_is_not_lost_and_a_new_one_needs_no_new_run() {
+    let (_, mut c) = start();
+    c.become_primary(P, RUN, false).unwrap();
+    c.primary_ping(P, 1, 10, 0, 55).unwrap();
+    refused(c.ended(S), "is not the primary of view 1");
+    c.ended(P).unwrap();
+    watched(&mut c, T.lease + Duration::from_millis(50));
+    let st = c.status().unwrap();
+    assert!(st.ended && !st.lost && st.state().starts_with("ended: the guest of run 00000000000000aa ended"), "{}", st.state());
+    let v2 = c.become_primary(S, "00000000000000ff", false).unwrap();
+    assert_eq!((v2.primary.as_deref(), v2.run.as_deref()), (Some(S), Some("00000000000000ff")));
+    assert!(!c.status().unwrap().ended, "the new run has not ended");
+}
