@@ -181,11 +181,26 @@ fn serve_conn(c: Conn, me: &str, gate: &Arc<Gate>, input: &Sender<Vec<u8>>, logs
 /// last output, tell console clients, and tell the witness that the run
 /// ended (so that it is not taken for a lost VM).
 pub fn wind_down(gate: &Gate, msg: &str, witness: &mut super::witness::WitnessClient, me: &str) {
-    if !gate.drain(Duration::from_secs(10)) {
-        log::warn!("ftvm: {} bytes of output were never acknowledged by the backup", gate.pending_len());
+    if !gate.drain(Duration::from_secs(3)) {
+        // A backup that cannot acknowledge the end (still joining, or its
+        // stream broke): with the guest stopped, no exit will ever take the
+        // snapshot it waits for. Give it up, as the duty thread does with a
+        // backup whose acknowledgements stall, so the last output goes out.
+        if let Ok(v) = witness.view() {
+            if let (true, Some(b)) = (v.primary.as_deref() == Some(me), v.backup.as_deref()) {
+                log::warn!("ftvm: backup {b} acknowledges nothing of the guest's end; giving it up to release the last output");
+                if let Err(e) = witness.drop_backup(me, v.number, b) {
+                    log::warn!("ftvm: could not give up backup {b}: {e}");
+                }
+            }
+        }
+        if !gate.drain(Duration::from_secs(7)) {
+            log::warn!("ftvm: {} bytes of output were never acknowledged by the backup", gate.pending_len());
+        }
     }
     gate.end(msg.to_string());
-    if gate.lease_live() {
+    // Ended, not lost: only once everything it printed is out.
+    if gate.lease_live() && gate.pending_len() == 0 {
         if let Err(e) = witness.ended(me) {
             log::warn!("ftvm: could not tell the witness that the guest ended: {e}");
         }
