@@ -1067,6 +1067,22 @@ fn mixed_fault_schedules() {
 // ------------------------------------------------------------------ named scenarios
 
 /// A cluster to script by hand: the witness, then slots as asked.
+/// A backup from the start, a primary running the test guest with
+/// `cmdline`, and a console that has printed `line`: (fabric, backup,
+/// primary, console).
+fn protected(cmdline: &str, line: &str) -> (Fabric, usize, usize, Proc) {
+    let mut fab = Fabric::new();
+    let b0 = fab.add("b0");
+    fab.start(b0, "backup", "", &[]);
+    assert!(fab.wait_says(b0, "waiting for the primary", Duration::from_secs(20)), "{}", fab.tails());
+    let p0 = fab.add("p0");
+    fab.start(p0, "primary", cmdline, &[]);
+    assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
+    let console = console_of(&fab);
+    wait_for("output", Duration::from_secs(10), || console.out().contains(line));
+    (fab, b0, p0, console)
+}
+
 fn console_of(fab: &Fabric) -> Proc {
     Proc::spawn(&["console", "--witness", &fab.w, "--give-up", "60"])
 }
@@ -1259,15 +1275,7 @@ fn the_primary_dies_while_a_backup_is_joining_the_cluster_does_not_hang() {
 /// later primary failure whole.
 #[test]
 fn a_backup_paused_for_more_than_2_s_rejoins_by_itself_and_the_vm_survives_a_later_primary_failure() {
-    let mut fab = Fabric::new();
-    let b0 = fab.add("b0");
-    fab.start(b0, "backup", "", &[]);
-    assert!(fab.wait_says(b0, "waiting for the primary", Duration::from_secs(20)), "{}", fab.tails());
-    let p0 = fab.add("p0");
-    fab.start(p0, "primary", "seconds=12", &[]);
-    assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
-    let mut console = console_of(&fab);
-    wait_for("output", Duration::from_secs(10), || console.out().contains("[0010]"));
+    let (mut fab, b0, p0, mut console) = protected("seconds=12", "[0010]");
     let first = member_in(&status(&fab.w), "backup");
     let pid = fab.members[b0].cur().unwrap().child.id();
     signal_pid(pid, libc::SIGSTOP);
@@ -1320,15 +1328,7 @@ fn output_during(console: &Proc, hold: Duration, start: impl FnOnce(), end: impl
 /// resumes from one primary; every line once.
 #[test]
 fn witness_paused_output_pauses_and_resumes_without_duplicates() {
-    let mut fab = Fabric::new();
-    let b0 = fab.add("b0");
-    fab.start(b0, "backup", "", &[]);
-    assert!(fab.wait_says(b0, "waiting for the primary", Duration::from_secs(20)), "{}", fab.tails());
-    let p0 = fab.add("p0");
-    fab.start(p0, "primary", "seconds=8", &[]);
-    assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
-    let mut console = console_of(&fab);
-    wait_for("output", Duration::from_secs(10), || console.out().contains("[0010]"));
+    let (mut fab, _b0, _p0, mut console) = protected("seconds=8", "[0010]");
     let pid = fab.witness.child.id();
     let (grew, _) = output_during(&console, Duration::from_secs(2), || signal_pid(pid, libc::SIGSTOP), || signal_pid(pid, libc::SIGCONT));
     fab.note(format!("witness stopped 2 s; {grew} bytes printed from 800 ms in"));
@@ -1342,15 +1342,7 @@ fn witness_paused_output_pauses_and_resumes_without_duplicates() {
 /// then resumes; every line once.
 #[test]
 fn witness_isolated_output_pauses_and_resumes_without_duplicates() {
-    let mut fab = Fabric::new();
-    let b0 = fab.add("b0");
-    fab.start(b0, "backup", "", &[]);
-    assert!(fab.wait_says(b0, "waiting for the primary", Duration::from_secs(20)), "{}", fab.tails());
-    let p0 = fab.add("p0");
-    fab.start(p0, "primary", "seconds=8", &[]);
-    assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
-    let mut console = console_of(&fab);
-    wait_for("output", Duration::from_secs(10), || console.out().contains("[0010]"));
+    let (mut fab, _b0, _p0, mut console) = protected("seconds=8", "[0010]");
     let ctls: Vec<_> = fab.members.iter().map(|m| m.wlink.ctl.clone()).collect();
     let (grew, _) = output_during(
         &console,
@@ -1371,15 +1363,7 @@ fn witness_isolated_output_pauses_and_resumes_without_duplicates() {
 /// its place in the view and the state with it).
 #[test]
 fn the_primary_dies_while_the_witness_is_stopped_and_the_backup_takes_over() {
-    let mut fab = Fabric::new();
-    let b0 = fab.add("b0");
-    fab.start(b0, "backup", "", &[]);
-    assert!(fab.wait_says(b0, "waiting for the primary", Duration::from_secs(20)), "{}", fab.tails());
-    let p0 = fab.add("p0");
-    fab.start(p0, "primary", "seconds=6", &[]);
-    assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
-    let mut console = console_of(&fab);
-    wait_for("output", Duration::from_secs(10), || console.out().contains("[0005]"));
+    let (mut fab, _b0, p0, mut console) = protected("seconds=6", "[0005]");
     let pid = fab.witness.child.id();
     signal_pid(pid, libc::SIGSTOP);
     fab.note("SIGSTOP witness".into());
@@ -1531,15 +1515,7 @@ fn links_forward_delay_and_cut() {
 /// backup, transferred anew, takes over).
 #[test]
 fn a_dropped_backup_that_comes_back_is_not_promoted_over_output_it_never_had() {
-    let mut fab = Fabric::new();
-    let b0 = fab.add("b0");
-    fab.start(b0, "backup", "", &[]);
-    assert!(fab.wait_says(b0, "waiting for the primary", Duration::from_secs(20)), "{}", fab.tails());
-    let p0 = fab.add("p0");
-    fab.start(p0, "primary", "seconds=6 hz=1000", &[]);
-    assert!(fab.wait_says(p0, "is primary of view", Duration::from_secs(30)), "{}", fab.tails());
-    let mut console = console_of(&fab);
-    wait_for("output", Duration::from_secs(10), || console.out().contains("[0002]"));
+    let (mut fab, b0, p0, mut console) = protected("seconds=6 hz=1000", "[0002]");
     let pid = fab.members[b0].cur().unwrap().child.id();
     signal_pid(pid, libc::SIGSTOP);
     fab.note("SIGSTOP b0".into());
