@@ -34,6 +34,21 @@ fn start() -> (String, WitnessClient) {
     (addr, c)
 }
 
+/// Serves `w` on a thread; a client of it.
+fn serve(w: Witness) -> WitnessClient {
+    let addr = w.local_addr().to_string();
+    thread::spawn(move || w.serve());
+    client(&addr)
+}
+
+/// An empty scratch directory for a state-file test.
+fn fresh_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ftvm-witness-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A witness in view 2: primary P, backup B.
 fn start_pair() -> (String, WitnessClient) {
     let (addr, mut c) = start();
@@ -357,15 +372,8 @@ fn a_promotion_needs_the_state_even_when_the_backup_says_so_late() {
 
 #[test]
 fn a_restarted_witness_takes_up_its_saved_view_and_the_vm_goes_on() {
-    let dir = std::env::temp_dir().join(format!("ftvm-witness-state-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("state");
     let file = dir.join("witness.state");
-    let serve = |w: Witness| {
-        let addr = w.local_addr().to_string();
-        thread::spawn(move || w.serve());
-        client(&addr)
-    };
     let mut c = serve(Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&file).unwrap());
     c.become_primary(P, RUN, false).unwrap();
     c.backup_ping(B, 0, false, 0).unwrap();
@@ -405,15 +413,8 @@ fn a_restarted_witness_takes_up_its_saved_view_and_the_vm_goes_on() {
 
 #[test]
 fn a_promotion_granted_before_a_restart_is_found_by_its_retry() {
-    let dir = std::env::temp_dir().join(format!("ftvm-witness-promo-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("promo");
     let (a, b) = (dir.join("a.state"), dir.join("b.state"));
-    let serve = |w: Witness| {
-        let addr = w.local_addr().to_string();
-        thread::spawn(move || w.serve());
-        client(&addr)
-    };
     let mut c = serve(Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&a).unwrap());
     c.become_primary(P, RUN, false).unwrap();
     c.backup_ping(B, 0, true, 0).unwrap();
@@ -430,14 +431,9 @@ fn a_promotion_granted_before_a_restart_is_found_by_its_retry() {
 
 #[test]
 fn a_change_the_witness_cannot_save_is_refused_and_taken_back() {
-    let dir = std::env::temp_dir().join(format!("ftvm-witness-ro-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("ro");
     let file = dir.join("w.state");
-    let w = Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&file).unwrap();
-    let addr = w.local_addr().to_string();
-    thread::spawn(move || w.serve());
-    let mut c = client(&addr);
+    let mut c = serve(Witness::bind_with("127.0.0.1:0", T, key()).unwrap().with_state_file(&file).unwrap());
     // Saving goes through a temporary file beside it: a directory in its
     // way makes every save fail, as a full disk would.
     std::fs::create_dir_all(file.with_extension("tmp")).unwrap();
