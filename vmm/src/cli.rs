@@ -18,7 +18,7 @@ use ftvm::engine::{self, Ending, Inputs, Outcome, RunOptions};
 use ftvm::ft::backup::{run_backup, BackupOpts};
 use ftvm::ft::key::ClusterKey;
 use ftvm::ft::primary::{run_primary, PrimaryOpts};
-use ftvm::ft::witness::{Witness, WitnessClient};
+use ftvm::ft::witness::{Witness, WitnessAt, WitnessClient};
 use ftvm::recorder::Recorder;
 use ftvm::replay::Replayer;
 use ftvm::snapshot::{Snapshot, SnapshotAt};
@@ -83,9 +83,8 @@ enum Cmd {
     },
     /// Run the guest as the fault-tolerant primary.
     Primary {
-        /// The witness, e.g. 127.0.0.1:7000.
-        #[arg(long)]
-        witness: String,
+        #[command(flatten)]
+        witness: WitnessArg,
         /// Where console clients connect (and how the witness names us).
         #[arg(long, default_value = "127.0.0.1:7100")]
         listen: String,
@@ -101,9 +100,8 @@ enum Cmd {
     },
     /// Stand by as the backup: replay the primary's log, take over if it dies.
     Backup {
-        /// The witness, e.g. 127.0.0.1:7000.
-        #[arg(long)]
-        witness: String,
+        #[command(flatten)]
+        witness: WitnessArg,
         /// Where the primary streams its log (and, after a takeover, consoles connect).
         #[arg(long)]
         listen: String,
@@ -114,8 +112,8 @@ enum Cmd {
     },
     /// The guest's console, wherever the primary is.
     Console {
-        #[arg(long)]
-        witness: String,
+        #[command(flatten)]
+        witness: WitnessArg,
         /// Give up after this many seconds without a primary.
         #[arg(long, default_value_t = 30)]
         give_up: u64,
@@ -124,8 +122,8 @@ enum Cmd {
     },
     /// Show the view: number, primary, backup, lease, lag.
     Status {
-        #[arg(long)]
-        witness: String,
+        #[command(flatten)]
+        witness: WitnessArg,
         #[command(flatten)]
         key: KeyArg,
     },
@@ -142,6 +140,31 @@ enum LogCmd {
     Dump { file: PathBuf },
     /// Counts by kind, bytes, bytes per second of guest time.
     Stats { file: PathBuf },
+}
+
+/// Where the view is kept: an embedded witness or an etcd cluster.
+#[derive(Args)]
+struct WitnessArg {
+    /// The witness: HOST:PORT of `ftvm witness`, or an etcd cluster as
+    /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX].
+    #[arg(long)]
+    witness: String,
+    /// etcd: the key prefix this VM's view lives under, one per VM
+    /// (default /ftvm/default; or the path of the etcd:// URL).
+    #[arg(long, value_name = "PREFIX")]
+    witness_prefix: Option<String>,
+    /// etcd: authenticate as this etcd user (with --etcd-password-file).
+    #[arg(long, value_name = "USER")]
+    etcd_user: Option<String>,
+    /// etcd: a file holding the user's password (one line).
+    #[arg(long, value_name = "FILE")]
+    etcd_password_file: Option<PathBuf>,
+}
+
+impl WitnessArg {
+    fn at(self) -> Result<WitnessAt> {
+        Ok(WitnessAt::parse(&self.witness, self.witness_prefix.as_deref(), self.etcd_user.as_deref(), self.etcd_password_file)?)
+    }
 }
 
 /// The cluster key of an FT command. Optional for clap, so that a missing
@@ -499,18 +522,18 @@ pub fn main() -> Result<i32> {
         Cmd::Primary { witness, listen, new_run, key, guest } => {
             let key = key.load()?;
             let cfg = guest.config()?;
-            Ok(ended(run_primary(PrimaryOpts { witness, listen, key, progress: guest.verbose, new_run }, cfg)?))
+            Ok(ended(run_primary(PrimaryOpts { witness: witness.at()?, listen, key, progress: guest.verbose, new_run }, cfg)?))
         }
         Cmd::Backup { witness, listen, key, guest: g } => {
             let key = key.load()?;
-            let opts = BackupOpts { witness, listen, key, kernel: g.kernel, initrd: g.initrd, progress: g.verbose };
+            let opts = BackupOpts { witness: witness.at()?, listen, key, kernel: g.kernel, initrd: g.initrd, progress: g.verbose };
             Ok(ended(run_backup(opts)?))
         }
         Cmd::Console { witness, give_up, key } => {
-            ftvm::ft::remote_console::run_client(&witness, &key.load()?, std::time::Duration::from_secs(give_up))
+            ftvm::ft::remote_console::run_client(&witness.at()?, &key.load()?, std::time::Duration::from_secs(give_up))
         }
         Cmd::Status { witness, key } => {
-            let s = WitnessClient::new(&witness, &key.load()?).status()?;
+            let s = WitnessClient::new(&witness.at()?, &key.load()?).status()?;
             println!("state: {}", s.state());
             println!("view: {}", s.view.number);
             println!("run: {}", s.view.run.as_deref().unwrap_or("none"));

@@ -1,0 +1,134 @@
+//! A real 3-member etcd cluster (Debian's `etcd-server`) on loopback
+//! ports, each member with its own data directory, for the etcd witness
+//! tests: members can be killed (SIGKILL), restarted, and the leader found.
+//! Election timeout 500 ms (heartbeat 50 ms), so etcd grants 1 s leases.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Member {
+    pub name: String,
+    pub client: u16,
+    pub peer: u16,
+    child: Option<Child>,
+}
+
+pub struct Etcd {
+    pub members: Vec<Member>,
+    dir: PathBuf,
+    initial: String,
+}
+
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// etcd and etcdctl are installed (scripts/setup.sh installs them).
+pub fn available() -> bool {
+    Command::new("etcd").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        assert!(available(), "etcd is not installed: run scripts/setup.sh (Debian package etcd-server)");
+        let dir = std::env::temp_dir().join(format!("ftvm-etcd-{}-{}", std::process::id(), port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let members: Vec<Member> =
+            (1..=3).map(|i| Member { name: format!("m{i}"), client: port(), peer: port(), child: None }).collect();
+        let initial = members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer)).collect::<Vec<_>>().join(",");
+        let mut e = Etcd { members, dir, initial };
+        for i in 0..3 {
+            e.restart(i);
+        }
+        e.wait_healthy(3);
+        e
+    }
+
+    /// `etcd://E1,E2,E3/PREFIX`.
+    pub fn witness(&self, prefix: &str) -> String {
+        format!("etcd://{}{prefix}", self.endpoints())
+    }
+
+    pub fn endpoints(&self) -> String {
+        self.members.iter().map(|m| format!("127.0.0.1:{}", m.client)).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        let data = self.dir.join(&m.name);
+        let log = std::fs::File::create(self.dir.join(format!("{}.log", m.name))).unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", &m.name, "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", m.client)])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{}", m.client)])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", m.peer)])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", m.peer)])
+            .args(["--initial-cluster", &self.initial, "--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", &format!("ftvm-test-{}", self.dir.display())])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd");
+        m.child = Some(child);
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoints(), "--command-timeout", "2s", "--dial-timeout", "1s"])
+            .args(args)
+            .output()
+            .expect("etcdctl")
+    }
+
+    /// Waits until `n` members answer and one of them leads.
+    pub fn wait_healthy(&self, n: usize) {
+        let t0 = Instant::now();
+        loop {
+            let st = self.status();
+            if st.len() >= n && st.iter().any(|(_, leader)| *leader) {
+                return;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "etcd did not come up ({n} members): {st:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// (member index, is leader) of each member that answers.
+    pub fn status(&self) -> Vec<(usize, bool)> {
+        let o = self.etcdctl(&["endpoint", "status", "-w", "simple"]);
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(", ").collect();
+                let port: u16 = f.first()?.rsplit(':').next()?.parse().ok()?;
+                let i = self.members.iter().position(|m| m.client == port)?;
+                Some((i, f.get(4)? == &"true"))
+            })
+            .collect()
+    }
+
+    pub fn leader(&self) -> Option<usize> {
+        self.status().into_iter().find(|(_, l)| *l).map(|(i, _)| i)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
