@@ -17,6 +17,11 @@ command -v cpio >/dev/null || need_pkgs+=(cpio)
 command -v xz >/dev/null || need_pkgs+=(xz-utils)
 command -v lz4 >/dev/null || need_pkgs+=(lz4)
 command -v zstd >/dev/null || need_pkgs+=(zstd)
+# The etcd witness: protoc builds the etcd-client crate's gRPC code; a real
+# 3-member etcd runs in tests/ft_etcd.rs (scripts/etcd-cluster.sh for users).
+command -v protoc >/dev/null || need_pkgs+=(protobuf-compiler)
+command -v etcd >/dev/null || need_pkgs+=(etcd-server)
+command -v etcdctl >/dev/null || need_pkgs+=(etcd-client)
 if ((${#need_pkgs[@]})); then
     echo "setup: installing ${need_pkgs[*]}" >&2
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

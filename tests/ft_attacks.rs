@@ -146,7 +146,7 @@ fn a_forged_log_is_not_taken_by_the_backup() {
     // The real primary's log is the one the backup takes, and replays.
     let (primary, p) = start_primary(&w, "seconds=4");
     let console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
-    let mut c = Cluster { w, witness, backup, b, primary, p, console };
+    let mut c = Cluster { w, witness: Some(witness), backup, b, primary, p, console };
     wait_for("output", Duration::from_secs(10), || c.console.out().contains("[0005]"));
     assert_eq!(c.backup.err().matches("receiving the log of view").count(), 1, "{}", c.backup.err());
     fails_over_whole(&mut c, 40);

@@ -1,0 +1,225 @@
+//! Fault tolerance with the view in a real 3-member etcd cluster
+//! (`--witness etcd://...`): the FT scenarios of the embedded witness run
+//! again (tests/common/scenarios.rs), then etcd's own failures: its leader
+//! killed, two of three members killed, the primary cut off from etcd,
+//! credentials, and a prefix that holds something else.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+#[path = "common/cluster.rs"]
+mod cluster;
+use cluster::*;
+#[path = "common/scenarios.rs"]
+mod scenarios;
+use scenarios::*;
+#[path = "common/etcd.rs"]
+mod etcd;
+use etcd::Etcd;
+
+/// One etcd cluster shared by the tests that do not hurt it; each test's
+/// view under its own prefix.
+fn shared() -> &'static Etcd {
+    static E: OnceLock<Etcd> = OnceLock::new();
+    E.get_or_init(Etcd::start)
+}
+
+fn prefix(name: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("/ftvm-test/{}-{name}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn fresh_shared() -> (Option<Proc>, String) {
+    (None, shared().witness(&prefix("vm")))
+}
+
+#[test]
+fn etcd_primary_killed_at_random_moments_console_stays_whole() {
+    let t = primary_killed_at_random_moments(&fresh_shared, 8, 2);
+    let seen: Vec<_> = t.iter().filter(|&&ms| ms > 0).collect();
+    if !seen.is_empty() {
+        eprintln!("etcd failover ms: p50 {} max {}", seen[seen.len() / 2], seen[seen.len() - 1]);
+    }
+}
+
+#[test]
+fn etcd_backup_killed_at_random_moments_primary_carries_on() {
+    backup_killed_at_random_moments(&fresh_shared, 4);
+}
+
+#[test]
+fn etcd_a_second_primary_is_refused() {
+    a_second_primary_is_refused(&fresh_shared);
+}
+
+#[test]
+fn etcd_reprotected_vm_survives_a_second_failover() {
+    reprotected_vm_survives_a_second_failover(&fresh_shared);
+}
+
+#[test]
+fn etcd_typed_input_across_a_failover() {
+    typed_input_across_a_failover(&fresh_shared);
+}
+
+/// The longest time the console printed nothing, sampled until it exits.
+fn longest_pause(console: &mut Proc, limit: Duration) -> Duration {
+    let (t0, mut last_len, mut last_change, mut longest) = (Instant::now(), 0, Instant::now(), Duration::ZERO);
+    while console.child.try_wait().unwrap().is_none() && t0.elapsed() < limit {
+        let len = console.out().len();
+        if len != last_len {
+            longest = longest.max(last_change.elapsed());
+            (last_len, last_change) = (len, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    longest
+}
+
+#[test]
+fn etcd_leader_killed_during_a_run_loses_nothing() {
+    let mut e = Etcd::start();
+    let mut c = start_on((None, e.witness("/ftvm/leader")), 8);
+    wait_for("output", Duration::from_secs(10), || c.console.out().contains("[0010]"));
+    let leader = e.leader().expect("a leader");
+    e.kill(leader);
+    eprintln!("killed etcd leader m{}", leader + 1);
+    let pause = longest_pause(&mut c.console, Duration::from_secs(3));
+    e.restart(leader);
+    let pause = pause.max(longest_pause(&mut c.console, Duration::from_secs(30)));
+    eprintln!("longest pause of the console's output: {pause:?}");
+    assert_eq!(c.console.wait(Duration::from_secs(30)), Some(0), "{}\nprimary:\n{}", c.console.err(), c.primary.err());
+    check_console(&c.console.out(), 80).unwrap();
+    // The primary kept (or got back) its lease: the backup never took over.
+    assert!(first_new_output(&c.console.err()).is_none(), "{}", c.console.err());
+    assert!(pause < Duration::from_secs(5), "output paused {pause:?}");
+}
+
+#[test]
+fn etcd_two_of_three_members_killed_output_pauses_then_goes_on() {
+    let mut e = Etcd::start();
+    let mut c = start_on((None, e.witness("/ftvm/quorum")), 20);
+    wait_for("output", Duration::from_secs(10), || c.console.out().contains("[0010]"));
+    let primary = member_of(&c.w, "primary");
+    e.kill(0);
+    e.kill(1);
+    // No quorum: no lease is renewed; within one lease (1 s) and the
+    // margin the primary releases nothing more.
+    std::thread::sleep(Duration::from_millis(1500));
+    let held = c.console.out().len();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.console.out().len(), held, "output went on without a quorum");
+    e.restart(0);
+    e.wait_healthy(2);
+    wait_for("output to go on", Duration::from_secs(20), || c.console.out().len() > held);
+    assert_eq!(c.console.wait(Duration::from_secs(60)), Some(0), "{}\nprimary:\n{}\nbackup:\n{}", c.console.err(), c.primary.err(), c.backup.err());
+    check_console(&c.console.out(), 200).unwrap();
+    // Nobody was promoted while the primary was only cut off from etcd.
+    assert!(first_new_output(&c.console.err()).is_none(), "{}", c.console.err());
+    assert!(c.primary.err().contains(&format!("{primary} is primary of view")), "{primary}");
+}
+
+#[test]
+fn etcd_primary_cut_off_from_etcd_goes_quiet_before_the_backup_goes_live() {
+    let e = shared();
+    let p = prefix("cut");
+    let cut = new_cut();
+    // The primary reaches every member through a proxy that can be cut.
+    let proxied: Vec<String> = e
+        .endpoints()
+        .split(',')
+        .map(|to| {
+            let at = addr();
+            proxy(&at, to.to_string(), cut.clone());
+            at
+        })
+        .collect();
+    let wp = format!("etcd://{}{p}", proxied.join(","));
+    primary_cut_off_goes_quiet_before_the_backup_goes_live(&e.witness(&p), &wp, &cut);
+}
+
+#[test]
+fn etcd_errors_are_clear() {
+    let e = shared();
+    let run = |w: &str, key: Option<&str>| {
+        let mut args = vec!["primary", "--witness", w, "--no-stdin", "--cmdline", "seconds=1"];
+        let l = addr();
+        args.extend(["--listen", &l]);
+        if let Some(k) = key {
+            args.extend(["--key", k]);
+        }
+        let o = ft(&args).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    // Nobody at the endpoint.
+    let nobody = format!("etcd://{}/x", addr());
+    let t0 = Instant::now();
+    let (ok, err) = run(&nobody, None);
+    assert!(!ok && err.contains("cannot reach the etcd cluster"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    // A prefix holding someone else's data.
+    let p = prefix("foreign");
+    let o = e.etcdctl(&["put", &format!("{p}/config"), "not ftvm"]);
+    assert!(o.status.success(), "{o:?}");
+    let (ok, err) = run(&e.witness(&p), None);
+    assert!(!ok && err.contains("holds data that is not an ftvm witness's"), "{err}");
+    // A prefix holding another ftvm cluster's view (another cluster key).
+    let p = prefix("other");
+    let (ok, err) = run(&e.witness(&p), None);
+    assert!(ok, "{err}");
+    let other_key = keygen("other-etcd.key");
+    let (ok, err) = run(&e.witness(&p), Some(&other_key));
+    assert!(!ok && err.contains("another ftvm cluster"), "{err}");
+    // etcd options on an embedded witness, and a bad endpoint.
+    let o = ft(&["status", "--witness", "127.0.0.1:1", "--witness-prefix", "/x"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("are for an etcd witness"), "{o:?}");
+    let o = ft(&["status", "--witness", "etcd://nohostport"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is not HOST:PORT"), "{o:?}");
+}
+
+#[test]
+fn etcd_with_users_and_passwords() {
+    let e = Etcd::start();
+    let ctl = |args: &[&str]| {
+        let o = e.etcdctl(args);
+        assert!(o.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    ctl(&["user", "add", "root:rootpw"]);
+    ctl(&["role", "add", "ftvm-web1"]);
+    ctl(&["role", "grant-permission", "ftvm-web1", "--prefix=true", "readwrite", "/ftvm/web1/"]);
+    ctl(&["user", "add", "web1:s3cret-pw"]);
+    ctl(&["user", "grant-role", "web1", "ftvm-web1"]);
+    ctl(&["auth", "enable"]);
+    let dir = scratch();
+    let pw = dir.join("etcd-web1.pw");
+    std::fs::write(&pw, "s3cret-pw\n").unwrap();
+    let bad = dir.join("etcd-web1.badpw");
+    std::fs::write(&bad, "guess\n").unwrap();
+    let w = e.witness("/ftvm/web1");
+    let with = |args: &[&str], pwfile: &std::path::Path| {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend(["--etcd-user".into(), "web1".into(), "--etcd-password-file".into(), pwfile.display().to_string()]);
+        v
+    };
+    // Without credentials, with a wrong password: clear errors.
+    let o = ft(&["status", "--witness", &w]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("etcd"), "{err}");
+    let args = with(&["status", "--witness", &w], &bad);
+    let o = ft(&args.iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("did not accept the credentials"), "{err}");
+    // With them: a protected VM fails over whole.
+    let b = with(&["backup", "--witness", &w], &pw);
+    let (backup, _) = listening(&b.iter().map(String::as_str).collect::<Vec<_>>(), "waiting for the primary");
+    let p = with(&["primary", "--witness", &w, "--no-stdin", "--cmdline", "seconds=4"], &pw);
+    let (mut primary, _) = listening(&p.iter().map(String::as_str).collect::<Vec<_>>(), "is primary of view");
+    let c = with(&["console", "--witness", &w, "--give-up", "15"], &pw);
+    let mut console = Proc::spawn(&c.iter().map(String::as_str).collect::<Vec<_>>());
+    wait_for("output", Duration::from_secs(10), || console.out().contains("[0010]"));
+    primary.kill9();
+    assert_eq!(console.wait(Duration::from_secs(30)), Some(0), "{}\n{}", console.err(), backup.err());
+    check_console(&console.out(), 40).unwrap();
+    assert!(first_new_output(&console.err()).is_some(), "{}", console.err());
+}
