@@ -223,3 +223,61 @@ fn etcd_with_users_and_passwords() {
     check_console(&console.out(), 40).unwrap();
     assert!(first_new_output(&console.err()).is_some(), "{}", console.err());
 }
+
+/// gRPC messages etcd's members have received so far (their /metrics).
+fn etcd_requests(e: &Etcd) -> u64 {
+    use std::io::{Read, Write};
+    e.members
+        .iter()
+        .filter_map(|m| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", m.client)).ok()?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+            let mut body = String::new();
+            s.read_to_string(&mut body).ok()?;
+            Some(
+                body.lines()
+                    .filter(|l| l.starts_with("grpc_server_msg_received_total{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>() as u64,
+            )
+        })
+        .sum()
+}
+
+/// `scripts/bench-etcd.sh`: failover time with etcd next to the embedded
+/// witness (alternating, one at a time, every run checked whole), and
+/// what one protected VM costs etcd (requests per second, all members).
+#[test]
+#[ignore]
+fn bench_etcd() {
+    let kills: usize = std::env::var("FTVM_BENCH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let mut seed = (unix_ms() as u64) | 1;
+    eprintln!("etcd bench: {kills} kills per witness, seed {seed}");
+    let (mut embedded, mut on_etcd) = (Vec::new(), Vec::new());
+    for i in 0..kills {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let d = Duration::from_millis(1000 + seed % 2000);
+        for (times, fresh) in [(&mut embedded, &fresh_embedded as Fresh), (&mut on_etcd, &fresh_shared as Fresh)] {
+            match primary_kill_trial(fresh, d) {
+                Ok(ms) if ms > 0 => times.push(ms),
+                Ok(_) => {}
+                Err(e) => panic!("trial {i}: {e}"),
+            }
+        }
+    }
+    for (name, t) in [("embedded", &mut embedded), ("etcd", &mut on_etcd)] {
+        t.sort();
+        let q = |p: usize| t.get((t.len() * p / 100).min(t.len().saturating_sub(1))).copied().unwrap_or(0);
+        eprintln!("failover_ms witness={name}: n={} p50={} p99={} max={} all={t:?}", t.len(), q(50), q(99), t.last().unwrap_or(&0));
+    }
+    let e = shared();
+    let c = start_on(fresh_shared(), 30);
+    std::thread::sleep(Duration::from_secs(3));
+    let (r0, t0) = (etcd_requests(e), Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    let (r1, secs) = (etcd_requests(e), t0.elapsed().as_secs_f64());
+    eprintln!("etcd_requests_per_s one protected VM (primary + backup + console): {:.0}", (r1 - r0) as f64 / secs);
+    drop(c);
+}
