@@ -33,36 +33,7 @@ fn primary_killed_at_random_moments_console_stays_whole() {
 /// over in the middle of the spin, and the console stays one run's output.
 #[test]
 fn a_primary_killed_while_its_guest_spins_fails_over_whole() {
-    let (_witness, w) = start_witness();
-    let (backup, _b) = start_backup(&w);
-    let (mut primary, _p) = start_primary(&w, "spin3=150 spinkb=512 hz=100 seconds=1 lines=10");
-    let mut console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
-    wait_for("the spin to start", Duration::from_secs(20), || console.out().contains("[spin] cpl=3 start"));
-    std::thread::sleep(Duration::from_millis(600));
-    assert!(!console.out().contains("[spin] cpl=3 ticks="), "the spin ended before the kill:\n{}", console.out());
-    primary.kill9();
-    let code = console.wait(Duration::from_secs(60));
-    let out = console.out();
-    assert_eq!(code, Some(0), "console: {}\nbackup:\n{}", console.err(), backup.err());
-    assert_eq!(out.matches("[spin] cpl=3 ticks=").count(), 1, "{out}");
-    let ticks: u64 = out
-        .split("[spin] cpl=3 ticks=")
-        .nth(1)
-        .and_then(|r| r.split(' ').next()?.parse().ok())
-        .unwrap();
-    assert!(ticks >= 150, "{out}");
-    check_console(&out, 10).unwrap();
-    let mut backup = backup;
-    assert_eq!(backup.wait(Duration::from_secs(30)), Some(0), "{}", backup.err());
-    let b = backup.err();
-    assert!(b.contains("live at exit"), "{b}");
-    // Its summary counts the resyncs it replayed and the ones it made live.
-    let resyncs: u64 = b
-        .split(" resync)")
-        .next()
-        .and_then(|s| s.rsplit(", ").next()?.parse().ok())
-        .unwrap_or(0);
-    assert!(resyncs >= 100, "{resyncs} resyncs for 150 ticks of spinning:\n{b}");
+    primary_killed_while_its_guest_spins(&fresh_embedded);
 }
 
 #[test]
@@ -72,20 +43,7 @@ fn backup_killed_at_random_moments_primary_carries_on() {
 
 #[test]
 fn stopped_backup_holds_output_while_the_guest_runs_on() {
-    let mut c = start(4);
-    wait_for("console output", Duration::from_secs(10), || c.console.out().contains("[0005]"));
-    c.backup.signal("STOP");
-    std::thread::sleep(Duration::from_millis(300));
-    let held = c.console.out().len();
-    let exit_before = primary_exit(&c.w);
-    std::thread::sleep(Duration::from_millis(900));
-    let exit_after = primary_exit(&c.w);
-    assert_eq!(c.console.out().len(), held, "output advanced while the backup could not acknowledge it");
-    assert!(exit_after > exit_before + 50, "the guest did not keep running: exit #{exit_before} -> #{exit_after}");
-    c.backup.signal("CONT");
-    assert_eq!(c.console.wait(Duration::from_secs(30)), Some(0), "{}", c.console.err());
-    check_console(&c.console.out(), 40).unwrap();
-    assert!(c.console.out().len() > held);
+    stopped_backup_holds_output(&fresh_embedded);
 }
 
 /// Rule 3 and identity: a stream for an older view, or for another

@@ -59,6 +59,16 @@ fn etcd_reprotected_vm_survives_a_second_failover() {
 }
 
 #[test]
+fn etcd_a_primary_killed_while_its_guest_spins_fails_over_whole() {
+    primary_killed_while_its_guest_spins(&fresh_shared);
+}
+
+#[test]
+fn etcd_stopped_backup_holds_output_while_the_guest_runs_on() {
+    stopped_backup_holds_output(&fresh_shared);
+}
+
+#[test]
 fn etcd_typed_input_across_a_failover() {
     typed_input_across_a_failover(&fresh_shared);
 }

@@ -8,8 +8,8 @@
 //! PREFIX/cluster   "ftvm-witness 1 key=FP": whose view this is (FP: a
 //!                  fingerprint of the cluster key), made by the first primary
 //! PREFIX/state     the rules' state as one line (`State::stored_line`)
-//! PREFIX/primary   the primary's name, attached to its process's etcd lease
-//! PREFIX/backup    the backup's name, attached to its process's etcd lease
+//! PREFIX/primary   the primary's name, attached to its primary lease
+//! PREFIX/backup    the backup's name, attached to its backup lease
 //! ```
 //!
 //! Every operation reads the prefix at one revision (a linearizable
@@ -19,9 +19,11 @@
 //! was based on changed; otherwise it is taken again). Liveness is etcd's:
 //! the primary's lease is alive while `PREFIX/primary` exists with its
 //! name (etcd deletes it when the lease expires), the backup likewise.
-//! Each role process holds one etcd lease, renewed (keep-alive) at the
-//! start of every ping, join or promotion, after the caller took the time
-//! its own lease is counted from; the safety argument is in
+//! A role process holds an etcd lease for the role it plays (the
+//! primary's short, [`PRIMARY_TTL_SECS`]; the backup's as long as the
+//! embedded witness's backup timeout, [`BACKUP_TTL_SECS`]), renewed
+//! (keep-alive) at the start of every ping, join or promotion, after the
+//! caller took the time its own lease is counted from; the safety argument is in
 //! docs/DESIGN.md ("The witness on etcd").
 //!
 //! The etcd client is async; each process runs one small tokio runtime
@@ -44,12 +46,15 @@ use crate::ft::lease_clock::BootInstant;
 /// Every etcd request: a member that does not answer within this is
 /// taken as unreachable for this call (the roles retry).
 const CALL_TIMEOUT: Duration = Duration::from_secs(1);
-/// The lease asked for; etcd grants at least its minimum
+/// The primary's lease asked for; etcd grants at least its minimum
 /// (1.5 election timeouts, rounded up to whole seconds: 2 s with etcd's
 /// defaults), and the granted length is what counts.
-const ASK_TTL_SECS: i64 = 1;
+const PRIMARY_TTL_SECS: i64 = 1;
+/// A backup silent this long drops out of the view (as
+/// `BACKUP_TIMEOUT` with the embedded witness).
+const BACKUP_TTL_SECS: i64 = 2;
 /// Progress (ordinals, bytes released) is written at most this often.
-const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// A transaction that lost a race is taken again this many times.
 const TRIES: usize = 8;
 const MARK: &str = "ftvm-witness 1";
@@ -136,7 +141,30 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
     .map_err(Clone::clone)
 }
 
-/// This process's etcd lease (0: none yet, or etcd said it expired).
+/// The role a lease is held for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Role {
+    Primary,
+    Backup,
+}
+
+impl Role {
+    fn ask_secs(self) -> i64 {
+        match self {
+            Role::Primary => PRIMARY_TTL_SECS,
+            Role::Backup => BACKUP_TTL_SECS,
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        }
+    }
+}
+
+/// One of this process's etcd leases (0: none yet, or etcd said it expired).
 #[derive(Default)]
 struct Lease {
     id: i64,
@@ -144,14 +172,15 @@ struct Lease {
     keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
 }
 
-/// One connection and one lease per process and target, shared by all of
-/// the process's witness clients: the role's name in the view hangs on
-/// one lease, whichever thread renews it.
+/// One connection and one lease per role per process and target, shared
+/// by all of the process's witness clients: the role's name in the view
+/// hangs on one lease, whichever thread renews it.
 struct Session {
     target: EtcdTarget,
     fingerprint: String,
     client: Mutex<Option<Client>>,
-    lease: Mutex<Lease>,
+    /// Leases for the primary role and the backup role.
+    leases: [Mutex<Lease>; 2],
     /// The prefix was found to be this cluster's (or empty).
     checked: Mutex<bool>,
 }
@@ -172,7 +201,7 @@ fn session(target: &EtcdTarget, key: &ClusterKey) -> Arc<Session> {
                 target: target.clone(),
                 fingerprint,
                 client: Mutex::new(None),
-                lease: Mutex::new(Lease::default()),
+                leases: Default::default(),
                 checked: Mutex::new(false),
             })
         })
@@ -304,11 +333,15 @@ impl Session {
         Ok(())
     }
 
-    /// Keeps this process's lease alive (or takes a new one if etcd says
-    /// it expired); returns its id and length.
-    fn renew(&self) -> Result<(i64, Duration), WitnessError> {
+    fn lease(&self, role: Role) -> std::sync::MutexGuard<'_, Lease> {
+        self.leases[role as usize].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps this process's lease for `role` alive (or takes a new one if
+    /// etcd says it expired); returns its id and length.
+    fn renew(&self, role: Role) -> Result<(i64, Duration), WitnessError> {
         let mut client = self.client()?;
-        let mut l = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        let mut l = self.lease(role);
         if l.id != 0 {
             if l.keeper.is_none() {
                 l.keeper = Some(self.call(client.lease_keep_alive(l.id))?);
@@ -333,14 +366,14 @@ impl Session {
                 }
             }
         }
-        let r = self.call(client.lease_grant(ASK_TTL_SECS, None))?;
+        let r = self.call(client.lease_grant(role.ask_secs(), None))?;
         *l = Lease { id: r.id(), ttl: Duration::from_secs(r.ttl().max(1) as u64), keeper: None };
-        log::info!("witness: etcd lease {:x} of {:?}", l.id, l.ttl);
+        log::info!("witness: etcd {role:?} lease {:x} of {:?}", l.id, l.ttl);
         Ok((l.id, l.ttl))
     }
 
-    fn ttl(&self) -> Option<Duration> {
-        let l = self.lease.lock().unwrap_or_else(|e| e.into_inner());
+    fn ttl(&self, role: Role) -> Option<Duration> {
+        let l = self.lease(role);
         (l.id != 0).then_some(l.ttl)
     }
 
@@ -366,10 +399,12 @@ enum Op<'a> {
 }
 
 impl Op<'_> {
-    /// The member asking, if the request holds a role (and so renews its lease).
-    fn holder(&self) -> Option<&str> {
+    /// The member asking and the role whose lease the request renews
+    /// (a promotion renews the primary lease it is about to hold).
+    fn holder(&self) -> Option<(&str, Role)> {
         match self {
-            Op::BecomePrimary { me, .. } | Op::BackupPing { me, .. } | Op::PrimaryPing { me, .. } | Op::Promote { me, .. } => Some(me),
+            Op::BecomePrimary { me, .. } | Op::PrimaryPing { me, .. } | Op::Promote { me, .. } => Some((me, Role::Primary)),
+            Op::BackupPing { me, .. } => Some((me, Role::Backup)),
             _ => None,
         }
     }
@@ -413,10 +448,10 @@ impl EtcdWitness {
     /// on moved meanwhile; the rule's answer as `key=value` tokens.
     fn run(&mut self, op: Op) -> Result<HashMap<String, String>, WitnessError> {
         let s = self.session.clone();
-        let lease = match op.holder() {
-            Some(me) => {
+        let mut lease = match op.holder() {
+            Some((me, role)) => {
                 check_name(me).map_err(|m| self.refused(m))?;
-                Some(s.renew()?)
+                Some(s.renew(role)?)
             }
             None => None,
         };
@@ -443,13 +478,14 @@ impl EtcdWitness {
             self.promote_asked = st.promote_asked().map(|t| (before.number, t));
 
             let mut ops = Vec::new();
-            if let (Some(me), Some((id, _)), true) = (op.holder(), lease, answer.is_ok()) {
-                let holds = |e: &Entry| e.holds(me) && e.lease == id;
-                if st.view.primary.as_deref() == Some(me) && !holds(&snap.primary) {
-                    ops.push(TxnOp::put(s.target.key("primary"), me, Some(PutOptions::new().with_lease(id))));
-                }
-                if st.view.backup.as_deref() == Some(me) && !holds(&snap.backup) {
-                    ops.push(TxnOp::put(s.target.key("backup"), me, Some(PutOptions::new().with_lease(id))));
+            if let (Some((me, role)), Some((id, _)), true) = (op.holder(), lease, answer.is_ok()) {
+                // The role's key names it under the lease just renewed.
+                let (entry, holds_role) = match role {
+                    Role::Primary => (&snap.primary, st.view.primary.as_deref() == Some(me)),
+                    Role::Backup => (&snap.backup, st.view.backup.as_deref() == Some(me)),
+                };
+                if holds_role && !(entry.holds(me) && entry.lease == id) {
+                    ops.push(TxnOp::put(s.target.key(role.key()), me, Some(PutOptions::new().with_lease(id))));
                 }
                 if snap.backup.holds(me) && st.view.backup.as_deref() != Some(me) {
                     ops.push(TxnOp::delete(s.target.key("backup"), None));
@@ -469,9 +505,9 @@ impl EtcdWitness {
                     Ok(_) => continue, // something moved: decide again
                     Err(WitnessError::EtcdUnreachable { msg, .. }) if msg.contains("lease not found") => {
                         // Our lease expired between renewal and commit.
-                        *s.lease.lock().unwrap_or_else(|e| e.into_inner()) = Lease::default();
-                        if op.holder().is_some() {
-                            s.renew()?;
+                        if let Some((_, role)) = op.holder() {
+                            *s.lease(role) = Lease::default();
+                            lease = Some(s.renew(role)?);
                         }
                         continue;
                     }
@@ -531,7 +567,7 @@ impl WitnessApi for EtcdWitness {
     }
 
     fn lease(&self) -> Duration {
-        self.session.ttl().unwrap_or(Duration::from_secs(ASK_TTL_SECS as u64))
+        self.session.ttl(Role::Primary).unwrap_or(Duration::from_secs(PRIMARY_TTL_SECS as u64))
     }
 
     fn describe(&self) -> String {
