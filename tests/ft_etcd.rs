@@ -149,6 +149,37 @@ fn etcd_primary_cut_off_from_etcd_goes_quiet_before_the_backup_goes_live() {
     primary_cut_off_goes_quiet_before_the_backup_goes_live(&e.witness(&p), &wp, &cut);
 }
 
+/// A primary alone, cut off from etcd for three leases: it holds its
+/// output, then takes up its lease again (nobody else could take over)
+/// and the console is one run's output.
+#[test]
+fn etcd_a_primary_alone_cut_off_and_back_takes_up_its_lease_again() {
+    let e = shared();
+    let p = prefix("alone");
+    let cut = new_cut();
+    let proxied: Vec<String> = e
+        .endpoints()
+        .split(',')
+        .map(|to| {
+            let at = addr();
+            proxy(&at, to.to_string(), cut.clone());
+            at
+        })
+        .collect();
+    let (mut primary, _) = start_primary(&format!("etcd://{}{p}", proxied.join(",")), "seconds=8");
+    let mut console = Proc::spawn(&["console", "--witness", &e.witness(&p), "--give-up", "30"]);
+    wait_for("output", Duration::from_secs(10), || console.out().contains("[0010]"));
+    cut.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1500));
+    let held = console.out().len();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(console.out().len(), held, "output went on without a lease");
+    cut.store(false, Ordering::SeqCst);
+    assert_eq!(console.wait(Duration::from_secs(30)), Some(0), "{}\nprimary:\n{}", console.err(), primary.err());
+    check_console(&console.out(), 80).unwrap();
+    assert_eq!(primary.wait(Duration::from_secs(10)), Some(0), "{}", primary.err());
+}
+
 #[test]
 fn etcd_errors_are_clear() {
     let e = shared();
@@ -190,7 +221,8 @@ fn etcd_errors_are_clear() {
 
 #[test]
 fn etcd_with_users_and_passwords() {
-    let e = Etcd::start();
+    // Tokens that expire within the run: the roles must get new ones.
+    let e = Etcd::start_with(&["--auth-token-ttl", "2"]);
     let ctl = |args: &[&str]| {
         let o = e.etcdctl(args);
         assert!(o.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
@@ -223,14 +255,15 @@ fn etcd_with_users_and_passwords() {
     // With them: a protected VM fails over whole.
     let b = with(&["backup", "--witness", &w], &pw);
     let (backup, _) = listening(&b.iter().map(String::as_str).collect::<Vec<_>>(), "waiting for the primary");
-    let p = with(&["primary", "--witness", &w, "--no-stdin", "--cmdline", "seconds=4"], &pw);
+    let p = with(&["primary", "--witness", &w, "--no-stdin", "--cmdline", "seconds=8"], &pw);
     let (mut primary, _) = listening(&p.iter().map(String::as_str).collect::<Vec<_>>(), "is primary of view");
     let c = with(&["console", "--witness", &w, "--give-up", "15"], &pw);
     let mut console = Proc::spawn(&c.iter().map(String::as_str).collect::<Vec<_>>());
-    wait_for("output", Duration::from_secs(10), || console.out().contains("[0010]"));
+    // Past two token lifetimes before the kill.
+    wait_for("output", Duration::from_secs(15), || console.out().contains("[0050]"));
     primary.kill9();
     assert_eq!(console.wait(Duration::from_secs(30)), Some(0), "{}\n{}", console.err(), backup.err());
-    check_console(&console.out(), 40).unwrap();
+    check_console(&console.out(), 80).unwrap();
     assert!(first_new_output(&console.err()).is_some(), "{}", console.err());
 }
 

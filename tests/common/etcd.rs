@@ -18,6 +18,7 @@ pub struct Etcd {
     pub members: Vec<Member>,
     dir: PathBuf,
     initial: String,
+    extra: Vec<String>,
 }
 
 fn port() -> u16 {
@@ -31,13 +32,18 @@ pub fn available() -> bool {
 
 impl Etcd {
     pub fn start() -> Etcd {
+        Etcd::start_with(&[])
+    }
+
+    /// With more etcd options for every member.
+    pub fn start_with(extra: &[&str]) -> Etcd {
         assert!(available(), "etcd is not installed: run scripts/setup.sh (Debian package etcd-server)");
         let dir = std::env::temp_dir().join(format!("ftvm-etcd-{}-{}", std::process::id(), port()));
         std::fs::create_dir_all(&dir).unwrap();
         let members: Vec<Member> =
             (1..=3).map(|i| Member { name: format!("m{i}"), client: port(), peer: port(), child: None }).collect();
         let initial = members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer)).collect::<Vec<_>>().join(",");
-        let mut e = Etcd { members, dir, initial };
+        let mut e = Etcd { members, dir, initial, extra: extra.iter().map(|s| s.to_string()).collect() };
         for i in 0..3 {
             e.restart(i);
         }
@@ -69,6 +75,7 @@ impl Etcd {
             .args(["--initial-cluster-token", &format!("ftvm-test-{}", self.dir.display())])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(["--logger", "zap", "--log-level", "warn"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

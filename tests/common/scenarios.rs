@@ -185,6 +185,10 @@ pub fn primary_cut_off_goes_quiet_before_the_backup_goes_live(w: &str, wp: &str,
     wait_for("output", Duration::from_secs(10), || console.out().contains("[0005]"));
     cut.store(true, Ordering::SeqCst);
     let cut_at = unix_ms();
+    // Reconnected once the backup is live (its guest still running), the
+    // old primary learns it was replaced and stops (75), releasing nothing.
+    wait_for("the backup to go live", Duration::from_secs(20), || first_new_output(&console.err()).is_some());
+    cut.store(false, Ordering::SeqCst);
     assert_eq!(console.wait(Duration::from_secs(30)), Some(0), "{}\n{}", console.err(), backup.err());
     check_console(&console.out(), 50).map_err(|e| format!("{e}\nconsole:\n{}\nbackup:\n{}\nprimary:\n{}", console.err(), backup.err(), primary.err())).unwrap();
     let first_new = first_new_output(&console.err()).expect("the backup never went live");
@@ -192,6 +196,8 @@ pub fn primary_cut_off_goes_quiet_before_the_backup_goes_live(w: &str, wp: &str,
     assert!(last_old < first_new, "the old primary released output at {last_old}, after the new one started at {first_new} (cut at {cut_at})");
     eprintln!("cut at {cut_at}: old primary's last output +{} ms, new primary's first +{} ms", last_old.saturating_sub(cut_at), first_new - cut_at);
     assert!(primary.err().contains("lease expired"), "{}", primary.err());
+    let mut primary = primary;
+    assert_eq!(primary.wait(Duration::from_secs(15)), Some(75), "{}", primary.err());
 }
 
 /// A primary killed while its guest computes without exiting (CPL3, the

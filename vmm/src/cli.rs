@@ -534,21 +534,25 @@ pub fn main() -> Result<i32> {
         }
         Cmd::Status { witness, key } => {
             let s = WitnessClient::new(&witness.at()?, &key.load()?).status()?;
-            println!("state: {}", s.state());
-            println!("view: {}", s.view.number);
-            println!("run: {}", s.view.run.as_deref().unwrap_or("none"));
-            println!("primary: {}", s.view.primary.as_deref().unwrap_or("none"));
             let ready = if s.backup_ready { format!("holds the state, replayed to exit #{}", s.backup_applied) } else { "joining".into() };
-            match &s.view.backup {
-                Some(b) => println!("backup: {b} ({}, {ready})", if s.backup_alive { "alive" } else { "silent" }),
-                None => println!("backup: none"),
-            }
-            match s.lease_left_ms {
-                Some(ms) => println!("lease: {ms} ms left"),
-                None => println!("lease: none"),
-            }
-            println!("log: primary at exit #{}, backup acknowledged #{} (lag {} exits)", s.primary_sent, s.primary_acked, s.primary_sent.saturating_sub(s.primary_acked));
-            println!("output: {} bytes released", s.released);
+            let backup = match &s.view.backup {
+                Some(b) => format!("{b} ({}, {ready})", if s.backup_alive { "alive" } else { "silent" }),
+                None => "none".into(),
+            };
+            let lease = s.lease_left_ms.map_or("none".into(), |ms| format!("{ms} ms left"));
+            let text = format!(
+                "state: {}\nview: {}\nrun: {}\nprimary: {}\nbackup: {backup}\nlease: {lease}\nlog: primary at exit #{}, backup acknowledged #{} (lag {} exits)\noutput: {} bytes released\n",
+                s.state(),
+                s.view.number,
+                s.view.run.as_deref().unwrap_or("none"),
+                s.view.primary.as_deref().unwrap_or("none"),
+                s.primary_sent,
+                s.primary_acked,
+                s.primary_sent.saturating_sub(s.primary_acked),
+                s.released
+            );
+            // A reader that stops early (`| head -1`) is not an error.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
             Ok(0)
         }
         Cmd::Log { cmd: LogCmd::Dump { file } } => log_dump(&file),

@@ -164,12 +164,21 @@ impl Role {
     }
 }
 
-/// One of this process's etcd leases (0: none yet, or etcd said it expired).
+/// The etcd lease of one member in one role (id 0: none yet, or etcd
+/// said it expired). A lease belongs to a member, not to the process: a
+/// backup that rejoins as a new member must not keep its old name alive.
 #[derive(Default)]
 struct Lease {
+    member: String,
     id: i64,
     ttl: Duration,
     keeper: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    /// When it was granted or a request of its role last went through.
+    ok_at: Option<BootInstant>,
+}
+
+fn not_found(e: &WitnessError) -> bool {
+    matches!(e, WitnessError::EtcdUnreachable { msg, .. } if msg.to_lowercase().contains("lease not found"))
 }
 
 /// One connection and one lease per role per process and target, shared
@@ -267,7 +276,10 @@ impl Session {
             .with_timeout(CALL_TIMEOUT)
             // A member cut off from the others answers nothing rather
             // than something stale.
-            .with_require_leader(true);
+            .with_require_leader(true)
+            // Tokens expire (simple tokens after --auth-token-ttl, JWTs
+            // after their ttl): get a new one rather than fail for good.
+            .with_auto_token_refresh(true);
         if let Some((u, p)) = &self.target.user {
             opts = opts.with_user(u.clone(), p.clone());
         }
@@ -324,8 +336,9 @@ impl Session {
                     .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
                     .and_then([TxnOp::put(key, want, None)]);
                 if !self.call(client.txn(txn))?.succeeded() {
-                    // Someone marked it meanwhile: check again next time.
-                    return Err(WitnessError::EtcdUnreachable { at: self.at(), msg: format!("{prefix} was being set up by another member; try again") });
+                    // Another role marked it meanwhile: check its mark.
+                    drop(checked);
+                    return self.check_prefix(&self.read()?, false);
                 }
             }
         }
@@ -337,39 +350,101 @@ impl Session {
         self.leases[role as usize].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps this process's lease for `role` alive (or takes a new one if
-    /// etcd says it expired); returns its id and length.
-    fn renew(&self, role: Role) -> Result<(i64, Duration), WitnessError> {
+    /// Keeps the lease of `me` in `role` alive (or takes a new one if
+    /// etcd says it expired, or `me` is a new member); returns its id and
+    /// length.
+    fn renew(&self, role: Role, me: &str) -> Result<(i64, Duration), WitnessError> {
         let mut client = self.client()?;
         let mut l = self.lease(role);
+        if l.member != me {
+            // The old member's lease is left to lapse, and its name with it.
+            *l = Lease { member: me.to_string(), ..Lease::default() };
+        }
         if l.id != 0 {
-            if l.keeper.is_none() {
-                l.keeper = Some(self.call(client.lease_keep_alive(l.id))?);
-            }
-            let (keeper, stream) = l.keeper.as_mut().expect("set above");
-            let answer = self.call(async {
-                keeper.keep_alive().await?;
-                stream.message().await
-            });
-            match answer {
-                Ok(Some(r)) if r.ttl() > 0 => {
-                    l.ttl = Duration::from_secs(r.ttl() as u64);
-                    return Ok((l.id, l.ttl));
-                }
-                Ok(_) => {
-                    log::warn!("witness: etcd lease {:x} expired; taking a new one", l.id);
-                    *l = Lease::default();
-                }
-                Err(e) => {
-                    l.keeper = None;
-                    return Err(e);
+            let quiet = l.ok_at.map_or(Duration::ZERO, |t| t.elapsed());
+            if quiet > 2 * l.ttl {
+                // Let lapse (below): etcd has expired it by now.
+                *l = Lease { member: me.to_string(), ..Lease::default() };
+            } else if quiet > l.ttl {
+                // The role's requests have failed for a whole lease while
+                // keep-alives might still go through (an auth token that
+                // expired, a stream opened before): let the lease lapse,
+                // so that the view does not wait on a role that cannot act.
+                return Err(WitnessError::EtcdUnreachable {
+                    at: self.at(),
+                    msg: format!("no request as {role:?} went through for {quiet:?}; its lease is left to lapse"),
+                });
+            } else {
+                match self.keep_alive(&mut client, &mut l) {
+                    Ok(Some(ttl)) => {
+                        l.ttl = ttl;
+                        return Ok((l.id, ttl));
+                    }
+                    Ok(None) => {
+                        log::warn!("witness: etcd lease {:x} of {me} expired; taking a new one", l.id);
+                        *l = Lease { member: me.to_string(), ..Lease::default() };
+                    }
+                    Err(e) => return Err(e),
                 }
             }
         }
         let r = self.call(client.lease_grant(role.ask_secs(), None))?;
-        *l = Lease { id: r.id(), ttl: Duration::from_secs(r.ttl().max(1) as u64), keeper: None };
-        log::info!("witness: etcd {role:?} lease {:x} of {:?}", l.id, l.ttl);
+        *l = Lease {
+            member: me.to_string(),
+            id: r.id(),
+            ttl: Duration::from_secs(r.ttl().max(1) as u64),
+            keeper: None,
+            ok_at: Some(BootInstant::now()),
+        };
+        log::info!("witness: etcd {role:?} lease {:x} of {:?} for {me}", l.id, l.ttl);
         Ok((l.id, l.ttl))
+    }
+
+    /// One keep-alive: `Some(ttl)` renewed, `None` the lease is gone.
+    fn keep_alive(&self, client: &mut Client, l: &mut Lease) -> Result<Option<Duration>, WitnessError> {
+        if l.keeper.is_none() {
+            match self.call(client.lease_keep_alive(l.id)) {
+                Ok(k) => l.keeper = Some(k),
+                Err(e) if not_found(&e) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        let (keeper, stream) = l.keeper.as_mut().expect("set above");
+        let answer = self.call(async {
+            keeper.keep_alive().await?;
+            stream.message().await
+        });
+        match answer {
+            Ok(Some(r)) if r.ttl() > 0 => Ok(Some(Duration::from_secs(r.ttl() as u64))),
+            Ok(Some(_)) => Ok(None),
+            Ok(None) => {
+                l.keeper = None;
+                Err(WitnessError::EtcdUnreachable { at: self.at(), msg: "the lease keep-alive stream closed".into() })
+            }
+            Err(e) => {
+                l.keeper = None;
+                if not_found(&e) {
+                    return Ok(None);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A request of `me` in `role` went through.
+    fn went_through(&self, role: Role, me: &str) {
+        let mut l = self.lease(role);
+        if l.member == me {
+            l.ok_at = Some(BootInstant::now());
+        }
+    }
+
+    /// After an authentication error: connect (and authenticate) anew.
+    fn reconnect(&self) {
+        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        for role in [Role::Primary, Role::Backup] {
+            self.lease(role).keeper = None;
+        }
     }
 
     fn ttl(&self, role: Role) -> Option<Duration> {
@@ -447,11 +522,19 @@ impl EtcdWitness {
     /// Read, apply the rule, commit what changed if nothing it was based
     /// on moved meanwhile; the rule's answer as `key=value` tokens.
     fn run(&mut self, op: Op) -> Result<HashMap<String, String>, WitnessError> {
+        let r = self.run_once(op);
+        if let Err(WitnessError::EtcdAuth { .. }) = &r {
+            self.session.reconnect();
+        }
+        r
+    }
+
+    fn run_once(&mut self, op: Op) -> Result<HashMap<String, String>, WitnessError> {
         let s = self.session.clone();
         let mut lease = match op.holder() {
             Some((me, role)) => {
                 check_name(me).map_err(|m| self.refused(m))?;
-                Some(s.renew(role)?)
+                Some(s.renew(role, me)?)
             }
             None => None,
         };
@@ -505,14 +588,17 @@ impl EtcdWitness {
                     Ok(_) => continue, // something moved: decide again
                     Err(WitnessError::EtcdUnreachable { msg, .. }) if msg.contains("lease not found") => {
                         // Our lease expired between renewal and commit.
-                        if let Some((_, role)) = op.holder() {
-                            *s.lease(role) = Lease::default();
-                            lease = Some(s.renew(role)?);
+                        if let Some((me, role)) = op.holder() {
+                            s.lease(role).id = 0;
+                            lease = Some(s.renew(role, me)?);
                         }
                         continue;
                     }
                     Err(e) => return Err(e),
                 }
+            }
+            if let Some((me, role)) = op.holder() {
+                s.went_through(role, me);
             }
             return match answer {
                 Ok(line) => parse_kv(&line).ok_or_else(|| self.protocol(&line)),
