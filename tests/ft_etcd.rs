@@ -324,3 +324,148 @@ fn bench_etcd() {
     eprintln!("etcd_requests_per_s one protected VM (primary + backup + console): {:.0}", (r1 - r0) as f64 / secs);
     drop(c);
 }
+
+/// A small xorshift generator: seeded, printed, replayable.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Random schedules of faults in etcd and in the VM's roles together:
+/// members killed (the leader too, down to no quorum) and restarted, the
+/// primary or backup paused (SIGSTOP) or killed, a new backup started.
+/// After each schedule every member comes back. Safety: whatever the
+/// console printed is one run's output (checksum chain: no line lost,
+/// repeated or spliced from another primary); progress: the console ends
+/// within a bound, whole, or saying the VM is lost (a primary killed with
+/// no backup holding the state). `FTVM_ETCD_CHAOS_SEED=S` reruns one
+/// schedule; `FTVM_ETCD_CHAOS_SCHEDULES=N` runs N (default 6).
+#[test]
+fn etcd_random_fault_schedules() {
+    let one: Option<u64> = std::env::var("FTVM_ETCD_CHAOS_SEED").ok().and_then(|v| v.parse().ok());
+    let n: u64 = std::env::var("FTVM_ETCD_CHAOS_SCHEDULES").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    let base = (unix_ms() as u64) | 1;
+    let seeds: Vec<u64> = match one {
+        Some(s) => vec![s],
+        None => (0..n).map(|i| base.wrapping_add(i * 7919) | 1).collect(),
+    };
+    let mut e = Etcd::start();
+    let (mut whole, mut lost, mut failures) = (0, 0, Vec::new());
+    for seed in seeds {
+        eprintln!("etcd chaos: schedule seed {seed} (rerun: FTVM_ETCD_CHAOS_SEED={seed})");
+        match etcd_schedule(&mut e, seed) {
+            Ok(true) => whole += 1,
+            Ok(false) => lost += 1,
+            Err(err) => failures.push(format!("seed {seed}: {err}")),
+        }
+        for i in 0..3 {
+            if e.status().iter().all(|(m, _)| *m != i) {
+                e.kill(i);
+                e.restart(i);
+            }
+        }
+        e.wait_healthy(3);
+    }
+    eprintln!("etcd chaos: {whole} whole, {lost} said lost, {} failed", failures.len());
+    assert!(failures.is_empty(), "{}", failures.join("\n=====\n"));
+}
+
+/// SIGSTOP for `ms`, then SIGCONT (a process that already exited is left be).
+fn pause(p: &mut Proc, ms: u64) {
+    if let Ok(Some(st)) = p.child.try_wait() {
+        eprintln!("  (not paused: it exited: {st})");
+        return;
+    }
+    p.signal("STOP");
+    std::thread::sleep(Duration::from_millis(ms));
+    p.signal("CONT");
+}
+
+/// One schedule; Ok(true): the run ended whole, Ok(false): said lost.
+fn etcd_schedule(e: &mut Etcd, seed: u64) -> Result<bool, String> {
+    let mut rng = Rng(seed);
+    let w = e.witness(&prefix("chaos"));
+    let (mut backup, _) = start_backup(&w);
+    let (mut primary, _) = start_primary(&w, "seconds=6");
+    let mut console = Proc::spawn(&["console", "--witness", &w, "--give-up", "20"]);
+    let mut others: Vec<Proc> = Vec::new();
+    let mut dead = [false; 3];
+    let (mut primary_killed, mut role_killed) = (false, false);
+    let mut log = Vec::new();
+    for _ in 0..3 + rng.below(3) {
+        std::thread::sleep(Duration::from_millis(300 + rng.below(1500)));
+        let what = match rng.below(7) {
+            0 => {
+                let i = rng.below(3) as usize;
+                dead[i] = true;
+                e.kill(i);
+                format!("kill etcd m{}", i + 1)
+            }
+            1 => match e.leader() {
+                Some(i) => {
+                    dead[i] = true;
+                    e.kill(i);
+                    format!("kill the etcd leader m{}", i + 1)
+                }
+                None => "no etcd leader to kill".into(),
+            },
+            2 => match (0..3).find(|&i| dead[i]) {
+                Some(i) => {
+                    dead[i] = false;
+                    e.restart(i);
+                    format!("restart etcd m{}", i + 1)
+                }
+                None => "nothing to restart".into(),
+            },
+            3 => {
+                let ms = 200 + rng.below(1800);
+                pause(&mut primary, ms);
+                format!("pause the primary {ms} ms")
+            }
+            4 => {
+                let ms = 200 + rng.below(2800);
+                pause(&mut backup, ms);
+                format!("pause the backup {ms} ms")
+            }
+            5 if !primary_killed => {
+                (primary_killed, role_killed) = (true, true);
+                primary.kill9();
+                "kill -9 the primary".into()
+            }
+            _ => {
+                // It may have become the primary: then the VM may be lost
+                // (a new backup cannot join a dead primary), said so.
+                role_killed = true;
+                backup.kill9();
+                let b = Proc::spawn(&["backup", "--witness", &w, "--listen", &addr()]);
+                others.push(std::mem::replace(&mut backup, b));
+                "kill -9 the backup, start a new one".into()
+            }
+        };
+        eprintln!("  seed {seed}: {what}");
+        log.push(what);
+    }
+    for (i, d) in dead.iter().enumerate() {
+        if *d {
+            e.restart(i);
+        }
+    }
+    let code = console.wait(Duration::from_secs(60));
+    let (out, err) = (console.out(), console.err());
+    let ctx = || format!("events: {log:?}\nconsole:\n{err}\nprimary:\n{}\nbackup:\n{}", primary.err(), backup.err());
+    check_chain(&out).map_err(|e| format!("{e}\n{}", ctx()))?;
+    match code {
+        Some(0) => check_console(&out, 60).map(|_| true).map_err(|e| format!("{e}\n{}", ctx())),
+        Some(1) if err.contains("lost") && role_killed => Ok(false),
+        other => Err(format!("console ended {other:?}\n{}", ctx())),
+    }
+}
