@@ -22,6 +22,8 @@ command -v zstd >/dev/null || need_pkgs+=(zstd)
 command -v protoc >/dev/null || need_pkgs+=(protobuf-compiler)
 command -v etcd >/dev/null || need_pkgs+=(etcd-server)
 command -v etcdctl >/dev/null || need_pkgs+=(etcd-client)
+# openssl: tests/ft_etcd.rs makes a CA and certificates for etcd over TLS.
+command -v openssl >/dev/null || need_pkgs+=(openssl)
 if ((${#need_pkgs[@]})); then
     echo "setup: installing ${need_pkgs[*]}" >&2
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -476,3 +476,48 @@ fn etcd_schedule(e: &mut Etcd, seed: u64) -> Result<bool, String> {
         other => Err(format!("console ended {other:?}\n{}", ctx())),
     }
 }
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// etcd over TLS with client certificates (etcd's `--client-cert-auth`):
+/// a protected VM fails over whole; without a certificate, or trusting
+/// another CA, the roles get a clear error.
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    let dir = scratch().join(format!("etcd-tls-{}", free_port()));
+    etcd::make_certs(&dir.join("good"), "web1");
+    etcd::make_certs(&dir.join("other"), "web1");
+    let e = Etcd::start_tls(&dir.join("good"));
+    let w = e.witness("/ftvm/tls");
+    let tls = |args: &[&str], certs: &str, cert: bool| {
+        let d = dir.join(certs);
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend(["--etcd-ca".into(), d.join("ca.crt").display().to_string()]);
+        if cert {
+            v.extend(["--etcd-cert".into(), d.join("client.crt").display().to_string()]);
+            v.extend(["--etcd-key".into(), d.join("client.key").display().to_string()]);
+        }
+        v
+    };
+    let fails = |args: Vec<String>, want: &str| {
+        let o = ft(&args.iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{args:?}: {err}");
+    };
+    fails(vec!["status".into(), "--witness".into(), w.clone()], "cannot reach the etcd cluster");
+    fails(tls(&["status", "--witness", &w], "good", false), "cannot reach the etcd cluster");
+    fails(tls(&["status", "--witness", &w], "other", true), "cannot reach the etcd cluster");
+    let b = tls(&["backup", "--witness", &w], "good", true);
+    let (backup, _) = listening(&strs(&b), "waiting for the primary");
+    let p = tls(&["primary", "--witness", &w, "--no-stdin", "--cmdline", "seconds=4"], "good", true);
+    let (mut primary, _) = listening(&strs(&p), "is primary of view");
+    let c = tls(&["console", "--witness", &w, "--give-up", "15"], "good", true);
+    let mut console = Proc::spawn(&strs(&c));
+    wait_for("output", Duration::from_secs(10), || console.out().contains("[0010]"));
+    primary.kill9();
+    assert_eq!(console.wait(Duration::from_secs(30)), Some(0), "{}\n{}", console.err(), backup.err());
+    check_console(&console.out(), 40).unwrap();
+    assert!(first_new_output(&console.err()).is_some(), "{}", console.err());
+}

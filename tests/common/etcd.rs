@@ -19,6 +19,9 @@ pub struct Etcd {
     dir: PathBuf,
     initial: String,
     extra: Vec<String>,
+    /// Clients speak TLS and must present a certificate signed by the CA
+    /// in this directory (`make_certs`).
+    tls: Option<PathBuf>,
 }
 
 fn port() -> u16 {
@@ -37,13 +40,22 @@ impl Etcd {
 
     /// With more etcd options for every member.
     pub fn start_with(extra: &[&str]) -> Etcd {
+        Etcd::start_full(extra, None)
+    }
+
+    /// Clients over TLS with client certificates (`make_certs(dir)`).
+    pub fn start_tls(certs: &std::path::Path) -> Etcd {
+        Etcd::start_full(&[], Some(certs.to_path_buf()))
+    }
+
+    fn start_full(extra: &[&str], tls: Option<PathBuf>) -> Etcd {
         assert!(available(), "etcd is not installed: run scripts/setup.sh (Debian package etcd-server)");
         let dir = std::env::temp_dir().join(format!("ftvm-etcd-{}-{}", std::process::id(), port()));
         std::fs::create_dir_all(&dir).unwrap();
         let members: Vec<Member> =
             (1..=3).map(|i| Member { name: format!("m{i}"), client: port(), peer: port(), child: None }).collect();
         let initial = members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer)).collect::<Vec<_>>().join(",");
-        let mut e = Etcd { members, dir, initial, extra: extra.iter().map(|s| s.to_string()).collect() };
+        let mut e = Etcd { members, dir, initial, extra: extra.iter().map(|s| s.to_string()).collect(), tls };
         for i in 0..3 {
             e.restart(i);
         }
@@ -64,11 +76,17 @@ impl Etcd {
         let m = &mut self.members[i];
         let data = self.dir.join(&m.name);
         let log = std::fs::File::create(self.dir.join(format!("{}.log", m.name))).unwrap();
-        let child = Command::new("etcd")
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut cmd = Command::new("etcd");
+        if let Some(d) = &self.tls {
+            cmd.arg("--cert-file").arg(d.join("server.crt")).arg("--key-file").arg(d.join("server.key"));
+            cmd.arg("--trusted-ca-file").arg(d.join("ca.crt")).arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &m.name, "--data-dir"])
             .arg(&data)
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", m.client)])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{}", m.client)])
+            .args(["--listen-client-urls", &format!("{scheme}://127.0.0.1:{}", m.client)])
+            .args(["--advertise-client-urls", &format!("{scheme}://127.0.0.1:{}", m.client)])
             .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", m.peer)])
             .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", m.peer)])
             .args(["--initial-cluster", &self.initial, "--initial-cluster-state", "new"])
@@ -91,12 +109,19 @@ impl Etcd {
     }
 
     pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &self.endpoints(), "--command-timeout", "2s", "--dial-timeout", "1s"])
-            .args(args)
-            .output()
-            .expect("etcdctl")
+        let mut c = Command::new("etcdctl");
+        c.env("ETCDCTL_API", "3");
+        match &self.tls {
+            Some(d) => {
+                let eps = self.members.iter().map(|m| format!("https://127.0.0.1:{}", m.client)).collect::<Vec<_>>().join(",");
+                c.args(["--endpoints", &eps]);
+                c.arg("--cacert").arg(d.join("ca.crt")).arg("--cert").arg(d.join("client.crt")).arg("--key").arg(d.join("client.key"));
+            }
+            None => {
+                c.args(["--endpoints", &self.endpoints()]);
+            }
+        }
+        c.args(["--command-timeout", "2s", "--dial-timeout", "1s"]).args(args).output().expect("etcdctl")
     }
 
     /// Waits until `n` members answer and one of them leads.
@@ -129,6 +154,22 @@ impl Etcd {
     pub fn leader(&self) -> Option<usize> {
         self.status().into_iter().find(|(_, l)| *l).map(|(i, _)| i)
     }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate
+/// (CN `cn`) signed by it, made with openssl in `dir`: ca.crt,
+/// server.{crt,key}, client.{crt,key}.
+pub fn make_certs(dir: &std::path::Path, cn: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let sh = |script: &str| {
+        let o = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().expect("sh");
+        assert!(o.status.success(), "{script}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=ftvm-test-ca -keyout ca.key -out ca.crt 2>/dev/null");
+    sh("printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth,clientAuth\\n' > server.ext");
+    sh("openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout server.key -out server.csr 2>/dev/null && openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile server.ext -out server.crt 2>/dev/null");
+    sh("printf 'extendedKeyUsage=clientAuth\\n' > client.ext");
+    sh(&format!("openssl req -newkey rsa:2048 -nodes -subj /CN={cn} -keyout client.key -out client.csr 2>/dev/null && openssl x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile client.ext -out client.crt 2>/dev/null"));
 }
 
 impl Drop for Etcd {

@@ -18,7 +18,7 @@ use ftvm::engine::{self, Ending, Inputs, Outcome, RunOptions};
 use ftvm::ft::backup::{run_backup, BackupOpts};
 use ftvm::ft::key::ClusterKey;
 use ftvm::ft::primary::{run_primary, PrimaryOpts};
-use ftvm::ft::witness::{Witness, WitnessAt, WitnessClient};
+use ftvm::ft::witness::{EtcdOptions, Witness, WitnessAt, WitnessClient};
 use ftvm::recorder::Recorder;
 use ftvm::replay::Replayer;
 use ftvm::snapshot::{Snapshot, SnapshotAt};
@@ -159,11 +159,28 @@ struct WitnessArg {
     /// etcd: a file holding the user's password (one line).
     #[arg(long, value_name = "FILE")]
     etcd_password_file: Option<PathBuf>,
+    /// etcd: speak TLS to etcd, trusting this CA certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// etcd: the client certificate to present (PEM; with --etcd-key).
+    #[arg(long, value_name = "FILE")]
+    etcd_cert: Option<PathBuf>,
+    /// etcd: the client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    etcd_key: Option<PathBuf>,
 }
 
 impl WitnessArg {
     fn at(self) -> Result<WitnessAt> {
-        Ok(WitnessAt::parse(&self.witness, self.witness_prefix.as_deref(), self.etcd_user.as_deref(), self.etcd_password_file)?)
+        let etcd = EtcdOptions {
+            prefix: self.witness_prefix,
+            user: self.etcd_user,
+            password_file: self.etcd_password_file,
+            ca: self.etcd_ca,
+            cert: self.etcd_cert,
+            key: self.etcd_key,
+        };
+        Ok(WitnessAt::parse(&self.witness, &etcd)?)
     }
 }
 

@@ -35,7 +35,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
+use etcd_client::{Certificate, Client, Compare, Identity, TlsOptions, CompareOp, ConnectOptions, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
 use sha2::{Digest, Sha256};
 
 use super::rules::State;
@@ -59,6 +59,34 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 const TRIES: usize = 8;
 const MARK: &str = "ftvm-witness 1";
 
+/// How to reach an etcd cluster, as given on the command line.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    /// `--witness-prefix`.
+    pub prefix: Option<String>,
+    /// `--etcd-user` and `--etcd-password-file`.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// `--etcd-ca`: speak TLS, trusting this CA (PEM).
+    pub ca: Option<PathBuf>,
+    /// `--etcd-cert`, `--etcd-key`: the client certificate and key (PEM).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl EtcdOptions {
+    pub fn any(&self) -> bool {
+        self.prefix.is_some() || self.user.is_some() || self.password_file.is_some() || self.ca.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+}
+
+/// TLS to etcd: the CA to trust and, optionally, a client identity.
+#[derive(Clone)]
+struct Tls {
+    ca: Vec<u8>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// An etcd cluster and where in it this VM's view lives.
 #[derive(Clone)]
 pub struct EtcdTarget {
@@ -66,10 +94,12 @@ pub struct EtcdTarget {
     prefix: String,
     /// etcd user and password (`--etcd-user`, `--etcd-password-file`).
     user: Option<(String, String)>,
+    tls: Option<Tls>,
 }
 
 impl EtcdTarget {
-    pub(super) fn new(endpoints: &str, prefix: Option<&str>, user: Option<&str>, password_file: Option<PathBuf>) -> Result<EtcdTarget, WitnessError> {
+    pub(super) fn new(endpoints: &str, o: &EtcdOptions) -> Result<EtcdTarget, WitnessError> {
+        let (prefix, user, password_file) = (o.prefix.as_deref(), o.user.as_deref(), o.password_file.clone());
         let usage = |m: String| WitnessError::Usage(m);
         // etcd://ENDPOINTS/PREFIX names the prefix too.
         let (endpoints, path) = match endpoints.split_once('/') {
@@ -105,7 +135,20 @@ impl EtcdTarget {
             }
             _ => return Err(usage("--etcd-user and --etcd-password-file go together".into())),
         };
-        Ok(EtcdTarget { endpoints, prefix, user })
+        let read = |what: &str, f: &PathBuf| std::fs::read(f).map_err(|e| usage(format!("{what} {}: {e}", f.display())));
+        let tls = match (&o.ca, &o.cert, &o.key) {
+            (None, None, None) => None,
+            (Some(ca), cert, key) => {
+                let identity = match (cert, key) {
+                    (Some(c), Some(k)) => Some((read("--etcd-cert", c)?, read("--etcd-key", k)?)),
+                    (None, None) => None,
+                    _ => return Err(usage("--etcd-cert and --etcd-key go together".into())),
+                };
+                Some(Tls { ca: read("--etcd-ca", ca)?, identity })
+            }
+            _ => return Err(usage("--etcd-cert/--etcd-key need --etcd-ca (the CA that signed etcd's certificate)".into())),
+        };
+        Ok(EtcdTarget { endpoints, prefix, user, tls })
     }
 
     fn key(&self, name: &str) -> String {
@@ -115,7 +158,8 @@ impl EtcdTarget {
 
 impl fmt::Display for EtcdTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "etcd://{} (prefix {})", self.endpoints.join(","), self.prefix)
+        let tls = if self.tls.is_some() { ", TLS" } else { "" };
+        write!(f, "etcd://{} (prefix {}{tls})", self.endpoints.join(","), self.prefix)
     }
 }
 
@@ -283,7 +327,16 @@ impl Session {
         if let Some((u, p)) = &self.target.user {
             opts = opts.with_user(u.clone(), p.clone());
         }
-        let client = self.call(Client::connect(self.target.endpoints.clone(), Some(opts)))?;
+        let mut endpoints = self.target.endpoints.clone();
+        if let Some(tls) = &self.target.tls {
+            let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca));
+            if let Some((cert, key)) = &tls.identity {
+                t = t.identity(Identity::from_pem(cert, key));
+            }
+            opts = opts.with_tls(t);
+            endpoints = endpoints.iter().map(|e| format!("https://{e}")).collect();
+        }
+        let client = self.call(Client::connect(endpoints, Some(opts)))?;
         *c = Some(client.clone());
         Ok(client)
     }

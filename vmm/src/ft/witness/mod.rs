@@ -47,10 +47,9 @@ mod tests;
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
 use std::time::Duration;
 
-pub use etcd::EtcdTarget;
+pub use etcd::{EtcdOptions, EtcdTarget};
 pub use server::Witness;
 
 use crate::ft::key::ClusterKey;
@@ -95,15 +94,15 @@ pub enum WitnessAt {
 }
 
 impl WitnessAt {
-    /// `spec` is HOST:PORT or etcd://ENDPOINTS; `prefix`, `user` and
-    /// `password_file` only mean something for etcd.
-    pub fn parse(spec: &str, prefix: Option<&str>, user: Option<&str>, password_file: Option<PathBuf>) -> Result<WitnessAt, WitnessError> {
+    /// `spec` is HOST:PORT or etcd://ENDPOINTS; `etcd` only means
+    /// something for etcd.
+    pub fn parse(spec: &str, etcd: &EtcdOptions) -> Result<WitnessAt, WitnessError> {
         match spec.strip_prefix("etcd://") {
-            Some(endpoints) => Ok(WitnessAt::Etcd(EtcdTarget::new(endpoints, prefix, user, password_file)?)),
+            Some(endpoints) => Ok(WitnessAt::Etcd(EtcdTarget::new(endpoints, etcd)?)),
             None => {
-                if prefix.is_some() || user.is_some() || password_file.is_some() {
+                if etcd.any() {
                     return Err(WitnessError::Usage(format!(
-                        "--witness-prefix, --etcd-user and --etcd-password-file are for an etcd witness (--witness etcd://HOST:PORT,...), not {spec}"
+                        "--witness-prefix and the --etcd-* options are for an etcd witness (--witness etcd://HOST:PORT,...), not {spec}"
                     )));
                 }
                 Ok(WitnessAt::Embedded(spec.to_string()))
