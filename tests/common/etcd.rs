@@ -108,6 +108,18 @@ impl Etcd {
         }
     }
 
+    /// SIGSTOP member `i` for `ms`, then SIGCONT: a member that stalls
+    /// without refusing connections.
+    pub fn pause(&self, i: usize, ms: u64) {
+        let Some(c) = &self.members[i].child else { return };
+        let sig = |s: &str| {
+            let _ = Command::new("kill").arg(format!("-{s}")).arg(c.id().to_string()).status();
+        };
+        sig("STOP");
+        std::thread::sleep(Duration::from_millis(ms));
+        sig("CONT");
+    }
+
     pub fn etcdctl(&self, args: &[&str]) -> std::process::Output {
         let mut c = Command::new("etcdctl");
         c.env("ETCDCTL_API", "3");

@@ -27,7 +27,9 @@
 //! docs/DESIGN.md ("The witness on etcd").
 //!
 //! The etcd client is async; each process runs one small tokio runtime
-//! and every call is bounded by [`CALL_TIMEOUT`].
+//! and every call is bounded by a quarter of the primary's lease
+//! ([`Session::call`]): a member that stalls (it does not refuse the
+//! connection, it just does not answer) must not cost a whole lease.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -43,9 +45,11 @@ use super::{check_name, parse_kv, promotion_from, status_from, view_from, Promot
 use crate::ft::key::ClusterKey;
 use crate::ft::lease_clock::BootInstant;
 
-/// Every etcd request: a member that does not answer within this is
-/// taken as unreachable for this call (the roles retry).
-const CALL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Connecting (and authenticating) to the cluster.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bounds of one request's time limit (a quarter of the primary's lease).
+const CALL_MIN: Duration = Duration::from_millis(200);
+const CALL_MAX: Duration = Duration::from_secs(1);
 /// The primary's lease asked for; etcd grants at least its minimum
 /// (1.5 election timeouts, rounded up to whole seconds: 2 s with etcd's
 /// defaults), and the granted length is what counts.
@@ -221,6 +225,10 @@ struct Lease {
     ok_at: Option<BootInstant>,
 }
 
+fn call_limit(primary_ttl: Duration) -> Duration {
+    (primary_ttl / 4).clamp(CALL_MIN, CALL_MAX)
+}
+
 fn not_found(e: &WitnessError) -> bool {
     matches!(e, WitnessError::EtcdUnreachable { msg, .. } if msg.to_lowercase().contains("lease not found"))
 }
@@ -234,6 +242,8 @@ struct Session {
     client: Mutex<Option<Client>>,
     /// Leases for the primary role and the backup role.
     leases: [Mutex<Lease>; 2],
+    /// A request's time limit in ms: a quarter of the primary's lease.
+    call_ms: std::sync::atomic::AtomicU64,
     /// The prefix was found to be this cluster's (or empty).
     checked: Mutex<bool>,
 }
@@ -255,6 +265,7 @@ fn session(target: &EtcdTarget, key: &ClusterKey) -> Arc<Session> {
                 fingerprint,
                 client: Mutex::new(None),
                 leases: Default::default(),
+                call_ms: std::sync::atomic::AtomicU64::new(call_limit(Duration::from_secs(PRIMARY_TTL_SECS as u64)).as_millis() as u64),
                 checked: Mutex::new(false),
             })
         })
@@ -295,18 +306,32 @@ impl Session {
         let low = msg.to_lowercase();
         if ["authentication failed", "permission denied", "user name", "unauthenticated", "invalid auth token"].iter().any(|s| low.contains(s)) {
             WitnessError::EtcdAuth { at: self.at(), msg }
+        } else if ["certificate", "fatal alert", "handshake"].iter().any(|s| low.contains(s))
+            // Over TLS, a connection that was made and then dropped is
+            // etcd refusing our certificate (or its absence).
+            || (self.target.tls.is_some() && !low.contains("tcp connect error") && ["broken pipe", "connection reset", "unexpected eof"].iter().any(|s| low.contains(s)))
+        {
+            WitnessError::EtcdTls { at: self.at(), msg }
         } else {
             WitnessError::EtcdUnreachable { at: self.at(), msg }
         }
     }
 
-    /// Runs one request, bounded by [`CALL_TIMEOUT`].
+    /// Runs one request, bounded by a quarter of the primary's lease: a
+    /// stalled member then costs a ping, not the lease (the next ping,
+    /// 100 ms later, likely goes to another member).
     fn call<T>(&self, f: impl std::future::Future<Output = Result<T, etcd_client::Error>>) -> Result<T, WitnessError> {
+        // Not through the lease's lock: calls are made while holding it.
+        let limit = Duration::from_millis(self.call_ms.load(std::sync::atomic::Ordering::Relaxed));
+        self.call_within(limit, f)
+    }
+
+    fn call_within<T>(&self, limit: Duration, f: impl std::future::Future<Output = Result<T, etcd_client::Error>>) -> Result<T, WitnessError> {
         let rt = runtime().map_err(|msg| WitnessError::EtcdUnreachable { at: self.at(), msg })?;
-        match rt.block_on(async { tokio::time::timeout(CALL_TIMEOUT, f).await }) {
+        match rt.block_on(async { tokio::time::timeout(limit, f).await }) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.error(e)),
-            Err(_) => Err(WitnessError::EtcdUnreachable { at: self.at(), msg: format!("no answer within {CALL_TIMEOUT:?}") }),
+            Err(_) => Err(WitnessError::EtcdUnreachable { at: self.at(), msg: format!("no answer within {limit:?}") }),
         }
     }
 
@@ -316,8 +341,11 @@ impl Session {
             return Ok(c.clone());
         }
         let mut opts = ConnectOptions::new()
-            .with_connect_timeout(CALL_TIMEOUT)
-            .with_timeout(CALL_TIMEOUT)
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout(CALL_MAX)
+            // HTTP/2 pings find a stalled member's connection dead.
+            .with_keep_alive(Duration::from_millis(500), Duration::from_millis(500))
+            .with_keep_alive_while_idle(true)
             // A member cut off from the others answers nothing rather
             // than something stale.
             .with_require_leader(true)
@@ -336,7 +364,7 @@ impl Session {
             opts = opts.with_tls(t);
             endpoints = endpoints.iter().map(|e| format!("https://{e}")).collect();
         }
-        let client = self.call(Client::connect(endpoints, Some(opts)))?;
+        let client = self.call_within(CONNECT_TIMEOUT, Client::connect(endpoints, Some(opts)))?;
         *c = Some(client.clone());
         Ok(client)
     }
@@ -415,29 +443,35 @@ impl Session {
         }
         if l.id != 0 {
             let quiet = l.ok_at.map_or(Duration::ZERO, |t| t.elapsed());
-            if quiet > 2 * l.ttl {
-                // Let lapse (below): etcd has expired it by now.
-                *l = Lease { member: me.to_string(), ..Lease::default() };
-            } else if quiet > l.ttl {
+            if quiet > l.ttl {
                 // The role's requests have failed for a whole lease while
                 // keep-alives might still go through (an auth token that
-                // expired, a stream opened before): let the lease lapse,
-                // so that the view does not wait on a role that cannot act.
-                return Err(WitnessError::EtcdUnreachable {
-                    at: self.at(),
-                    msg: format!("no request as {role:?} went through for {quiet:?}; its lease is left to lapse"),
-                });
+                // expired, a stream opened before): the old lease is no
+                // longer kept alive, so that the view never waits on a role
+                // that cannot act. A new one is taken at once; the role's
+                // key moves to it only through a transaction that goes
+                // through, which proves the role can act again.
+                log::warn!("witness: no request of {me} went through for {quiet:?}; its etcd lease {:x} is left to lapse", l.id);
+                *l = Lease { member: me.to_string(), ..Lease::default() };
             } else {
-                match self.keep_alive(&mut client, &mut l) {
-                    Ok(Some(ttl)) => {
-                        l.ttl = ttl;
-                        return Ok((l.id, ttl));
+                let mut tries = 0;
+                loop {
+                    tries += 1;
+                    match self.keep_alive(&mut client, &mut l) {
+                        Ok(Some(ttl)) => {
+                            l.ttl = ttl;
+                            self.note_ttl(role, ttl);
+                            return Ok((l.id, ttl));
+                        }
+                        Ok(None) => {
+                            log::warn!("witness: etcd lease {:x} of {me} expired; taking a new one", l.id);
+                            *l = Lease { member: me.to_string(), ..Lease::default() };
+                            break;
+                        }
+                        // Once more on a new stream: it may reach another member.
+                        Err(_) if tries < 2 => continue,
+                        Err(e) => return Err(e),
                     }
-                    Ok(None) => {
-                        log::warn!("witness: etcd lease {:x} of {me} expired; taking a new one", l.id);
-                        *l = Lease { member: me.to_string(), ..Lease::default() };
-                    }
-                    Err(e) => return Err(e),
                 }
             }
         }
@@ -450,7 +484,14 @@ impl Session {
             ok_at: Some(BootInstant::now()),
         };
         log::info!("witness: etcd {role:?} lease {:x} of {:?} for {me}", l.id, l.ttl);
+        self.note_ttl(role, l.ttl);
         Ok((l.id, l.ttl))
+    }
+
+    fn note_ttl(&self, role: Role, ttl: Duration) {
+        if role == Role::Primary {
+            self.call_ms.store(call_limit(ttl).as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// One keep-alive: `Some(ttl)` renewed, `None` the lease is gone.
@@ -628,7 +669,8 @@ impl EtcdWitness {
                 }
             }
             let progress_due = st.progress() != progress && self.progress_written.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY);
-            if st.durable() != durable || progress_due || !ops.is_empty() || (stored.is_none() && st.view.number > 0) {
+            let must = st.durable() != durable || !ops.is_empty() || (stored.is_none() && st.view.number > 0);
+            if must || progress_due {
                 ops.push(TxnOp::put(s.target.key("state"), st.stored_line(), None));
                 let when = [
                     Compare::mod_revision(s.target.key("state"), CompareOp::Equal, snap.state.rev),
@@ -647,6 +689,8 @@ impl EtcdWitness {
                         }
                         continue;
                     }
+                    // Only progress counters to write: they can wait.
+                    Err(e) if !must => log::debug!("witness: progress not written: {e}"),
                     Err(e) => return Err(e),
                 }
             }

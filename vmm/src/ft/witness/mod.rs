@@ -288,6 +288,8 @@ pub enum WitnessError {
     EtcdAuth { at: String, msg: String },
     #[error("etcd cluster {at}: {msg}")]
     EtcdForeign { at: String, msg: String },
+    #[error("the etcd cluster {at} and this client did not agree on TLS (check --etcd-ca, --etcd-cert, --etcd-key): {msg}")]
+    EtcdTls { at: String, msg: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
