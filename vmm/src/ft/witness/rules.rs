@@ -68,7 +68,8 @@ impl State {
     /// The run's primary is gone and no backup can take over: a backup
     /// that has the state may still be paused (then it is not lost yet).
     fn lost(&self, now: BootInstant) -> bool {
-        !self.ended && self.view.primary.is_some() && !self.lease_alive(now) && !(self.view.backup.is_some() && self.backup_ready)
+        let backup_can_take_over = self.view.backup.is_some() && self.backup_ready;
+        !self.ended && self.view.primary.is_some() && !self.lease_alive(now) && !backup_can_take_over
     }
 
     /// The primary `me` says its guest ended: the run is over, not lost.
