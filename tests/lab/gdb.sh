@@ -21,8 +21,11 @@ ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 /bin/ftvm replay --log /tmp/gl.ftlog $R --gdb 127.0.0.1:1234 >/tmp/gdb-replay.out 2>/tmp/gdb-replay.err &
 P=$!
 i=0; while ! grep -q "waiting for gdb" /tmp/gdb-replay.err 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+# remotetimeout: the lab is emulated and the stub probes the KVM before it
+# answers gdb's first packets; with gdb's default 2 s a late answer was
+# taken for the reply to the next packet (CI, 2026-11-30).
 gdb -batch -nx -ex 'set pagination off' -ex 'set confirm off' -ex 'set width 0' \
-    -ex 'target remote 127.0.0.1:1234' \
+    -ex 'set remotetimeout 60' -ex 'target remote 127.0.0.1:1234' \
     -ex "break *$BP" \
     -ex 'continue' -ex 'p/x $pc' -ex 'p/x $cs' -ex 'p/x $rsp' -ex "x/2xb $BP" -ex 'monitor when' \
     -ex 'continue' -ex 'p/x $pc' -ex 'p/x $rsp' -ex 'monitor when' \
