@@ -224,6 +224,12 @@ struct GuestArgs {
     /// Progress every second and details (unmapped ports) on stderr.
     #[arg(long, short)]
     verbose: bool,
+    /// A virtio-net card on the host's tap NAME (opened, or created).
+    #[arg(long, value_name = "tap=NAME")]
+    net: Option<ftvm::net::NetSpec>,
+    /// The card's MAC address (default 52:54:00:12:34:56).
+    #[arg(long, requires = "net", value_parser = |s: &str| ftvm::net::parse_mac(s).map_err(|e| e.to_string()))]
+    mac: Option<[u8; 6]>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -262,7 +268,31 @@ fn spawn_stdin() -> ConsoleInput {
 
 impl GuestArgs {
     fn config(&self) -> Result<GuestConfig> {
-        Ok(GuestConfig::load(self.kernel.as_deref(), self.initrd.as_deref(), self.mem, &self.cmdline)?)
+        let mut cfg = GuestConfig::load(self.kernel.as_deref(), self.initrd.as_deref(), self.mem, &self.cmdline)?;
+        if self.net.is_some() {
+            cfg.net_mac = Some(self.mac.unwrap_or(ftvm::net::DEFAULT_MAC));
+        }
+        Ok(cfg)
+    }
+
+    /// The tap of `--net`, opened (before the VM is built, so that a bad
+    /// one is said at once).
+    fn tap(&self) -> Result<Option<ftvm::net::tap::Tap>> {
+        Ok(self.net.as_ref().map(|n| ftvm::net::tap::Tap::open(&n.tap)).transpose()?)
+    }
+}
+
+/// The card's counters on stderr (with `-v`, or when frames were lost).
+fn report_net(vm: &Vm, rec: &Recorder, verbose: bool) {
+    let Some(card) = &vm.machine.net else { return };
+    let c = card.lock().unwrap().counters.clone();
+    let (queue_full, oversize) = rec.net_dropped().unwrap_or_default();
+    let lost = c.rx_oversize + c.rx_no_buffer + c.tx_errors + queue_full + oversize;
+    if verbose || lost > 0 {
+        eprintln!(
+            "ftvm: network: {} frames received, {} sent; dropped: {} oversize, {} with no buffer, {} bad transmits, {} while the queue was full",
+            c.rx_frames, c.tx_frames, c.rx_oversize + oversize, c.rx_no_buffer, c.tx_errors, queue_full
+        );
     }
 }
 
@@ -279,6 +309,7 @@ fn report(vm: &Vm, out: &Outcome, what: &str) {
 
 fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
     let cfg = guest.config()?;
+    let tap = guest.tap()?;
     let mut vm = Vm::new(&cfg, Arc::new(VmClock::host()), Box::new(StdoutSink), Default::default())?;
     let writer = match log {
         Some(p) => {
@@ -292,6 +323,11 @@ fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
     let input = if guest.no_stdin { ConsoleInput::none() } else { spawn_stdin() };
     let stop = ftvm::stop::StopHandle::new();
     let mut rec = Recorder::new(writer, input).with_kicks(stop.clone(), vm.machine.clock.clone());
+    if let (Some(tap), Some(card)) = (&tap, &vm.machine.net) {
+        // Outside FT a frame leaves as soon as the guest sends it.
+        card.lock().unwrap().set_sink(Box::new(tap.writer()));
+        rec = rec.with_net(tap.spawn_reader());
+    }
     log::debug!(
         "ftvm: booting {} ({} MiB, entry {:#x}, cmdline {:?})",
         cfg.kernel.name, cfg.mem_bytes >> 20, vm.entry, cfg.cmdline
@@ -305,6 +341,7 @@ fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
         None if guest.verbose => eprintln!("ftvm: {}", rec.summary()),
         None => {}
     }
+    report_net(&vm, &rec, guest.verbose);
     Ok(code)
 }
 
@@ -498,6 +535,7 @@ pub fn main() -> Result<i32> {
         }
         Cmd::Primary { witness, listen, new_run, key, guest } => {
             let key = key.load()?;
+            anyhow::ensure!(guest.net.is_none(), "--net is not available under fault tolerance yet (issue 11)");
             let cfg = guest.config()?;
             Ok(ended(run_primary(PrimaryOpts { witness, listen, key, progress: guest.verbose, new_run }, cfg)?))
         }
