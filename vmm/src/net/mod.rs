@@ -14,6 +14,8 @@ pub mod device;
 pub mod tap;
 pub mod transport;
 #[cfg(test)]
+mod record_tests;
+#[cfg(test)]
 mod tests;
 
 use std::sync::atomic::{AtomicU64, Ordering};
