@@ -17,6 +17,8 @@ command -v cpio >/dev/null || need_pkgs+=(cpio)
 command -v xz >/dev/null || need_pkgs+=(xz-utils)
 command -v lz4 >/dev/null || need_pkgs+=(lz4)
 command -v zstd >/dev/null || need_pkgs+=(zstd)
+# ip: tests/net.rs configures the tap devices it makes.
+command -v ip >/dev/null || need_pkgs+=(iproute2)
 if ((${#need_pkgs[@]})); then
     echo "setup: installing ${need_pkgs[*]}" >&2
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
@@ -29,6 +31,11 @@ if [ ! -e /dev/kvm ]; then
     echo "setup: warning: /dev/kvm does not exist; ftvm needs KVM to run guests" >&2
 elif [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
     echo "setup: warning: no read/write permission on /dev/kvm (join the 'kvm' group)" >&2
+fi
+# The network card's tap (ftvm --net, tests/net.rs).
+if [ ! -e /dev/net/tun ]; then
+    modprobe tun 2>/dev/null || sudo -n modprobe tun 2>/dev/null ||
+        echo "setup: warning: no /dev/net/tun (modprobe tun); --net and tests/net.rs need it" >&2
 fi
 
 cargo build --release --locked --workspace >&2

@@ -426,9 +426,10 @@ fn log_dump(path: &Path) -> Result<i32> {
     let mut r = LogReader::open(path)?.end_is_final();
     let h = r.header().clone();
     let mut out = std::io::stdout().lock();
+    let net = h.net_mac.map(|m| format!(" net {}", ftvm::net::format_mac(&m))).unwrap_or_default();
     writeln!(
         out,
-        "# {}: ftvm {} kernel '{}' sha256 {} mem {} MiB cmdline {:?}",
+        "# {}: ftvm {} kernel '{}' sha256 {} mem {} MiB cmdline {:?}{net}",
         path.display(), h.ftvm_version, h.kernel_name, hex(&h.kernel_sha256), h.mem_bytes >> 20, h.cmdline
     )?;
     loop {
