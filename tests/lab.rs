@@ -2,7 +2,8 @@
 //! emulator (scripts/lab.sh), since a stock Linux kernel cannot run on the
 //! development machines' own /dev/kvm. One lab session runs every scenario
 //! (tests/lab/scenarios.sh); each test checks its part. gdb on a recording
-//! has a session of its own (tests/lab/gdb.sh), with gdb-minimal in it.
+//! has a session of its own (tests/lab/gdb.sh), with gdb-minimal in it;
+//! so has the network card (tests/lab/net.sh).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -319,4 +320,65 @@ fn gdb_on_a_linux_recording_breaks_in_the_kernel_and_reverse_continues() {
     assert_ne!(s[1].last(), s[0].last(), "{ctx}");
     assert_eq!(r.rc, 0, "{ctx}");
     assert!(r.text.contains("replay verified"), "{ctx}");
+}
+
+/// The network card in the lab (tests/lab/net.sh): its own lab session.
+fn net_lab() -> &'static HashMap<String, Section> {
+    static LAB: OnceLock<HashMap<String, Section>> = OnceLock::new();
+    LAB.get_or_init(|| {
+        let out = root().join("guest/linux/out");
+        if !out.join("vmlinux").exists() {
+            let st = Command::new(root().join("scripts/linux-guest.sh")).status().expect("running scripts/linux-guest.sh");
+            assert!(st.success(), "scripts/linux-guest.sh failed");
+        }
+        let o = Command::new(root().join("scripts/lab.sh"))
+            .current_dir(root())
+            .args(["--timeout", "600", "--ftvm", env!("CARGO_BIN_EXE_ftvm")])
+            .arg("--file")
+            .arg(format!("{}:/g/vmlinux", out.join("vmlinux").display()))
+            .arg("--file")
+            .arg(format!("{}:/g/initrd", out.join("initramfs.cpio.gz").display()))
+            .arg("--file")
+            .arg(format!("{}:/net.sh", root().join("tests/lab/net.sh").display()))
+            .args(["--", "sh", "/net.sh"])
+            .output()
+            .expect("running scripts/lab.sh");
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(o.status.success(), "the lab failed ({:?}):\n{text}\n{}", o.status, String::from_utf8_lossy(&o.stderr));
+        parse(&text)
+    })
+}
+
+fn net_sec(name: &str) -> &'static Section {
+    net_lab().get(name).unwrap_or_else(|| panic!("the net lab printed no section {name}"))
+}
+
+/// Issue 11: Linux with a virtio-net card on a tap boots, configures eth0,
+/// answers ping and serves a file over HTTP to the lab machine; the
+/// recording (frames in both directions) replays verified, every frame
+/// the guest sent compared.
+#[test]
+fn linux_with_a_network_card_answers_ping_serves_http_and_replays() {
+    let rec = net_sec("net-record");
+    let rec_err = &net_sec("net-record.stderr").text;
+    let ctx = format!("{}\n{rec_err}", rec.text);
+    assert!(rec.text.contains("FTVM-NET-UP eth0 169.254.0.2/16 52:54:00:00:00:02"), "{ctx}");
+    let ping = net_sec("net-ping");
+    assert_eq!(ping.rc, 0, "{}\n{ctx}", ping.text);
+    assert!(ping.text.contains("3 packets received"), "{}", ping.text);
+    let http = net_sec("net-http");
+    assert_eq!(http.rc, 0, "{}\n{ctx}", http.text);
+    let (got, want) = (http.text.lines().next().unwrap(), http.text.lines().nth(1).unwrap());
+    assert_eq!(got.split(" in ").next().unwrap().trim_start_matches("got "), want.trim_start_matches("want "), "{}", http.text);
+    assert_eq!(rec.rc, 0, "{ctx}");
+    assert!(rec_err.contains("guest powered off"), "{ctx}");
+    let rep = net_sec("net-replay");
+    let rep_err = &net_sec("net-replay.stderr").text;
+    assert_eq!(rep.rc, 0, "{rep_err}");
+    assert!(rep_err.contains("replay verified") && rep_err.contains("transmitted frames compared"), "{rep_err}");
+    assert_eq!(rec.text, rep.text, "the replay printed something else");
+    let stats = &net_sec("net-stats").text;
+    for kind in ["net-rx", "net-tx"] {
+        assert!(stats.lines().any(|l| l.trim_start().starts_with(kind)), "{stats}");
+    }
 }

@@ -282,18 +282,15 @@ impl GuestArgs {
     }
 }
 
-/// The card's counters on stderr (with `-v`, or when frames were lost).
-fn report_net(vm: &Vm, rec: &Recorder, verbose: bool) {
+/// The card's counters on stderr.
+fn report_net(vm: &Vm, rec: &Recorder) {
     let Some(card) = &vm.machine.net else { return };
     let c = card.lock().unwrap().counters.clone();
     let (queue_full, oversize) = rec.net_dropped().unwrap_or_default();
-    let lost = c.rx_oversize + c.rx_no_buffer + c.tx_errors + queue_full + oversize;
-    if verbose || lost > 0 {
-        eprintln!(
-            "ftvm: network: {} frames received, {} sent; dropped: {} oversize, {} with no buffer, {} bad transmits, {} while the queue was full",
-            c.rx_frames, c.tx_frames, c.rx_oversize + oversize, c.rx_no_buffer, c.tx_errors, queue_full
-        );
-    }
+    eprintln!(
+        "ftvm: network: {} frames received, {} sent; dropped: {} oversize, {} with no buffer, {} bad transmits, {} while the queue was full",
+        c.rx_frames, c.tx_frames, c.rx_oversize + oversize, c.rx_no_buffer, c.tx_errors, queue_full
+    );
 }
 
 /// The run's summary lines on stderr (the guest's console is stdout).
@@ -341,7 +338,7 @@ fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
         None if guest.verbose => eprintln!("ftvm: {}", rec.summary()),
         None => {}
     }
-    report_net(&vm, &rec, guest.verbose);
+    report_net(&vm, &rec);
     Ok(code)
 }
 
