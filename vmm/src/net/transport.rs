@@ -214,7 +214,7 @@ impl Transport {
     /// Which queue a write to the notification area at `off` names.
     pub fn notified_queue(&self, off: u64) -> Option<usize> {
         let q = (off / u64::from(NOTIFY_MULTIPLIER)) as usize;
-        (off % u64::from(NOTIFY_MULTIPLIER) == 0 && q < self.queues.len()).then_some(q)
+        (off.is_multiple_of(u64::from(NOTIFY_MULTIPLIER)) && q < self.queues.len()).then_some(q)
     }
 
     pub fn state(&self) -> TransportState {

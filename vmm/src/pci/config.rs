@@ -87,7 +87,7 @@ impl ConfigSpace {
     }
 
     pub fn set_bar(&mut self, index: usize, bar: Bar) {
-        assert!(bar.size.is_power_of_two() && bar.size >= 16 && bar.addr % bar.size == 0, "BAR {bar:?}");
+        assert!(bar.size.is_power_of_two() && bar.size >= 16 && bar.addr.is_multiple_of(bar.size), "BAR {bar:?}");
         self.bars[index] = Some(bar);
         let off = BAR0 + 4 * index;
         self.bytes[off..off + 4].copy_from_slice(&bar.addr.to_le_bytes());
