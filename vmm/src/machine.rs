@@ -104,6 +104,10 @@ impl Machine {
             cmos: self.cmos.lock().unwrap().state(),
             i8042: self.i8042.lock().unwrap().state(),
             debug_exit: self.debug_exit.lock().unwrap().state(),
+            net: self.net.as_ref().zip(self.pci.as_ref()).map(|(n, p)| NetMachineState {
+                pci: p.lock().unwrap().state(),
+                card: n.lock().unwrap().state(),
+            }),
         }
     }
 
@@ -111,6 +115,21 @@ impl Machine {
     /// all of it is restored or, if any device refuses its part, nothing.
     pub fn restore(&self, s: &MachineState) -> Result<(), DeviceError> {
         s.check()?;
+        // The card first: it can refuse (another card, or none).
+        match (&s.net, &self.net, &self.pci) {
+            (None, None, _) => {}
+            (Some(ns), Some(net), Some(pci)) => {
+                let (mut card, mut root) = (net.lock().unwrap(), pci.lock().unwrap());
+                let (card_was, root_was) = (card.state(), root.state());
+                if let Err(e) = card.restore(&ns.card).and_then(|_| root.restore(&ns.pci)) {
+                    card.restore(&card_was)?;
+                    root.restore(&root_was)?;
+                    return Err(e);
+                }
+            }
+            (Some(_), _, _) => return Err(DeviceError::bad("machine", "the state has a network card, this machine none")),
+            (None, Some(_), _) => return Err(DeviceError::bad("machine", "this machine has a network card, the state none")),
+        }
         self.pic.lock().unwrap().restore(&s.pic)?;
         self.pit.lock().unwrap().restore(&s.pit)?;
         self.uart.lock().unwrap().restore(&s.uart)?;
@@ -132,6 +151,14 @@ pub struct MachineState {
     pub cmos: CmosState,
     pub i8042: I8042State,
     pub debug_exit: DebugExitState,
+    /// The PCI bus and the network card, if the machine has them.
+    pub net: Option<NetMachineState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetMachineState {
+    pub pci: crate::pci::PciRootState,
+    pub card: crate::net::device::NetState,
 }
 
 impl MachineState {

@@ -97,10 +97,6 @@ impl Snapshot {
         if let Some(req) = m.stop.get() {
             return Err(fail(format!("the guest is stopping ({req:?})")));
         }
-        if m.net.is_some() {
-            // Not in the snapshot format yet (docs/DESIGN.md, "Network card").
-            return Err(fail("the VM has a network card, whose state snapshots do not hold yet".into()));
-        }
         // The position as the log has it: RIP before the exit completes.
         let position = at.position().map_err(|e| fail(e.to_string()))?;
         let vcpu = at.vcpu();
