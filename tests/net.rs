@@ -119,4 +119,11 @@ fn a_recording_with_a_card_replays_without_a_network() {
     assert!(text(&o2.stderr).contains("replay verified"), "{}", text(&o2.stderr));
     let dump = ftvm().args(["log", "dump"]).arg(&log).output().unwrap();
     assert!(text(&dump.stdout).contains("net 52:54:00:00:00:07"), "{}", text(&dump.stdout));
+    // A snapshot holds the card; a replay resumed from it verifies.
+    let snap = dir.join("net.snap");
+    let o3 = ftvm().args(["replay", "--snapshot-at", "200", "--snapshot-out"]).arg(&snap).arg("--log").arg(&log).output().unwrap();
+    check(&o3, "replay --snapshot-at");
+    let o4 = ftvm().args(["replay", "--from"]).arg(&snap).arg("--log").arg(&log).output().unwrap();
+    check(&o4, "replay --from");
+    assert!(text(&o4.stderr).contains("replay verified"), "{}", text(&o4.stderr));
 }
