@@ -111,6 +111,10 @@ enum Cmd {
         key: KeyArg,
         #[command(flatten)]
         guest: RecordedGuest,
+        /// The tap the guest's network card uses once this backup takes
+        /// over (tap=NAME, on the same bridge as the primary's).
+        #[arg(long, value_name = "tap=NAME")]
+        net: Option<ftvm::net::NetSpec>,
     },
     /// The guest's console, wherever the primary is.
     Console {
@@ -533,13 +537,14 @@ pub fn main() -> Result<i32> {
         }
         Cmd::Primary { witness, listen, new_run, key, guest } => {
             let key = key.load()?;
-            anyhow::ensure!(guest.net.is_none(), "--net is not available under fault tolerance yet (issue 11)");
             let cfg = guest.config()?;
-            Ok(ended(run_primary(PrimaryOpts { witness, listen, key, progress: guest.verbose, new_run }, cfg)?))
+            let net = guest.net.as_ref().map(|n| ftvm::ft::net::FtNet::open(&n.tap)).transpose()?;
+            Ok(ended(run_primary(PrimaryOpts { witness, listen, key, progress: guest.verbose, new_run, net }, cfg)?))
         }
-        Cmd::Backup { witness, listen, key, guest: g } => {
+        Cmd::Backup { witness, listen, key, guest: g, net } => {
             let key = key.load()?;
-            let opts = BackupOpts { witness, listen, key, kernel: g.kernel, initrd: g.initrd, progress: g.verbose };
+            let net = net.as_ref().map(|n| ftvm::ft::net::FtNet::open(&n.tap)).transpose()?;
+            let opts = BackupOpts { witness, listen, key, kernel: g.kernel, initrd: g.initrd, progress: g.verbose, net };
             Ok(ended(run_backup(opts)?))
         }
         Cmd::Console { witness, give_up, key } => {

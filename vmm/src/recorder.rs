@@ -387,6 +387,21 @@ impl Recorder {
         Ok(())
     }
 
+    /// Logs the frames the guest sent at this exit (`NetTx`), before the
+    /// exit's check. Also for a backup that goes live at the end of an
+    /// exit whose frames the primary's log did not bring.
+    pub fn log_sent(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<(), EngineError> {
+        if let Some(card) = &m.net {
+            let sent = card.lock().unwrap().take_sent();
+            if self.log.is_some() {
+                for (len, digest) in sent {
+                    self.append(at, Event::NetTx { len, digest })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Whether a received frame could go in now.
     fn frame_ready(&self, m: &Machine) -> bool {
         match (&self.net, &m.net) {
@@ -489,15 +504,7 @@ impl Inputs for Recorder {
         match what {
             Observed::Injected(vector) => self.append(at, Event::Interrupt { vector })?,
             Observed::ExitDone => {
-                // Frames the guest sent at this exit, before its check.
-                if let Some(card) = &m.net {
-                    let sent = card.lock().unwrap().take_sent();
-                    if self.log.is_some() {
-                        for (len, digest) in sent {
-                            self.append(at, Event::NetTx { len, digest })?;
-                        }
-                    }
-                }
+                self.log_sent(m, at)?;
                 if self.log.is_some() && at.ordinal.is_multiple_of(CHECK_INTERVAL) {
                     let regs_digest = at.regs_digest()?;
                     self.append(at, Event::Check { regs_digest })?;

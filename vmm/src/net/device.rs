@@ -184,6 +184,13 @@ impl VirtioNet {
         std::mem::take(&mut self.sent)
     }
 
+    /// Gives back frames taken but not accounted for (a replay whose log
+    /// ended at this exit: whoever continues the log logs them).
+    pub fn put_back_sent(&mut self, mut frames: Vec<(u32, u64)>) {
+        frames.append(&mut self.sent);
+        self.sent = frames;
+    }
+
     pub fn state(&self) -> NetState {
         NetState { config: self.config.state(), transport: self.t.state() }
     }

@@ -14,6 +14,8 @@ pub mod device;
 pub mod tap;
 pub mod transport;
 #[cfg(test)]
+mod failover_tests;
+#[cfg(test)]
 mod record_tests;
 #[cfg(test)]
 mod tests;

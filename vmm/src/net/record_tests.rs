@@ -29,7 +29,7 @@ use crate::replay::Replayer;
 use crate::vcpu::fake::{FakeVcpu, Step};
 
 #[derive(Clone, Default)]
-struct Shared(Arc<Mutex<Vec<u8>>>);
+pub(super) struct Shared(pub(super) Arc<Mutex<Vec<u8>>>);
 impl Write for Shared {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(b);
@@ -46,7 +46,7 @@ impl OutputSink for Shared {
 }
 
 #[derive(Clone, Default)]
-struct Sent(Arc<Mutex<Vec<Vec<u8>>>>);
+pub(super) struct Sent(pub(super) Arc<Mutex<Vec<Vec<u8>>>>);
 impl FrameSink for Sent {
     fn transmit(&mut self, f: &[u8]) {
         self.0.lock().unwrap().push(f.to_vec());
@@ -61,7 +61,7 @@ const BAR: u64 = NET_BAR_ADDR as u64;
 
 /// Guest memory as the driver left it before the run: four receive
 /// buffers posted, one frame queued for transmission.
-fn memory() -> GuestMemoryMmap {
+pub(super) fn memory() -> GuestMemoryMmap {
     let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let rx = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
     let bufs: Vec<RawDescriptor> =
@@ -74,7 +74,7 @@ fn memory() -> GuestMemoryMmap {
     m
 }
 
-fn tx_frame() -> Vec<u8> {
+pub(super) fn tx_frame() -> Vec<u8> {
     (0..60).map(|i| (i * 3) as u8).collect()
 }
 
@@ -85,7 +85,7 @@ fn w(addr: u64, v: u32, n: usize) -> Step {
 /// PIC with IRQ 0 and 11 open, a 1 kHz PIT, the card brought up as
 /// Linux does it; then: send, halt, forever. The handler reads the ISR
 /// (lowering INTA#) and acknowledges both PICs.
-fn program(ticks: usize) -> FakeVcpu {
+pub(super) fn program(ticks: usize) -> FakeVcpu {
     let c = COMMON_OFF;
     let mut p = vec![
         Step::Out(0x20, vec![0x11]),
@@ -127,24 +127,24 @@ fn program(ticks: usize) -> FakeVcpu {
     f
 }
 
-fn machine(clock: VmClock, mem: &GuestMemoryMmap, sink: Box<dyn FrameSink>) -> Machine {
+pub(super) fn machine(clock: VmClock, mem: &GuestMemoryMmap, sink: Box<dyn FrameSink>) -> Machine {
     let mut m = Machine::new(Arc::new(clock), Box::new(Shared::default()), Arc::new(AtomicU64::new(0))).unwrap();
     m.add_net(super::DEFAULT_MAC, mem.clone(), sink).unwrap();
     m
 }
 
-fn writer(buf: &Shared) -> LogSink {
+pub(super) fn writer(buf: &Shared) -> LogSink {
     let mut cfg = GuestConfig::load(None, None, 1 << 20, "net").unwrap();
     cfg.net_mac = Some(super::DEFAULT_MAC);
     LogWriter::new(Box::new(buf.clone()) as Box<dyn Write + Send>, &cfg.header()).unwrap()
 }
 
-fn frames() -> Vec<Vec<u8>> {
+pub(super) fn frames() -> Vec<Vec<u8>> {
     vec![vec![0xaa; 60], (0..1514).map(|i| i as u8).collect(), vec![0x55; 3000], vec![0x11; 100]]
 }
 
 /// Records 20 interrupts with four frames arriving (one oversize).
-fn record() -> (Vec<u8>, Vec<Vec<u8>>, GuestMemoryMmap) {
+pub(super) fn record() -> (Vec<u8>, Vec<Vec<u8>>, GuestMemoryMmap) {
     let mem = memory();
     let sent = Sent::default();
     let m = machine(VmClock::host(), &mem, Box::new(sent.clone()));
@@ -164,12 +164,12 @@ fn record() -> (Vec<u8>, Vec<Vec<u8>>, GuestMemoryMmap) {
     (log, s, mem)
 }
 
-fn records(log: &[u8]) -> Vec<Record> {
+pub(super) fn records(log: &[u8]) -> Vec<Record> {
     let mut r = LogReader::new(log, "mem").unwrap();
     std::iter::from_fn(|| r.next_record().unwrap()).collect()
 }
 
-fn replay(log: &[u8]) -> (Result<Outcome, EngineError>, GuestMemoryMmap, u64) {
+pub(super) fn replay(log: &[u8]) -> (Result<Outcome, EngineError>, GuestMemoryMmap, u64) {
     let mem = memory();
     let m = machine(VmClock::replay(), &mem, Box::new(CountingSink::default()));
     let mut rep = Replayer::new(LogReader::new(log, "mem").unwrap().end_is_final());
@@ -184,7 +184,7 @@ fn divergence(log: &[u8]) -> String {
     }
 }
 
-fn encode(recs: &[Record]) -> Vec<u8> {
+pub(super) fn encode(recs: &[Record]) -> Vec<u8> {
     let buf = Shared::default();
     let mut w = writer(&buf);
     for r in recs {

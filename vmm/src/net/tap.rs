@@ -112,7 +112,9 @@ impl FrameSink for TapWriter {
 }
 
 /// Received frames waiting for the guest: what the reader thread queued,
-/// moved here by the recorder.
+/// moved here by the recorder. A clone reads the same queue (a backup
+/// hands it to each membership's live recorder).
+#[derive(Clone)]
 pub struct NetInput {
     rx: Option<Receiver<Vec<u8>>>,
     pending: VecDeque<Vec<u8>>,
