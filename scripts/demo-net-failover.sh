@@ -21,7 +21,7 @@ fi
 out=$(mktemp /tmp/ftvm-net-demo.XXXXXX)
 trap 'rm -f "$out"' EXIT
 rounds=${ROUNDS:-5}
-scripts/lab.sh --timeout $((300 + rounds * 150)) --ftvm "$FTVM" \
+scripts/lab.sh --timeout $((400 + rounds * 220)) --ftvm "$FTVM" \
     --file guest/linux/out/vmlinux:/g/vmlinux --file guest/linux/out/initramfs.cpio.gz:/g/initrd \
     --file tests/lab/net-ft.sh:/net-ft.sh -- env ROUNDS="$rounds" NET_LINES="${NET_LINES:-300000}" sh /net-ft.sh >"$out" || true
 if grep -q '^=== net-ft-failed' "$out"; then

@@ -4,7 +4,8 @@
 # and each backup's taps join it. ROUNDS times: the lab machine downloads
 # a file from the guest's httpd and the primary is killed (kill -9) in the
 # middle of the download; the backup takes over, a new backup joins for the
-# next round. Each round prints a section "net-ft-round-I" with
+# next round; then the backup is killed during a download
+# ("net-ft-backup-killed"). Each round prints a section "net-ft-round-I" with
 #   net_failover stall_ms=<longest pause the client saw> bytes=<downloaded> sha256_ok=<1|0> resets=<connections reset>
 # Then /cgi-bin/off powers the guest off.
 K="--kernel /g/vmlinux --initrd /g/initrd --mem 256M"
@@ -51,7 +52,7 @@ size=$(seq 1 "$N" | wc -c)
 r=1
 while [ $r -le "$ROUNDS" ]; do
     # The backup must hold the state before its primary dies.
-    i=0; while ! /bin/ftvm status --witness $W --key /tmp/k 2>/dev/null | grep -q "holds the state" && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+    i=0; while ! /bin/ftvm status --witness $W --key /tmp/k 2>/dev/null | grep -q "holds the state" && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
     kill -0 $primary 2>/dev/null || fail "round $r: the primary is gone before the kill"
     /bin/ftvm status --witness $W --key /tmp/k 2>&1 | grep -q "holds the state" || fail "round $r: no backup holds the state: $(/bin/ftvm status --witness $W --key /tmp/k 2>&1)"
     # The guest answers before the download starts (and the lab machine
@@ -96,6 +97,25 @@ while [ $r -le "$ROUNDS" ]; do
         join_bridge ftvm-b$r
     fi
 done
+# The backup killed during a download: the primary stops holding frames
+# for it (a new view) and the download goes on.
+/bin/ftvm backup --witness $W --listen 127.0.0.1:7199 --key /tmp/k $R --net tap=ftvm-bk >/dev/null 2>/tmp/backupk.err &
+backup=$!
+join_bridge ftvm-bk
+i=0; while ! /bin/ftvm status --witness $W --key /tmp/k 2>/dev/null | grep -q "holds the state" && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+rm -f /tmp/data
+t0=$(cs)
+timeout 300 wget -q -O /tmp/data http://169.254.0.2/data 2>/tmp/wget.err &
+wget_pid=$!
+i=0; while [ "$(stat -c %s /tmp/data 2>/dev/null || echo 0)" -lt $((size / 10)) ] && [ $i -lt 3000 ]; do sleep 0.02; i=$((i + 1)); done
+kill -9 $backup
+wait $wget_pid
+wrc=$?
+t1=$(cs)
+{ cat /tmp/wget.err; echo "backup killed; downloaded $(wc -c </tmp/data) bytes in $(((t1 - t0) * 10)) ms, sha256_ok=$([ "$(sha256sum </tmp/data | cut -d' ' -f1)" = "$want" ] && echo 1 || echo 0)";
+  /bin/ftvm status --witness $W --key /tmp/k; } >/tmp/bk.out 2>&1
+section net-ft-backup-killed $wrc /tmp/bk.out
+
 timeout 60 wget -q -O /tmp/off.out http://169.254.0.2/cgi-bin/off
 section net-ft-off $? /tmp/off.out
 ( sleep 60; kill $primary 2>/dev/null ) &
