@@ -11,7 +11,9 @@
 # Options (environment): SECONDS_RUN (guest run time, default 8),
 # KILL_MIN_MS/KILL_MAX_MS (kill window after boot, default 2000-5000),
 # BASE_PORT (default 7000: witness BASE, primary BASE+100, backup BASE+101),
-# FTVM (binary; default: build target/release/ftvm), KEEP=1 keeps the work dir.
+# FTVM (binary; default: build target/release/ftvm), KEEP=1 keeps the work dir,
+# WITNESS=etcd keeps the view in a 3-member etcd started for the demo
+# (scripts/etcd-cluster.sh, client ports BASE+200..202) instead of `ftvm witness`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +33,7 @@ pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    [ "${WITNESS:-}" = etcd ] && scripts/etcd-cluster.sh stop "$work/etcd" 2>/dev/null
     if [ "${KEEP:-0}" = 1 ]; then echo "demo: files kept in $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
@@ -40,8 +43,16 @@ say() { echo "demo: $*" >&2; }
 KEY=$work/cluster.key
 "$FTVM" keygen --out "$KEY"
 say "witness on $W, backup on $B, primary on $P; guest runs ${SECONDS_RUN}s; cluster key $KEY"
-"$FTVM" witness --listen "$W" --key "$KEY" 2>"$work/witness.err" & pids+=($!)
-sleep 0.3
+case ${WITNESS:-embedded} in
+    etcd)
+        W="$(scripts/etcd-cluster.sh start "$work/etcd" $((BASE_PORT + 200)))/ftvm/demo"
+        say "the view is in etcd: $W"
+        echo "(etcd: member logs in $work/etcd)" >"$work/witness.err" ;;
+    embedded)
+        "$FTVM" witness --listen "$W" --key "$KEY" 2>"$work/witness.err" & pids+=($!)
+        sleep 0.3 ;;
+    *) say "WITNESS must be embedded or etcd"; exit 2 ;;
+esac
 "$FTVM" backup --witness "$W" --listen "$B" --key "$KEY" >"$work/backup.out" 2>"$work/backup.err" & backup=$!; pids+=($backup)
 sleep 0.3
 "$FTVM" primary --witness "$W" --listen "$P" --key "$KEY" --no-stdin --cmdline "seconds=$SECONDS_RUN" \

@@ -19,6 +19,13 @@ command -v lz4 >/dev/null || need_pkgs+=(lz4)
 command -v zstd >/dev/null || need_pkgs+=(zstd)
 # ip: tests/net.rs configures the tap devices it makes.
 command -v ip >/dev/null || need_pkgs+=(iproute2)
+# The etcd witness: protoc builds the etcd-client crate's gRPC code; a real
+# 3-member etcd runs in tests/ft_etcd.rs (scripts/etcd-cluster.sh for users).
+command -v protoc >/dev/null || need_pkgs+=(protobuf-compiler)
+command -v etcd >/dev/null || need_pkgs+=(etcd-server)
+command -v etcdctl >/dev/null || need_pkgs+=(etcd-client)
+# openssl: tests/ft_etcd.rs makes a CA and certificates for etcd over TLS.
+command -v openssl >/dev/null || need_pkgs+=(openssl)
 if ((${#need_pkgs[@]})); then
     echo "setup: installing ${need_pkgs[*]}" >&2
     if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

@@ -7,7 +7,7 @@ use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ftvm::ft::key::ClusterKey;
@@ -16,65 +16,16 @@ use ftvm::ft::secure;
 #[path = "common/cluster.rs"]
 mod cluster;
 use cluster::*;
+#[path = "common/scenarios.rs"]
+mod scenarios;
+use scenarios::*;
 
 mod ft_attacks;
 mod ft_runs;
 
-/// One kill-the-primary trial; returns the failover time.
-fn primary_kill_trial(kill_after: Duration) -> Result<u128, String> {
-    let mut c = start(3);
-    std::thread::sleep(kill_after);
-    let killed = unix_ms();
-    c.primary.kill9();
-    let code = c.console.wait(Duration::from_secs(30));
-    let out = c.console.out();
-    let err = c.console.err();
-    if code != Some(0) {
-        return Err(format!("console exited {code:?}\n{err}\nbackup:\n{}", c.backup.err()));
-    }
-    check_console(&out, 30).map_err(|e| format!("{e}\nconsole:\n{err}\nbackup:\n{}", c.backup.err()))?;
-    let first = err
-        .lines()
-        .find_map(|l| l.split("first output from new primary").nth(1)?.split("unix_ms=").nth(1)?.trim().parse::<u128>().ok());
-    // The primary may have finished before the kill landed, or the
-    // console may have been behind: then there is no "new primary" output.
-    Ok(first.map_or(0, |f| f.saturating_sub(killed)))
-}
-
 #[test]
 fn primary_killed_at_random_moments_console_stays_whole() {
-    // 20 trials, four at a time, kill points spread over the whole run
-    // (boot, steady state, near the end).
-    let failures = Arc::new(Mutex::new(Vec::new()));
-    let times = Arc::new(Mutex::new(Vec::new()));
-    let mut seed = (unix_ms() as u64) | 1;
-    let mut delays = Vec::new();
-    for _ in 0..20 {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        delays.push(Duration::from_millis(200 + seed % 2800));
-    }
-    for batch in delays.chunks(4) {
-        let hs: Vec<_> = batch
-            .iter()
-            .map(|&d| {
-                let (f, t) = (failures.clone(), times.clone());
-                std::thread::spawn(move || match primary_kill_trial(d) {
-                    Ok(ms) => t.lock().unwrap().push(ms),
-                    Err(e) => f.lock().unwrap().push(format!("kill after {d:?}: {e}")),
-                })
-            })
-            .collect();
-        for h in hs {
-            h.join().unwrap();
-        }
-    }
-    let f = failures.lock().unwrap();
-    assert!(f.is_empty(), "{} of 20 trials failed:\n{}", f.len(), f.join("\n-----\n"));
-    let mut t = times.lock().unwrap().clone();
-    t.sort();
-    eprintln!("failover ms over 20 trials: {t:?}");
+    primary_killed_at_random_moments(&fresh_embedded, 20, 4);
 }
 
 /// A primary killed while its guest computes without exiting (CPL3, the
@@ -82,83 +33,17 @@ fn primary_killed_at_random_moments_console_stays_whole() {
 /// over in the middle of the spin, and the console stays one run's output.
 #[test]
 fn a_primary_killed_while_its_guest_spins_fails_over_whole() {
-    let (_witness, w) = start_witness();
-    let (backup, _b) = start_backup(&w);
-    let (mut primary, _p) = start_primary(&w, "spin3=150 spinkb=512 hz=100 seconds=1 lines=10");
-    let mut console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
-    wait_for("the spin to start", Duration::from_secs(20), || console.out().contains("[spin] cpl=3 start"));
-    std::thread::sleep(Duration::from_millis(600));
-    assert!(!console.out().contains("[spin] cpl=3 ticks="), "the spin ended before the kill:\n{}", console.out());
-    primary.kill9();
-    let code = console.wait(Duration::from_secs(60));
-    let out = console.out();
-    assert_eq!(code, Some(0), "console: {}\nbackup:\n{}", console.err(), backup.err());
-    assert_eq!(out.matches("[spin] cpl=3 ticks=").count(), 1, "{out}");
-    let ticks: u64 = out
-        .split("[spin] cpl=3 ticks=")
-        .nth(1)
-        .and_then(|r| r.split(' ').next()?.parse().ok())
-        .unwrap();
-    assert!(ticks >= 150, "{out}");
-    check_console(&out, 10).unwrap();
-    let mut backup = backup;
-    assert_eq!(backup.wait(Duration::from_secs(30)), Some(0), "{}", backup.err());
-    let b = backup.err();
-    assert!(b.contains("live at exit"), "{b}");
-    // Its summary counts the resyncs it replayed and the ones it made live.
-    let resyncs: u64 = b
-        .split(" resync)")
-        .next()
-        .and_then(|s| s.rsplit(", ").next()?.parse().ok())
-        .unwrap_or(0);
-    assert!(resyncs >= 100, "{resyncs} resyncs for 150 ticks of spinning:\n{b}");
+    primary_killed_while_its_guest_spins(&fresh_embedded);
 }
 
 #[test]
 fn backup_killed_at_random_moments_primary_carries_on() {
-    let mut seed = (unix_ms() as u64) | 3;
-    let hs: Vec<_> = (0..8)
-        .map(|i| {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let d = Duration::from_millis(200 + (seed >> 33) % 2500);
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(300 * (i % 4)));
-                let mut c = start(3);
-                std::thread::sleep(d);
-                c.backup.kill9();
-                let code = c.console.wait(Duration::from_secs(30));
-                let out = c.console.out();
-                if code != Some(0) {
-                    return Err(format!("kill after {d:?}: console exited {code:?}: {}", c.console.err()));
-                }
-                check_console(&out, 30).map_err(|e| format!("kill after {d:?}: {e}\nprimary:\n{}", c.primary.err()))?;
-                match c.primary.wait(Duration::from_secs(10)) {
-                    Some(0) => Ok(()),
-                    other => Err(format!("primary exited {other:?}: {}", c.primary.err())),
-                }
-            })
-        })
-        .collect();
-    let errs: Vec<String> = hs.into_iter().filter_map(|h| h.join().unwrap().err()).collect();
-    assert!(errs.is_empty(), "{}", errs.join("\n-----\n"));
+    backup_killed_at_random_moments(&fresh_embedded, 8);
 }
 
 #[test]
 fn stopped_backup_holds_output_while_the_guest_runs_on() {
-    let mut c = start(4);
-    wait_for("console output", Duration::from_secs(10), || c.console.out().contains("[0005]"));
-    c.backup.signal("STOP");
-    std::thread::sleep(Duration::from_millis(300));
-    let held = c.console.out().len();
-    let exit_before = primary_exit(&c.w);
-    std::thread::sleep(Duration::from_millis(900));
-    let exit_after = primary_exit(&c.w);
-    assert_eq!(c.console.out().len(), held, "output advanced while the backup could not acknowledge it");
-    assert!(exit_after > exit_before + 50, "the guest did not keep running: exit #{exit_before} -> #{exit_after}");
-    c.backup.signal("CONT");
-    assert_eq!(c.console.wait(Duration::from_secs(30)), Some(0), "{}", c.console.err());
-    check_console(&c.console.out(), 40).unwrap();
-    assert!(c.console.out().len() > held);
+    stopped_backup_holds_output(&fresh_embedded);
 }
 
 /// Rule 3 and identity: a stream for an older view, or for another
@@ -189,15 +74,7 @@ fn log_stream_of_an_older_view_or_another_incarnation_is_refused() {
 
 #[test]
 fn a_second_primary_is_refused() {
-    let c = start(3);
-    let other = addr();
-    let o = ft(&["primary", "--witness", &c.w, "--listen", &other, "--no-stdin", "--cmdline", "seconds=1"]).output().unwrap();
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("a primary is already running"), "{err}");
-    // And a primary on a port in use is a clear error too.
-    let o = ft(&["primary", "--witness", &c.w, "--listen", &c.p, "--no-stdin"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&o.stderr).contains("port is in use"));
+    scenarios::a_second_primary_is_refused(&fresh_embedded);
 }
 
 #[test]
@@ -211,25 +88,7 @@ fn witness_unreachable_is_a_clear_error() {
 
 #[test]
 fn reprotected_vm_survives_a_second_failover() {
-    let mut c = start(6);
-    wait_for("output", Duration::from_secs(10), || c.console.out().contains("[0005]"));
-    c.primary.kill9();
-    wait_for("the first takeover", Duration::from_secs(10), || c.backup.err().contains("live at exit"));
-    // A fresh backup joins the running VM: it gets a snapshot of it and
-    // the log from there (state transfer).
-    let (mut backup2, b2) = start_backup(&c.w);
-    wait_for("re-protection", Duration::from_secs(10), || backup2.err().contains("replaying in lockstep"));
-    wait_for("the backup to catch up", Duration::from_secs(10), || {
-        let s = status(&c.w);
-        s.contains(&format!("backup: {b2}")) && (s.contains("(lag 0 exits)") || s.contains("(lag 1 exits)"))
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    c.backup.kill9();
-    assert_eq!(c.console.wait(Duration::from_secs(30)), Some(0), "{}\n{}", c.console.err(), backup2.err());
-    check_console(&c.console.out(), 60).unwrap();
-    assert!(backup2.err().contains("live at exit"), "{}", backup2.err());
-    assert_eq!(backup2.wait(Duration::from_secs(10)), Some(0));
-    let _ = (&c.b, &c.witness);
+    scenarios::reprotected_vm_survives_a_second_failover(&fresh_embedded);
 }
 
 /// (sent, acked) from `ftvm status`: the primary's last mark and the
@@ -319,68 +178,14 @@ fn a_transferred_backup_matches_the_primary_to_the_last_byte() {
 fn primary_cut_from_the_witness_goes_quiet_before_the_backup_goes_live() {
     let (_witness, w) = start_witness();
     let wp = addr();
-    let cut = Arc::new(AtomicBool::new(false));
+    let cut = new_cut();
     proxy(&wp, w.clone(), cut.clone());
-    let (backup, _b) = start_backup(&w);
-    let (primary, p) = start_primary(&wp, "seconds=5");
-    // A console attached to the old primary directly, timestamping frames.
-    let (mut r, mut direct) = secure::connect(&p, &key(), Duration::from_secs(2)).unwrap();
-    direct.write_all(b"CONSOLE from=0\n").unwrap();
-    let last_old = Arc::new(Mutex::new(0u128));
-    {
-        let last_old = last_old.clone();
-        std::thread::spawn(move || {
-            let _keep = direct;
-            let mut line = String::new();
-            while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-                if let Some(rest) = line.strip_prefix("DATA ") {
-                    let len: usize = rest.split(' ').nth(1).unwrap().trim().parse().unwrap();
-                    let mut b = vec![0u8; len];
-                    r.read_exact(&mut b).unwrap();
-                    *last_old.lock().unwrap() = unix_ms();
-                }
-                line.clear();
-            }
-        });
-    }
-    let mut console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
-    wait_for("output", Duration::from_secs(10), || console.out().contains("[0005]"));
-    cut.store(true, Ordering::SeqCst);
-    let cut_at = unix_ms();
-    assert_eq!(console.wait(Duration::from_secs(30)), Some(0), "{}\n{}", console.err(), backup.err());
-    check_console(&console.out(), 50).map_err(|e| format!("{e}\nconsole:\n{}\nbackup:\n{}\nprimary:\n{}", console.err(), backup.err(), primary.err())).unwrap();
-    let first_new = console
-        .err()
-        .lines()
-        .find_map(|l| l.split("first output from new primary").nth(1)?.split("unix_ms=").nth(1)?.trim().parse::<u128>().ok())
-        .expect("the backup never went live");
-    let last_old = *last_old.lock().unwrap();
-    assert!(
-        last_old < first_new,
-        "the old primary released output at {last_old}, after the new one started at {first_new} (cut at {cut_at})"
-    );
-    assert!(primary.err().contains("lease expired"), "{}", primary.err());
+    primary_cut_off_goes_quiet_before_the_backup_goes_live(&w, &wp, &cut);
 }
 
 #[test]
 fn typed_input_is_neither_lost_nor_repeated_across_a_failover() {
-    let (_witness, w) = start_witness();
-    let (backup, _b) = start_backup(&w);
-    let (mut primary, _p) = start_primary(&w, "seconds=5");
-    let mut console = Proc::spawn_with(&["console", "--witness", &w, "--give-up", "15"], Stdio::piped());
-    let mut typing = console.child.stdin.take().unwrap();
-    wait_for("output", Duration::from_secs(10), || console.out().contains("[0005]"));
-    typing.write_all(b"before-kill\n").unwrap();
-    wait_for("the echo", Duration::from_secs(10), || console.out().contains("before-kill"));
-    primary.kill9();
-    // Typed while there is no primary: held by the client, sent to the next.
-    typing.write_all(b"during-failover\n").unwrap();
-    assert_eq!(console.wait(Duration::from_secs(30)), Some(0), "{}\n{}", console.err(), backup.err());
-    let out = console.out();
-    assert_eq!(out.matches("[echo] \"before-kill\"").count(), 1, "{out}");
-    assert_eq!(out.matches("[echo] \"during-failover\"").count(), 1, "{out}");
-    assert!(out.contains("rx=28 "), "the guest did not count 28 typed bytes:\n{out}");
-    check_console(&out, 50).unwrap();
+    typed_input_across_a_failover(&fresh_embedded);
 }
 
 /// The checker every FT test leans on must see what it is for: a line

@@ -86,7 +86,7 @@ fn stranger_cannot_keep_a_dead_primary_alive() {
             let ping = format!("op=primary_ping me={p} view={view} sent=0 acked=0\n");
             while !stop.load(Ordering::SeqCst) {
                 heard.extend(stranger(&w, ping.repeat(5).as_bytes(), Duration::from_millis(100)));
-                refused_as_stranger(WitnessClient::new(&w, &stranger_key()).primary_ping(&p, view, 0, 0, 0));
+                refused_as_stranger(WitnessClient::new(&ftvm::ft::witness::WitnessAt::Embedded(w.to_string()), &stranger_key()).primary_ping(&p, view, 0, 0, 0));
                 std::thread::sleep(Duration::from_millis(20));
             }
             heard
@@ -112,7 +112,7 @@ fn stranger_cannot_get_the_backup_dropped() {
     while t0.elapsed() < Duration::from_millis(2500) {
         let got = stranger(&c.w, lie.as_bytes(), Duration::from_millis(50));
         assert!(got.is_empty(), "the witness answered a stranger: {:?}", String::from_utf8_lossy(&got));
-        refused_as_stranger(WitnessClient::new(&c.w, &stranger_key()).promote(&c.b, view, true, true));
+        refused_as_stranger(WitnessClient::new(&ftvm::ft::witness::WitnessAt::Embedded(c.w.to_string()), &stranger_key()).promote(&c.b, view, true, true));
         std::thread::sleep(Duration::from_millis(20));
     }
     let s = status(&c.w);
@@ -146,7 +146,7 @@ fn a_forged_log_is_not_taken_by_the_backup() {
     // The real primary's log is the one the backup takes, and replays.
     let (primary, p) = start_primary(&w, "seconds=4");
     let console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
-    let mut c = Cluster { w, witness, backup, b, primary, p, console };
+    let mut c = Cluster { w, witness: Some(witness), backup, b, primary, p, console };
     wait_for("output", Duration::from_secs(10), || c.console.out().contains("[0005]"));
     assert_eq!(c.backup.err().matches("receiving the log of view").count(), 1, "{}", c.backup.err());
     fails_over_whole(&mut c, 40);
@@ -163,7 +163,7 @@ fn stranger_cannot_pose_as_the_backup() {
     l.set_nonblocking(true).unwrap();
     let got = stranger(&w, format!("op=backup_ping me={me} view=0\n").as_bytes(), Duration::from_secs(1));
     assert!(got.is_empty(), "the witness answered a stranger: {:?}", String::from_utf8_lossy(&got));
-    refused_as_stranger(WitnessClient::new(&w, &stranger_key()).backup_ping(&me, 0, false, 0));
+    refused_as_stranger(WitnessClient::new(&ftvm::ft::witness::WitnessAt::Embedded(w.to_string()), &stranger_key()).backup_ping(&me, 0, false, 0));
     // `ftvm backup` with another key: a clear error.
     let other = keygen("other-backup.key");
     let o = ft(&["backup", "--witness", &w, "--listen", &addr(), "--key", &other]).output().unwrap();
@@ -191,12 +191,12 @@ fn acks_beyond_what_was_sent_are_refused() {
     let (_witness, w) = start_witness();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let fake = l.local_addr().unwrap().to_string();
-    let view = WitnessClient::new(&w, &key()).backup_ping(&fake, 0, false, 0).unwrap().number;
+    let view = WitnessClient::new(&ftvm::ft::witness::WitnessAt::Embedded(w.to_string()), &key()).backup_ping(&fake, 0, false, 0).unwrap().number;
     let pinging = Arc::new(AtomicBool::new(true));
     {
         let (w, fake, pinging) = (w.clone(), fake.clone(), pinging.clone());
         std::thread::spawn(move || {
-            let mut c = WitnessClient::new(&w, &key());
+            let mut c = WitnessClient::new(&ftvm::ft::witness::WitnessAt::Embedded(w.to_string()), &key());
             let mut view = view;
             while pinging.load(Ordering::SeqCst) {
                 if let Ok(v) = c.backup_ping(&fake, view, true, 0) {
@@ -360,11 +360,11 @@ fn console_refuses_a_huge_length_and_a_stranger_at_the_primary_address() {
     let (_witness, w) = start_witness();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let fake = l.local_addr().unwrap().to_string();
-    let view = WitnessClient::new(&w, &key()).become_primary(&fake, "00000000000000ff", false).unwrap().number;
+    let view = WitnessClient::new(&ftvm::ft::witness::WitnessAt::Embedded(w.to_string()), &key()).become_primary(&fake, "00000000000000ff", false).unwrap().number;
     {
         let (w, fake) = (w.clone(), fake.clone());
         std::thread::spawn(move || {
-            let mut c = WitnessClient::new(&w, &key());
+            let mut c = WitnessClient::new(&ftvm::ft::witness::WitnessAt::Embedded(w.to_string()), &key());
             while c.primary_ping(&fake, view, 0, 0, 0).is_ok() {
                 std::thread::sleep(Duration::from_millis(100));
             }

@@ -160,7 +160,8 @@ pub fn wait_for(what: &str, t: Duration, mut f: impl FnMut() -> bool) {
 
 pub struct Cluster {
     pub w: String,
-    pub witness: Proc,
+    /// The embedded witness's process (None: the view is in etcd).
+    pub witness: Option<Proc>,
     pub backup: Proc,
     pub b: String,
     pub primary: Proc,
@@ -205,11 +206,33 @@ pub fn start_primary(w: &str, cmdline: &str) -> (Proc, String) {
 }
 
 pub fn start(seconds: u32) -> Cluster {
-    let (witness, w) = start_witness();
+    start_on(fresh_embedded(), seconds)
+}
+
+/// A fresh place for one test's view: (the witness's process if it has
+/// one, the --witness argument).
+pub type Fresh<'a> = &'a (dyn Fn() -> (Option<Proc>, String) + Sync);
+
+/// A new embedded witness.
+pub fn fresh_embedded() -> (Option<Proc>, String) {
+    let (p, w) = start_witness();
+    (Some(p), w)
+}
+
+/// Backup, primary running the test guest for `seconds`, and a console,
+/// on the witness `at`.
+pub fn start_on((witness, w): (Option<Proc>, String), seconds: u32) -> Cluster {
     let (backup, b) = start_backup(&w);
     let (primary, p) = start_primary(&w, &format!("seconds={seconds}"));
     let console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
     Cluster { w, witness, backup, b, primary, p, console }
+}
+
+/// When the console first printed output of a new primary (unix ms).
+pub fn first_new_output(console_err: &str) -> Option<u128> {
+    console_err
+        .lines()
+        .find_map(|l| l.split("first output from new primary").nth(1)?.split("unix_ms=").nth(1)?.trim().parse::<u128>().ok())
 }
 
 /// Lines [0001]..[n] each exactly once, in order, then [done].

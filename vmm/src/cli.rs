@@ -18,7 +18,7 @@ use ftvm::engine::{self, Ending, Inputs, Outcome, RunOptions};
 use ftvm::ft::backup::{run_backup, BackupOpts};
 use ftvm::ft::key::ClusterKey;
 use ftvm::ft::primary::{run_primary, PrimaryOpts};
-use ftvm::ft::witness::{Witness, WitnessClient};
+use ftvm::ft::witness::{EtcdOptions, Witness, WitnessAt, WitnessClient};
 use ftvm::recorder::Recorder;
 use ftvm::replay::Replayer;
 use ftvm::snapshot::{Snapshot, SnapshotAt};
@@ -83,9 +83,8 @@ enum Cmd {
     },
     /// Run the guest as the fault-tolerant primary.
     Primary {
-        /// The witness, e.g. 127.0.0.1:7000.
-        #[arg(long)]
-        witness: String,
+        #[command(flatten)]
+        witness: WitnessArg,
         /// Where console clients connect (and how the witness names us).
         #[arg(long, default_value = "127.0.0.1:7100")]
         listen: String,
@@ -101,9 +100,8 @@ enum Cmd {
     },
     /// Stand by as the backup: replay the primary's log, take over if it dies.
     Backup {
-        /// The witness, e.g. 127.0.0.1:7000.
-        #[arg(long)]
-        witness: String,
+        #[command(flatten)]
+        witness: WitnessArg,
         /// Where the primary streams its log (and, after a takeover, consoles connect).
         #[arg(long)]
         listen: String,
@@ -118,8 +116,8 @@ enum Cmd {
     },
     /// The guest's console, wherever the primary is.
     Console {
-        #[arg(long)]
-        witness: String,
+        #[command(flatten)]
+        witness: WitnessArg,
         /// Give up after this many seconds without a primary.
         #[arg(long, default_value_t = 30)]
         give_up: u64,
@@ -128,8 +126,8 @@ enum Cmd {
     },
     /// Show the view: number, primary, backup, lease, lag.
     Status {
-        #[arg(long)]
-        witness: String,
+        #[command(flatten)]
+        witness: WitnessArg,
         #[command(flatten)]
         key: KeyArg,
     },
@@ -146,6 +144,48 @@ enum LogCmd {
     Dump { file: PathBuf },
     /// Counts by kind, bytes, bytes per second of guest time.
     Stats { file: PathBuf },
+}
+
+/// Where the view is kept: an embedded witness or an etcd cluster.
+#[derive(Args)]
+struct WitnessArg {
+    /// The witness: HOST:PORT of `ftvm witness`, or an etcd cluster as
+    /// etcd://HOST:PORT[,HOST:PORT...][/PREFIX].
+    #[arg(long)]
+    witness: String,
+    /// etcd: the key prefix this VM's view lives under, one per VM
+    /// (default /ftvm/default; or the path of the etcd:// URL).
+    #[arg(long, value_name = "PREFIX")]
+    witness_prefix: Option<String>,
+    /// etcd: authenticate as this etcd user (with --etcd-password-file).
+    #[arg(long, value_name = "USER")]
+    etcd_user: Option<String>,
+    /// etcd: a file holding the user's password (one line).
+    #[arg(long, value_name = "FILE")]
+    etcd_password_file: Option<PathBuf>,
+    /// etcd: speak TLS to etcd, trusting this CA certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// etcd: the client certificate to present (PEM; with --etcd-key).
+    #[arg(long, value_name = "FILE")]
+    etcd_cert: Option<PathBuf>,
+    /// etcd: the client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl WitnessArg {
+    fn at(self) -> Result<WitnessAt> {
+        let etcd = EtcdOptions {
+            prefix: self.witness_prefix,
+            user: self.etcd_user,
+            password_file: self.etcd_password_file,
+            ca: self.etcd_ca,
+            cert: self.etcd_cert,
+            key: self.etcd_key,
+        };
+        Ok(WitnessAt::parse(&self.witness, &etcd)?)
+    }
 }
 
 /// The cluster key of an FT command. Optional for clap, so that a missing
@@ -539,34 +579,38 @@ pub fn main() -> Result<i32> {
             let key = key.load()?;
             let cfg = guest.config()?;
             let net = guest.net.as_ref().map(|n| ftvm::ft::net::FtNet::open(&n.tap)).transpose()?;
-            Ok(ended(run_primary(PrimaryOpts { witness, listen, key, progress: guest.verbose, new_run, net }, cfg)?))
+            Ok(ended(run_primary(PrimaryOpts { witness: witness.at()?, listen, key, progress: guest.verbose, new_run, net }, cfg)?))
         }
         Cmd::Backup { witness, listen, key, guest: g, net } => {
             let key = key.load()?;
             let net = net.as_ref().map(|n| ftvm::ft::net::FtNet::open(&n.tap)).transpose()?;
-            let opts = BackupOpts { witness, listen, key, kernel: g.kernel, initrd: g.initrd, progress: g.verbose, net };
+            let opts = BackupOpts { witness: witness.at()?, listen, key, kernel: g.kernel, initrd: g.initrd, progress: g.verbose, net };
             Ok(ended(run_backup(opts)?))
         }
         Cmd::Console { witness, give_up, key } => {
-            ftvm::ft::remote_console::run_client(&witness, &key.load()?, std::time::Duration::from_secs(give_up))
+            ftvm::ft::remote_console::run_client(&witness.at()?, &key.load()?, std::time::Duration::from_secs(give_up))
         }
         Cmd::Status { witness, key } => {
-            let s = WitnessClient::new(&witness, &key.load()?).status()?;
-            println!("state: {}", s.state());
-            println!("view: {}", s.view.number);
-            println!("run: {}", s.view.run.as_deref().unwrap_or("none"));
-            println!("primary: {}", s.view.primary.as_deref().unwrap_or("none"));
+            let s = WitnessClient::new(&witness.at()?, &key.load()?).status()?;
             let ready = if s.backup_ready { format!("holds the state, replayed to exit #{}", s.backup_applied) } else { "joining".into() };
-            match &s.view.backup {
-                Some(b) => println!("backup: {b} ({}, {ready})", if s.backup_alive { "alive" } else { "silent" }),
-                None => println!("backup: none"),
-            }
-            match s.lease_left_ms {
-                Some(ms) => println!("lease: {ms} ms left"),
-                None => println!("lease: none"),
-            }
-            println!("log: primary at exit #{}, backup acknowledged #{} (lag {} exits)", s.primary_sent, s.primary_acked, s.primary_sent.saturating_sub(s.primary_acked));
-            println!("output: {} bytes released", s.released);
+            let backup = match &s.view.backup {
+                Some(b) => format!("{b} ({}, {ready})", if s.backup_alive { "alive" } else { "silent" }),
+                None => "none".into(),
+            };
+            let lease = s.lease_left_ms.map_or("none".into(), |ms| format!("{ms} ms left"));
+            let text = format!(
+                "state: {}\nview: {}\nrun: {}\nprimary: {}\nbackup: {backup}\nlease: {lease}\nlog: primary at exit #{}, backup acknowledged #{} (lag {} exits)\noutput: {} bytes released\n",
+                s.state(),
+                s.view.number,
+                s.view.run.as_deref().unwrap_or("none"),
+                s.view.primary.as_deref().unwrap_or("none"),
+                s.primary_sent,
+                s.primary_acked,
+                s.primary_sent.saturating_sub(s.primary_acked),
+                s.released
+            );
+            // A reader that stops early (`| head -1`) is not an error.
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
             Ok(0)
         }
         Cmd::Log { cmd: LogCmd::Dump { file } } => log_dump(&file),

@@ -18,7 +18,7 @@ use super::promoter::{keep_place, spawn, standing, Membership, Promoter, Standin
 use super::secure::{SecureReader, SecureWriter};
 use super::stream::{ChannelSource, LogReceiver, MAX_SNAPSHOT_BYTES};
 use super::xfer::Transfers;
-use super::witness::{new_member, View, WitnessClient, WitnessError, LEASE, PING_INTERVAL};
+use super::witness::{new_member, View, WitnessAt, WitnessClient, WitnessError, PING_INTERVAL};
 use super::{write_line, SILENCE};
 use crate::clock::VmClock;
 use crate::config::GuestConfig;
@@ -29,7 +29,7 @@ use crate::snapshot::Snapshot;
 use crate::vm::Vm;
 
 pub struct BackupOpts {
-    pub witness: String,
+    pub witness: WitnessAt,
     pub listen: String,
     pub key: ClusterKey,
     pub kernel: Option<std::path::PathBuf>,
@@ -321,7 +321,7 @@ fn wait_for_stream(
                 }
                 match now {
                     // Lost for two leases running, not a late renewal.
-                    Some(Standing::Lost(_)) if lost_since.get_or_insert_with(Instant::now).elapsed() < 2 * LEASE => continue,
+                    Some(Standing::Lost(_)) if lost_since.get_or_insert_with(Instant::now).elapsed() < 2 * witness.lease() => continue,
                     Some(Standing::Lost(view)) => {
                         // Have the witness drop us and say why, then join again.
                         let why = match witness.promote(&m.me, view, true, false) {

@@ -15,7 +15,7 @@ use super::log_buf::LogBuf;
 use super::stream::{self, Sending};
 use super::xfer::Transfers;
 use super::lease_clock::BootInstant;
-use super::witness::{addr_of, new_member, random_id, View, WitnessClient, WitnessError, LEASE, LEASE_MARGIN, PING_INTERVAL};
+use super::witness::{addr_of, new_member, random_id, View, WitnessAt, WitnessClient, WitnessError, LEASE_MARGIN, PING_INTERVAL};
 use crate::clock::VmClock;
 use crate::config::GuestConfig;
 use crate::console_io::ConsoleInput;
@@ -59,17 +59,18 @@ const ACK_STALL_JOINING: Duration = Duration::from_secs(120);
 /// How often the primary says how much log it keeps in memory.
 const LOG_SIZE_EVERY: Duration = Duration::from_secs(1);
 
-/// Until when this primary may release output, for a lease request sent
-/// at `asked`: the witness counts its lease from when it answered, later
-/// than `asked`, and this VMM stops [`LEASE_MARGIN`] before even that.
-pub(super) fn own_lease(asked: BootInstant) -> BootInstant {
-    asked + (LEASE - LEASE_MARGIN)
+/// Until when this primary may release output, for a lease of length
+/// `lease` requested at `asked`: the witness counts it from when it
+/// answered (etcd: from when it received the keep-alive), later than
+/// `asked`, and this VMM stops [`LEASE_MARGIN`] before even that.
+pub(super) fn own_lease(asked: BootInstant, lease: Duration) -> BootInstant {
+    asked + lease.saturating_sub(LEASE_MARGIN)
 }
 
 impl PrimaryDuty {
     /// `asked`: when the request that granted the first lease was sent.
     pub(super) fn start(mut self, asked: BootInstant) {
-        self.gate.set_lease(own_lease(asked));
+        self.gate.set_lease(own_lease(asked, self.witness.lease()));
         self.apply_view(self.view.clone(), true);
         let stop = self.stop.clone();
         if let Err(e) = std::thread::Builder::new().name("ftvm-primary-duty".into()).spawn(move || self.run()) {
@@ -136,7 +137,7 @@ impl PrimaryDuty {
                 Ok(v) if v.primary.as_deref() == Some(self.me.as_str()) => {
                     warned = false;
                     last_ok = t0;
-                    self.gate.set_lease(own_lease(t0));
+                    self.gate.set_lease(own_lease(t0, self.witness.lease()));
                     self.apply_view(v, cut_off);
                     cut_off = false;
                     self.check_acks();
@@ -151,7 +152,7 @@ impl PrimaryDuty {
                     // Rule 4: without a lease we release nothing (the gate
                     // checks it), and we let go of the backup so that it
                     // can ask the witness to take over.
-                    if !cut_off && last_ok.elapsed() > LEASE - LEASE_MARGIN {
+                    if !cut_off && last_ok.elapsed() > self.witness.lease().saturating_sub(LEASE_MARGIN) {
                         cut_off = true;
                         log::info!("primary: lease expired; output held, log stream to the backup closed");
                         if let Some(s) = self.sender_stop.take() {
@@ -218,7 +219,7 @@ impl PrimaryDuty {
 }
 
 pub struct PrimaryOpts {
-    pub witness: String,
+    pub witness: WitnessAt,
     pub listen: String,
     pub key: ClusterKey,
     pub progress: bool,

@@ -17,7 +17,7 @@ use super::gate::{Gate, Next, Role};
 use super::key::ClusterKey;
 use super::read_line;
 use super::secure::{self, SecureReader, SecureWriter};
-use super::witness::{addr_of, WitnessClient};
+use super::witness::{addr_of, WitnessAt, WitnessClient};
 
 /// Most bytes in one `DATA` frame: the server sends a backlog in pieces,
 /// and the client refuses a larger length rather than allocate it.
@@ -103,7 +103,7 @@ fn unix_ms() -> u128 {
 /// `ftvm console`: follows the primary through failovers. Returns when the
 /// guest has ended, or errors after `give_up` without a primary, or when a
 /// primary breaks the protocol.
-pub fn run_client(witness: &str, key: &ClusterKey, give_up: Duration) -> anyhow::Result<i32> {
+pub fn run_client(witness: &WitnessAt, key: &ClusterKey, give_up: Duration) -> anyhow::Result<i32> {
     let mut w = WitnessClient::new(witness, key);
     let typed = Arc::new(Mutex::new(Typed::default()));
     {
@@ -198,7 +198,7 @@ pub fn run_client(witness: &str, key: &ClusterKey, give_up: Duration) -> anyhow:
         // the witness names another primary, drop this one.
         let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
         {
-            let (watching, waddr, member, key) = (watching.clone(), witness.to_string(), member.clone(), key.clone());
+            let (watching, waddr, member, key) = (watching.clone(), witness.clone(), member.clone(), key.clone());
             let conn = r.tcp().try_clone()?;
             let _ = std::thread::Builder::new().name("ftvm-console-watch".into()).spawn(move || {
                 let mut w = WitnessClient::new(&waddr, &key);

@@ -30,19 +30,163 @@
 //! name a view of its own reign, a backup's no view past the current one,
 //! a promotion exactly the current one. The rules themselves are in
 //! `rules.rs`, without sockets.
+//!
+//! Two implementations hold the view behind one interface
+//! ([`WitnessApi`]): the embedded witness (`ftvm witness`, `server.rs`,
+//! reached through `tcp.rs`) and an etcd cluster (`etcd.rs`), which
+//! applies the same rules to a view kept in etcd. [`WitnessClient`] is
+//! whichever [`WitnessAt`] names.
 
-mod client;
+mod etcd;
 mod rules;
 mod server;
+mod tcp;
 #[cfg(test)]
 mod tests;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::time::Duration;
 
-pub use client::WitnessClient;
+pub use etcd::{EtcdOptions, EtcdTarget};
 pub use server::Witness;
+
+use crate::ft::key::ClusterKey;
+
+/// What every role asks of the witness, whichever implementation holds
+/// the view. A refusal is [`WitnessError::Refused`]; any other error means
+/// no answer (retry).
+pub trait WitnessApi: Send {
+    /// A VMM asks to become primary of the VM of run `run`, as member
+    /// `me` (`ADDR@ID`). `new_run`: the operator allows it to replace a
+    /// lost VM with a new one.
+    fn become_primary(&mut self, me: &str, run: &str, new_run: bool) -> Result<View, WitnessError>;
+    /// A backup announces itself (`view` 0: join) or keeps itself alive.
+    /// `ready`: it holds the VM's state; `applied`: the exit it replayed to.
+    fn backup_ping(&mut self, me: &str, view: u64, ready: bool, applied: u64) -> Result<View, WitnessError>;
+    /// The primary renews its lease and reports progress (`released`:
+    /// console bytes released so far). The caller checks it is still primary.
+    fn primary_ping(&mut self, me: &str, view: u64, sent: u64, acked: u64, released: u64) -> Result<View, WitnessError>;
+    /// The backup of view `view` asks to take over. `lost_connection`: its
+    /// log stream broke rather than went quiet; `ready`: it holds the state.
+    fn promote(&mut self, me: &str, view: u64, lost_connection: bool, ready: bool) -> Result<Promotion, WitnessError>;
+    /// The primary `me` gives up on `backup`, whose acknowledgements stopped.
+    fn drop_backup(&mut self, me: &str, view: u64, backup: &str) -> Result<View, WitnessError>;
+    /// The primary `me` says its guest ended.
+    fn ended(&mut self, me: &str) -> Result<View, WitnessError>;
+    fn view(&mut self) -> Result<View, WitnessError>;
+    fn status(&mut self) -> Result<Status, WitnessError>;
+    /// How long a lease lasts at the witness, counted from no earlier than
+    /// when the request that granted or renewed it was sent.
+    fn lease(&self) -> Duration;
+    /// Where the witness is, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Where the view is kept: an embedded witness or an etcd cluster.
+#[derive(Debug, Clone)]
+pub enum WitnessAt {
+    /// `ftvm witness` at HOST:PORT.
+    Embedded(String),
+    /// `etcd://HOST:PORT[,HOST:PORT...]`.
+    Etcd(EtcdTarget),
+}
+
+impl WitnessAt {
+    /// `spec` is HOST:PORT or etcd://ENDPOINTS; `etcd` only means
+    /// something for etcd.
+    pub fn parse(spec: &str, etcd: &EtcdOptions) -> Result<WitnessAt, WitnessError> {
+        match spec.strip_prefix("etcd://") {
+            Some(endpoints) => Ok(WitnessAt::Etcd(EtcdTarget::new(endpoints, etcd)?)),
+            None => {
+                if etcd.any() {
+                    return Err(WitnessError::Usage(format!(
+                        "--witness-prefix and the --etcd-* options are for an etcd witness (--witness etcd://HOST:PORT,...), not {spec}"
+                    )));
+                }
+                Ok(WitnessAt::Embedded(spec.to_string()))
+            }
+        }
+    }
+}
+
+impl fmt::Display for WitnessAt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WitnessAt::Embedded(a) => f.write_str(a),
+            WitnessAt::Etcd(t) => t.fmt(f),
+        }
+    }
+}
+
+/// A client of the witness named by a [`WitnessAt`]: the roles hold one
+/// of these and call [`WitnessApi`] on it.
+pub struct WitnessClient(Box<dyn WitnessApi>);
+
+impl WitnessClient {
+    pub fn new(at: &WitnessAt, key: &ClusterKey) -> WitnessClient {
+        match at {
+            WitnessAt::Embedded(addr) => WitnessClient(Box::new(tcp::TcpWitness::new(addr, key))),
+            WitnessAt::Etcd(t) => WitnessClient(Box::new(etcd::EtcdWitness::new(t, key))),
+        }
+    }
+}
+
+impl std::ops::Deref for WitnessClient {
+    type Target = dyn WitnessApi;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl std::ops::DerefMut for WitnessClient {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut *self.0
+    }
+}
+
+/// A member, run or backup name must be one token of the protocol.
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name == "-" || name.contains(char::is_whitespace) || name.contains('=') {
+        return Err(format!("{name:?} is not a usable address (empty, \"-\", whitespace or '=')"));
+    }
+    Ok(())
+}
+
+/// `key=value` tokens (after `ok`); `None` if one is not.
+fn parse_kv(s: &str) -> Option<HashMap<String, String>> {
+    s.split_whitespace().map(|t| t.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect()
+}
+
+fn view_from(kv: &HashMap<String, String>) -> Option<View> {
+    let opt = |k: &str| kv.get(k).map(|v| if v == "-" { None } else { Some(v.clone()) });
+    Some(View { number: kv.get("view")?.parse().ok()?, primary: opt("primary")?, backup: opt("backup")?, run: opt("run")? })
+}
+
+fn promotion_from(kv: &HashMap<String, String>) -> Option<Promotion> {
+    match kv.get("result").map(String::as_str) {
+        Some("granted") => Some(Promotion::Granted(view_from(kv)?)),
+        Some("wait") => Some(Promotion::Wait),
+        _ => None,
+    }
+}
+
+fn status_from(kv: &HashMap<String, String>) -> Option<Status> {
+    let num = |k: &str| kv.get(k).and_then(|v| v.parse::<u64>().ok());
+    Some(Status {
+        view: view_from(kv)?,
+        lease_left_ms: if kv.get("lease_left_ms")? == "-" { None } else { Some(num("lease_left_ms")?) },
+        primary_sent: num("sent")?,
+        primary_acked: num("acked")?,
+        backup_alive: num("backup_alive")? == 1,
+        backup_ready: num("ready")? == 1,
+        backup_applied: num("applied")?,
+        released: num("released")?,
+        lost: num("lost")? == 1,
+        ended: num("ended")? == 1,
+    })
+}
 
 /// Primary lease length, as the witness counts it (from when it answered).
 pub const LEASE: Duration = Duration::from_millis(500);
@@ -136,6 +280,16 @@ pub enum WitnessError {
     Listen { addr: String, err: io::Error },
     #[error("witness state file {path}: {msg}")]
     State { path: String, msg: String },
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach the etcd cluster {at}: {msg}")]
+    EtcdUnreachable { at: String, msg: String },
+    #[error("the etcd cluster {at} did not accept the credentials given (--etcd-user, --etcd-password-file): {msg}")]
+    EtcdAuth { at: String, msg: String },
+    #[error("etcd cluster {at}: {msg}")]
+    EtcdForeign { at: String, msg: String },
+    #[error("the etcd cluster {at} and this client did not agree on TLS (check --etcd-ca, --etcd-cert, --etcd-key): {msg}")]
+    EtcdTls { at: String, msg: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

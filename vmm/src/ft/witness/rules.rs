@@ -68,7 +68,8 @@ impl State {
     /// The run's primary is gone and no backup can take over: a backup
     /// that has the state may still be paused (then it is not lost yet).
     fn lost(&self, now: BootInstant) -> bool {
-        !self.ended && self.view.primary.is_some() && !self.lease_alive(now) && !(self.view.backup.is_some() && self.backup_ready)
+        let backup_can_take_over = self.view.backup.is_some() && self.backup_ready;
+        !self.ended && self.view.primary.is_some() && !self.lease_alive(now) && !backup_can_take_over
     }
 
     /// The primary `me` says its guest ended: the run is over, not lost.
@@ -322,6 +323,44 @@ impl State {
         self.backup_ready = ready == 1;
         self.released = released;
         Ok(())
+    }
+
+    /// etcd (`etcd.rs`): the whole state as one value, the durable part
+    /// plus what the status shows and the view the primary came in with.
+    pub(super) fn stored_line(&self) -> String {
+        format!("{} since={} sent={} acked={} applied={}", self.saved_line(), self.primary_since, self.sent, self.acked, self.backup_applied)
+    }
+
+    /// What a ping reports (written to etcd at most once a second).
+    pub(super) fn progress(&self) -> (u64, u64, u64, u64) {
+        (self.sent, self.acked, self.released, self.backup_applied)
+    }
+
+    /// etcd: the state from its stored value (`None`: nothing stored yet)
+    /// and what the lease keys say now: the primary's lease has
+    /// `lease_left` to run (None: gone), the backup's key is alive or not.
+    /// Liveness is etcd's (leases), not this process's clock.
+    pub(super) fn from_stored(t: Timeouts, line: Option<&str>, lease_left: Option<std::time::Duration>, backup_alive: bool, now: BootInstant) -> Result<State, String> {
+        let mut st = State::new(t);
+        if let Some(line) = line {
+            st.restore(line, now)?;
+            let kv: std::collections::HashMap<&str, &str> = line.split_whitespace().filter_map(|t| t.split_once('=')).collect();
+            let num = |k: &str| kv.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            (st.primary_since, st.sent, st.acked, st.backup_applied) = (num("since"), num("sent"), num("acked"), num("applied"));
+        }
+        st.lease_until = lease_left.filter(|_| st.view.primary.is_some()).map(|l| now + l);
+        st.backup_seen = (backup_alive && st.view.backup.is_some()).then_some(now);
+        Ok(st)
+    }
+
+    /// etcd: when this backup first asked to be promoted over a live
+    /// primary (kept by the asking process, not in etcd).
+    pub(super) fn promote_asked(&self) -> Option<BootInstant> {
+        self.promote_asked
+    }
+
+    pub(super) fn set_promote_asked(&mut self, at: Option<BootInstant>) {
+        self.promote_asked = at;
     }
 
     pub(super) fn status(&self, now: BootInstant) -> String {

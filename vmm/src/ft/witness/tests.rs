@@ -23,7 +23,7 @@ fn key() -> ClusterKey {
 }
 
 fn client(addr: &str) -> WitnessClient {
-    WitnessClient::new(addr, &key())
+    WitnessClient::new(&super::WitnessAt::Embedded(addr.to_string()), &key())
 }
 
 fn start() -> (String, WitnessClient) {
@@ -282,7 +282,7 @@ fn view_numbers_are_checked_on_every_request() {
 fn without_the_key_nothing_is_accepted_or_answered() {
     let (addr, mut c) = start();
     // A client with another key.
-    let mut other = WitnessClient::new(&addr, &ClusterKey::from_bytes([8; 32]));
+    let mut other = WitnessClient::new(&super::WitnessAt::Embedded(addr.to_string()), &ClusterKey::from_bytes([8; 32]));
     let e = other.become_primary(S, RUN, false).unwrap_err();
     assert!(matches!(e, WitnessError::Unauthenticated { .. }), "{e}");
     assert!(e.to_string().contains("did not accept this cluster key"), "{e}");
