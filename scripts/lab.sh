@@ -9,7 +9,7 @@ usage() {
 Usage: scripts/lab.sh [OPTIONS] -- COMMAND [ARGS...]
 
 Boots Debian's stock amd64 kernel in QEMU (TCG, -cpu EPYC,+svm,+npt), loads
-irqbypass, kvm, ccp and kvm-amd, checks /dev/kvm, runs COMMAND (through sh -c,
+irqbypass, kvm, ccp and kvm-amd (and tun, llc, stp, bridge), checks /dev/kvm, runs COMMAND (through sh -c,
 arguments quoted) in that machine with cwd /, powers off, and exits with
 COMMAND's status. Only COMMAND's console output is passed through.
 
@@ -81,7 +81,9 @@ BUSYBOX=/bin/busybox
 ldd $BUSYBOX >/dev/null 2>&1 && die "$BUSYBOX is not static: install busybox-static (not busybox)"
 
 # ------------------------------------------------------- L1 kernel and modules
-MODULES=(irqbypass kvm ccp kvm-amd)
+# kvm-amd and what it needs; tun and the bridge (with its stp and llc) for
+# the guests' network cards (taps on a bridge, tests/lab/net.sh).
+MODULES=(irqbypass kvm ccp kvm-amd tun llc stp bridge)
 KDIR=$CACHE/kernel
 mkdir -p "$CACHE"
 # one lab at a time builds the cache
@@ -105,8 +107,9 @@ if ! kernel_cached; then
     deb=$APT_DEB
     log "L1 kernel $APT_PKG $APT_VER: extracting into $KDIR"
     mkdir -p "$tmp/x"
-    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp/x" --wildcards './boot/vmlinuz-*' './boot/config-*' \
-        '*/irqbypass.ko*' '*/kvm.ko*' '*/ccp.ko*' '*/kvm-amd.ko*' \
+    pats=()
+    for m in "${MODULES[@]}"; do pats+=("*/$m.ko*"); done
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp/x" --wildcards './boot/vmlinuz-*' './boot/config-*' "${pats[@]}" \
         || die "extracting $deb failed"
     mkdir -p "$tmp/k"
     cp "$tmp"/x/boot/vmlinuz-* "$tmp/k/vmlinuz" || die "no /boot/vmlinuz-* in $deb"

@@ -11,7 +11,8 @@ Builds guest/linux/out/ from Debian packages:
   bzImage              the stock kernel of linux-image-cloud-amd64 (its vmlinuz)
   vmlinux              the uncompressed ELF kernel extracted from bzImage
   config               the kernel's build configuration
-  initramfs.cpio.gz    static busybox + guest/linux/init (cpio newc, fixed
+  initramfs.cpio.gz    static busybox + guest/linux/init + the virtio-net
+                       modules of the same kernel (cpio newc, fixed
                        mtimes, sorted names: byte-identical across runs)
   VERSION, SHA256SUMS  package versions; checksums of the files above
 
@@ -92,9 +93,14 @@ trap 'rm -rf "$WORK"' EXIT
 NEW=$WORK/out
 mkdir -p "$NEW" "$WORK/k" "$WORK/b"
 
+# The network card's drivers (ftvm --net), in load order: each one's
+# dependencies (modinfo's depends=) come before it, checked below.
+NET_MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net)
 log "extracting $KPKG $KVER"
-dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$WORK/k" --wildcards './boot/vmlinuz-*' './boot/config-*' \
-    || die "extracting /boot from $KDEB failed"
+pats=()
+for m in "${NET_MODULES[@]}"; do pats+=("*/$m.ko*"); done
+dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$WORK/k" --wildcards './boot/vmlinuz-*' './boot/config-*' "${pats[@]}" \
+    || die "extracting /boot and the virtio-net modules from $KDEB failed"
 cp "$WORK"/k/boot/vmlinuz-* "$NEW/bzImage" || die "no vmlinuz in $KDEB"
 cp "$WORK"/k/boot/config-* "$NEW/config" || die "no config in $KDEB"
 KREL=$(basename "$WORK"/k/boot/vmlinuz-*); KREL=${KREL#vmlinuz-}
@@ -137,6 +143,24 @@ cp "$WORK/b/bin/busybox" "$R/bin/busybox"
 done
 [ -e "$R/bin/sh" ] || ln -s /bin/busybox "$R/bin/sh"
 cp "$INIT" "$R/init"
+mkdir -p "$R/lib/modules/net"
+loaded=","
+for m in "${NET_MODULES[@]}"; do
+    f=$(find "$WORK/k" -name "$m.ko*" | head -1)
+    [ -n "$f" ] || die "module $m.ko not found in $KDEB"
+    case $f in
+        *.ko) cp "$f" "$R/lib/modules/net/$m.ko" ;;
+        *.ko.xz) xz -dc "$f" >"$R/lib/modules/net/$m.ko" ;;
+        *.ko.zst) zstd -qdc "$f" >"$R/lib/modules/net/$m.ko" ;;
+        *) die "unknown module compression: $f" ;;
+    esac
+    deps=$(LC_ALL=C grep -a -o 'depends=[a-z0-9_,-]*' "$R/lib/modules/net/$m.ko" | head -1 | cut -d= -f2)
+    for d in ${deps//,/ }; do
+        [[ $loaded == *",${d//-/_},"* ]] || die "$m.ko needs $d, which is not loaded before it"
+    done
+    loaded+="$m,"
+done
+printf '%s\n' "${NET_MODULES[@]}" >"$R/lib/modules/net/order"
 find "$R" -type d -exec chmod 0755 {} +
 chmod 0755 "$R/bin/busybox" "$R/init"
 chmod 1777 "$R/tmp"

@@ -17,6 +17,8 @@ command -v cpio >/dev/null || need_pkgs+=(cpio)
 command -v xz >/dev/null || need_pkgs+=(xz-utils)
 command -v lz4 >/dev/null || need_pkgs+=(lz4)
 command -v zstd >/dev/null || need_pkgs+=(zstd)
+# ip: tests/net.rs configures the tap devices it makes.
+command -v ip >/dev/null || need_pkgs+=(iproute2)
 # The etcd witness: protoc builds the etcd-client crate's gRPC code; a real
 # 3-member etcd runs in tests/ft_etcd.rs (scripts/etcd-cluster.sh for users).
 command -v protoc >/dev/null || need_pkgs+=(protobuf-compiler)
@@ -36,6 +38,11 @@ if [ ! -e /dev/kvm ]; then
     echo "setup: warning: /dev/kvm does not exist; ftvm needs KVM to run guests" >&2
 elif [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then
     echo "setup: warning: no read/write permission on /dev/kvm (join the 'kvm' group)" >&2
+fi
+# The network card's tap (ftvm --net, tests/net.rs).
+if [ ! -e /dev/net/tun ]; then
+    modprobe tun 2>/dev/null || sudo -n modprobe tun 2>/dev/null ||
+        echo "setup: warning: no /dev/net/tun (modprobe tun); --net and tests/net.rs need it" >&2
 fi
 
 cargo build --release --locked --workspace >&2

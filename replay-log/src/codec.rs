@@ -29,6 +29,8 @@ const EV_PROGRESS: u8 = 7;
 const EV_END: u8 = 8;
 const EV_PAGES: u8 = 9;
 const EV_VCPU_STATE: u8 = 10;
+const EV_NET_RX: u8 = 11;
+const EV_NET_TX: u8 = 12;
 
 /// Bytes of one page in a `Pages` record.
 pub const PAGE_SIZE: usize = 4096;
@@ -126,6 +128,15 @@ pub(crate) fn encode_header_payload(h: &Header) -> Result<Vec<u8>, LogError> {
         payload.extend_from_slice(&len.to_le_bytes());
         payload.extend_from_slice(s.as_bytes());
     }
+    // Version 3: the network card, appended (a reader of the version-2
+    // fields stops before it).
+    match &h.net_mac {
+        Some(mac) => {
+            payload.push(1);
+            payload.extend_from_slice(mac);
+        }
+        None => payload.push(0),
+    }
     if payload.len() > MAX_HEADER_PAYLOAD as usize {
         return Err(LogError::TooLarge {
             what: format!(
@@ -164,6 +175,16 @@ pub(crate) fn decode_header_payload(p: &[u8]) -> Result<Header, String> {
     let cmdline = c.string("cmdline")?;
     let ftvm_version = c.string("ftvm_version")?;
     let kernel_name = c.string("kernel_name")?;
+    // Absent in version-2 logs: no card.
+    let net_mac = if c.at_end() {
+        None
+    } else {
+        match c.u8("net flag")? {
+            0 => None,
+            1 => Some(c.array::<6>("net_mac")?),
+            f => return Err(format!("header net flag is {f} (expected 0 or 1)")),
+        }
+    };
     Ok(Header {
         kernel_sha256,
         initrd_sha256,
@@ -171,6 +192,7 @@ pub(crate) fn decode_header_payload(p: &[u8]) -> Result<Header, String> {
         cmdline,
         ftvm_version,
         kernel_name,
+        net_mac,
     })
 }
 
@@ -231,6 +253,8 @@ fn event_code(e: &Event) -> u8 {
         Event::End { .. } => EV_END,
         Event::Pages { .. } => EV_PAGES,
         Event::VcpuState { .. } => EV_VCPU_STATE,
+        Event::NetRx { .. } => EV_NET_RX,
+        Event::NetTx { .. } => EV_NET_TX,
     }
 }
 
@@ -245,6 +269,8 @@ fn payload_len(e: &Event) -> usize {
         Event::End { .. } => 2 + 8 + 8,
         Event::Pages { pages } => pages_payload(pages).len(),
         Event::VcpuState { state } => state.len(),
+        Event::NetRx { frame } => frame.len(),
+        Event::NetTx { .. } => 4 + 8,
     }
 }
 
@@ -345,6 +371,11 @@ pub(crate) fn encode_frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), LogErr
         Event::Interrupt { vector } => out.push(*vector),
         Event::Pages { .. } => out.extend_from_slice(pages_bytes.as_deref().unwrap_or_default()),
         Event::VcpuState { state } => out.extend_from_slice(state),
+        Event::NetRx { frame } => out.extend_from_slice(frame),
+        Event::NetTx { len, digest } => {
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(&digest.to_le_bytes());
+        }
         Event::Progress => {}
         Event::End {
             reason,
@@ -420,6 +451,14 @@ pub(crate) fn decode_body(body: &[u8]) -> Result<Record, String> {
         }
         EV_PAGES => Event::Pages { pages: decode_pages(payload)? },
         EV_VCPU_STATE => Event::VcpuState { state: payload.to_vec() },
+        EV_NET_RX => Event::NetRx { frame: payload.to_vec() },
+        EV_NET_TX => {
+            fixed(12)?;
+            Event::NetTx {
+                len: u32::from_le_bytes(payload[..4].try_into().expect("4 bytes")),
+                digest: le64(&payload[4..]),
+            }
+        }
         EV_END => {
             fixed(18)?;
             let status = payload[1];
@@ -495,6 +534,10 @@ impl<'a> Cursor<'a> {
             .map_err(|e| format!("{} {field} is not UTF-8: {e}", self.what))
     }
 
+    fn at_end(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+
     fn rest(&mut self) -> &'a [u8] {
         let s = &self.buf[self.pos..];
         self.pos = self.buf.len();
@@ -505,6 +548,29 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_net_card_field_is_optional_and_absent_in_version_2_headers() {
+        let mut h = Header {
+            kernel_sha256: [1; 32],
+            initrd_sha256: None,
+            mem_bytes: 1 << 20,
+            cmdline: "c".into(),
+            ftvm_version: "v".into(),
+            kernel_name: "k".into(),
+            net_mac: Some([2, 0, 0, 0, 0, 1]),
+        };
+        let p = encode_header_payload(&h).unwrap();
+        assert_eq!(decode_header_payload(&p).unwrap(), h);
+        h.net_mac = None;
+        let p = encode_header_payload(&h).unwrap();
+        assert_eq!(decode_header_payload(&p).unwrap(), h);
+        // A version-2 payload ends after kernel_name.
+        assert_eq!(decode_header_payload(&p[..p.len() - 1]).unwrap(), h);
+        let mut bad = p.clone();
+        *bad.last_mut().unwrap() = 7;
+        assert!(decode_header_payload(&bad).unwrap_err().contains("net flag is 7"));
+    }
 
     #[test]
     fn crc8_is_crc8_smbus() {

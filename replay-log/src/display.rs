@@ -50,6 +50,8 @@ impl fmt::Display for Event {
                 _ => write!(f, "{name} count=0"),
             },
             Event::VcpuState { state } => write!(f, "{name} bytes={}", state.len()),
+            Event::NetRx { frame } => write!(f, "{name} len={}", frame.len()),
+            Event::NetTx { len, digest } => write!(f, "{name} len={len} digest={digest:#018x}"),
             Event::End {
                 reason,
                 regs_digest,

@@ -72,6 +72,13 @@ pub enum Event {
     /// The vCPU's complete state at this position, in the layout of
     /// FORMAT.md ("vCPU state"), opaque to this crate.
     VcpuState { state: Vec<u8> },
+    /// An Ethernet frame the network card received at this exit (its
+    /// bytes, as the host's tap gave them), handed to the guest here.
+    NetRx { frame: Vec<u8> },
+    /// A frame the guest transmitted at this exit: its length and a
+    /// digest of its bytes (FNV-1a, FORMAT.md). Not an input: replay
+    /// compares the frames it transmits with these.
+    NetTx { len: u32, digest: u64 },
     /// The primary got this far with nothing else to log (a streamed
     /// high-water mark; never needed in a file).
     Progress,
@@ -90,7 +97,7 @@ impl Event {
     pub fn is_input(&self) -> bool {
         matches!(
             self,
-            Event::WallClock { .. } | Event::Time { .. } | Event::SerialIn { .. } | Event::Pages { .. } | Event::VcpuState { .. }
+            Event::WallClock { .. } | Event::Time { .. } | Event::SerialIn { .. } | Event::Pages { .. } | Event::VcpuState { .. } | Event::NetRx { .. }
         )
     }
 
@@ -104,6 +111,8 @@ impl Event {
             Event::Check { .. } => "check",
             Event::Pages { .. } => "pages",
             Event::VcpuState { .. } => "vcpu-state",
+            Event::NetRx { .. } => "net-rx",
+            Event::NetTx { .. } => "net-tx",
             Event::Progress => "progress",
             Event::End { .. } => "end",
         }
@@ -132,4 +141,7 @@ pub struct Header {
     pub ftvm_version: String,
     /// Free-form name of the kernel (file name or "built-in test guest").
     pub kernel_name: String,
+    /// The MAC of the guest's virtio-net card, if it has one (version 3;
+    /// absent, i.e. no card, in older logs).
+    pub net_mac: Option<[u8; 6]>,
 }

@@ -54,9 +54,16 @@ pub fn apply(m: &Machine, at: Option<&mut ExitPoint>, ev: &Event, stage: Stage) 
             let s = VcpuState::from_bytes(state).map_err(|e| at.diverged(format!("a vCPU state ({e})"), "cannot apply it".into()))?;
             at.restore(&s)?;
         }
+        Event::NetRx { frame } => match &m.net {
+            Some(net) => net.lock().unwrap().receive(frame),
+            None => {
+                let at = at.ok_or(EngineError::NotAnInput("net-rx without a card"))?;
+                return Err(at.diverged("a received frame".into(), "has no network card".into()));
+            }
+        },
         // Not inputs: interrupts are derived from device state and checked,
         // the rest are checks and marks.
-        Event::Interrupt { .. } | Event::Check { .. } | Event::Progress | Event::End { .. } => {
+        Event::Interrupt { .. } | Event::Check { .. } | Event::NetTx { .. } | Event::Progress | Event::End { .. } => {
             return Err(EngineError::NotAnInput(ev.kind_name()))
         }
     }

@@ -109,6 +109,10 @@ enum Cmd {
         key: KeyArg,
         #[command(flatten)]
         guest: RecordedGuest,
+        /// The tap the guest's network card uses once this backup takes
+        /// over (tap=NAME, on the same bridge as the primary's).
+        #[arg(long, value_name = "tap=NAME")]
+        net: Option<ftvm::net::NetSpec>,
     },
     /// The guest's console, wherever the primary is.
     Console {
@@ -264,6 +268,12 @@ struct GuestArgs {
     /// Progress every second and details (unmapped ports) on stderr.
     #[arg(long, short)]
     verbose: bool,
+    /// A virtio-net card on the host's tap NAME (opened, or created).
+    #[arg(long, value_name = "tap=NAME")]
+    net: Option<ftvm::net::NetSpec>,
+    /// The card's MAC address (default 52:54:00:12:34:56).
+    #[arg(long, requires = "net", value_parser = |s: &str| ftvm::net::parse_mac(s).map_err(|e| e.to_string()))]
+    mac: Option<[u8; 6]>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -302,8 +312,29 @@ fn spawn_stdin() -> ConsoleInput {
 
 impl GuestArgs {
     fn config(&self) -> Result<GuestConfig> {
-        Ok(GuestConfig::load(self.kernel.as_deref(), self.initrd.as_deref(), self.mem, &self.cmdline)?)
+        let mut cfg = GuestConfig::load(self.kernel.as_deref(), self.initrd.as_deref(), self.mem, &self.cmdline)?;
+        if self.net.is_some() {
+            cfg.net_mac = Some(self.mac.unwrap_or(ftvm::net::DEFAULT_MAC));
+        }
+        Ok(cfg)
     }
+
+    /// The tap of `--net`, opened (before the VM is built, so that a bad
+    /// one is said at once).
+    fn tap(&self) -> Result<Option<ftvm::net::tap::Tap>> {
+        Ok(self.net.as_ref().map(|n| ftvm::net::tap::Tap::open(&n.tap)).transpose()?)
+    }
+}
+
+/// The card's counters on stderr.
+fn report_net(vm: &Vm, rec: &Recorder) {
+    let Some(card) = &vm.machine.net else { return };
+    let c = card.lock().unwrap().counters.clone();
+    let (queue_full, oversize) = rec.net_dropped().unwrap_or_default();
+    eprintln!(
+        "ftvm: network: {} frames received, {} sent; dropped: {} oversize, {} with no buffer, {} bad transmits, {} while the queue was full",
+        c.rx_frames, c.tx_frames, c.rx_oversize + oversize, c.rx_no_buffer, c.tx_errors, queue_full
+    );
 }
 
 /// The run's summary lines on stderr (the guest's console is stdout).
@@ -319,6 +350,7 @@ fn report(vm: &Vm, out: &Outcome, what: &str) {
 
 fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
     let cfg = guest.config()?;
+    let tap = guest.tap()?;
     let mut vm = Vm::new(&cfg, Arc::new(VmClock::host()), Box::new(StdoutSink), Default::default())?;
     let writer = match log {
         Some(p) => {
@@ -332,6 +364,11 @@ fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
     let input = if guest.no_stdin { ConsoleInput::none() } else { spawn_stdin() };
     let stop = ftvm::stop::StopHandle::new();
     let mut rec = Recorder::new(writer, input).with_kicks(stop.clone(), vm.machine.clock.clone());
+    if let (Some(tap), Some(card)) = (&tap, &vm.machine.net) {
+        // Outside FT a frame leaves as soon as the guest sends it.
+        card.lock().unwrap().set_sink(Box::new(tap.writer()));
+        rec = rec.with_net(tap.spawn_reader());
+    }
     log::debug!(
         "ftvm: booting {} ({} MiB, entry {:#x}, cmdline {:?})",
         cfg.kernel.name, cfg.mem_bytes >> 20, vm.entry, cfg.cmdline
@@ -345,6 +382,7 @@ fn run_live(guest: GuestArgs, log: Option<&Path>) -> Result<i32> {
         None if guest.verbose => eprintln!("ftvm: {}", rec.summary()),
         None => {}
     }
+    report_net(&vm, &rec);
     Ok(code)
 }
 
@@ -429,9 +467,10 @@ fn log_dump(path: &Path) -> Result<i32> {
     let mut r = LogReader::open(path)?.end_is_final();
     let h = r.header().clone();
     let mut out = std::io::stdout().lock();
+    let net = h.net_mac.map(|m| format!(" net {}", ftvm::net::format_mac(&m))).unwrap_or_default();
     writeln!(
         out,
-        "# {}: ftvm {} kernel '{}' sha256 {} mem {} MiB cmdline {:?}",
+        "# {}: ftvm {} kernel '{}' sha256 {} mem {} MiB cmdline {:?}{net}",
         path.display(), h.ftvm_version, h.kernel_name, hex(&h.kernel_sha256), h.mem_bytes >> 20, h.cmdline
     )?;
     loop {
@@ -539,11 +578,13 @@ pub fn main() -> Result<i32> {
         Cmd::Primary { witness, listen, new_run, key, guest } => {
             let key = key.load()?;
             let cfg = guest.config()?;
-            Ok(ended(run_primary(PrimaryOpts { witness: witness.at()?, listen, key, progress: guest.verbose, new_run }, cfg)?))
+            let net = guest.net.as_ref().map(|n| ftvm::ft::net::FtNet::open(&n.tap)).transpose()?;
+            Ok(ended(run_primary(PrimaryOpts { witness: witness.at()?, listen, key, progress: guest.verbose, new_run, net }, cfg)?))
         }
-        Cmd::Backup { witness, listen, key, guest: g } => {
+        Cmd::Backup { witness, listen, key, guest: g, net } => {
             let key = key.load()?;
-            let opts = BackupOpts { witness: witness.at()?, listen, key, kernel: g.kernel, initrd: g.initrd, progress: g.verbose };
+            let net = net.as_ref().map(|n| ftvm::ft::net::FtNet::open(&n.tap)).transpose()?;
+            let opts = BackupOpts { witness: witness.at()?, listen, key, kernel: g.kernel, initrd: g.initrd, progress: g.verbose, net };
             Ok(ended(run_backup(opts)?))
         }
         Cmd::Console { witness, give_up, key } => {

@@ -34,6 +34,8 @@ pub struct GuestConfig {
     pub cmdline: String,
     /// Initial ramdisk for a Linux guest: (name, contents).
     pub initrd: Option<(String, Vec<u8>)>,
+    /// A virtio-net card with this MAC (`--net`), on a PCI bus.
+    pub net_mac: Option<[u8; 6]>,
 }
 
 pub fn hex(b: &[u8]) -> String {
@@ -58,7 +60,7 @@ impl GuestConfig {
     pub fn load(kernel: Option<&Path>, initrd: Option<&Path>, mem_bytes: u64, cmdline: &str) -> Result<Self, ConfigError> {
         let kernel = load_kernel(kernel)?;
         let initrd = initrd.map(read_initrd).transpose()?;
-        Ok(GuestConfig { kernel, mem_bytes, cmdline: cmdline.to_string(), initrd })
+        Ok(GuestConfig { kernel, mem_bytes, cmdline: cmdline.to_string(), initrd, net_mac: None })
     }
 
     /// The guest a log (file or stream, named `log`) was recorded from,
@@ -86,7 +88,7 @@ impl GuestConfig {
             (None, Some(_)) => return Err(ConfigError::MissingInitrd { log: log.to_string() }),
             (Some(p), None) => return Err(ConfigError::ExtraInitrd { log: log.to_string(), path: p.to_owned() }),
         };
-        Ok(GuestConfig { kernel, mem_bytes: h.mem_bytes, cmdline: h.cmdline.clone(), initrd })
+        Ok(GuestConfig { kernel, mem_bytes: h.mem_bytes, cmdline: h.cmdline.clone(), initrd, net_mac: h.net_mac })
     }
 
     /// The log header that names this guest.
@@ -98,13 +100,16 @@ impl GuestConfig {
             cmdline: self.cmdline.clone(),
             ftvm_version: env!("CARGO_PKG_VERSION").to_string(),
             kernel_name: self.kernel.name.clone(),
+            net_mac: self.net_mac,
         }
     }
 
     /// The command line the guest sees: for Linux, ftvm's own words first.
     pub fn effective_cmdline(&self) -> String {
         if linux::is_linux_elf(&self.kernel.bytes) {
-            format!("{} {}", linux::LINUX_CMDLINE, self.cmdline).trim().to_string()
+            // With a card, Linux must probe PCI: `pci=off` goes.
+            let base = if self.net_mac.is_some() { linux::LINUX_CMDLINE.replace(" pci=off", "") } else { linux::LINUX_CMDLINE.to_string() };
+            format!("{base} {}", self.cmdline).trim().to_string()
         } else {
             self.cmdline.clone()
         }

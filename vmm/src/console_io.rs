@@ -91,6 +91,11 @@ impl ConsoleInput {
         }
     }
 
+    /// The channel typed bytes arrive on, for a wait on it and others.
+    pub fn receiver(&self) -> Option<&Receiver<Vec<u8>>> {
+        self.rx.as_ref()
+    }
+
     /// Whether more input may still come.
     pub fn open(&self) -> bool {
         self.rx.is_some()

@@ -15,6 +15,9 @@ use crate::devices::pit::{Pit, PitState};
 use crate::devices::uart::{Uart, UartState};
 use crate::devices::{Clock, DeviceError, OutputSink, StopSignal};
 use crate::layout::*;
+use crate::net::device::VirtioNet;
+use crate::net::{FrameSink, NET_BAR_ADDR, NET_IRQ, NET_SLOT};
+use crate::pci::{PciRoot, CONFIG_PORT, CONFIG_PORT_LEN};
 
 pub struct Machine {
     pub pio: Bus,
@@ -26,6 +29,10 @@ pub struct Machine {
     pub i8042: Arc<Mutex<I8042>>,
     pub debug_exit: Arc<Mutex<DebugExit>>,
     pub clock: Arc<VmClock>,
+    /// The network card and the PCI bus it sits on, when configured
+    /// (`add_net`); a machine without one has no PCI bus at all.
+    pub net: Option<Arc<Mutex<VirtioNet>>>,
+    pub pci: Option<Arc<Mutex<PciRoot>>>,
     pub stop: StopSignal,
     /// Ordinal of the exit being handled; output sinks tag bytes with it so
     /// fault tolerance can hold output until the log through it is safe.
@@ -65,7 +72,24 @@ impl Machine {
         pio.insert(debug_exit.clone(), DEBUG_EXIT_PORT.into(), 1)?;
         pio.insert(uart.clone(), COM1_BASE.into(), 8)?;
 
-        Ok(Machine { pio, mmio: Bus::new(), pic, pit, uart, cmos, i8042, debug_exit, clock, stop, ordinal })
+        Ok(Machine { pio, mmio: Bus::new(), pic, pit, uart, cmos, i8042, debug_exit, clock, net: None, pci: None, stop, ordinal })
+    }
+
+    /// Adds the PCI bus and a virtio-net card with this MAC on it: BAR 0
+    /// on the MMIO bus, INTA# on the PIC's `NET_IRQ`. The card reads and
+    /// writes guest memory `mem` (its rings and buffers) and hands the
+    /// frames the guest sends to `sink`.
+    pub fn add_net(&mut self, mac: [u8; 6], mem: vm_memory::GuestMemoryMmap, sink: Box<dyn FrameSink>) -> Result<(), BusError> {
+        let irq = Box::new(PicIrqLine::new(self.pic.clone(), NET_IRQ));
+        let net = Arc::new(Mutex::new(VirtioNet::new(mac, NET_BAR_ADDR, NET_IRQ, mem, irq, sink)));
+        let mut root = PciRoot::new();
+        root.plug(NET_SLOT, net.clone());
+        let root = Arc::new(Mutex::new(root));
+        self.pio.insert(root.clone(), CONFIG_PORT.into(), CONFIG_PORT_LEN)?;
+        self.mmio.insert(net.clone(), NET_BAR_ADDR.into(), crate::net::transport::BAR_SIZE.into())?;
+        self.net = Some(net);
+        self.pci = Some(root);
+        Ok(())
     }
 
     /// The board's state at an exit boundary: every device and the clock.
@@ -80,6 +104,10 @@ impl Machine {
             cmos: self.cmos.lock().unwrap().state(),
             i8042: self.i8042.lock().unwrap().state(),
             debug_exit: self.debug_exit.lock().unwrap().state(),
+            net: self.net.as_ref().zip(self.pci.as_ref()).map(|(n, p)| NetMachineState {
+                pci: p.lock().unwrap().state(),
+                card: n.lock().unwrap().state(),
+            }),
         }
     }
 
@@ -87,6 +115,21 @@ impl Machine {
     /// all of it is restored or, if any device refuses its part, nothing.
     pub fn restore(&self, s: &MachineState) -> Result<(), DeviceError> {
         s.check()?;
+        // The card first: it can refuse (another card, or none).
+        match (&s.net, &self.net, &self.pci) {
+            (None, None, _) => {}
+            (Some(ns), Some(net), Some(pci)) => {
+                let (mut card, mut root) = (net.lock().unwrap(), pci.lock().unwrap());
+                let (card_was, root_was) = (card.state(), root.state());
+                if let Err(e) = card.restore(&ns.card).and_then(|_| root.restore(&ns.pci)) {
+                    card.restore(&card_was)?;
+                    root.restore(&root_was)?;
+                    return Err(e);
+                }
+            }
+            (Some(_), _, _) => return Err(DeviceError::bad("machine", "the state has a network card, this machine none")),
+            (None, Some(_), _) => return Err(DeviceError::bad("machine", "this machine has a network card, the state none")),
+        }
         self.pic.lock().unwrap().restore(&s.pic)?;
         self.pit.lock().unwrap().restore(&s.pit)?;
         self.uart.lock().unwrap().restore(&s.uart)?;
@@ -108,6 +151,14 @@ pub struct MachineState {
     pub cmos: CmosState,
     pub i8042: I8042State,
     pub debug_exit: DebugExitState,
+    /// The PCI bus and the network card, if the machine has them.
+    pub net: Option<NetMachineState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetMachineState {
+    pub pci: crate::pci::PciRootState,
+    pub card: crate::net::device::NetState,
 }
 
 impl MachineState {

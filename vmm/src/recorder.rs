@@ -24,6 +24,7 @@ use crate::snapshot::Snapshot;
 use crate::ft::HEARTBEAT;
 use crate::kick::Kicker;
 use crate::machine::Machine;
+use crate::net::tap::NetInput;
 use crate::stop::StopHandle;
 
 /// The timer's next deadline (guest ns).
@@ -68,7 +69,14 @@ pub struct Recorder {
     unmarked_at: Option<replay_log::Position>,
     /// Snapshots asked for by a joining backup's log sender.
     transfers: Option<Arc<Transfers>>,
+    /// Frames received by the network card's host side, waiting for the
+    /// guest (`with_net`).
+    net: Option<NetInput>,
 }
+
+/// Received frames handed to the guest at one exit, at most: the rest wait
+/// for the next exit (the guest's interrupt handler makes plenty).
+const FRAMES_PER_EXIT: usize = 64;
 
 /// Pages per `Pages` record: 4 MiB of a delta, well under the format's
 /// 16 MiB record limit.
@@ -93,7 +101,21 @@ impl Recorder {
             resync_pages: 0,
             unmarked_at: None,
             transfers: None,
+            net: None,
         }
+    }
+
+    /// Received frames for the network card: handed to the guest (and
+    /// logged as `NetRx`) at exits where the card has buffers for them.
+    pub fn with_net(mut self, input: NetInput) -> Self {
+        self.net = Some(input);
+        self
+    }
+
+    /// Frames dropped before they reached the guest: (queue full,
+    /// oversize), for the summary.
+    pub fn net_dropped(&self) -> Option<(u64, u64)> {
+        self.net.as_ref().map(|n| (n.dropped.load(Ordering::Relaxed), n.oversize))
     }
 
     /// Answers requests for snapshots (state transfer to a joining
@@ -348,6 +370,63 @@ impl Recorder {
         self.hand_over(at, Event::SerialIn { bytes }, out)
     }
 
+    /// Received frames go in as far as the card has buffers posted; the
+    /// rest wait in the queue (the decision is the guest's state at this
+    /// exit, and the log says which frames went in).
+    fn frames(&mut self, m: &Machine, at: &mut ExitPoint, out: &mut Vec<Event>) -> Result<(), EngineError> {
+        let (Some(input), Some(card)) = (&mut self.net, &m.net) else { return Ok(()) };
+        input.poll();
+        if input.pending() == 0 {
+            return Ok(());
+        }
+        let room = usize::from(card.lock().unwrap().rx_buffers()).min(FRAMES_PER_EXIT);
+        let frames: Vec<Vec<u8>> = std::iter::from_fn(|| input.take()).take(room).collect();
+        for frame in frames {
+            self.hand_over(at, Event::NetRx { frame }, out)?;
+        }
+        Ok(())
+    }
+
+    /// Logs the frames the guest sent at this exit (`NetTx`), before the
+    /// exit's check. Also for a backup that goes live at the end of an
+    /// exit whose frames the primary's log did not bring.
+    pub fn log_sent(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<(), EngineError> {
+        if let Some(card) = &m.net {
+            let sent = card.lock().unwrap().take_sent();
+            if self.log.is_some() {
+                for (len, digest) in sent {
+                    self.append(at, Event::NetTx { len, digest })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a received frame could go in now.
+    fn frame_ready(&self, m: &Machine) -> bool {
+        match (&self.net, &m.net) {
+            (Some(input), Some(card)) => input.pending() > 0 && card.lock().unwrap().can_receive(),
+            _ => false,
+        }
+    }
+
+    /// The idle wait: until typed bytes or a received frame arrive, or
+    /// `timeout`.
+    fn wait_input(&mut self, timeout: Duration) {
+        let Some(net_rx) = self.net.as_ref().and_then(|n| n.receiver()).cloned() else {
+            self.input.poll(Some(timeout));
+            return;
+        };
+        let console_rx = self.input.receiver().cloned();
+        let mut sel = crossbeam_channel::Select::new();
+        sel.recv(&net_rx);
+        if let Some(c) = &console_rx {
+            sel.recv(c);
+        }
+        let _ = sel.ready_timeout(timeout);
+        self.input.poll(None);
+    }
+
     /// The timer's deadline passed on the host clock: sample the time so
     /// the timer fires. `fresh`: sample again even if this exit has a value.
     fn timer(&mut self, m: &Machine, at: &mut ExitPoint, fresh: bool, out: &mut Vec<Event>) -> Result<(), EngineError> {
@@ -385,7 +464,8 @@ impl Inputs for Recorder {
         if !idle {
             self.timer(m, at, false, out)?;
             self.input.poll(None);
-            return self.typed(m, at, out).map(|_| Flow::Continue);
+            self.typed(m, at, out)?;
+            return self.frames(m, at, out).map(|_| Flow::Continue);
         }
         // The guest is idle: a good moment to push the log out, and to
         // start a new dirty-page interval.
@@ -395,17 +475,19 @@ impl Inputs for Recorder {
             self.take_dirty(at, "clear the dirty log")?;
         }
         let deadline = m.pit.lock().unwrap().next_deadline_ns();
-        if deadline.is_none() && !self.input.open() && self.input.pending() == 0 {
+        let net_open = self.net.as_ref().is_some_and(|n| n.receiver().is_some() || n.pending() > 0);
+        if deadline.is_none() && !self.input.open() && self.input.pending() == 0 && !net_open {
             return Err(EngineError::Stuck { ordinal: at.ordinal, rip: at.rip()? });
         }
         let now = m.clock.peek_host();
         let max_wait = if self.marks.is_some() { HEARTBEAT } else { MAX_WAIT };
         let timeout = deadline.map_or(max_wait, |d| Duration::from_nanos(d.saturating_sub(now)).min(max_wait));
-        if self.input.pending() == 0 || !m.uart.lock().unwrap().accepting_input() {
-            self.input.poll(Some(timeout));
+        if (self.input.pending() == 0 || !m.uart.lock().unwrap().accepting_input()) && !self.frame_ready(m) {
+            self.wait_input(timeout);
         }
         self.timer(m, at, true, out)?;
         self.typed(m, at, out)?;
+        self.frames(m, at, out)?;
         Ok(Flow::Continue)
     }
 
@@ -422,6 +504,7 @@ impl Inputs for Recorder {
         match what {
             Observed::Injected(vector) => self.append(at, Event::Interrupt { vector })?,
             Observed::ExitDone => {
+                self.log_sent(m, at)?;
                 if self.log.is_some() && at.ordinal.is_multiple_of(CHECK_INTERVAL) {
                     let regs_digest = at.regs_digest()?;
                     self.append(at, Event::Check { regs_digest })?;

@@ -65,6 +65,8 @@ pub struct Replayer<S: RecordSource> {
     pre_rip: Option<(u64, Record)>,
     pub consumed: u64,
     pub checks: u64,
+    /// Transmitted frames compared with the log's `NetTx` records.
+    pub frames: u64,
     pub end: Option<EndReason>,
 }
 
@@ -74,7 +76,7 @@ fn describe(rec: &Record) -> String {
 
 impl<S: RecordSource> Replayer<S> {
     pub fn new(reader: S) -> Self {
-        Replayer { reader, skip: None, skipped_to: None, next: None, tail: None, pre_rip: None, consumed: 0, checks: 0, end: None }
+        Replayer { reader, skip: None, skipped_to: None, next: None, tail: None, pre_rip: None, consumed: 0, checks: 0, frames: 0, end: None }
     }
 
     /// Replays the part of the log after `pos`, for a VM restored from a
@@ -221,9 +223,19 @@ impl<S: RecordSource> Replayer<S> {
         }
     }
 
-    fn exit_done(&mut self, at: &mut ExitPoint) -> Result<Flow, EngineError> {
+    fn exit_done(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<Flow, EngineError> {
+        // Frames the guest sent at this exit, compared with those logged.
+        let mut sent: std::collections::VecDeque<(u32, u64)> = m.net.as_ref().map(|c| c.lock().unwrap().take_sent().into()).unwrap_or_default();
         while let Some(rec) = self.peek_at(at.ordinal)?.cloned() {
             match rec.event {
+                Event::NetTx { len, digest } => {
+                    self.take_checked(at)?;
+                    match sent.pop_front() {
+                        Some(f) if f == (len, digest) => self.frames += 1,
+                        Some((l, d)) => return Err(at.diverged(describe(&rec), format!("transmitted a {l}-byte frame with digest {d:#018x}"))),
+                        None => return Err(at.diverged(describe(&rec), "transmitted no (more) frames here".into())),
+                    }
+                }
                 Event::Check { regs_digest } => {
                     self.take_checked(at)?;
                     self.check_regs(at, &rec, regs_digest)?;
@@ -236,6 +248,17 @@ impl<S: RecordSource> Replayer<S> {
                     return Ok(Flow::Stop(Ending::Interrupted));
                 }
                 _ => return Err(at.diverged(describe(&rec), "did not produce it at this exit".into())),
+            }
+        }
+        if let Some(&(l, d)) = sent.front() {
+            if self.peek()?.is_none() {
+                // The log ends here: the frames are for whoever continues
+                // it (a backup going live) to log.
+                if let Some(card) = &m.net {
+                    card.lock().unwrap().put_back_sent(sent.into());
+                }
+            } else {
+                return Err(at.diverged("no (more) frames transmitted here".into(), format!("transmitted a {l}-byte frame with digest {d:#018x}")));
             }
         }
         if self.peek()?.is_none() {
@@ -318,10 +341,10 @@ impl<S: RecordSource> Inputs for Replayer<S> {
         }
     }
 
-    fn observe(&mut self, _: &Machine, at: &mut ExitPoint, what: Observed) -> Result<Flow, EngineError> {
+    fn observe(&mut self, m: &Machine, at: &mut ExitPoint, what: Observed) -> Result<Flow, EngineError> {
         match what {
             Observed::Injected(vector) => self.check_injection(at, vector),
-            Observed::ExitDone => self.exit_done(at),
+            Observed::ExitDone => self.exit_done(m, at),
             // SIGINT while replaying: nothing to check.
             Observed::End { reason: EndReason::Interrupted, .. } => Ok(Flow::Continue),
             Observed::End { reason, mem_digest } => self.check_end(at, reason, mem_digest),
@@ -333,6 +356,7 @@ impl<S: RecordSource> Inputs for Replayer<S> {
     }
 
     fn summary(&self) -> String {
-        format!("{} records replayed, {} digests checked", self.consumed, self.checks)
+        let frames = if self.frames > 0 { format!(", {} transmitted frames compared", self.frames) } else { String::new() };
+        format!("{} records replayed, {} digests checked{frames}", self.consumed, self.checks)
     }
 }

@@ -367,6 +367,9 @@ pub mod fake {
     pub enum Step {
         Out(u16, Vec<u8>),
         In(u16, usize),
+        /// A store to / load from an MMIO address (a device's BAR).
+        MmioWrite(u64, Vec<u8>),
+        MmioRead(u64, usize),
         Hlt,
         /// Enable (true) or disable interrupts; no exit.
         If(bool),
@@ -489,6 +492,16 @@ pub mod fake {
                         self.buf = [0; 8];
                         self.last_in = Some(n.min(8));
                         return Ok(VmExit::IoIn(port, &mut self.buf[..n.min(8)]));
+                    }
+                    Step::MmioWrite(addr, data) => {
+                        let n = data.len().min(8);
+                        self.buf[..n].copy_from_slice(&data[..n]);
+                        return Ok(VmExit::MmioWrite(addr, &self.buf[..n]));
+                    }
+                    Step::MmioRead(addr, n) => {
+                        self.buf = [0; 8];
+                        self.last_in = Some(n.min(8));
+                        return Ok(VmExit::MmioRead(addr, &mut self.buf[..n.min(8)]));
                     }
                     Step::Hlt => return Ok(VmExit::Hlt),
                     Step::Spin => {

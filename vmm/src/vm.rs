@@ -142,7 +142,12 @@ impl Vm {
         vcpu.set_fpu(&boot::initial_fpu())
             .map_err(|err| VmError::Kvm { what: "set FPU", err })?;
 
-        let machine = Machine::new(clock, console, ordinal)?;
+        let mut machine = Machine::new(clock, console, ordinal)?;
+        if let Some(mac) = cfg.net_mac {
+            // Frames are counted until the caller gives the card a backend
+            // (`VirtioNet::set_sink`): replay, and a backup, send nothing.
+            machine.add_net(mac, mem.clone(), Box::new(crate::net::CountingSink::default()))?;
+        }
         let msr_list = kvm
             .get_msr_index_list()
             .map_err(|err| VmError::Kvm { what: "get MSR index list", err })?

@@ -13,6 +13,7 @@ pub fn header() -> Header {
         cmdline: "console=ttyS0 ftvm.test=ümlaut".to_string(),
         ftvm_version: "0.1.0".to_string(),
         kernel_name: "built-in test guest".to_string(),
+        net_mac: Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]),
     }
 }
 
@@ -53,6 +54,9 @@ pub fn all_variants() -> Vec<Record> {
         Event::Pages { pages: Vec::new() },
         Event::VcpuState { state: vec![1, 2, 3] },
         Event::VcpuState { state: Vec::new() },
+        Event::NetRx { frame: (0..1514).map(|i| i as u8).collect() },
+        Event::NetRx { frame: Vec::new() },
+        Event::NetTx { len: u32::MAX, digest: 0x0123_4567_89ab_cdef },
         Event::Progress,
         Event::End {
             reason: EndReason::Exit(0xfe),

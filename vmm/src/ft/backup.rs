@@ -35,6 +35,9 @@ pub struct BackupOpts {
     pub kernel: Option<std::path::PathBuf>,
     pub initrd: Option<std::path::PathBuf>,
     pub progress: bool,
+    /// The network card's tap (`--net`): silent while a backup, the
+    /// guest's once it takes over.
+    pub net: Option<super::net::FtNet>,
 }
 
 /// A log stream must bring its header this soon after the backup's `OK`.
@@ -228,6 +231,11 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
     let cfg = GuestConfig::for_log(&h, &stream_name, opts.kernel.as_deref(), opts.initrd.as_deref())?;
     let sink = GateSink { gate: gate.clone(), ordinal: ordinal.clone() };
     let mut vm = Vm::new(&cfg, Arc::new(VmClock::replay()), Box::new(sink), ordinal)?;
+    match (&opts.net, cfg.net_mac) {
+        (Some(n), Some(_)) => n.protect(&vm.machine, &gate, vm.machine.ordinal.clone()),
+        (None, Some(_)) => log::warn!("backup: the guest has a network card but this backup has no --net: after a takeover its frames go nowhere"),
+        _ => {}
+    }
     backup_transfers.set_mem(vm.mem.clone());
     let at = match snap {
         Some(Received { snap, tail: (seq, bytes) }) => {
@@ -253,6 +261,9 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
         None => Replayer::new(source),
     };
     let mut inputs = BackupInputs::new(replayer, slot, m.stop.clone());
+    if let Some(n) = &opts.net {
+        inputs = inputs.with_net(n.input.clone(), cfg.cmdline.clone());
+    }
     let out = engine::run_from(vm.guest(), &mut inputs, &RunOptions { progress: opts.progress, stop: m.stop.clone() }, at)
         .map_err(|err| RoleError::Engine { what: "backup replay", err })?;
     let (msg, code) = out.ending.describe();

@@ -10,6 +10,7 @@ use super::stream::ChannelSource;
 use crate::console_io::ConsoleInput;
 use crate::engine::{EngineError, Ending, ExitPoint, Flow, Inputs, Observed};
 use crate::machine::Machine;
+use crate::net::tap::NetInput;
 use crate::recorder::{LogSink, Recorder};
 use crate::replay::Replayer;
 use crate::stop::StopHandle;
@@ -37,11 +38,20 @@ pub struct BackupInputs {
     live: Option<Recorder>,
     slot: TakeoverSlot,
     stop: StopHandle,
+    /// The tap's frames and the guest's command line (for its address),
+    /// for going live with the network card.
+    net: Option<(NetInput, String)>,
 }
 
 impl BackupInputs {
     pub fn new(replay: Replayer<ChannelSource>, slot: TakeoverSlot, stop: StopHandle) -> Self {
-        BackupInputs { replay, live: None, slot, stop }
+        BackupInputs { replay, live: None, slot, stop, net: None }
+    }
+
+    /// Frames from this backup's tap once it is live (`ft::net::go_live`).
+    pub fn with_net(mut self, input: NetInput, cmdline: String) -> Self {
+        self.net = Some((input, cmdline));
+        self
     }
 
     pub fn is_live(&self) -> bool {
@@ -66,13 +76,19 @@ impl BackupInputs {
         // Everything typed so far is in the log we replayed.
         kit.gate.note_input(ordinal, m.uart.lock().unwrap().rx_total());
         (kit.on_live)(ordinal);
-        self.live = Some(
-            Recorder::new(Some(kit.log), kit.input)
-                .with_marks(kit.marked, kit.gate)
-                .with_mark_index(kit.buf)
-                .with_transfers(kit.transfers)
-                .with_kicks(self.stop.clone(), m.clock.clone()),
-        );
+        let net = self.net.take().map(|(mut input, cmdline)| {
+            super::net::go_live(&mut input, m, &kit.gate, ordinal, &cmdline);
+            input
+        });
+        let mut live = Recorder::new(Some(kit.log), kit.input)
+            .with_marks(kit.marked, kit.gate)
+            .with_mark_index(kit.buf)
+            .with_transfers(kit.transfers)
+            .with_kicks(self.stop.clone(), m.clock.clone());
+        if let Some(input) = net {
+            live = live.with_net(input);
+        }
+        self.live = Some(live);
         Ok(Flow::Continue)
     }
 
@@ -125,7 +141,15 @@ impl Inputs for BackupInputs {
         }
         let done = matches!(what, Observed::ExitDone);
         match self.replay.observe(m, at, what)? {
-            Flow::Stop(Ending::LogIncomplete(_)) if done => self.go_live(m, at.ordinal),
+            Flow::Stop(Ending::LogIncomplete(_)) if done => {
+                let flow = self.go_live(m, at.ordinal)?;
+                // Frames sent at this exit that the primary's log did not
+                // bring: ours to log now.
+                if let Some(l) = &mut self.live {
+                    l.log_sent(m, at)?;
+                }
+                Ok(flow)
+            }
             f => Ok(f),
         }
     }

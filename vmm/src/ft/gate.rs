@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use super::lease_clock::BootInstant;
 use super::held::Held;
+use super::held_frames::HeldFrames;
 use crate::devices::OutputSink;
+use crate::net::FrameSink;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -44,6 +46,8 @@ struct State {
     /// The exit that produced the last byte released: a backup that joins
     /// from boot is ready to take over only once it holds the log that far.
     released_ordinal: u64,
+    /// Frames the guest's network card sent, under the same rule.
+    frames: HeldFrames,
 }
 
 /// Released console output kept for console clients that reconnect (after
@@ -86,6 +90,7 @@ impl Gate {
                 inputs: VecDeque::new(),
                 input_acked: 0,
                 released_ordinal: 0,
+                frames: HeldFrames::default(),
             }),
             changed: Condvar::new(),
         })
@@ -127,6 +132,7 @@ impl Gate {
         if let Some(ord) = pending.release(through, released) {
             s.released_ordinal = ord;
         }
+        s.frames.release(through);
         if s.released.len() != before {
             self.changed.notify_all();
         }
@@ -154,6 +160,30 @@ impl Gate {
         }
     }
 
+    /// A frame the guest's card sent at exit `ordinal`: held until the
+    /// output rule lets it go, then written to the frame output. A backup
+    /// (silent) never transmits: its frames are dropped.
+    pub fn send_frame(&self, ordinal: u64, frame: &[u8]) {
+        let mut s = self.s.lock().unwrap();
+        if s.role == Role::Silent {
+            s.frames.drop_one();
+            return;
+        }
+        s.frames.push(ordinal, frame);
+        self.release(&mut s);
+    }
+
+    /// Where released frames go (the tap).
+    pub fn set_frame_out(&self, out: Box<dyn FrameSink>) {
+        self.s.lock().unwrap().frames.set_out(out);
+    }
+
+    /// Frames (released, dropped, held now), for summaries.
+    pub fn frame_counts(&self) -> (u64, u64, usize) {
+        let s = self.s.lock().unwrap();
+        (s.frames.released, s.frames.dropped, s.frames.len())
+    }
+
     /// The backup has the log through `ordinal`.
     pub fn ack(&self, ordinal: u64) {
         let generation = self.s.lock().unwrap().ack_gen;
@@ -178,6 +208,7 @@ impl Gate {
             need_ack: matches!(s.role, Role::Primary { need_ack: true }),
             acked: s.acked,
             unmarked_output: s.pending.last_ordinal().is_some_and(|ord| ord > last_mark)
+                || s.frames.last_ordinal().is_some_and(|ord| ord > last_mark)
                 || s.inputs.back().is_some_and(|&(ord, _)| ord > last_mark),
         }
     }
@@ -327,6 +358,19 @@ impl OutputSink for GateSink {
     }
 }
 
+/// The network card's frame sink when fault tolerance is on: frames go
+/// to the gate, tagged with the exit that sent them.
+pub struct GateFrames {
+    pub gate: Arc<Gate>,
+    pub ordinal: Arc<AtomicU64>,
+}
+
+impl FrameSink for GateFrames {
+    fn transmit(&mut self, frame: &[u8]) {
+        self.gate.send_frame(self.ordinal.load(Ordering::Relaxed), frame);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,5 +509,64 @@ mod tests {
         g.set_role(Role::Primary { need_ack: false });
         assert_eq!(g.released_len(), 1);
         assert!(g.drain(Duration::ZERO));
+    }
+
+    #[derive(Clone, Default)]
+    struct Wire(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+    impl FrameSink for Wire {
+        fn transmit(&mut self, f: &[u8]) {
+            self.0.lock().unwrap().push(f.to_vec());
+        }
+    }
+
+    #[test]
+    fn frames_wait_for_the_ack_of_their_exit_and_a_backup_sends_none() {
+        let g = Gate::new(Role::Primary { need_ack: true });
+        let wire = Wire::default();
+        g.set_frame_out(Box::new(wire.clone()));
+        g.set_lease(BootInstant::now() + Duration::from_secs(5));
+        g.send_frame(3, b"a");
+        g.send_frame(4, b"b");
+        assert!(wire.0.lock().unwrap().is_empty());
+        assert!(g.look(2).unmarked_output, "group commit marks for a held frame");
+        g.ack(3);
+        assert_eq!(*wire.0.lock().unwrap(), vec![b"a".to_vec()]);
+        g.ack(4);
+        assert_eq!(wire.0.lock().unwrap().len(), 2);
+        assert_eq!(g.frame_counts(), (2, 0, 0));
+        // Without a backup in the view, at once; without a lease, never.
+        g.set_role(Role::Primary { need_ack: false });
+        g.send_frame(9, b"c");
+        assert_eq!(wire.0.lock().unwrap().len(), 3);
+        let h = Gate::new(Role::Primary { need_ack: false });
+        let w2 = Wire::default();
+        h.set_frame_out(Box::new(w2.clone()));
+        h.send_frame(1, b"x");
+        assert!(w2.0.lock().unwrap().is_empty(), "no lease");
+        h.set_lease(BootInstant::now() + Duration::from_secs(5));
+        assert_eq!(w2.0.lock().unwrap().len(), 1);
+        // A backup's frames are dropped, not held for later.
+        let b = Gate::new(Role::Silent);
+        let w3 = Wire::default();
+        b.set_frame_out(Box::new(w3.clone()));
+        b.send_frame(1, b"y");
+        b.set_role(Role::Primary { need_ack: false });
+        b.set_lease(BootInstant::now() + Duration::from_secs(5));
+        assert!(w3.0.lock().unwrap().is_empty());
+        assert_eq!(b.frame_counts(), (0, 1, 0));
+    }
+
+    #[test]
+    fn held_frames_are_bounded_by_dropping_the_oldest() {
+        let g = Gate::new(Role::Primary { need_ack: true });
+        g.set_lease(BootInstant::now() + Duration::from_secs(5));
+        for i in 0..5000u64 {
+            g.send_frame(i + 1, &[0; 60]);
+        }
+        let (released, dropped, held) = g.frame_counts();
+        assert_eq!((released, dropped, held), (0, 5000 - 4096, 4096));
+        // The newest are kept: the ack of the last one releases them all.
+        g.ack(5000);
+        assert_eq!(g.frame_counts(), (4096, 5000 - 4096, 0));
     }
 }

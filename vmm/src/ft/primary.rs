@@ -226,6 +226,8 @@ pub struct PrimaryOpts {
     /// Boot a new VM even if the cluster's VM was lost (the operator
     /// abandons it).
     pub new_run: bool,
+    /// The network card's tap (`--net`): frames out through the gate.
+    pub net: Option<super::net::FtNet>,
 }
 
 /// Runs the guest as primary; returns how it ended (message, exit code).
@@ -247,6 +249,9 @@ pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32),
     let marked = Arc::new(AtomicU64::new(0));
     let sink = GateSink { gate: gate.clone(), ordinal: ordinal.clone() };
     let mut vm = Vm::new(&cfg, Arc::new(VmClock::host()), Box::new(sink), ordinal)?;
+    if let Some(n) = &opts.net {
+        n.protect(&vm.machine, &gate, vm.machine.ordinal.clone());
+    }
     transfers.set_mem(vm.mem.clone());
     log::info!("primary: {me} is primary of view {} (run {run}); console clients connect to {}", view.number, opts.listen);
     let stop = StopHandle::new();
@@ -271,6 +276,9 @@ pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32),
         .with_mark_index(log)
         .with_transfers(transfers)
         .with_kicks(stop.clone(), vm.machine.clock.clone());
+    if let Some(n) = &opts.net {
+        rec = rec.with_net(n.input.clone());
+    }
     let out = engine::run(vm.guest(), &mut rec, &RunOptions { progress: opts.progress, stop })
         .map_err(|err| RoleError::Engine { what: "primary", err })?;
     let (msg, code) = out.ending.describe();

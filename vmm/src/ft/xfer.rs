@@ -235,7 +235,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     fn guest(mem_bytes: u64) -> Header {
-        Header { kernel_sha256: [1; 32], initrd_sha256: None, mem_bytes, cmdline: String::new(), ftvm_version: "t".into(), kernel_name: "t".into() }
+        Header { kernel_sha256: [1; 32], initrd_sha256: None, mem_bytes, cmdline: String::new(), ftvm_version: "t".into(), kernel_name: "t".into(), net_mac: None }
     }
 
     fn image_bytes(img: &MemoryImage, size: u64) -> Vec<u8> {

@@ -18,7 +18,7 @@ use crate::vcpu_state::VcpuState;
 /// First bytes of every snapshot; the NUL keeps text tools off it.
 pub const MAGIC: [u8; 8] = *b"FTVMSNP\0";
 /// The format version this build writes and reads.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 
 const SEC_GUEST: u8 = 1;
 const SEC_POSITION: u8 = 2;

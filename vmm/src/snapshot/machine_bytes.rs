@@ -14,7 +14,12 @@ use crate::devices::i8042::I8042State;
 use crate::devices::pic::{PicChipState, PicState};
 use crate::devices::pit::{PitChannelState, PitState};
 use crate::devices::uart::UartState;
-use crate::machine::MachineState;
+use crate::machine::{MachineState, NetMachineState};
+use crate::net::device::NetState;
+use crate::net::transport::TransportState;
+use crate::pci::config::CONFIG_SIZE;
+use crate::pci::PciRootState;
+use virtio_queue::QueueState;
 
 /// Most bytes a `machine` section can take (the UART's FIFO is the only
 /// variable part): a reader refuses a longer length before reading it.
@@ -31,6 +36,9 @@ impl Enc {
         self.0.push(u8::from(v));
     }
     fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
         self.0.extend_from_slice(&v.to_le_bytes());
     }
     fn u64(&mut self, v: u64) {
@@ -78,6 +86,9 @@ impl Dec<'_> {
     }
     fn u16(&mut self, what: &str) -> R<u16> {
         Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self, what: &str) -> R<u32> {
+        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4 bytes")))
     }
     fn u64(&mut self, what: &str) -> R<u64> {
         Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8 bytes")))
@@ -166,9 +177,76 @@ fn get_channel(d: &mut Dec, i: usize) -> R<PitChannelState> {
     })
 }
 
+/// The network card: the PCI root, then the card's configuration space,
+/// transport and queues.
+fn put_net(e: &mut Enc, n: &NetMachineState) {
+    let NetMachineState { pci: PciRootState { address, bridge }, card: NetState { config, transport } } = n;
+    e.u32(*address);
+    e.0.extend_from_slice(bridge);
+    e.0.extend_from_slice(config);
+    let TransportState {
+        device_features, driver_features, device_feature_select, driver_feature_select, status, config_generation,
+        queue_select, isr, queues,
+    } = transport;
+    e.u64(*device_features);
+    e.u64(*driver_features);
+    e.u32(*device_feature_select);
+    e.u32(*driver_feature_select);
+    e.u8(*status);
+    e.u8(*config_generation);
+    e.u16(*queue_select);
+    e.u8(*isr);
+    e.u8(queues.len().min(usize::from(u8::MAX)) as u8);
+    for q in queues.iter().take(usize::from(u8::MAX)) {
+        let QueueState { max_size, next_avail, next_used, event_idx_enabled, size, ready, desc_table, avail_ring, used_ring } = *q;
+        for v in [max_size, next_avail, next_used] {
+            e.u16(v);
+        }
+        e.bool(event_idx_enabled);
+        e.u16(size);
+        e.bool(ready);
+        for v in [desc_table, avail_ring, used_ring] {
+            e.u64(v);
+        }
+    }
+}
+
+fn get_net(d: &mut Dec) -> R<NetMachineState> {
+    let address = d.u32("PCI address")?;
+    let bridge = d.take(CONFIG_SIZE, "PCI host bridge config")?.to_vec();
+    let config = d.take(CONFIG_SIZE, "net config")?.to_vec();
+    let mut t = TransportState {
+        device_features: d.u64("net device_features")?,
+        driver_features: d.u64("net driver_features")?,
+        device_feature_select: d.u32("net device_feature_select")?,
+        driver_feature_select: d.u32("net driver_feature_select")?,
+        status: d.u8("net status")?,
+        config_generation: d.u8("net config_generation")?,
+        queue_select: d.u16("net queue_select")?,
+        isr: d.u8("net isr")?,
+        queues: Vec::new(),
+    };
+    let n = d.u8("net queue count")?;
+    for i in 0..n {
+        let f = |x: &str| format!("net queue {i} {x}");
+        t.queues.push(QueueState {
+            max_size: d.u16(&f("max_size"))?,
+            next_avail: d.u16(&f("next_avail"))?,
+            next_used: d.u16(&f("next_used"))?,
+            event_idx_enabled: d.bool(&f("event_idx"))?,
+            size: d.u16(&f("size"))?,
+            ready: d.bool(&f("ready"))?,
+            desc_table: d.u64(&f("desc_table"))?,
+            avail_ring: d.u64(&f("avail_ring"))?,
+            used_ring: d.u64(&f("used_ring"))?,
+        });
+    }
+    Ok(NetMachineState { pci: PciRootState { address, bridge }, card: NetState { config, transport: t } })
+}
+
 /// The `machine` section's bytes.
 pub fn encode(s: &MachineState) -> Vec<u8> {
-    let MachineState { clock_ns, pic, pit, uart, cmos, i8042, debug_exit } = s;
+    let MachineState { clock_ns, pic, pit, uart, cmos, i8042, debug_exit, net } = s;
     let mut e = Enc::default();
     e.u64(*clock_ns);
     let PicState { master, slave } = pic;
@@ -205,6 +283,10 @@ pub fn encode(s: &MachineState) -> Vec<u8> {
     e.bool(last_was_command);
     // The debug exit port has no state: nothing to write.
     let DebugExitState {} = debug_exit;
+    e.bool(net.is_some());
+    if let Some(n) = net {
+        put_net(&mut e, n);
+    }
     e.0
 }
 
@@ -234,10 +316,11 @@ pub fn decode(b: &[u8]) -> Result<MachineState, String> {
         pending: d.opt("i8042 pending", Dec::u8)?,
         last_was_command: d.bool("i8042 last_was_command")?,
     };
+    let net = if d.bool("network card flag")? { Some(get_net(&mut d)?) } else { None };
     if d.off != b.len() {
         return Err(format!("{} bytes after the last device (byte {})", b.len() - d.off, d.off));
     }
-    let s = MachineState { clock_ns, pic, pit, uart, cmos, i8042, debug_exit: DebugExitState {} };
+    let s = MachineState { clock_ns, pic, pit, uart, cmos, i8042, debug_exit: DebugExitState {}, net };
     s.check().map_err(|e| e.to_string())?;
     Ok(s)
 }

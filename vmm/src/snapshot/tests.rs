@@ -160,8 +160,8 @@ fn every_flipped_byte_is_an_error() {
     x[0] = b'X';
     assert!(matches!(read(&x), Err(SnapshotError::NotASnapshot { .. })));
     let mut x = b.clone();
-    x[8] = 2;
-    assert!(read(&x).unwrap_err().to_string().contains("version 2; this build of ftvm reads version 1"));
+    x[8] = 3;
+    assert!(read(&x).unwrap_err().to_string().contains("version 3; this build of ftvm reads version 2"));
     let secs = sections(&b);
     let (vcpu_at, _, _) = secs[2];
     let mut x = b.clone();
@@ -259,19 +259,66 @@ fn save_and_load_name_the_file() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The sizes docs/SNAPSHOT.md ("Machine") documents: 284 bytes plus the
-/// bytes in the UART's receive FIFO.
+/// The sizes docs/SNAPSHOT.md ("Machine") documents: 285 bytes plus the
+/// bytes in the UART's receive FIFO, plus 614 with a network card.
 #[test]
 fn machine_section_has_the_documented_size() {
     let s = sample();
     // No FIFO enabled: one byte held, the second one overran.
     assert_eq!(s.machine.uart.rx.len(), 1);
     assert!(s.machine.uart.overrun);
-    assert_eq!(super::machine_bytes::encode(&s.machine).len(), 284 + 1);
+    assert_eq!(super::machine_bytes::encode(&s.machine).len(), 285 + 1);
     let b = bytes(&s);
     let secs = sections(&b);
     assert_eq!(secs[1].2, 25, "position");
-    assert_eq!(secs[3].2, 285, "machine");
+    assert_eq!(secs[3].2, 286, "machine");
     assert_eq!(secs[5].2, 9, "a zero chunk");
     assert_eq!(secs[7].2, 0, "end");
+}
+
+fn machine_with_card(mem: &GuestMemoryMmap) -> Machine {
+    let mut m = machine();
+    m.add_net(crate::net::DEFAULT_MAC, mem.clone(), Box::new(crate::net::CountingSink::default())).unwrap();
+    m
+}
+
+/// The network card's state (PCI root, configuration space, transport and
+/// queues) is in the machine section and comes back into a machine with a
+/// card; a machine without one refuses it, and the other way round.
+#[test]
+fn a_network_card_round_trips_and_a_machine_without_one_refuses_it() {
+    let mem = memory();
+    let m = machine_with_card(&mem);
+    // The PCI address register, a changed config byte, the driver's status,
+    // a queue set up.
+    m.pio.write(0xcf8, &0x8000_083cu32.to_le_bytes());
+    m.pio.write(0xcfc, &[10]);
+    let bar = u64::from(crate::net::NET_BAR_ADDR);
+    m.mmio.write(bar + 0x14, &[3]);
+    m.mmio.write(bar + 0x16, &1u16.to_le_bytes());
+    m.mmio.write(bar + 0x18, &64u16.to_le_bytes());
+    m.mmio.write(bar + 0x20, &0x4000u32.to_le_bytes());
+    let st = m.state();
+    let n = st.net.as_ref().expect("a card");
+    assert_eq!(n.pci.address, 0x8000_083c);
+    assert_eq!(n.card.transport.status, 3);
+    assert_eq!(n.card.transport.queues[1].size, 64);
+    let b = super::machine_bytes::encode(&st);
+    assert_eq!(b.len(), 285 + 614);
+    let back = super::machine_bytes::decode(&b).unwrap();
+    assert_eq!(back, st);
+    let other = machine_with_card(&memory());
+    other.restore(&back).unwrap();
+    assert_eq!(other.state(), st);
+    let e = machine().restore(&back).unwrap_err().to_string();
+    assert!(e.contains("the state has a network card"), "{e}");
+    let e = other.restore(&machine().state()).unwrap_err().to_string();
+    assert!(e.contains("this machine has a network card"), "{e}");
+    // A damaged card state is refused and leaves the card as it was.
+    let mut bad = st.clone();
+    bad.net.as_mut().unwrap().card.config[0] ^= 1;
+    let fresh = machine_with_card(&memory());
+    let before = fresh.state();
+    assert!(fresh.restore(&bad).is_err());
+    assert_eq!(fresh.state(), before);
 }

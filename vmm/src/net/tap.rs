@@ -1,0 +1,165 @@
+//! The host side of the card: a Linux tap interface (`/dev/net/tun`,
+//! `IFF_TAP | IFF_NO_PI`: whole Ethernet frames, no extra header). One
+//! thread reads it and queues frames for the recorder; frames the guest
+//! sends are written to it by whoever the output rule lets (`TapWriter`).
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, TrySendError};
+
+use super::{FrameSink, NetError, MAX_FRAME};
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TAP: libc::c_short = 0x0002;
+const IFF_NO_PI: libc::c_short = 0x1000;
+/// Frames the reader queues before it drops (the guest is not taking
+/// them: no buffers, or a backup that is not live).
+const QUEUE_FRAMES: usize = 1024;
+
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// An open tap.
+pub struct Tap {
+    file: Arc<File>,
+    pub name: String,
+}
+
+impl Tap {
+    /// Attaches to the tap `name`, creating it if it does not exist
+    /// (which needs CAP_NET_ADMIN).
+    pub fn open(name: &str) -> Result<Tap, NetError> {
+        let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun").map_err(NetError::NoTun)?;
+        let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI, _pad: [0; 22] };
+        if name.is_empty() || name.len() > 15 {
+            return Err(NetError::BadTapName(name.into()));
+        }
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes one `struct ifreq` (40 bytes
+        // on x86-64, the layout of `IfReq`), which lives across the call.
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
+        if r < 0 {
+            return Err(NetError::Tap { name: name.into(), err: std::io::Error::last_os_error() });
+        }
+        log::info!("network: attached to tap {name}");
+        Ok(Tap { file: Arc::new(file), name: name.into() })
+    }
+
+    /// Where the guest's frames go when they may leave.
+    pub fn writer(&self) -> TapWriter {
+        TapWriter { file: self.file.clone(), errors: 0 }
+    }
+
+    /// Starts the thread that reads the tap.
+    pub fn spawn_reader(&self) -> NetInput {
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE_FRAMES);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let d = dropped.clone();
+        let file = self.file.clone();
+        let name = self.name.clone();
+        std::thread::Builder::new()
+            .name("ftvm-tap".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match (&*file).read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => match tx.try_send(buf[..n].to_vec()) {
+                            Ok(()) => {}
+                            Err(TrySendError::Full(_)) => {
+                                d.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(TrySendError::Disconnected(_)) => break,
+                        },
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            log::warn!("network: reading tap {name}: {e}");
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                }
+            })
+            .expect("spawning the tap reader");
+        NetInput { rx: Some(rx), pending: VecDeque::new(), dropped, oversize: 0 }
+    }
+}
+
+/// Writes frames to the tap. A failed write is a lost frame, as on a wire.
+pub struct TapWriter {
+    file: Arc<File>,
+    errors: u64,
+}
+
+impl FrameSink for TapWriter {
+    fn transmit(&mut self, frame: &[u8]) {
+        if let Err(e) = (&*self.file).write(frame) {
+            self.errors += 1;
+            if self.errors.is_power_of_two() {
+                log::warn!("network: writing to the tap failed ({} times): {e}", self.errors);
+            }
+        }
+    }
+}
+
+/// Received frames waiting for the guest: what the reader thread queued,
+/// moved here by the recorder. A clone reads the same queue (a backup
+/// hands it to each membership's live recorder).
+#[derive(Clone)]
+pub struct NetInput {
+    rx: Option<Receiver<Vec<u8>>>,
+    pending: VecDeque<Vec<u8>>,
+    /// Dropped by the reader: its queue was full.
+    pub dropped: Arc<AtomicU64>,
+    /// Dropped here: longer than any frame the card passes.
+    pub oversize: u64,
+}
+
+impl NetInput {
+    /// Frames from a channel (tests, or a reader of another kind).
+    pub fn from_channel(rx: Receiver<Vec<u8>>) -> Self {
+        NetInput { rx: Some(rx), pending: VecDeque::new(), dropped: Arc::default(), oversize: 0 }
+    }
+
+    pub fn receiver(&self) -> Option<&Receiver<Vec<u8>>> {
+        self.rx.as_ref()
+    }
+
+    /// Moves what arrived into the pending queue (oversize frames are
+    /// dropped and counted here, never logged).
+    pub fn poll(&mut self) {
+        while let Some(rx) = &self.rx {
+            match rx.try_recv() {
+                Ok(f) if f.len() > MAX_FRAME => self.oversize += 1,
+                Ok(f) => self.pending.push_back(f),
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => self.rx = None,
+            }
+        }
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn take(&mut self) -> Option<Vec<u8>> {
+        self.pending.pop_front()
+    }
+
+    /// Forgets what is queued (a backup: its inputs come from the log).
+    pub fn discard(&mut self) -> usize {
+        self.poll();
+        let n = self.pending.len();
+        self.pending.clear();
+        n
+    }
+}
