@@ -12,7 +12,9 @@ use std::time::Instant;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
 
-const T: Timeouts = Timeouts { lease: Duration::from_millis(250), backup_timeout: Duration::from_millis(600) };
+// Long enough that a loaded host (a pinger thread delayed by hundreds of ms)
+// does not lapse a lease the test keeps alive.
+const T: Timeouts = Timeouts { lease: Duration::from_millis(500), backup_timeout: Duration::from_millis(1200) };
 const P: &str = "127.0.0.1:7101";
 const B: &str = "127.0.0.1:7102";
 const S: &str = "127.0.0.1:7103";
