@@ -297,9 +297,10 @@ fn idle_connections_do_not_exhaust_the_primary() {
     }
     assert!(idle.len() > 400, "only {} connections were opened", idle.len());
     // One thread per connection up to the listener's cap, and the cap is
-    // far below the flood.
+    // far below the flood (a few of the primary's own threads may start
+    // meanwhile: the log sender, a state transfer's; CI once saw +6).
     let what = format!("{} idle connections took the primary from {before} to {most} threads", idle.len());
-    assert!(most <= before + MAX_CONNS + 4 && most < before + 100, "{what}");
+    assert!(most <= before + MAX_CONNS + 8 && most < before + 100, "{what}");
     drop(idle);
     let mut late = late;
     assert_eq!(late.wait(Duration::from_secs(30)), Some(0), "{}", late.err());
