@@ -230,3 +230,26 @@ fn macs_and_specs_parse_or_say_what_is_wrong() {
     assert_eq!(&arp[6..12], &MAC);
     assert_eq!(&arp[12..14], &[8, 6]);
 }
+
+#[test]
+fn frames_waiting_for_a_guest_without_buffers_are_bounded_and_counted() {
+    use super::tap::{NetInput, QUEUE_FRAMES};
+    // A guest that posts no receive buffers: every exit polls, nothing is
+    // taken. Waiting frames stay at the bound, the oldest are dropped and
+    // counted with the reader's drops (the summary's "queue was full").
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut input = NetInput::from_channel(rx);
+    let extra = 100;
+    for i in 0..QUEUE_FRAMES + extra {
+        tx.send((i as u32).to_le_bytes().repeat(15)).unwrap();
+        if i % 64 == 0 {
+            input.poll();
+        }
+    }
+    input.poll();
+    assert_eq!(input.pending(), QUEUE_FRAMES);
+    assert_eq!(input.dropped.load(Ordering::Relaxed), extra as u64);
+    assert!(input.receiver().unwrap().is_empty(), "the channel is emptied, so the idle wait does not spin");
+    // The newest are kept: the first waiting one is frame `extra`.
+    assert_eq!(input.take().unwrap()[..4], (extra as u32).to_le_bytes());
+}
