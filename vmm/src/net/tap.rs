@@ -42,9 +42,7 @@ impl Tap {
     pub fn open(name: &str) -> Result<Tap, NetError> {
         let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun").map_err(NetError::NoTun)?;
         let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI, _pad: [0; 22] };
-        if name.is_empty() || name.len() > 15 {
-            return Err(NetError::BadTapName(name.into()));
-        }
+        super::check_tap_name(name)?;
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads and writes one `struct ifreq` (40 bytes
         // on x86-64, the layout of `IfReq`), which lives across the call.

@@ -225,6 +225,19 @@ fn macs_and_specs_parse_or_say_what_is_wrong() {
     assert!(matches!("ftvm0".parse::<NetSpec>(), Err(NetError::BadSpec(_))));
     assert!(matches!("tap=".parse::<NetSpec>(), Err(NetError::BadTapName(_))));
     assert!(matches!("tap=a-name-far-too-long".parse::<NetSpec>(), Err(NetError::BadTapName(_))));
+    for (spec, what) in [("tap=a/b", "a '/'"), ("tap=a b", "whitespace"), ("tap=a\tb", "whitespace"), ("tap=a:1", "a ':'")] {
+        let e = spec.parse::<NetSpec>().unwrap_err();
+        assert!(matches!(e, NetError::TapNameChar { what: w, .. } if w == what), "{spec}: {e}");
+        assert!(!e.to_string().contains("longer than"), "{e}");
+    }
+    assert!(matches!("tap=..".parse::<NetSpec>(), Err(NetError::TapNameDots(_))));
+    for zero in ["00:00:00:00:00:00", "00-00-00-00-00-00"] {
+        let e = parse_mac(zero).unwrap_err();
+        assert!(matches!(e, NetError::ZeroMac(_)), "{zero}");
+        assert!(e.to_string().contains("all zeros"), "{e}");
+    }
+    assert!(matches!(parse_mac("ff:ff:ff:ff:ff:ff"), Err(NetError::MulticastMac(_))), "broadcast is multicast");
+    assert!(parse_mac("02:00:00:00:00:00").is_ok(), "locally administered, not zero");
     let arp = gratuitous_arp(MAC, [169, 254, 0, 2]);
     assert_eq!(arp.len(), 60);
     assert_eq!(&arp[6..12], &MAC);
