@@ -266,3 +266,106 @@ fn frames_waiting_for_a_guest_without_buffers_are_bounded_and_counted() {
     // The newest are kept: the first waiting one is frame `extra`.
     assert_eq!(input.take().unwrap()[..4], (extra as u32).to_le_bytes());
 }
+
+/// A state transfer's pre-copy finds the pages written during it through
+/// the dirty log, which never sees the card's writes (ftvm's own mapping):
+/// the recorder merges the card's written pages into every call of the
+/// dirty log (`merge_device_writes`), as `take_dirty` does, so a frame
+/// received between the pre-copy and the pause is captured again.
+#[test]
+fn a_card_write_between_precopy_and_the_pause_is_captured_again() {
+    use crate::ft::xfer::Transfers;
+    use crate::recorder::merge_device_writes;
+    use crate::snapshot::{MemoryImage, CHUNK};
+
+    let size = 4u64 << 20;
+    let m = mem();
+    let header = |mem_bytes| replay_log::Header {
+        kernel_sha256: [1; 32],
+        initrd_sha256: None,
+        mem_bytes,
+        cmdline: String::new(),
+        ftvm_version: "t".into(),
+        kernel_name: "t".into(),
+        net_mac: Some(MAC),
+    };
+    let image_bytes = |img: &MemoryImage| {
+        let r = mem();
+        img.restore(&r).unwrap();
+        let mut v = vec![0u8; size as usize];
+        r.read_slice(&mut v, GuestAddress(0)).unwrap();
+        v
+    };
+    let now = |m: &GuestMemoryMmap| {
+        let mut v = vec![0u8; size as usize];
+        m.read_slice(&mut v, GuestAddress(0)).unwrap();
+        v
+    };
+    let mut machine = crate::machine::Machine::new(
+        std::sync::Arc::new(crate::clock::VmClock::host()),
+        Box::new(super::record_tests::Shared::default()),
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    )
+    .unwrap();
+    machine.add_net(MAC, m.clone(), Box::new(Capture::default())).unwrap();
+    let card = machine.net.clone().unwrap();
+    let rx = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
+    let tx = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
+    bring_up(&mut card.lock().unwrap(), &rx, &tx);
+    // Two buffers in one chain (chunks 1 and 2), the frame spilling into
+    // the second; the used ring is in chunk 0.
+    let w = VRING_DESC_F_WRITE as u16;
+    let second = 2 * CHUNK + 0x3000;
+    let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    rx.add_desc_chains(&[RawDescriptor::from(Descriptor::new(BUFS, 1000, w | next, 1)), RawDescriptor::from(Descriptor::new(second, 1000, w, 0))], 0)
+        .unwrap();
+
+    // Not tracking (no recorder tracks dirty pages): nothing is noted.
+    assert!(card.lock().unwrap().take_written().is_empty());
+    card.lock().unwrap().track_writes(true);
+
+    let t = Transfers::new(header(size));
+    t.set_mem(m.clone());
+    t.tracking_on();
+    assert_eq!(t.precopy(&AtomicBool::new(false)), Ok(0));
+    // The guest is running: a frame arrives (KVM's dirty log: nothing).
+    let frame: Vec<u8> = (0..1500).map(|i| (i % 251) as u8 + 1).collect();
+    card.lock().unwrap().receive(&frame);
+    assert_eq!(card.lock().unwrap().counters.rx_frames, 1);
+    // The snapshot's exit: its call of the dirty log, as `take_dirty`.
+    let mut dirty = Vec::new();
+    merge_device_writes(&machine, &mut dirty);
+    assert!(dirty.contains(&BUFS) && dirty.contains(&second), "{dirty:x?}");
+    assert!(dirty.contains(&(rx.used_addr().0 & !0xfff)), "the used ring: {dirty:x?}");
+    t.note_dirty(&dirty);
+    let (img, n) = t.memory_now(&m).unwrap();
+    assert_eq!(n, 3, "chunk 0 (the used ring), 1 (the first buffer), 2 (the rest of the frame)");
+    assert!(image_bytes(&img) == now(&m), "the snapshot's memory is the primary's");
+    // Drained: the next call reports nothing more.
+    let mut again = vec![0x5000];
+    merge_device_writes(&machine, &mut again);
+    assert_eq!(again, vec![0x5000]);
+
+    // Without the card's pages the same transfer would have missed them.
+    let t = Transfers::new(header(size));
+    t.set_mem(m.clone());
+    t.tracking_on();
+    t.precopy(&AtomicBool::new(false)).unwrap();
+    rx.add_desc_chains(&[RawDescriptor::from(Descriptor::new(BUFS + 0x1000, 2048, w, 0))], 2).unwrap();
+    card.lock().unwrap().receive(&[9; 100]);
+    let (img, _) = t.memory_now(&m).unwrap();
+    assert!(image_bytes(&img) != now(&m), "the dirty log alone misses the card's write");
+}
+
+#[test]
+fn a_machine_without_a_card_reports_the_dirty_log_unchanged() {
+    let machine = crate::machine::Machine::new(
+        std::sync::Arc::new(crate::clock::VmClock::host()),
+        Box::new(super::record_tests::Shared::default()),
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    )
+    .unwrap();
+    let mut dirty = vec![0x3000, 0x1000, 0x3000];
+    crate::recorder::merge_device_writes(&machine, &mut dirty);
+    assert_eq!(dirty, vec![0x3000, 0x1000, 0x3000], "not even sorted or deduplicated");
+}
