@@ -78,6 +78,20 @@ pub struct Recorder {
 /// for the next exit (the guest's interrupt handler makes plenty).
 const FRAMES_PER_EXIT: usize = 64;
 
+/// Adds to `dirty` (KVM's dirty log) the guest pages devices wrote through
+/// ftvm's own mapping since the last call: the network card's received
+/// frames and used rings. A machine without a card: `dirty` is untouched.
+pub(crate) fn merge_device_writes(m: &Machine, dirty: &mut Vec<u64>) {
+    let Some(card) = &m.net else { return };
+    let written = card.lock().unwrap().take_written();
+    if written.is_empty() {
+        return;
+    }
+    dirty.extend(written);
+    dirty.sort_unstable();
+    dirty.dedup();
+}
+
 /// Pages per `Pages` record: 4 MiB of a delta, well under the format's
 /// 16 MiB record limit.
 const PAGES_PER_RECORD: usize = 1024;
@@ -142,7 +156,7 @@ impl Recorder {
         // again (a new dirty interval starts here: harmless to resyncs,
         // which need only what is written after the last exit).
         if self.tracking {
-            self.take_dirty(at, "get the dirty log")?;
+            self.take_dirty(m, at, "get the dirty log")?;
         }
         let mut in_pause = 0;
         let taken = Snapshot::capture_with(t.guest.clone(), m, at, |mem| {
@@ -172,10 +186,10 @@ impl Recorder {
     /// Logs the state at a resync position: the pages written since the
     /// dirty log was last cleared (a superset of those written since the
     /// last exit), then the vCPU. Replay applies them in that order.
-    fn resync(&mut self, at: &mut ExitPoint) -> Result<(), EngineError> {
+    fn resync(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<(), EngineError> {
         let state = at.capture()?;
         let ordinal = at.ordinal;
-        let dirty = self.take_dirty(at, "get the dirty log")?;
+        let dirty = self.take_dirty(m, at, "get the dirty log")?;
         for chunk in dirty.chunks(PAGES_PER_RECORD) {
             let mut pages = Vec::with_capacity(chunk.len());
             for &gpa in chunk {
@@ -194,10 +208,12 @@ impl Recorder {
     }
 
     /// The pages written since the last call (a new dirty interval
-    /// starts), reported to a state transfer's pre-copy too.
-    fn take_dirty(&mut self, at: &mut ExitPoint, what: &'static str) -> Result<Vec<u64>, EngineError> {
+    /// starts), reported to a state transfer's pre-copy too: KVM's dirty
+    /// log, and the pages the network card wrote (which KVM cannot see).
+    fn take_dirty(&mut self, m: &Machine, at: &mut ExitPoint, what: &'static str) -> Result<Vec<u64>, EngineError> {
         let ordinal = at.ordinal;
-        let dirty = at.vcpu().take_dirty().map_err(|err| EngineError::Kvm { what, ordinal, err })?;
+        let mut dirty = at.vcpu().take_dirty().map_err(|err| EngineError::Kvm { what, ordinal, err })?;
+        merge_device_writes(m, &mut dirty);
         self.cleared = Instant::now();
         if let Some(t) = &self.transfers {
             t.note_dirty(&dirty);
@@ -205,10 +221,15 @@ impl Recorder {
         Ok(dirty)
     }
 
-    fn tracking(&mut self, at: &mut ExitPoint) -> Result<(), EngineError> {
+    fn tracking(&mut self, m: &Machine, at: &mut ExitPoint) -> Result<(), EngineError> {
         if self.log.is_some() && !self.tracking {
             let ordinal = at.ordinal;
             at.vcpu().set_dirty_tracking(true).map_err(|err| EngineError::Kvm { what: "start dirty-page tracking", ordinal, err })?;
+            // The card writes guest memory behind KVM's back: it notes
+            // those pages from now on, for `take_dirty`.
+            if let Some(card) = &m.net {
+                card.lock().unwrap().track_writes(true);
+            }
             self.tracking = true;
             self.cleared = Instant::now();
             if let Some(t) = &self.transfers {
@@ -449,9 +470,9 @@ impl Inputs for Recorder {
     }
 
     fn arrivals(&mut self, m: &Machine, at: &mut ExitPoint, idle: bool, out: &mut Vec<Event>) -> Result<Flow, EngineError> {
-        self.tracking(at)?;
+        self.tracking(m, at)?;
         if at.exit == ExitKind::Resync && self.log.is_some() && !idle {
-            self.resync(at)?;
+            self.resync(m, at)?;
         }
         if at.ordinal == 0 {
             let epoch_secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -472,7 +493,7 @@ impl Inputs for Recorder {
         self.maybe_mark(at, true, false)?;
         self.flush()?;
         if self.tracking && self.cleared.elapsed() >= CLEAR_EVERY {
-            self.take_dirty(at, "clear the dirty log")?;
+            self.take_dirty(m, at, "clear the dirty log")?;
         }
         let deadline = m.pit.lock().unwrap().next_deadline_ns();
         let net_open = self.net.as_ref().is_some_and(|n| n.receiver().is_some() || n.pending() > 0);

@@ -301,13 +301,16 @@ impl Gate {
         self.changed.notify_all();
     }
 
-    /// Waits until everything emitted has been released, up to `timeout`.
+    /// Waits until everything emitted has been released, up to `timeout`:
+    /// console output and held network frames alike (the guest's last
+    /// frames, a reply sent just before it powered off, are output under
+    /// the same rule, and `wind_down` ends the process after this).
     pub fn drain(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
             let mut s = self.s.lock().unwrap();
             self.release(&mut s);
-            if s.pending.is_empty() {
+            if s.pending.is_empty() && s.frames.is_empty() {
                 return true;
             }
             drop(s);
@@ -554,6 +557,28 @@ mod tests {
         b.set_lease(BootInstant::now() + Duration::from_secs(5));
         assert!(w3.0.lock().unwrap().is_empty());
         assert_eq!(b.frame_counts(), (0, 1, 0));
+    }
+
+    #[test]
+    fn drain_waits_for_held_frames_too() {
+        let g = Gate::new(Role::Primary { need_ack: true });
+        let wire = Wire::default();
+        g.set_frame_out(Box::new(wire.clone()));
+        g.set_lease(BootInstant::now() + Duration::from_secs(5));
+        g.send_frame(3, b"last");
+        assert_eq!(g.pending_len(), 0, "no console output held");
+        assert!(!g.drain(Duration::from_millis(20)), "drained with a frame held");
+        let acker = {
+            let g = g.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                g.ack(3);
+            })
+        };
+        assert!(g.drain(Duration::from_secs(5)));
+        acker.join().unwrap();
+        assert_eq!(*wire.0.lock().unwrap(), vec![b"last".to_vec()]);
+        assert_eq!(g.frame_counts(), (1, 0, 0));
     }
 
     #[test]

@@ -195,7 +195,8 @@ pub fn wind_down(gate: &Gate, msg: &str, witness: &mut super::witness::WitnessCl
             }
         }
         if !gate.drain(Duration::from_secs(7)) {
-            log::warn!("ftvm: {} bytes of output were never acknowledged by the backup", gate.pending_len());
+            let (_, _, frames) = gate.frame_counts();
+            log::warn!("ftvm: {} bytes of output and {frames} frames were never acknowledged by the backup", gate.pending_len());
         }
     }
     gate.end(msg.to_string());

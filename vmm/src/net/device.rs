@@ -6,6 +6,7 @@
 //! raise INTA# through the ISR byte. Transmitted frames go to a
 //! [`FrameSink`] and are noted (length, digest) for the log.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Write};
 
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
@@ -58,7 +59,45 @@ pub struct VirtioNet {
     sink: Box<dyn FrameSink>,
     /// (length, digest) of each frame sent at the exit being handled.
     sent: Vec<(u32, u64)>,
+    /// Guest pages this card wrote (see [`WrittenPages`]).
+    written: WrittenPages,
     pub counters: NetCounters,
+}
+
+/// Guest pages the card wrote through ftvm's own mapping of guest memory
+/// (received frames, used rings), which KVM's dirty log never sees. While
+/// the recorder tracks dirty pages it turns this on and merges what it
+/// drains into every call of the dirty log, so that a state transfer's
+/// pre-copy (`ft/xfer.rs`) captures those pages again and resyncs log
+/// them. Off (`None`): nothing is noted (no recorder tracking, replay).
+/// Bounded by guest memory's page count, and drained at each dirty-log
+/// call (resyncs, idle clears, snapshots).
+#[derive(Default)]
+struct WrittenPages(Option<BTreeSet<u64>>);
+
+impl WrittenPages {
+    const PAGE: u64 = 4096;
+
+    /// Notes the pages of `[addr, addr + len)`.
+    fn note(&mut self, addr: u64, len: u64) {
+        let Some(set) = &mut self.0 else { return };
+        if len == 0 {
+            return;
+        }
+        let first = addr & !(Self::PAGE - 1);
+        let last = addr.saturating_add(len - 1) & !(Self::PAGE - 1);
+        set.extend((first..=last).step_by(Self::PAGE as usize));
+    }
+
+    /// Notes the used ring of `q` (its index and elements: `add_used`
+    /// writes one element and the index).
+    fn note_used(&mut self, q: &virtio_queue::Queue) {
+        self.note(q.used_ring(), 4 + 8 * u64::from(q.size()) + 2);
+    }
+
+    fn is_on(&self) -> bool {
+        self.0.is_some()
+    }
 }
 
 impl VirtioNet {
@@ -69,7 +108,24 @@ impl VirtioNet {
         config.set_bar(0, Bar { addr: bar_addr, size: transport::BAR_SIZE });
         transport::add_capabilities(&mut config, 2 * transport::NOTIFY_MULTIPLIER);
         let t = Transport::new(1 << VIRTIO_NET_F_MAC, &[QUEUE_SIZE, QUEUE_SIZE]);
-        VirtioNet { config, t, mac, mem, irq, sink, sent: Vec::new(), counters: NetCounters::default() }
+        VirtioNet { config, t, mac, mem, irq, sink, sent: Vec::new(), written: WrittenPages::default(), counters: NetCounters::default() }
+    }
+
+    /// Starts (or stops) noting the guest pages the card writes: the
+    /// recorder turns this on with KVM's dirty log, which does not see
+    /// them (see [`WrittenPages`]).
+    pub fn track_writes(&mut self, on: bool) {
+        match (on, self.written.is_on()) {
+            (true, false) => self.written.0 = Some(BTreeSet::new()),
+            (false, true) => self.written.0 = None,
+            _ => {}
+        }
+    }
+
+    /// The guest pages (page-aligned addresses, ascending) the card wrote
+    /// since the last call; empty when not tracking.
+    pub fn take_written(&mut self) -> Vec<u64> {
+        self.written.0.as_mut().map_or_else(Vec::new, |s| std::mem::take(s).into_iter().collect())
     }
 
     pub fn mac(&self) -> [u8; 6] {
@@ -110,12 +166,17 @@ impl VirtioNet {
             return;
         };
         let head = chain.head_index();
+        // Where the frame will go, in order, for the written pages (only
+        // while tracking: it walks the chain a second time).
+        let bufs: Vec<(u64, u64)> =
+            if self.written.is_on() { chain.clone().writable().map(|d| (d.addr().0, u64::from(d.len()))).collect() } else { Vec::new() };
         let mut w = match chain.writer(&self.mem) {
             Ok(w) => w,
             Err(e) => {
                 log::warn!("virtio-net: unusable receive buffer: {e}");
                 self.counters.rx_no_buffer += 1;
                 let _ = q.add_used(&self.mem, head, 0);
+                self.written.note_used(q);
                 return self.notify_used(RX_QUEUE);
             }
         };
@@ -130,7 +191,19 @@ impl VirtioNet {
         let mut hdr = [0u8; HDR_LEN];
         hdr[10] = 1; // num_buffers
         let ok = w.write_all(&hdr).and_then(|_| w.write_all(frame)).is_ok();
+        // The bytes written (all of them even if a write failed half way:
+        // a superset is harmless), buffer by buffer.
+        let mut left = (HDR_LEN + frame.len()) as u64;
+        for (addr, len) in bufs {
+            if left == 0 {
+                break;
+            }
+            let n = len.min(left);
+            self.written.note(addr, n);
+            left -= n;
+        }
         let _ = q.add_used(&self.mem, head, if ok { (HDR_LEN + frame.len()) as u32 } else { 0 });
+        self.written.note_used(q);
         self.counters.rx_frames += 1;
         self.notify_used(RX_QUEUE);
     }
@@ -155,6 +228,7 @@ impl VirtioNet {
                 Ok(b.split_off(HDR_LEN))
             });
             let _ = q.add_used(&self.mem, head, 0);
+            self.written.note_used(q);
             match frame {
                 Ok(f) => {
                     self.counters.tx_frames += 1;

@@ -40,10 +40,16 @@ pub enum NetError {
     BadMac(String),
     #[error("MAC address {0} is a multicast address (the low bit of its first byte is set)")]
     MulticastMac(String),
+    #[error("MAC address {0} is all zeros, which is no card's address (choose another, e.g. 52:54:00:12:34:56)")]
+    ZeroMac(String),
     #[error("malformed --net '{0}': expected tap=NAME")]
     BadSpec(String),
     #[error("tap name '{0}' is empty or longer than 15 bytes")]
     BadTapName(String),
+    #[error("tap name {name:?} contains {what}, which Linux does not allow in an interface name")]
+    TapNameChar { name: String, what: &'static str },
+    #[error("tap name '{0}' is not allowed as an interface name ('.' and '..' are directory names)")]
+    TapNameDots(String),
     #[error("cannot open /dev/net/tun: {0}{hint}", hint = tun_hint(.0))]
     NoTun(std::io::Error),
     #[error("cannot attach to tap '{name}': {err}{hint}", hint = tap_hint(.err))]
@@ -79,14 +85,37 @@ impl std::str::FromStr for NetSpec {
     type Err = NetError;
     fn from_str(s: &str) -> Result<Self, NetError> {
         let name = s.strip_prefix("tap=").ok_or_else(|| NetError::BadSpec(s.into()))?;
-        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
-            return Err(NetError::BadTapName(name.into()));
-        }
+        check_tap_name(name)?;
         Ok(NetSpec { tap: name.into() })
     }
 }
 
-/// `52:54:00:12:34:56` (or with '-'): a unicast MAC.
+/// What Linux's `dev_valid_name` accepts (1 to 15 bytes; no '/', ':' or
+/// whitespace; not "." or ".."), each failure said precisely, so that
+/// `--net` is refused before anything is opened.
+pub fn check_tap_name(name: &str) -> Result<(), NetError> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(NetError::BadTapName(name.into()));
+    }
+    if name == "." || name == ".." {
+        return Err(NetError::TapNameDots(name.into()));
+    }
+    let what = name.chars().find_map(|c| match c {
+        '/' => Some("a '/'"),
+        ':' => Some("a ':'"),
+        '\0' => Some("a NUL byte"),
+        c if c.is_whitespace() => Some("whitespace"),
+        _ => None,
+    });
+    match what {
+        Some(what) => Err(NetError::TapNameChar { name: name.into(), what }),
+        None => Ok(()),
+    }
+}
+
+/// `52:54:00:12:34:56` (or with '-'): a unicast MAC, not all zeros (no
+/// card has that address; Linux's virtio_net would take it as is and the
+/// bridge would learn a MAC every misconfigured host shares).
 pub fn parse_mac(s: &str) -> Result<[u8; 6], NetError> {
     let parts: Vec<&str> = s.split([':', '-']).collect();
     let mut mac = [0u8; 6];
@@ -101,6 +130,9 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], NetError> {
     }
     if mac[0] & 1 != 0 {
         return Err(NetError::MulticastMac(s.into()));
+    }
+    if mac == [0; 6] {
+        return Err(NetError::ZeroMac(s.into()));
     }
     Ok(mac)
 }

@@ -19,8 +19,9 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 /// Frames the reader queues before it drops (the guest is not taking
-/// them: no buffers, or a backup that is not live).
-const QUEUE_FRAMES: usize = 1024;
+/// them: no buffers, or a backup that is not live); also the most frames
+/// [`NetInput`] keeps waiting for the guest.
+pub const QUEUE_FRAMES: usize = 1024;
 
 #[repr(C)]
 struct IfReq {
@@ -41,9 +42,7 @@ impl Tap {
     pub fn open(name: &str) -> Result<Tap, NetError> {
         let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun").map_err(NetError::NoTun)?;
         let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI, _pad: [0; 22] };
-        if name.is_empty() || name.len() > 15 {
-            return Err(NetError::BadTapName(name.into()));
-        }
+        super::check_tap_name(name)?;
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads and writes one `struct ifreq` (40 bytes
         // on x86-64, the layout of `IfReq`), which lives across the call.
@@ -118,7 +117,9 @@ impl FrameSink for TapWriter {
 pub struct NetInput {
     rx: Option<Receiver<Vec<u8>>>,
     pending: VecDeque<Vec<u8>>,
-    /// Dropped by the reader: its queue was full.
+    /// Dropped because the queue was full: by the reader (its channel
+    /// was full) and by [`NetInput::poll`] (the oldest waiting frames, once
+    /// [`QUEUE_FRAMES`] wait for a guest that posts no buffers).
     pub dropped: Arc<AtomicU64>,
     /// Dropped here: longer than any frame the card passes.
     pub oversize: u64,
@@ -135,12 +136,23 @@ impl NetInput {
     }
 
     /// Moves what arrived into the pending queue (oversize frames are
-    /// dropped and counted here, never logged).
+    /// dropped and counted here, never logged). The pending queue holds at
+    /// most [`QUEUE_FRAMES`]: a guest with no receive buffers posted
+    /// (booting, resetting its driver, or hostile) must not make traffic
+    /// grow ftvm's memory. Past that the oldest frames are dropped and
+    /// counted in `dropped`, as a full NIC would; the channel is still
+    /// emptied, so the idle wait (which wakes on it) does not spin.
     pub fn poll(&mut self) {
         while let Some(rx) = &self.rx {
             match rx.try_recv() {
                 Ok(f) if f.len() > MAX_FRAME => self.oversize += 1,
-                Ok(f) => self.pending.push_back(f),
+                Ok(f) => {
+                    if self.pending.len() >= QUEUE_FRAMES {
+                        self.pending.pop_front();
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.pending.push_back(f);
+                }
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
                 Err(crossbeam_channel::TryRecvError::Disconnected) => self.rx = None,
             }

@@ -225,8 +225,147 @@ fn macs_and_specs_parse_or_say_what_is_wrong() {
     assert!(matches!("ftvm0".parse::<NetSpec>(), Err(NetError::BadSpec(_))));
     assert!(matches!("tap=".parse::<NetSpec>(), Err(NetError::BadTapName(_))));
     assert!(matches!("tap=a-name-far-too-long".parse::<NetSpec>(), Err(NetError::BadTapName(_))));
+    for (spec, what) in [("tap=a/b", "a '/'"), ("tap=a b", "whitespace"), ("tap=a\tb", "whitespace"), ("tap=a:1", "a ':'")] {
+        let e = spec.parse::<NetSpec>().unwrap_err();
+        assert!(matches!(e, NetError::TapNameChar { what: w, .. } if w == what), "{spec}: {e}");
+        assert!(!e.to_string().contains("longer than"), "{e}");
+    }
+    assert!(matches!("tap=..".parse::<NetSpec>(), Err(NetError::TapNameDots(_))));
+    for zero in ["00:00:00:00:00:00", "00-00-00-00-00-00"] {
+        let e = parse_mac(zero).unwrap_err();
+        assert!(matches!(e, NetError::ZeroMac(_)), "{zero}");
+        assert!(e.to_string().contains("all zeros"), "{e}");
+    }
+    assert!(matches!(parse_mac("ff:ff:ff:ff:ff:ff"), Err(NetError::MulticastMac(_))), "broadcast is multicast");
+    assert!(parse_mac("02:00:00:00:00:00").is_ok(), "locally administered, not zero");
     let arp = gratuitous_arp(MAC, [169, 254, 0, 2]);
     assert_eq!(arp.len(), 60);
     assert_eq!(&arp[6..12], &MAC);
     assert_eq!(&arp[12..14], &[8, 6]);
+}
+
+#[test]
+fn frames_waiting_for_a_guest_without_buffers_are_bounded_and_counted() {
+    use super::tap::{NetInput, QUEUE_FRAMES};
+    // A guest that posts no receive buffers: every exit polls, nothing is
+    // taken. Waiting frames stay at the bound, the oldest are dropped and
+    // counted with the reader's drops (the summary's "queue was full").
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut input = NetInput::from_channel(rx);
+    let extra = 100;
+    for i in 0..QUEUE_FRAMES + extra {
+        tx.send((i as u32).to_le_bytes().repeat(15)).unwrap();
+        if i % 64 == 0 {
+            input.poll();
+        }
+    }
+    input.poll();
+    assert_eq!(input.pending(), QUEUE_FRAMES);
+    assert_eq!(input.dropped.load(Ordering::Relaxed), extra as u64);
+    assert!(input.receiver().unwrap().is_empty(), "the channel is emptied, so the idle wait does not spin");
+    // The newest are kept: the first waiting one is frame `extra`.
+    assert_eq!(input.take().unwrap()[..4], (extra as u32).to_le_bytes());
+}
+
+/// A state transfer's pre-copy finds the pages written during it through
+/// the dirty log, which never sees the card's writes (ftvm's own mapping):
+/// the recorder merges the card's written pages into every call of the
+/// dirty log (`merge_device_writes`), as `take_dirty` does, so a frame
+/// received between the pre-copy and the pause is captured again.
+#[test]
+fn a_card_write_between_precopy_and_the_pause_is_captured_again() {
+    use crate::ft::xfer::Transfers;
+    use crate::recorder::merge_device_writes;
+    use crate::snapshot::{MemoryImage, CHUNK};
+
+    let size = 4u64 << 20;
+    let m = mem();
+    let header = |mem_bytes| replay_log::Header {
+        kernel_sha256: [1; 32],
+        initrd_sha256: None,
+        mem_bytes,
+        cmdline: String::new(),
+        ftvm_version: "t".into(),
+        kernel_name: "t".into(),
+        net_mac: Some(MAC),
+    };
+    let image_bytes = |img: &MemoryImage| {
+        let r = mem();
+        img.restore(&r).unwrap();
+        let mut v = vec![0u8; size as usize];
+        r.read_slice(&mut v, GuestAddress(0)).unwrap();
+        v
+    };
+    let now = |m: &GuestMemoryMmap| {
+        let mut v = vec![0u8; size as usize];
+        m.read_slice(&mut v, GuestAddress(0)).unwrap();
+        v
+    };
+    let mut machine = crate::machine::Machine::new(
+        std::sync::Arc::new(crate::clock::VmClock::host()),
+        Box::new(super::record_tests::Shared::default()),
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    )
+    .unwrap();
+    machine.add_net(MAC, m.clone(), Box::new(Capture::default())).unwrap();
+    let card = machine.net.clone().unwrap();
+    let rx = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
+    let tx = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
+    bring_up(&mut card.lock().unwrap(), &rx, &tx);
+    // Two buffers in one chain (chunks 1 and 2), the frame spilling into
+    // the second; the used ring is in chunk 0.
+    let w = VRING_DESC_F_WRITE as u16;
+    let second = 2 * CHUNK + 0x3000;
+    let next = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+    rx.add_desc_chains(&[RawDescriptor::from(Descriptor::new(BUFS, 1000, w | next, 1)), RawDescriptor::from(Descriptor::new(second, 1000, w, 0))], 0)
+        .unwrap();
+
+    // Not tracking (no recorder tracks dirty pages): nothing is noted.
+    assert!(card.lock().unwrap().take_written().is_empty());
+    card.lock().unwrap().track_writes(true);
+
+    let t = Transfers::new(header(size));
+    t.set_mem(m.clone());
+    t.tracking_on();
+    assert_eq!(t.precopy(&AtomicBool::new(false)), Ok(0));
+    // The guest is running: a frame arrives (KVM's dirty log: nothing).
+    let frame: Vec<u8> = (0..1500).map(|i| (i % 251) as u8 + 1).collect();
+    card.lock().unwrap().receive(&frame);
+    assert_eq!(card.lock().unwrap().counters.rx_frames, 1);
+    // The snapshot's exit: its call of the dirty log, as `take_dirty`.
+    let mut dirty = Vec::new();
+    merge_device_writes(&machine, &mut dirty);
+    assert!(dirty.contains(&BUFS) && dirty.contains(&second), "{dirty:x?}");
+    assert!(dirty.contains(&(rx.used_addr().0 & !0xfff)), "the used ring: {dirty:x?}");
+    t.note_dirty(&dirty);
+    let (img, n) = t.memory_now(&m).unwrap();
+    assert_eq!(n, 3, "chunk 0 (the used ring), 1 (the first buffer), 2 (the rest of the frame)");
+    assert!(image_bytes(&img) == now(&m), "the snapshot's memory is the primary's");
+    // Drained: the next call reports nothing more.
+    let mut again = vec![0x5000];
+    merge_device_writes(&machine, &mut again);
+    assert_eq!(again, vec![0x5000]);
+
+    // Without the card's pages the same transfer would have missed them.
+    let t = Transfers::new(header(size));
+    t.set_mem(m.clone());
+    t.tracking_on();
+    t.precopy(&AtomicBool::new(false)).unwrap();
+    rx.add_desc_chains(&[RawDescriptor::from(Descriptor::new(BUFS + 0x1000, 2048, w, 0))], 2).unwrap();
+    card.lock().unwrap().receive(&[9; 100]);
+    let (img, _) = t.memory_now(&m).unwrap();
+    assert!(image_bytes(&img) != now(&m), "the dirty log alone misses the card's write");
+}
+
+#[test]
+fn a_machine_without_a_card_reports_the_dirty_log_unchanged() {
+    let machine = crate::machine::Machine::new(
+        std::sync::Arc::new(crate::clock::VmClock::host()),
+        Box::new(super::record_tests::Shared::default()),
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    )
+    .unwrap();
+    let mut dirty = vec![0x3000, 0x1000, 0x3000];
+    crate::recorder::merge_device_writes(&machine, &mut dirty);
+    assert_eq!(dirty, vec![0x3000, 0x1000, 0x3000], "not even sorted or deduplicated");
 }
