@@ -130,12 +130,9 @@ fn etcd_two_of_three_members_killed_output_pauses_then_goes_on() {
     assert!(c.primary.err().contains(&format!("{primary} is primary of view")), "{primary}");
 }
 
-#[test]
-fn etcd_primary_cut_off_from_etcd_goes_quiet_before_the_backup_goes_live() {
-    let e = shared();
-    let p = prefix("cut");
-    let cut = new_cut();
-    // The primary reaches every member through a proxy that can be cut.
+/// A witness argument that reaches every member of `e` through a proxy
+/// that `cut` cuts.
+fn through_proxies(e: &Etcd, prefix: &str, cut: &std::sync::Arc<std::sync::atomic::AtomicBool>) -> String {
     let proxied: Vec<String> = e
         .endpoints()
         .split(',')
@@ -145,7 +142,15 @@ fn etcd_primary_cut_off_from_etcd_goes_quiet_before_the_backup_goes_live() {
             at
         })
         .collect();
-    let wp = format!("etcd://{}{p}", proxied.join(","));
+    format!("etcd://{}{prefix}", proxied.join(","))
+}
+
+#[test]
+fn etcd_primary_cut_off_from_etcd_goes_quiet_before_the_backup_goes_live() {
+    let e = shared();
+    let p = prefix("cut");
+    let cut = new_cut();
+    let wp = through_proxies(e, &p, &cut);
     primary_cut_off_goes_quiet_before_the_backup_goes_live(&e.witness(&p), &wp, &cut);
 }
 
@@ -157,16 +162,7 @@ fn etcd_a_primary_alone_cut_off_and_back_takes_up_its_lease_again() {
     let e = shared();
     let p = prefix("alone");
     let cut = new_cut();
-    let proxied: Vec<String> = e
-        .endpoints()
-        .split(',')
-        .map(|to| {
-            let at = addr();
-            proxy(&at, to.to_string(), cut.clone());
-            at
-        })
-        .collect();
-    let (mut primary, _) = start_primary(&format!("etcd://{}{p}", proxied.join(",")), "seconds=8");
+    let (mut primary, _) = start_primary(&through_proxies(e, &p, &cut), "seconds=8");
     let mut console = Proc::spawn(&["console", "--witness", &e.witness(&p), "--give-up", "30"]);
     wait_for("output", Duration::from_secs(10), || console.out().contains("[0010]"));
     cut.store(true, Ordering::SeqCst);
