@@ -249,7 +249,7 @@ fn event_code(e: &Event) -> u8 {
         Event::SerialIn { .. } => EV_SERIAL_IN,
         Event::Interrupt { .. } => EV_INTERRUPT,
         Event::Check { .. } => EV_CHECK,
-        Event::Progress => EV_PROGRESS,
+        Event::Progress { .. } => EV_PROGRESS,
         Event::End { .. } => EV_END,
         Event::Pages { .. } => EV_PAGES,
         Event::VcpuState { .. } => EV_VCPU_STATE,
@@ -265,7 +265,7 @@ fn payload_len(e: &Event) -> usize {
         | Event::Check { .. } => 8,
         Event::SerialIn { bytes } => bytes.len(),
         Event::Interrupt { .. } => 1,
-        Event::Progress => 0,
+        Event::Progress { .. } => 8,
         Event::End { .. } => 2 + 8 + 8,
         Event::Pages { pages } => pages_payload(pages).len(),
         Event::VcpuState { state } => state.len(),
@@ -376,7 +376,7 @@ pub(crate) fn encode_frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), LogErr
             out.extend_from_slice(&len.to_le_bytes());
             out.extend_from_slice(&digest.to_le_bytes());
         }
-        Event::Progress => {}
+        Event::Progress { frames_out } => out.extend_from_slice(&frames_out.to_le_bytes()),
         Event::End {
             reason,
             regs_digest,
@@ -445,10 +445,15 @@ pub(crate) fn decode_body(body: &[u8]) -> Result<Record, String> {
                 regs_digest: le64(payload),
             }
         }
-        EV_PROGRESS => {
-            fixed(0)?;
-            Event::Progress
-        }
+        // Version 3 wrote no payload (streamed only, so never met in a
+        // file; read as "nothing sent" all the same).
+        EV_PROGRESS => match payload.len() {
+            0 => Event::Progress { frames_out: 0 },
+            _ => {
+                fixed(8)?;
+                Event::Progress { frames_out: le64(payload) }
+            }
+        },
         EV_PAGES => Event::Pages { pages: decode_pages(payload)? },
         EV_VCPU_STATE => Event::VcpuState { state: payload.to_vec() },
         EV_NET_RX => Event::NetRx { frame: payload.to_vec() },
@@ -570,6 +575,26 @@ mod tests {
         let mut bad = p.clone();
         *bad.last_mut().unwrap() = 7;
         assert!(decode_header_payload(&bad).unwrap_err().contains("net flag is 7"));
+    }
+
+    /// Version 4 gives `Progress` its `frames_out`; version 3's empty
+    /// payload still reads (as 0), any other length is corrupt.
+    #[test]
+    fn progress_carries_frames_out_and_reads_version_3_marks() {
+        let rec = Record {
+            pos: Position { ordinal: 9, rip: 0x1000, exit: ExitKind::Hlt },
+            event: Event::Progress { frames_out: 7 },
+        };
+        let mut frame = Vec::new();
+        encode_frame(&rec, &mut frame).unwrap();
+        // Frame: length word (4), body, crc32 (4).
+        let body = &frame[4..frame.len() - 4];
+        assert_eq!(decode_body(body).unwrap(), rec);
+        assert_eq!(&body[body.len() - 8..], &7u64.to_le_bytes());
+        let v3 = &body[..body.len() - 8];
+        assert_eq!(decode_body(v3).unwrap().event, Event::Progress { frames_out: 0 });
+        let err = decode_body(&body[..body.len() - 4]).unwrap_err();
+        assert!(err.contains("needs a 8-byte payload, found 4"), "{err}");
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl fmt::Display for Event {
             Event::SerialIn { bytes } => write!(f, "{name} \"{}\"", bytes.escape_ascii()),
             Event::Interrupt { vector } => write!(f, "{name} vector={vector:#x}"),
             Event::Check { regs_digest } => write!(f, "{name} regs_digest={regs_digest:#018x}"),
-            Event::Progress => f.write_str(name),
+            Event::Progress { frames_out } => write!(f, "{name} frames_out={frames_out}"),
             Event::Pages { pages } => match (pages.first(), pages.last()) {
                 (Some((lo, _)), Some((hi, _))) => write!(f, "{name} count={} first={lo:#x} last={hi:#x}", pages.len()),
                 _ => write!(f, "{name} count=0"),

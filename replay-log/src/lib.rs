@@ -24,7 +24,7 @@ pub const MAGIC: [u8; 8] = *b"FTVMLOG\0";
 
 /// The format version this build writes and the highest it reads.
 /// Bumped on any change an older reader could misread (FORMAT.md).
-pub const FORMAT_VERSION: u16 = 3;
+pub const FORMAT_VERSION: u16 = 4;
 
 /// A record body may not exceed this many bytes: the body length is the low
 /// 24 bits of the frame's length word (the high 8 bits are its check byte,

@@ -80,8 +80,11 @@ pub enum Event {
     /// compares the frames it transmits with these.
     NetTx { len: u32, digest: u64 },
     /// The primary got this far with nothing else to log (a streamed
-    /// high-water mark; never needed in a file).
-    Progress,
+    /// high-water mark; never needed in a file). `frames_out`: the primary
+    /// had put on the wire every frame the guest sent through this exit
+    /// ordinal (0: none yet): a backup that takes over must not send them
+    /// again, and must send every later one (`ft/held_frames.rs`).
+    Progress { frames_out: u64 },
     /// The run ended here: why, the final register digest and a digest of
     /// guest memory.
     End {
@@ -113,7 +116,7 @@ impl Event {
             Event::VcpuState { .. } => "vcpu-state",
             Event::NetRx { .. } => "net-rx",
             Event::NetTx { .. } => "net-tx",
-            Event::Progress => "progress",
+            Event::Progress { .. } => "progress",
             Event::End { .. } => "end",
         }
     }

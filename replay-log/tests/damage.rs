@@ -409,7 +409,7 @@ fn checksummed_but_invalid_bodies_are_corrupt() {
     data.extend_from_slice(&frame(&body(7, 1, 0, &[])));
     let (got, err) = read_all(&data);
     err.unwrap();
-    assert_eq!(got, vec![rec(3, 0x1000, ExitKind::Boot, Event::Progress)]);
+    assert_eq!(got, vec![rec(3, 0x1000, ExitKind::Boot, Event::Progress { frames_out: 0 })]);
 }
 
 #[test]

@@ -63,7 +63,7 @@ pub fn apply(m: &Machine, at: Option<&mut ExitPoint>, ev: &Event, stage: Stage) 
         },
         // Not inputs: interrupts are derived from device state and checked,
         // the rest are checks and marks.
-        Event::Interrupt { .. } | Event::Check { .. } | Event::NetTx { .. } | Event::Progress | Event::End { .. } => {
+        Event::Interrupt { .. } | Event::Check { .. } | Event::NetTx { .. } | Event::Progress { .. } | Event::End { .. } => {
             return Err(EngineError::NotAnInput(ev.kind_name()))
         }
     }

@@ -389,7 +389,7 @@ fn group_commit_marks_a_burst_once_per_acknowledgement() {
     assert!(err.to_string().contains("max_exits"), "{err}");
     acker.stop();
     drop(rec);
-    let marks = records(&buf.bytes()).iter().filter(|x| matches!(x.event, Event::Progress)).count();
+    let marks = records(&buf.bytes()).iter().filter(|x| matches!(x.event, Event::Progress { .. })).count();
     // 20,000 exits of 10 µs, acknowledgements 200 µs after each mark:
     // one mark per round trip, a few hundred in all.
     assert!(marks > 50, "{marks} marks");

@@ -275,7 +275,10 @@ impl Recorder {
             // checked against (an ack beyond what was sent is refused).
             log.mark_follows(pos.ordinal);
         }
-        self.append_at(pos, Event::Progress)?;
+        // What the primary has put on the wire: a backup that takes over
+        // sends its frames from there (`ft/held_frames.rs`).
+        let frames_out = self.marks.as_ref().map_or(0, |mk| mk.gate.frames_out());
+        self.append_at(pos, Event::Progress { frames_out })?;
         self.flush()?;
         self.unmarked_at = None;
         if let Some(k) = &self.kicker {

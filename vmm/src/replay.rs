@@ -93,7 +93,7 @@ impl<S: RecordSource> Replayer<S> {
         while self.next.is_none() && self.tail.is_none() {
             match self.reader.next_record() {
                 // High-water marks only matter to the transport.
-                Ok(Some(Record { event: Event::Progress, .. })) => {}
+                Ok(Some(Record { event: Event::Progress { .. }, .. })) => {}
                 Ok(Some(r)) if self.skip.is_some_and(|p| r.pos.ordinal <= p.ordinal) => self.skip_one(&r)?,
                 Ok(Some(r)) => {
                     self.skip = None;

@@ -57,7 +57,7 @@ pub fn all_variants() -> Vec<Record> {
         Event::NetRx { frame: (0..1514).map(|i| i as u8).collect() },
         Event::NetRx { frame: Vec::new() },
         Event::NetTx { len: u32::MAX, digest: 0x0123_4567_89ab_cdef },
-        Event::Progress,
+        Event::Progress { frames_out: 0 },
         Event::End {
             reason: EndReason::Exit(0xfe),
             regs_digest: 1,
@@ -164,7 +164,7 @@ pub fn recording(n: u64) -> Vec<Record> {
                     regs_digest: i.wrapping_mul(0x9e37_79b9_7f4a_7c15),
                 },
             ),
-            9 => (ExitKind::IoOut(0x3f8), Event::Progress),
+            9 => (ExitKind::IoOut(0x3f8), Event::Progress { frames_out: 0 }),
             _ => (ExitKind::Msr(0x10), Event::Time { ns: i << 20 }),
         };
         out.push(rec(i, rip, exit, event));

@@ -215,6 +215,7 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
         records: 0,
         ready: m.ready.clone(),
         ready_at: ready_at.unwrap_or(u64::MAX),
+        gate: gate.clone(),
     };
     let promoter = Promoter {
         witness: WitnessClient::new(&opts.witness, &opts.key),

@@ -162,15 +162,24 @@ impl Gate {
 
     /// A frame the guest's card sent at exit `ordinal`: held until the
     /// output rule lets it go, then written to the frame output. A backup
-    /// (silent) never transmits: its frames are dropped.
+    /// (silent) holds it too, unless its primary already sent it: what is
+    /// still held when it takes over goes out then (`held_frames.rs`).
     pub fn send_frame(&self, ordinal: u64, frame: &[u8]) {
         let mut s = self.s.lock().unwrap();
-        if s.role == Role::Silent {
-            s.frames.drop_one();
-            return;
-        }
         s.frames.push(ordinal, frame);
         self.release(&mut s);
+    }
+
+    /// The primary this VMM backs has put every frame through exit
+    /// `through` on the wire (its high-water mark said so).
+    pub fn frames_sent_elsewhere(&self, through: u64) {
+        self.s.lock().unwrap().frames.sent_elsewhere(through);
+    }
+
+    /// Every frame the guest sent through this exit is on the wire: what
+    /// this primary's marks tell its backup.
+    pub fn frames_out(&self) -> u64 {
+        self.s.lock().unwrap().frames.out_through()
     }
 
     /// Where released frames go (the tap).
@@ -182,6 +191,11 @@ impl Gate {
     pub fn frame_counts(&self) -> (u64, u64, usize) {
         let s = self.s.lock().unwrap();
         (s.frames.released, s.frames.dropped, s.frames.len())
+    }
+
+    /// Frames a backup replayed that its primary had sent (not sent again).
+    pub fn frames_sent_before(&self) -> u64 {
+        self.s.lock().unwrap().frames.sent_before
     }
 
     /// The backup has the log through `ordinal`.
@@ -548,15 +562,59 @@ mod tests {
         assert!(w2.0.lock().unwrap().is_empty(), "no lease");
         h.set_lease(BootInstant::now() + Duration::from_secs(5));
         assert_eq!(w2.0.lock().unwrap().len(), 1);
-        // A backup's frames are dropped, not held for later.
+        // A backup never transmits while it is one.
         let b = Gate::new(Role::Silent);
         let w3 = Wire::default();
         b.set_frame_out(Box::new(w3.clone()));
-        b.send_frame(1, b"y");
-        b.set_role(Role::Primary { need_ack: false });
         b.set_lease(BootInstant::now() + Duration::from_secs(5));
+        b.send_frame(1, b"y");
+        b.ack(1);
         assert!(w3.0.lock().unwrap().is_empty());
-        assert_eq!(b.frame_counts(), (0, 1, 0));
+        assert_eq!(g.frames_out(), 9, "the primary's marks say what it sent");
+    }
+
+    /// The frame-at-promotion rule: a backup sends, once promoted, exactly
+    /// the frames its primary's marks do not say were sent, whenever it
+    /// replayed them (before or after the promotion), in order.
+    #[test]
+    fn a_promoted_backup_sends_the_frames_its_primary_did_not_and_no_other() {
+        let b = Gate::new(Role::Silent);
+        let wire = Wire::default();
+        b.set_frame_out(Box::new(wire.clone()));
+        b.set_lease(BootInstant::now() + Duration::from_secs(5));
+        // The log so far: frames at exits 3, 5, 5, 8; a mark says the
+        // primary sent through exit 4 (its backup acked 4).
+        b.frames_sent_elsewhere(0);
+        b.send_frame(3, b"a");
+        b.send_frame(5, b"b");
+        b.frames_sent_elsewhere(4);
+        b.send_frame(5, b"c");
+        b.send_frame(8, b"d");
+        assert!(wire.0.lock().unwrap().is_empty(), "a backup transmits nothing");
+        // A later mark (received before the replay reached exit 12)
+        // covers exit 6; the primary dies; the backup is promoted while its
+        // replay is at exit 8, then replays 9 and 12 and goes live.
+        b.frames_sent_elsewhere(6);
+        b.set_role(Role::Primary { need_ack: false });
+        b.send_frame(9, b"e");
+        b.send_frame(12, b"f");
+        let sent: Vec<Vec<u8>> = wire.0.lock().unwrap().clone();
+        assert_eq!(sent, vec![b"d".to_vec(), b"e".to_vec(), b"f".to_vec()], "8, 9, 12 were never sent by the primary; 3, 5 were");
+        assert_eq!(b.frames_sent_before(), 3);
+        assert_eq!(b.frame_counts(), (3, 0, 0));
+        // A replayed frame the primary sent is not sent after promotion
+        // either (a mark received before, replayed after).
+        let c = Gate::new(Role::Silent);
+        let w2 = Wire::default();
+        c.set_frame_out(Box::new(w2.clone()));
+        c.set_lease(BootInstant::now() + Duration::from_secs(5));
+        c.frames_sent_elsewhere(20);
+        c.set_role(Role::Primary { need_ack: false });
+        c.send_frame(15, b"old");
+        c.send_frame(21, b"new");
+        assert_eq!(*w2.0.lock().unwrap(), vec![b"new".to_vec()]);
+        // Its own marks go on from there.
+        assert_eq!(c.frames_out(), 21);
     }
 
     #[test]

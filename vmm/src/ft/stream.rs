@@ -367,6 +367,9 @@ pub struct LogReceiver {
     /// the last output released before it joined (`BOOT <n>`).
     pub ready: Arc<AtomicBool>,
     pub ready_at: u64,
+    /// This backup's gate: each mark says which of the guest's frames the
+    /// primary has sent (not to be sent again after a takeover).
+    pub gate: Arc<Gate>,
 }
 
 impl LogReceiver {
@@ -376,9 +379,12 @@ impl LogReceiver {
             match self.reader.next_record() {
                 Ok(Some(rec)) => {
                     self.records += 1;
-                    let mark = matches!(rec.event, Event::Progress);
-                    if mark {
+                    let mark = matches!(rec.event, Event::Progress { .. });
+                    if let Event::Progress { frames_out } = rec.event {
                         self.buf.mark_follows(rec.pos.ordinal);
+                        // Before the replay gets to any of those frames:
+                        // records reach the vCPU after this.
+                        self.gate.frames_sent_elsewhere(frames_out);
                     }
                     if let Err(e) = self.log.append(&rec) {
                         return StreamEnd::Lost(format!("keeping the log: {e}"));
@@ -491,6 +497,69 @@ mod tests {
         write_line(&mut w, "ACK 20").unwrap();
         t.join().unwrap();
         assert_eq!(gate.acked(), 10, "an ack of a mark never sent counted");
+    }
+
+    /// A mark's `frames_out` reaches the backup's gate before the records
+    /// before it reach the replaying vCPU: a frame the replay sends is
+    /// judged by the newest mark received, never an older one.
+    #[test]
+    fn a_mark_tells_the_gate_what_the_primary_sent_before_the_vcpu_sees_it() {
+        let key = ClusterKey::from_bytes([9; 32]);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let k2 = key.clone();
+        let srv = std::thread::spawn(move || secure::accept(l.accept().unwrap().0, &k2).unwrap());
+        let (_pr, pw) = secure::connect(&addr, &key, CONNECT_TIMEOUT).unwrap();
+        let (br, bw) = srv.join().unwrap();
+        let h = replay_log::Header { kernel_sha256: [1; 32], initrd_sha256: None, mem_bytes: 1 << 20, cmdline: String::new(), ftvm_version: "t".into(), kernel_name: "t".into(), net_mac: None };
+        let mut w = LogWriter::new(pw, &h).unwrap();
+        let at = |ordinal| replay_log::Position { ordinal, rip: 0x1000, exit: replay_log::ExitKind::Hlt };
+        w.append(&Record { pos: at(3), event: Event::Time { ns: 1 } }).unwrap();
+        w.append(&Record { pos: at(4), event: Event::Progress { frames_out: 2 } }).unwrap();
+        w.append(&Record { pos: at(9), event: Event::Progress { frames_out: 7 } }).unwrap();
+        w.flush().unwrap();
+        // The primary is gone: the stream ends after these.
+        drop((w, _pr));
+        let gate = Gate::new(Role::Silent);
+        let buf = LogBuf::new();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut recv = LogReceiver {
+            reader: LogReader::new(br, "stream").unwrap(),
+            ack: bw,
+            log: LogWriter::new(crate::ft::listener::log_buf_writer(&buf), &h).unwrap(),
+            buf,
+            to_vcpu: tx,
+            records: 0,
+            ready: Arc::new(AtomicBool::new(false)),
+            ready_at: 0,
+            gate: gate.clone(),
+        };
+        let got = std::thread::scope(|sc| {
+            let pump = sc.spawn(|| recv.pump());
+            // Records go to the vCPU after their mark reached the gate.
+            let mut seen = vec![];
+            while let Ok(r) = rx.recv_timeout(Duration::from_secs(10)) {
+                seen.push((r.pos.ordinal, gate.frames_out()));
+                if seen.len() == 3 {
+                    break;
+                }
+            }
+            assert!(matches!(pump.join().unwrap(), StreamEnd::Lost(_)));
+            seen
+        });
+        // (The receiver may run ahead of the vCPU: a later mark may be
+        // known already, never an earlier one missing.)
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), vec![3, 4, 9]);
+        assert!(got[1].1 >= 2 && got[2].1 == 7, "{got:?}");
+        // The replay sends frames of exits 5, 7 and 8: the mark at 9 says
+        // the primary sent those through 7; only 8's goes out once promoted.
+        gate.send_frame(5, b"x");
+        gate.send_frame(7, b"y");
+        gate.send_frame(8, b"z");
+        gate.set_role(Role::Primary { need_ack: false });
+        gate.set_lease(crate::ft::lease_clock::BootInstant::now() + Duration::from_secs(5));
+        assert_eq!(gate.frame_counts(), (1, 0, 0));
+        assert_eq!(gate.frames_sent_before(), 2);
     }
 
     #[test]
