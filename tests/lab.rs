@@ -3,57 +3,79 @@
 //! development machines' own /dev/kvm. One lab session runs every scenario
 //! (tests/lab/scenarios.sh); each test checks its part. gdb on a recording
 //! has a session of its own (tests/lab/gdb.sh), with gdb-minimal in it;
-//! so has the network card (tests/lab/net.sh).
+//! so has the network card (tests/lab/net.sh) and the network card under
+//! fault tolerance (tests/lab/net-ft.sh). Sessions run one at a time.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 struct Section {
     rc: i32,
     text: String,
 }
 
+type Sections = HashMap<String, Section>;
+
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
 }
 
-/// Runs the lab once (the first test to get here pays for it).
-fn lab() -> &'static HashMap<String, Section> {
-    static LAB: OnceLock<HashMap<String, Section>> = OnceLock::new();
-    LAB.get_or_init(|| {
-        let out = root().join("guest/linux/out");
-        if !out.join("vmlinux").exists() {
-            let st = Command::new(root().join("scripts/linux-guest.sh")).status().expect("running scripts/linux-guest.sh");
-            assert!(st.success(), "scripts/linux-guest.sh failed");
-        }
-        let o = Command::new(root().join("scripts/lab.sh"))
-            .current_dir(root())
-            .args(["--timeout", "900", "--ftvm", env!("CARGO_BIN_EXE_ftvm")])
-            .arg("--file")
-            .arg(format!("{}:/g/vmlinux", out.join("vmlinux").display()))
-            .arg("--file")
-            .arg(format!("{}:/g/bzImage", out.join("bzImage").display()))
-            .arg("--file")
-            .arg(format!("{}:/g/initrd", out.join("initramfs.cpio.gz").display()))
-            .arg("--file")
-            .arg(format!("{}:/scenarios.sh", root().join("tests/lab/scenarios.sh").display()))
-            .args(["--", "sh", "/scenarios.sh"])
-            .output()
-            .expect("running scripts/lab.sh");
-        let text = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(
-            o.status.success(),
-            "the lab failed ({:?}):\n{text}\n{}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr)
-        );
-        parse(&text)
+fn guest_out() -> PathBuf {
+    let out = root().join("guest/linux/out");
+    if !out.join("vmlinux").exists() {
+        let st = Command::new(root().join("scripts/linux-guest.sh")).status().expect("running scripts/linux-guest.sh");
+        assert!(st.success(), "scripts/linux-guest.sh failed");
+    }
+    out
+}
+
+/// One lab session: `scripts/lab.sh` with the Linux guest (vmlinux,
+/// initrd) and `files` copied in, running `cmd`; its sections, or why it
+/// failed. Sessions run one at a time: each is a QEMU emulating a whole
+/// machine, and two side by side on a 2-core host starved the guests'
+/// timing (CI, 2026-11-30: FT tests failed only while another ran).
+fn run_lab(timeout_s: u32, files: &[(PathBuf, &str)], cmd: &[&str]) -> Result<Sections, String> {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let out = guest_out();
+    let mut c = Command::new(root().join("scripts/lab.sh"));
+    c.current_dir(root()).args(["--timeout", &timeout_s.to_string(), "--ftvm", env!("CARGO_BIN_EXE_ftvm")]);
+    c.arg("--file").arg(format!("{}:/g/vmlinux", out.join("vmlinux").display()));
+    c.arg("--file").arg(format!("{}:/g/initrd", out.join("initramfs.cpio.gz").display()));
+    for (from, to) in files {
+        c.arg("--file").arg(format!("{}:{to}", from.display()));
+    }
+    let t0 = std::time::Instant::now();
+    let o = c.arg("--").args(cmd).output().map_err(|e| format!("running scripts/lab.sh: {e}"))?;
+    eprintln!("lab session {cmd:?}: {:.0} s", t0.elapsed().as_secs_f64());
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    if !o.status.success() {
+        return Err(format!("the lab failed ({:?}):\n{text}\n{}", o.status, String::from_utf8_lossy(&o.stderr)));
+    }
+    Ok(parse(&text))
+}
+
+/// A session's sections, run once for all its tests (a failed session is
+/// not run again for each of them).
+fn session(cell: &'static OnceLock<Result<Sections, String>>, start: impl FnOnce() -> Result<Sections, String>) -> &'static Sections {
+    match cell.get_or_init(start) {
+        Ok(m) => m,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The scenarios' session (tests/lab/scenarios.sh).
+fn lab() -> &'static Sections {
+    static LAB: OnceLock<Result<Sections, String>> = OnceLock::new();
+    session(&LAB, || {
+        let files = [(guest_out().join("bzImage"), "/g/bzImage"), (root().join("tests/lab/scenarios.sh"), "/scenarios.sh")];
+        run_lab(900, &files, &["sh", "/scenarios.sh"])
     })
 }
 
-fn parse(text: &str) -> HashMap<String, Section> {
+fn parse(text: &str) -> Sections {
     let mut m = HashMap::new();
     let mut cur: Option<(String, i32, String)> = None;
     for line in text.lines() {
@@ -221,37 +243,17 @@ fn exported_symbol(vmlinux: &[u8], name: &str) -> Option<u64> {
 
 /// gdb on a recording of Linux in the lab (tests/lab/gdb.sh): its own lab
 /// session, with Debian's gdb-minimal inside (scripts/lab-gdb.sh).
-fn gdb_lab() -> &'static HashMap<String, Section> {
-    static LAB: OnceLock<HashMap<String, Section>> = OnceLock::new();
-    LAB.get_or_init(|| {
-        let out = root().join("guest/linux/out");
-        if !out.join("vmlinux").exists() {
-            let st = Command::new(root().join("scripts/linux-guest.sh")).status().expect("running scripts/linux-guest.sh");
-            assert!(st.success(), "scripts/linux-guest.sh failed");
-        }
+fn gdb_lab() -> &'static Sections {
+    static LAB: OnceLock<Result<Sections, String>> = OnceLock::new();
+    session(&LAB, || {
         let g = Command::new(root().join("scripts/lab-gdb.sh")).output().expect("running scripts/lab-gdb.sh");
         assert!(g.status.success(), "scripts/lab-gdb.sh: {}", String::from_utf8_lossy(&g.stderr));
         let gdb = String::from_utf8_lossy(&g.stdout).trim().to_string();
-        let bp = breakpoint(&std::fs::read(out.join("vmlinux")).unwrap());
-        let o = Command::new(root().join("scripts/lab.sh"))
-            .current_dir(root())
-            .args(["--timeout", "900", "--ftvm", env!("CARGO_BIN_EXE_ftvm")])
-            .arg("--file")
-            .arg(format!("{}:/g/vmlinux", out.join("vmlinux").display()))
-            .arg("--file")
-            .arg(format!("{}:/g/initrd", out.join("initramfs.cpio.gz").display()))
-            .arg("--file")
-            .arg(format!("{gdb}:/usr/bin/gdb"))
-            .arg("--file")
-            .arg(format!("{}:/gdb.sh", root().join("tests/lab/gdb.sh").display()))
-            .args(["--", "sh", "/gdb.sh", &format!("{bp:#x}")])
-            .output()
-            .expect("running scripts/lab.sh");
-        let text = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(o.status.success(), "the lab failed ({:?}):\n{text}\n{}", o.status, String::from_utf8_lossy(&o.stderr));
-        let mut m = parse(&text);
+        let bp = breakpoint(&std::fs::read(guest_out().join("vmlinux")).unwrap());
+        let files = [(PathBuf::from(gdb), "/usr/bin/gdb"), (root().join("tests/lab/gdb.sh"), "/gdb.sh")];
+        let mut m = run_lab(900, &files, &["sh", "/gdb.sh", &format!("{bp:#x}")])?;
         m.insert("bp".into(), Section { rc: 0, text: format!("{bp:#x}") });
-        m
+        Ok(m)
     })
 }
 
@@ -323,30 +325,9 @@ fn gdb_on_a_linux_recording_breaks_in_the_kernel_and_reverse_continues() {
 }
 
 /// The network card in the lab (tests/lab/net.sh): its own lab session.
-fn net_lab() -> &'static HashMap<String, Section> {
-    static LAB: OnceLock<HashMap<String, Section>> = OnceLock::new();
-    LAB.get_or_init(|| {
-        let out = root().join("guest/linux/out");
-        if !out.join("vmlinux").exists() {
-            let st = Command::new(root().join("scripts/linux-guest.sh")).status().expect("running scripts/linux-guest.sh");
-            assert!(st.success(), "scripts/linux-guest.sh failed");
-        }
-        let o = Command::new(root().join("scripts/lab.sh"))
-            .current_dir(root())
-            .args(["--timeout", "600", "--ftvm", env!("CARGO_BIN_EXE_ftvm")])
-            .arg("--file")
-            .arg(format!("{}:/g/vmlinux", out.join("vmlinux").display()))
-            .arg("--file")
-            .arg(format!("{}:/g/initrd", out.join("initramfs.cpio.gz").display()))
-            .arg("--file")
-            .arg(format!("{}:/net.sh", root().join("tests/lab/net.sh").display()))
-            .args(["--", "sh", "/net.sh"])
-            .output()
-            .expect("running scripts/lab.sh");
-        let text = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(o.status.success(), "the lab failed ({:?}):\n{text}\n{}", o.status, String::from_utf8_lossy(&o.stderr));
-        parse(&text)
-    })
+fn net_lab() -> &'static Sections {
+    static LAB: OnceLock<Result<Sections, String>> = OnceLock::new();
+    session(&LAB, || run_lab(600, &[(root().join("tests/lab/net.sh"), "/net.sh")], &["sh", "/net.sh"]))
 }
 
 fn net_sec(name: &str) -> &'static Section {
@@ -385,30 +366,9 @@ fn linux_with_a_network_card_answers_ping_serves_http_and_replays() {
 
 /// The network card under fault tolerance (tests/lab/net-ft.sh): its own
 /// lab session, five downloads, each with the primary killed in the middle.
-fn net_ft_lab() -> &'static HashMap<String, Section> {
-    static LAB: OnceLock<HashMap<String, Section>> = OnceLock::new();
-    LAB.get_or_init(|| {
-        let out = root().join("guest/linux/out");
-        if !out.join("vmlinux").exists() {
-            let st = Command::new(root().join("scripts/linux-guest.sh")).status().expect("running scripts/linux-guest.sh");
-            assert!(st.success(), "scripts/linux-guest.sh failed");
-        }
-        let o = Command::new(root().join("scripts/lab.sh"))
-            .current_dir(root())
-            .args(["--timeout", "1500", "--ftvm", env!("CARGO_BIN_EXE_ftvm")])
-            .arg("--file")
-            .arg(format!("{}:/g/vmlinux", out.join("vmlinux").display()))
-            .arg("--file")
-            .arg(format!("{}:/g/initrd", out.join("initramfs.cpio.gz").display()))
-            .arg("--file")
-            .arg(format!("{}:/net-ft.sh", root().join("tests/lab/net-ft.sh").display()))
-            .args(["--", "env", "ROUNDS=5", "sh", "/net-ft.sh"])
-            .output()
-            .expect("running scripts/lab.sh");
-        let text = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(o.status.success(), "the lab failed ({:?}):\n{text}\n{}", o.status, String::from_utf8_lossy(&o.stderr));
-        parse(&text)
-    })
+fn net_ft_lab() -> &'static Sections {
+    static LAB: OnceLock<Result<Sections, String>> = OnceLock::new();
+    session(&LAB, || run_lab(1500, &[(root().join("tests/lab/net-ft.sh"), "/net-ft.sh")], &["env", "ROUNDS=5", "sh", "/net-ft.sh"]))
 }
 
 /// Issue 11: a download from the guest's httpd survives kill -9 of the
