@@ -166,7 +166,8 @@ impl Recorder {
         })
         .map(|snapshot| {
             let tail = self.marks.as_ref().map_or((snapshot.console_bytes(), Vec::new()), |mk| mk.gate.emitted_tail(KEEP_RELEASED));
-            Taken { snapshot, chunks_in_pause: in_pause, offset, pause: t0.elapsed(), tail }
+            let frames = self.marks.as_ref().map(|mk| mk.gate.frames_held()).unwrap_or_default();
+            Taken { snapshot, chunks_in_pause: in_pause, offset, pause: t0.elapsed(), tail, frames }
         })
         .map_err(|e| e.to_string());
         if let Ok(tk) = &taken {

@@ -11,6 +11,7 @@ use replay_log::{LogError, LogReader, LogWriter};
 
 use super::backup_inputs::{BackupInputs, TakeoverSlot};
 use super::gate::{Gate, GateSink, Role, MAX_TAIL};
+use super::held_frames::FramesHeld;
 use super::key::ClusterKey;
 use super::listener::{bind, log_buf_writer, serve_listener, wind_down, Endpoints, Incoming, LogStreams, RoleError, Route};
 use super::log_buf::LogBuf;
@@ -81,14 +82,18 @@ fn read_snapshot(reader: &mut SecureReader, name: &str) -> Result<(Option<Receiv
         .ok_or_else(|| format!("{line:?} where `TAIL <seq> <len>` ending at byte {} belongs", snap.console_bytes()))?;
     let mut bytes = vec![0u8; tail.1];
     reader.read_exact(&mut bytes).map_err(|e| format!("reading the output tail: {e}"))?;
+    let line = super::read_line(reader).map_err(|e| e.to_string())?.ok_or("the stream ended before the held frames")?;
+    let frames = FramesHeld::read_from(&line, reader, crate::net::MAX_FRAME, snap.position.ordinal)?;
     let _ = reader.tcp().set_read_timeout(Some(HEADER_TIMEOUT));
-    Ok((Some(Received { snap, tail: (tail.0, bytes) }), None))
+    Ok((Some(Received { snap, tail: (tail.0, bytes), frames }), None))
 }
 
 /// A snapshot from the primary, and the console output before it.
 struct Received {
     snap: Snapshot,
     tail: (u64, Vec<u8>),
+    /// The network frames the primary held then.
+    frames: FramesHeld,
 }
 
 /// How one membership of the backup ended.
@@ -239,13 +244,16 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
     }
     backup_transfers.set_mem(vm.mem.clone());
     let at = match snap {
-        Some(Received { snap, tail: (seq, bytes) }) => {
+        Some(Received { snap, tail: (seq, bytes), frames }) => {
             snap.restore_vm(&mut vm)?;
             // The output before the snapshot that the primary may not have
             // released yet (and a tail for consoles), numbered as before:
             // released if this backup takes over, deduplicated by number.
             gate.start_at(seq);
             gate.emit(snap.position.ordinal, &bytes);
+            // Frames likewise: sent if it takes over before the primary's
+            // marks say they went out.
+            gate.hold_frames(frames);
             // It holds the state (a VM that failed to restore ends this
             // process above, never counted ready): whatever the primary
             // releases from now on waits for its acknowledgements, which

@@ -176,6 +176,22 @@ impl Gate {
         self.s.lock().unwrap().frames.sent_elsewhere(through);
     }
 
+    /// The frames held now, for a state transfer (`held_frames.rs`).
+    pub fn frames_held(&self) -> super::held_frames::FramesHeld {
+        self.s.lock().unwrap().frames.held()
+    }
+
+    /// A new backup restored from a snapshot: what its primary held then
+    /// is held here too, until the primary's marks say it was sent.
+    pub fn hold_frames(&self, held: super::held_frames::FramesHeld) {
+        let mut s = self.s.lock().unwrap();
+        s.frames.sent_elsewhere(held.out_through);
+        for (ordinal, f) in &held.frames {
+            s.frames.push(*ordinal, f);
+        }
+        self.release(&mut s);
+    }
+
     /// Every frame the guest sent through this exit is on the wire: what
     /// this primary's marks tell its backup.
     pub fn frames_out(&self) -> u64 {
@@ -615,6 +631,33 @@ mod tests {
         assert_eq!(*w2.0.lock().unwrap(), vec![b"new".to_vec()]);
         // Its own marks go on from there.
         assert_eq!(c.frames_out(), 21);
+    }
+
+    /// A state transfer: the new backup holds what its primary held at
+    /// the snapshot and sends it only if promoted before the primary's
+    /// marks say it went out.
+    #[test]
+    fn a_new_backup_holds_the_frames_its_primary_held_at_the_snapshot() {
+        let p = Gate::new(Role::Primary { need_ack: true });
+        p.set_lease(BootInstant::now() + Duration::from_secs(5));
+        p.send_frame(2, b"sent");
+        p.ack(2);
+        p.send_frame(4, b"held");
+        let held = p.frames_held();
+        assert_eq!((held.out_through, held.frames.len()), (2, 1));
+        for promoted_first in [true, false] {
+            let b = Gate::new(Role::Silent);
+            let wire = Wire::default();
+            b.set_frame_out(Box::new(wire.clone()));
+            b.set_lease(BootInstant::now() + Duration::from_secs(5));
+            b.hold_frames(held.clone());
+            if !promoted_first {
+                b.frames_sent_elsewhere(4);
+            }
+            b.set_role(Role::Primary { need_ack: false });
+            let want: Vec<Vec<u8>> = if promoted_first { vec![b"held".to_vec()] } else { vec![] };
+            assert_eq!(*wire.0.lock().unwrap(), want);
+        }
     }
 
     #[test]

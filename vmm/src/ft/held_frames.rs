@@ -25,6 +25,54 @@ const MAX_FRAMES: usize = 4096;
 /// a guard only).
 const MAX_BYTES: usize = 8 << 20;
 
+/// The frames a primary held at a snapshot (`FRAMES` in the stream).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FramesHeld {
+    pub out_through: u64,
+    pub frames: Vec<(u64, Vec<u8>)>,
+}
+
+impl FramesHeld {
+    /// `FRAMES <out_through> <n>`, then per frame its exit (`u64`), its
+    /// length (`u32`, little-endian) and its bytes. (A few fields after the
+    /// snapshot, in the stream's own line-and-bytes style: no codec needed.)
+    pub fn write_to(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        w.write_all(format!("FRAMES {} {}\n", self.out_through, self.frames.len()).as_bytes())?;
+        for (ordinal, f) in &self.frames {
+            w.write_all(&ordinal.to_le_bytes())?;
+            w.write_all(&(f.len() as u32).to_le_bytes())?;
+            w.write_all(f)?;
+        }
+        Ok(())
+    }
+
+    /// Reads what [`FramesHeld::write_to`] wrote after `line` (already
+    /// read): at most [`MAX_FRAMES`] frames of at most `max_frame` bytes,
+    /// none after exit `at` (the snapshot's).
+    pub fn read_from(line: &str, r: &mut impl std::io::Read, max_frame: usize, at: u64) -> Result<FramesHeld, String> {
+        let (out_through, n) = line
+            .strip_prefix("FRAMES ")
+            .and_then(|r| r.split_once(' '))
+            .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<usize>().ok()?)))
+            .filter(|&(_, n)| n <= MAX_FRAMES)
+            .ok_or_else(|| format!("{line:?} where `FRAMES <exit> <count>` (at most {MAX_FRAMES}) belongs"))?;
+        let mut frames = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut head = [0u8; 12];
+            r.read_exact(&mut head).map_err(|e| format!("reading held frame {i} of {n}: {e}"))?;
+            let ordinal = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+            let len = u32::from_le_bytes(head[8..].try_into().expect("4 bytes")) as usize;
+            if len > max_frame || ordinal > at {
+                return Err(format!("held frame {i} of {n}: {len} bytes at exit {ordinal} (at most {max_frame} bytes, at or before exit {at})"));
+            }
+            let mut f = vec![0u8; len];
+            r.read_exact(&mut f).map_err(|e| format!("reading held frame {i} of {n}: {e}"))?;
+            frames.push((ordinal, f));
+        }
+        Ok(FramesHeld { out_through, frames })
+    }
+}
+
 #[derive(Default)]
 pub struct HeldFrames {
     q: VecDeque<(u64, Vec<u8>)>,
@@ -98,6 +146,13 @@ impl HeldFrames {
         self.out_through
     }
 
+    /// What a new backup needs at a state transfer: through which exit
+    /// frames are on the wire, and the frames still held (their exits are
+    /// at or before the snapshot's, so its replay will not send them).
+    pub fn held(&self) -> FramesHeld {
+        FramesHeld { out_through: self.out_through, frames: self.q.iter().cloned().collect() }
+    }
+
     /// The exit of the newest held frame.
     pub fn last_ordinal(&self) -> Option<u64> {
         self.q.back().map(|(o, _)| *o)
@@ -109,5 +164,44 @@ impl HeldFrames {
 
     pub fn is_empty(&self) -> bool {
         self.q.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held() -> FramesHeld {
+        FramesHeld { out_through: 7, frames: vec![(8, vec![1; 60]), (9, vec![]), (9, vec![2; 1518])] }
+    }
+
+    #[test]
+    fn held_frames_cross_a_state_transfer_whole() {
+        let mut b = Vec::new();
+        held().write_to(&mut b).unwrap();
+        let nl = b.iter().position(|&c| c == b'\n').unwrap();
+        let line = std::str::from_utf8(&b[..nl]).unwrap();
+        assert_eq!(line, "FRAMES 7 3");
+        let mut r = &b[nl + 1..];
+        assert_eq!(FramesHeld::read_from(line, &mut r, 1518, 9).unwrap(), held());
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn bad_held_frames_are_refused_clearly() {
+        let mut b = Vec::new();
+        held().write_to(&mut b).unwrap();
+        let body = &b[b.iter().position(|&c| c == b'\n').unwrap() + 1..];
+        let err = |line: &str, body: &[u8], max: usize, at: u64| FramesHeld::read_from(line, &mut &body[..], max, at).unwrap_err();
+        assert!(err("FRAMES 7 4097", body, 1518, 9).contains("at most 4096"));
+        assert!(err("FRAMES x 3", body, 1518, 9).contains("where `FRAMES <exit> <count>`"));
+        assert!(err("TAIL 0 0", body, 1518, 9).contains("where `FRAMES"));
+        assert!(err("FRAMES 7 3", body, 1000, 9).contains("held frame 2 of 3: 1518 bytes at exit 9 (at most 1000 bytes"));
+        assert!(err("FRAMES 7 3", body, 1518, 8).contains("held frame 1 of 3: 0 bytes at exit 9"), "a frame after the snapshot's exit");
+        assert!(err("FRAMES 7 3", &body[..body.len() - 1], 1518, 9).contains("reading held frame 2 of 3"));
+        // A length of 2^32 - 1 is refused before anything is allocated.
+        let mut huge = 8u64.to_le_bytes().to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(err("FRAMES 0 1", &huge, 1518, 9).contains("4294967295 bytes"));
     }
 }

@@ -4,7 +4,9 @@
 //! `len` bytes of a snapshot of the VM taken at the end of some exit N
 //! (docs/SNAPSHOT.md; state transfer, `xfer.rs`), a line `TAIL <seq> <n>`
 //! and the last n bytes of console output before it (numbered from seq:
-//! what the primary still held, and a tail for consoles), followed by the log's
+//! what the primary still held, and a tail for consoles), a line
+//! `FRAMES <exit> <n>` and the n network frames the primary still held
+//! (`held_frames.rs`), followed by the log's
 //! records from the first one after exit N on, or a line `BOOT` followed
 //! by the records from boot (a backup in the view from the start; `BOOT <n>`:
 //! output was released through exit n, so the backup can take over only
@@ -123,6 +125,7 @@ fn send_snapshot(conn: &mut SecureWriter, t: &Taken) -> std::io::Result<usize> {
     let (seq, tail) = &t.tail;
     conn.write_all(format!("TAIL {seq} {}\n", tail.len()).as_bytes())?;
     conn.write_all(tail)?;
+    t.frames.write_to(conn)?;
     conn.flush()?;
     Ok(bytes.len())
 }

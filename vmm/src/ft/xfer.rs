@@ -41,6 +41,8 @@ pub struct Taken {
     /// The console output before it (`Gate::emitted_tail`): its first
     /// byte's number, and the bytes.
     pub tail: (u64, Vec<u8>),
+    /// The network frames held (`Gate::frames_held`).
+    pub frames: super::held_frames::FramesHeld,
 }
 
 /// Requests for snapshots, between the log sender and the vCPU thread.
