@@ -199,6 +199,11 @@ pub fn wind_down(gate: &Gate, msg: &str, witness: &mut super::witness::WitnessCl
             log::warn!("ftvm: {} bytes of output and {frames} frames were never acknowledged by the backup", gate.pending_len());
         }
     }
+    let (sent, dropped, held) = gate.frame_counts();
+    let before = gate.frames_sent_before();
+    if sent + dropped + before > 0 || held > 0 {
+        log::info!("network: {sent} frames sent, {before} replayed ones not sent again (the previous primary had), {dropped} dropped over the bound, {held} held at the end");
+    }
     gate.end(msg.to_string());
     // Ended, not lost: only once everything it printed is out.
     if gate.lease_live() && gate.pending_len() == 0 {
