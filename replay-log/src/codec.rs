@@ -401,7 +401,9 @@ pub(crate) fn encode_frame(rec: &Record, out: &mut Vec<u8>) -> Result<(), LogErr
 
 /// Decodes a body whose checksum already matched; what can still be wrong
 /// here is a writer bug or a newer writer's event kind.
-pub(crate) fn decode_body(body: &[u8]) -> Result<Record, String> {
+/// `version`: the log's format version (record layouts that changed
+/// between versions are read as that version wrote them).
+pub(crate) fn decode_body(body: &[u8], version: u16) -> Result<Record, String> {
     let mut c = Cursor::new(body, "record");
     let kind = c.u8("event kind")?;
     let ordinal = c.u64("ordinal")?;
@@ -445,15 +447,16 @@ pub(crate) fn decode_body(body: &[u8]) -> Result<Record, String> {
                 regs_digest: le64(payload),
             }
         }
-        // Version 3 wrote no payload (streamed only, so never met in a
-        // file; read as "nothing sent" all the same).
-        EV_PROGRESS => match payload.len() {
-            0 => Event::Progress { frames_out: 0 },
-            _ => {
-                fixed(8)?;
-                Event::Progress { frames_out: le64(payload) }
-            }
-        },
+        // Before version 4 a mark had no payload (streamed only, so never
+        // met in a file; read as "nothing sent").
+        EV_PROGRESS if version < 4 => {
+            fixed(0)?;
+            Event::Progress { frames_out: 0 }
+        }
+        EV_PROGRESS => {
+            fixed(8)?;
+            Event::Progress { frames_out: le64(payload) }
+        }
         EV_PAGES => Event::Pages { pages: decode_pages(payload)? },
         EV_VCPU_STATE => Event::VcpuState { state: payload.to_vec() },
         EV_NET_RX => Event::NetRx { frame: payload.to_vec() },
@@ -589,12 +592,15 @@ mod tests {
         encode_frame(&rec, &mut frame).unwrap();
         // Frame: length word (4), body, crc32 (4).
         let body = &frame[4..frame.len() - 4];
-        assert_eq!(decode_body(body).unwrap(), rec);
+        assert_eq!(decode_body(body, 4).unwrap(), rec);
         assert_eq!(&body[body.len() - 8..], &7u64.to_le_bytes());
         let v3 = &body[..body.len() - 8];
-        assert_eq!(decode_body(v3).unwrap().event, Event::Progress { frames_out: 0 });
-        let err = decode_body(&body[..body.len() - 4]).unwrap_err();
-        assert!(err.contains("needs a 8-byte payload, found 4"), "{err}");
+        assert_eq!(decode_body(v3, 3).unwrap().event, Event::Progress { frames_out: 0 });
+        for (b, v, n) in [(v3, 4, 0), (&body[..body.len() - 4], 4, 4), (body, 3, 8)] {
+            let err = decode_body(b, v).unwrap_err();
+            let want = format!("needs a {}-byte payload, found {n}", if v == 4 { 8 } else { 0 });
+            assert!(err.contains(&want), "{err}");
+        }
     }
 
     #[test]

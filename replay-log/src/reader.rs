@@ -20,6 +20,8 @@ pub struct LogReader<R: Read> {
     inner: R,
     source: String,
     header: Header,
+    /// The format version the log was written in.
+    version: u16,
     /// Offset just past the last whole record returned.
     offset: u64,
     records: u64,
@@ -115,6 +117,7 @@ impl<R: Read> LogReader<R> {
             inner,
             source: source.to_string(),
             header,
+            version,
             offset: (HEADER_PREFIX_LEN + rest.len()) as u64,
             records: 0,
             frame: Vec::new(),
@@ -131,6 +134,12 @@ impl<R: Read> LogReader<R> {
     pub fn end_is_final(mut self) -> Self {
         self.end_is_final = true;
         self
+    }
+
+    /// The format version the log was written in (at most
+    /// [`FORMAT_VERSION`]).
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     pub fn header(&self) -> &Header {
@@ -219,7 +228,7 @@ impl<R: Read> LogReader<R> {
                 "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
             )));
         }
-        let rec = match codec::decode_body(&self.frame[4..body_end]) {
+        let rec = match codec::decode_body(&self.frame[4..body_end], self.version) {
             Ok(rec) => rec,
             Err(what) => return Err(self.fail(what)),
         };

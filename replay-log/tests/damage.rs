@@ -406,10 +406,10 @@ fn checksummed_but_invalid_bodies_are_corrupt() {
     }
     // Sanity: the helper does make valid frames.
     let mut data = encode(&[]);
-    data.extend_from_slice(&frame(&body(7, 1, 0, &[])));
+    data.extend_from_slice(&frame(&body(7, 1, 0, &5u64.to_le_bytes())));
     let (got, err) = read_all(&data);
     err.unwrap();
-    assert_eq!(got, vec![rec(3, 0x1000, ExitKind::Boot, Event::Progress { frames_out: 0 })]);
+    assert_eq!(got, vec![rec(3, 0x1000, ExitKind::Boot, Event::Progress { frames_out: 5 })]);
 }
 
 #[test]

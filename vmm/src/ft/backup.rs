@@ -358,6 +358,15 @@ fn wait_for_stream(
             .map_err(|err| LogError::Io { source_name: name.clone(), offset: 0, err }.to_string())
             .and_then(|()| LogReader::new(reader, &name).map_err(|e| e.to_string()))
             .and_then(|mut r| {
+                if r.version() != replay_log::FORMAT_VERSION {
+                    // Marks and the transfer's lines changed between
+                    // versions: a mixed pair would misjudge frames.
+                    return Err(format!(
+                        "it is in log format version {}; this backup takes version {} only (run the same ftvm release on both)",
+                        r.version(),
+                        replay_log::FORMAT_VERSION
+                    ));
+                }
                 if r.header().kernel_sha256 != kernel.sha256 {
                     // Not a stream to refuse and forget: the cluster runs another kernel.
                     return Ok((r, None));

@@ -660,6 +660,34 @@ mod tests {
         }
     }
 
+    /// One exit's frames straddling a new view (found by review): some
+    /// went out while there was no backup, the rest are held for the
+    /// backup that just joined. Marks and the transfer must not say that
+    /// exit is sent, or a takeover loses the rest.
+    #[test]
+    fn an_exit_half_sent_when_a_backup_joins_is_not_said_sent() {
+        let p = Gate::new(Role::Primary { need_ack: false });
+        p.set_lease(BootInstant::now() + Duration::from_secs(5));
+        p.send_frame(10, b"f1");
+        assert_eq!(p.frames_out(), 10);
+        p.reset_acks();
+        p.set_role(Role::Primary { need_ack: true });
+        p.send_frame(10, b"f2");
+        assert_eq!(p.frames_out(), 9, "f2 of exit 10 is held");
+        let held = p.frames_held();
+        assert_eq!((held.out_through, held.frames.clone()), (9, vec![(10, b"f2".to_vec())]));
+        let b = Gate::new(Role::Silent);
+        let wire = Wire::default();
+        b.set_frame_out(Box::new(wire.clone()));
+        b.set_lease(BootInstant::now() + Duration::from_secs(5));
+        b.hold_frames(held);
+        b.frames_sent_elsewhere(p.frames_out());
+        b.set_role(Role::Primary { need_ack: false });
+        assert_eq!(*wire.0.lock().unwrap(), vec![b"f2".to_vec()]);
+        p.ack(10);
+        assert_eq!(p.frames_out(), 10);
+    }
+
     #[test]
     fn drain_waits_for_held_frames_too() {
         let g = Gate::new(Role::Primary { need_ack: true });

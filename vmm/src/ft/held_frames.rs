@@ -54,16 +54,19 @@ impl FramesHeld {
             .strip_prefix("FRAMES ")
             .and_then(|r| r.split_once(' '))
             .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<usize>().ok()?)))
-            .filter(|&(_, n)| n <= MAX_FRAMES)
-            .ok_or_else(|| format!("{line:?} where `FRAMES <exit> <count>` (at most {MAX_FRAMES}) belongs"))?;
+            .filter(|&(o, n)| n <= MAX_FRAMES && o <= at)
+            .ok_or_else(|| format!("{line:?} where `FRAMES <exit> <count>` (at most exit {at}, {MAX_FRAMES} frames) belongs"))?;
         let mut frames = Vec::with_capacity(n);
         for i in 0..n {
             let mut head = [0u8; 12];
             r.read_exact(&mut head).map_err(|e| format!("reading held frame {i} of {n}: {e}"))?;
             let ordinal = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
             let len = u32::from_le_bytes(head[8..].try_into().expect("4 bytes")) as usize;
-            if len > max_frame || ordinal > at {
-                return Err(format!("held frame {i} of {n}: {len} bytes at exit {ordinal} (at most {max_frame} bytes, at or before exit {at})"));
+            let after = frames.last().map_or(out_through + 1, |(o, _)| *o);
+            if len > max_frame || ordinal > at || ordinal < after {
+                return Err(format!(
+                    "held frame {i} of {n}: {len} bytes at exit {ordinal} (at most {max_frame} bytes, at exits {after} to {at}, in order)"
+                ));
             }
             let mut f = vec![0u8; len];
             r.read_exact(&mut f).map_err(|e| format!("reading held frame {i} of {n}: {e}"))?;
@@ -141,16 +144,22 @@ impl HeldFrames {
     }
 
     /// Every frame sent through this exit is on the wire (what a mark
-    /// tells the backup).
+    /// tells the backup): through the newest released, but never as far as
+    /// a frame still held (one exit's frames may straddle a change of
+    /// view: some released, the rest held for a backup that just joined).
+    /// Frames dropped over the bound count as sent: nobody will send them.
     pub fn out_through(&self) -> u64 {
-        self.out_through
+        match self.q.front() {
+            Some((o, _)) => self.out_through.min(o.saturating_sub(1)),
+            None => self.out_through,
+        }
     }
 
     /// What a new backup needs at a state transfer: through which exit
     /// frames are on the wire, and the frames still held (their exits are
     /// at or before the snapshot's, so its replay will not send them).
     pub fn held(&self) -> FramesHeld {
-        FramesHeld { out_through: self.out_through, frames: self.q.iter().cloned().collect() }
+        FramesHeld { out_through: self.out_through(), frames: self.q.iter().cloned().collect() }
     }
 
     /// The exit of the newest held frame.
@@ -193,11 +202,17 @@ mod tests {
         held().write_to(&mut b).unwrap();
         let body = &b[b.iter().position(|&c| c == b'\n').unwrap() + 1..];
         let err = |line: &str, body: &[u8], max: usize, at: u64| FramesHeld::read_from(line, &mut &body[..], max, at).unwrap_err();
-        assert!(err("FRAMES 7 4097", body, 1518, 9).contains("at most 4096"));
+        assert!(err("FRAMES 7 4097", body, 1518, 9).contains("4096 frames"));
         assert!(err("FRAMES x 3", body, 1518, 9).contains("where `FRAMES <exit> <count>`"));
         assert!(err("TAIL 0 0", body, 1518, 9).contains("where `FRAMES"));
         assert!(err("FRAMES 7 3", body, 1000, 9).contains("held frame 2 of 3: 1518 bytes at exit 9 (at most 1000 bytes"));
         assert!(err("FRAMES 7 3", body, 1518, 8).contains("held frame 1 of 3: 0 bytes at exit 9"), "a frame after the snapshot's exit");
+        assert!(err("FRAMES 10 3", body, 1518, 10).contains("held frame 0 of 3: 60 bytes at exit 8 (at most 1518 bytes, at exits 11 to 10"), "a frame said sent");
+        assert!(err("FRAMES 12 0", body, 1518, 10).contains("at most exit 10"), "sent beyond the snapshot");
+        let mut swapped = Vec::new();
+        FramesHeld { out_through: 0, frames: vec![(9, vec![1]), (8, vec![2])] }.write_to(&mut swapped).unwrap();
+        let sb = &swapped[swapped.iter().position(|&c| c == b'\n').unwrap() + 1..];
+        assert!(err("FRAMES 0 2", sb, 1518, 9).contains("held frame 1 of 2: 1 bytes at exit 8 (at most 1518 bytes, at exits 9 to 9, in order)"));
         assert!(err("FRAMES 7 3", &body[..body.len() - 1], 1518, 9).contains("reading held frame 2 of 3"));
         // A length of 2^32 - 1 is refused before anything is allocated.
         let mut huge = 8u64.to_le_bytes().to_vec();

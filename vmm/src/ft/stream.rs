@@ -384,6 +384,9 @@ impl LogReceiver {
                     self.records += 1;
                     let mark = matches!(rec.event, Event::Progress { .. });
                     if let Event::Progress { frames_out } = rec.event {
+                        if frames_out > rec.pos.ordinal {
+                            return StreamEnd::Lost(format!("a mark at exit {} says frames through exit {frames_out} were sent", rec.pos.ordinal));
+                        }
                         self.buf.mark_follows(rec.pos.ordinal);
                         // Before the replay gets to any of those frames:
                         // records reach the vCPU after this.
