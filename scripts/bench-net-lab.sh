@@ -21,7 +21,7 @@
 #                                 [-s RPS_SECONDS] [-p PINGS] [-t LAB_TIMEOUT]
 #   -n R  rounds (default 3)
 #   -l N  the file is `seq 1 N` (default 600000: 4.6 MB)
-#   -d D  downloads per mode and round (default 2)
+#   -d D  downloads per mode and round (default 3)
 #   -s S  seconds of small requests per mode and round (default 10)
 #   -p P  pings per mode and round, 20 ms apart (default 200)
 #   -t T  hard limit for the whole lab session, seconds (default 1500)
@@ -34,7 +34,7 @@ set -euo pipefail
 BENCH_NAME=bench-net-lab BENCH_USAGE=2,30
 # shellcheck source-path=SCRIPTDIR source=lib/bench.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/bench.sh"
-rounds=3 lines=600000 downloads=2 secs=10 pings=200 timeout=1500
+rounds=3 lines=600000 downloads=3 secs=10 pings=200 timeout=1500
 bench_int_options "n:rounds l:lines d:downloads s:secs p:pings t:timeout" "$@"
 ROOT=$BENCH_ROOT
 bench_ftvm

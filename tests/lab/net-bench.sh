@@ -30,7 +30,7 @@
 # shellcheck disable=SC2086,SC2046,SC2154  # unquoted on purpose ($K is words); now() sets by eval
 ROUNDS=${ROUNDS:-3}
 N=${NET_LINES:-600000}
-DL=${DL:-2}
+DL=${DL:-3}
 RPS_SECS=${RPS_SECS:-10}
 PINGS=${PINGS:-200}
 PING_I=${PING_I:-0.02}
