@@ -11,8 +11,9 @@
 #   round trip      ping times, p50/p99 (FT - plain: what the output rule adds)
 #   log bandwidth   during the downloads: the record log file's growth, the
 #                   FT primary's log offset (its stderr, once a second)
-#   failover stall  FT: the client's longest pause in a download during which
-#                   the primary is killed (kill -9), once per round
+#   failover stall  FT: the client's pause across a kill -9 of the primary
+#                   in the middle of a download (and its longest pause in
+#                   that download), once per round
 # Prints a table: medians, every round, record/plain and FT/plain ratios.
 # The lab is nested and emulated (one vCPU for guest, ftvm roles and client
 # alike): absolute figures are far below real hardware.
@@ -31,7 +32,7 @@
 # connection was reset.
 set -euo pipefail
 
-BENCH_NAME=bench-net-lab BENCH_USAGE=2,30
+BENCH_NAME=bench-net-lab BENCH_USAGE=2,32
 # shellcheck source-path=SCRIPTDIR source=lib/bench.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib/bench.sh"
 rounds=3 lines=600000 downloads=3 secs=10 pings=200 timeout=1500
@@ -101,7 +102,7 @@ function ratio(x, y) { return (x == "NA" || y == "NA" || x == "" || y == "" || y
     } else if (k == "boot") {
         BT[m, r] = kv($0, "cs"); if (m == "ft") BK[r] = kv($0, "backup_cs")
     } else if (k == "stall") {
-        ST[++ns] = kv($0, "stall_ms"); SOK[ns] = (kv($0, "rc") == 0 && kv($0, "sha256_ok") == 1)
+        ST[++ns] = kv($0, "stall_ms"); SL[ns] = kv($0, "longest_pause_ms"); SR[ns] = kv($0, "resumed_after_kill_ms"); SOK[ns] = (kv($0, "rc") == 0 && kv($0, "sha256_ok") == 1)
         if (!SOK[ns]) stallbad++
     } else if (k == "end") {
         if (kv($0, "rc") != 0) endbad++
@@ -190,8 +191,10 @@ END {
         PG["run"], PS["run"], PG["record"], PS["record"], PG["ft"], PS["ft"], PMAX["run"], PMAX["record"], PMAX["ft"]
     printf "log bandwidth under load (during the downloads): record %s Mbit/s, FT %s Mbit/s (median of rounds); VMware FT reports 1.5-18 Mbit/s\n", fmt(ML["record"], 2), fmt(ML["ft"], 2)
     line = ""; for (i = 1; i <= ns; i++) line = line sprintf(" %s%s", ST[i], SOK[i] ? "" : "(failed)")
+    line2 = ""; for (i = 1; i <= ns; i++) line2 = line2 sprintf(" %s/%s", (SR[i] == "" ? "NA" : SR[i]), (SL[i] == "" ? "NA" : SL[i]))
     delete a; for (i = 1; i <= ns; i++) a[i] = ST[i]
-    printf "failover stall seen by the client (ms), kill -9 of the primary mid-download:%s (median %s)\n", (ns ? line : " NA"), fmt(median(a, ns), 0)
+    printf "failover stall seen by the client (ms), kill -9 of the primary mid-download: the pause across the kill:%s (median %s)\n", (ns ? line : " NA"), fmt(median(a, ns), 0)
+    printf "  data again after the kill / the longest pause in that download (ms):%s\n", (ns ? line2 : " NA")
     line = ""; for (r = 1; r <= rounds; r++) line = line sprintf(" %s/%s/%s", fmt(BT["run", r] / 100, 1), fmt(BT["record", r] / 100, 1), fmt(BT["ft", r] / 100, 1))
     printf "to FTVM-HTTPD-SERVING (s, plain/record/FT per round):%s\n", line
     printf "downloads: plain %d, record %d, FT %d; failed or corrupt: %d; small requests failed: plain %d, record %d, FT %d\n", \

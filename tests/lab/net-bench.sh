@@ -156,15 +156,19 @@ one_ft() { # round
     r=$1 m=ft
     ip neigh flush dev br0 >/dev/null 2>&1
     w=127.0.0.1:$((7000 + r * 10))
-    rm -f $W/primary.st $W/pe
+    rm -f $W/primary.st $W/pe $W/backup.st $W/be
     /bin/ftvm keygen --out $W/k >/dev/null 2>&1
     /bin/ftvm witness --listen $w --key $W/k 2>$W/witness.err &
     wit=$!
     sleep 0.5
-    /bin/ftvm backup --witness $w --listen 127.0.0.1:$((7001 + r * 10)) --key $W/k $R --net tap=ftb$r >/dev/null 2>$W/backup.err &
+    # Both roles' stderr stamped as it arrives (the primary's log offset;
+    # the backup's takeover, timed from the kill).
+    mkfifo $W/pe $W/be
+    stamp <$W/be >$W/backup.st &
+    bst=$!
+    /bin/ftvm backup --witness $w --listen 127.0.0.1:$((7001 + r * 10)) --key $W/k $R --net tap=ftb$r >/dev/null 2>$W/be &
     backup=$!
     join_bridge ftb$r
-    mkfifo $W/pe
     stamp <$W/pe >$W/primary.st &
     st=$!
     now b0
@@ -192,40 +196,46 @@ one_ft() { # round
         fi
     else
         fail "ft-$r: the httpd did not come up"
-        tail -n 5 $W/console.out $W/primary.st $W/backup.err | sed 's/^/FAIL |  /'
+        tail -n 5 $W/console.out $W/primary.st $W/backup.st | sed 's/^/FAIL |  /'
     fi
     echo "RESULT kind=end round=$r mode=$m rc=$rc"
-    [ $rc = 0 ] || { fail "ft-$r: the last primary exited $rc"; tail -n 8 $W/primary.st $W/backup.err | sed 's/^/FAIL |  /'; }
-    grep -h 'logged .* events' $W/primary.st $W/backup.err 2>/dev/null | sed "s/^/NOTE ft-$r summary: /"
+    [ $rc = 0 ] || { fail "ft-$r: the last primary exited $rc"; tail -n 8 $W/primary.st $W/backup.st | sed 's/^/FAIL |  /'; }
+    grep -h 'logged .* events' $W/primary.st $W/backup.st 2>/dev/null | sed "s/^[0-9]* //; s/^/NOTE ft-$r summary: /"
     for p in $primary $backup $con $wit; do kill -9 $p 2>/dev/null; done
-    for p in $primary $backup $con $wit $st; do wait $p 2>/dev/null; done
+    for p in $primary $backup $con $wit $st $bst; do wait $p 2>/dev/null; done
 }
 
-# kill -9 of the primary in the middle of a download: the client's longest
-# pause, as tests/lab/net-ft.sh measures it
+# kill -9 of the primary in the middle of a download: the client's pause
+# across the kill (from the file's last growth before the kill to its first
+# after it), and its longest pause in that download (as tests/lab/net-ft.sh
+# measures it; under FT it need not be the failover's)
 stall() { # round witness
     rm -f $W/data
     timeout 300 wget -q -O $W/data http://$IP/data 2>$W/wget.err &
     wget_pid=$!
-    ( last=0; now at; longest=0
+    ( last=0; now at; echo "$at 0"
       while kill -0 $wget_pid 2>/dev/null; do
           n=$(size_of $W/data); now t
-          if [ "$n" != "$last" ]; then gap=$((t - at)); [ $gap -gt $longest ] && longest=$gap; last=$n; at=$t; fi
+          if [ "$n" != "$last" ]; then echo "$t $n"; last=$n; fi
           sleep 0.02
-      done
-      echo $((longest * 10)) >$W/stall ) &
+      done ) >$W/growth &
     mon=$!
     i=0; while [ "$(size_of $W/data)" -lt $((size / 10)) ] && [ $i -lt 3000 ]; do sleep 0.02; i=$((i + 1)); done
     sleep 0.3
     at_kill=$(size_of $W/data)
     /bin/ftvm status --witness "$2" --key $W/k 2>&1 | tr '\n' ' ' | sed "s/^/NOTE ft-$1 status at the kill: /"; echo
+    now kt
     kill -9 $primary
     wait $primary 2>/dev/null
     wait $wget_pid
     wrc=$?
     wait $mon
     ok=0; [ "$(sha256sum <$W/data | cut -d' ' -f1)" = "$want" ] && ok=1
-    echo "RESULT kind=stall round=$1 stall_ms=$(cat $W/stall) killed_at=$at_kill bytes=$(size_of $W/data) rc=$wrc sha256_ok=$ok"
+    # When the backup saw the kill, was promoted, went live: ms after it.
+    awk -v k="$kt" -v r="$1" '$1 >= k && !/log kept in memory/ { $1 = "+" ($1 - k) * 10 " ms:"; print "NOTE ft-" r " backup " $0 }' $W/backup.st | head -n 6
+    set -- "$1" $(awk -v k="$kt" 'NR > 1 { g = $1 - p; if (g > lg) lg = g; if (p <= k && $1 > k) { a = p; b = $1 } } { p = $1 }
+        END { printf "%d %d %d", (b - a) * 10, (b - k) * 10, lg * 10 }' $W/growth)
+    echo "RESULT kind=stall round=$1 stall_ms=$2 resumed_after_kill_ms=$3 longest_pause_ms=$4 killed_at=$at_kill bytes=$(size_of $W/data) rc=$wrc sha256_ok=$ok"
 }
 
 [ -c /dev/kvm ] || { fail "no /dev/kvm in the lab"; exit 1; }
