@@ -22,13 +22,16 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
 }
 
+/// The Linux guest, brought up to date once per run (seconds when its
+/// downloads are cached: an initramfs older than the init would test the
+/// old guest).
 fn guest_out() -> PathBuf {
-    let out = root().join("guest/linux/out");
-    if !out.join("vmlinux").exists() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
         let st = Command::new(root().join("scripts/linux-guest.sh")).status().expect("running scripts/linux-guest.sh");
         assert!(st.success(), "scripts/linux-guest.sh failed");
-    }
-    out
+    });
+    root().join("guest/linux/out")
 }
 
 /// One lab session: `scripts/lab.sh` with the Linux guest (vmlinux,

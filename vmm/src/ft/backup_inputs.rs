@@ -73,6 +73,7 @@ impl BackupInputs {
             });
         };
         m.clock.go_live();
+        kit.gate.frames_live();
         // Everything typed so far is in the log we replayed.
         kit.gate.note_input(ordinal, m.uart.lock().unwrap().rx_total());
         (kit.on_live)(ordinal);

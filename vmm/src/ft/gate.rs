@@ -176,6 +176,12 @@ impl Gate {
         self.s.lock().unwrap().frames.sent_elsewhere(through);
     }
 
+    /// A backup that took over goes live: no frame from now on was sent
+    /// by the old primary (`HeldFrames::live`).
+    pub fn frames_live(&self) {
+        self.s.lock().unwrap().frames.live();
+    }
+
     /// The frames held now, for a state transfer (`held_frames.rs`).
     pub fn frames_held(&self) -> super::held_frames::FramesHeld {
         self.s.lock().unwrap().frames.held()
@@ -629,8 +635,16 @@ mod tests {
         c.send_frame(15, b"old");
         c.send_frame(21, b"new");
         assert_eq!(*w2.0.lock().unwrap(), vec![b"new".to_vec()]);
+        // Live at the exit where the log ended, which a mark covered: the
+        // gratuitous ARP sent there is new, not the old primary's.
+        c.frames_sent_elsewhere(30);
+        c.frames_live();
+        c.send_frame(30, b"arp");
+        assert_eq!(w2.0.lock().unwrap().last().unwrap(), b"arp");
         // Its own marks go on from there.
-        assert_eq!(c.frames_out(), 21);
+        assert_eq!(c.frames_out(), 30);
+        c.send_frame(31, b"next");
+        assert_eq!(c.frames_out(), 31);
     }
 
     /// A state transfer: the new backup holds what its primary held at

@@ -127,6 +127,13 @@ impl HeldFrames {
         }
     }
 
+    /// This VMM's guest runs live from here (a backup that took over
+    /// finished replaying): every frame from now on is new, even one of
+    /// the exit where the log ended, which its last mark may cover.
+    pub fn live(&mut self) {
+        self.elsewhere = 0;
+    }
+
     /// Sends every frame sent at or before exit `through` (all for `None`).
     pub fn release(&mut self, through: Option<u64>) {
         while let Some((o, _)) = self.q.front() {
