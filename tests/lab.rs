@@ -54,6 +54,12 @@ fn run_lab(timeout_s: u32, files: &[(PathBuf, &str)], cmd: &[&str]) -> Result<Se
     let o = c.arg("--").args(cmd).output().map_err(|e| format!("running scripts/lab.sh: {e}"))?;
     eprintln!("lab session {cmd:?}: {:.0} s", t0.elapsed().as_secs_f64());
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    // Kept for a look after the run (a failed test shows only its part).
+    let kept = root().join("target/lab-sessions");
+    let script = cmd.iter().rev().find(|a| a.starts_with('/')).map_or("session", |a| a.trim_start_matches('/'));
+    if std::fs::create_dir_all(&kept).is_ok() && std::fs::write(kept.join(format!("{script}.out")), &text).is_ok() {
+        eprintln!("lab session {cmd:?}: its output is in {}", kept.join(format!("{script}.out")).display());
+    }
     if !o.status.success() {
         return Err(format!("the lab failed ({:?}):\n{text}\n{}", o.status, String::from_utf8_lossy(&o.stderr)));
     }

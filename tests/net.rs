@@ -35,6 +35,9 @@ fn mac_of(name: &str) -> [u8; 6] {
 fn a_tap_passes_frames_both_ways_and_a_taken_one_is_refused_clearly() {
     let name = tap_name("t");
     let tap = Tap::open(&name).unwrap();
+    // A tap ftvm made never becomes a bridge's address (fe: first).
+    assert_eq!(mac_of(&name), ftvm::net::tap::host_side_mac(&name));
+    assert_eq!(mac_of(&name)[0], 0xfe);
     let again = Tap::open(&name).err().expect("a second attach").to_string();
     assert!(again.contains(&format!("cannot attach to tap '{name}'")) && again.contains("another process has it open"), "{again}");
     ip(&["addr", "add", "169.254.123.1/24", "dev", &name]);

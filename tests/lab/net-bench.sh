@@ -243,6 +243,9 @@ note "lab: $(uname -r), $(grep -c ^processor /proc/cpuinfo) cpu, $(sed -n 's/^mo
 note "file: $size bytes (seq 1 $N); $DL downloads, ${RPS_SECS}s of requests, $PINGS pings ${PING_I}s apart per mode and round"
 ip link set lo up
 brctl addbr br0
+# Its own address: a bridge without one takes its ports' lowest, which
+# changes as the roles' taps come and go (under the guest's ARP cache).
+ip link set br0 address 02:00:00:00:00:01
 brctl setfd br0 0 2>/dev/null
 ip addr add 169.254.0.1/16 dev br0
 ip link set br0 up

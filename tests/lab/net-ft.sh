@@ -32,6 +32,9 @@ fail() { echo "$*" >/tmp/fail.out; section net-ft-failed 1 /tmp/fail.out; finish
 
 ip link set lo up
 brctl addbr br0
+# Its own address: a bridge without one takes its ports' lowest, which
+# changes as the roles' taps come and go (under the guest's ARP cache).
+ip link set br0 address 02:00:00:00:00:01
 ip addr add 169.254.0.1/16 dev br0
 ip link set br0 up
 /bin/ftvm keygen --out /tmp/k
@@ -65,19 +68,28 @@ while [ $r -le "$ROUNDS" ]; do
     timeout 300 wget -q -O /tmp/data http://169.254.0.2/data 2>/tmp/wget.err &
     wget_pid=$!
     # The client's longest pause: the longest time the file did not grow.
-    ( last=0; at=$(cs); longest=0
+    # A timeline for a long pause: every ~0.5 s the copy's size and the
+    # packet counters of the backup's tap (tx: to ftvm, rx: from it) and of
+    # br0 (the client's side).
+    tap=ftvm-b$r
+    ( last=0; at=$(cs); longest=0; k=0
       while kill -0 $wget_pid 2>/dev/null; do
           n=$(stat -c %s /tmp/data 2>/dev/null || echo 0); now=$(cs)
           if [ "$n" != "$last" ]; then gap=$((now - at)); [ $gap -gt $longest ] && longest=$gap; last=$n; at=$now; fi
+          k=$((k + 1))
+          if [ $((k % 25)) -eq 0 ]; then
+              echo "$now size=$n tap:tx=$(cat /sys/class/net/$tap/statistics/tx_packets 2>/dev/null) rx=$(cat /sys/class/net/$tap/statistics/rx_packets 2>/dev/null) br0:tx=$(cat /sys/class/net/br0/statistics/tx_packets) rx=$(cat /sys/class/net/br0/statistics/rx_packets) tcp:$(awk '/^Tcp:/ {getline; print "in=" $11 " out=" $12 " retrans=" $13}' /proc/net/snmp)"
+          fi
           sleep 0.02
       done
-      echo $((longest * 10)) >/tmp/stall ) &
+      echo $((longest * 10)) >/tmp/stall ) >/tmp/timeline &
     mon=$!
     # Kill in the middle: once a tenth has arrived, and a little later
     # each round.
     i=0; while [ "$(stat -c %s /tmp/data 2>/dev/null || echo 0)" -lt $((size / 10)) ] && [ $i -lt 3000 ]; do sleep 0.02; i=$((i + 1)); done
     sleep "0.$((r * 17 % 10))"
     got_at_kill=$(stat -c %s /tmp/data 2>/dev/null || echo 0)
+    echo "$(cs) KILL" >>/tmp/timeline
     kill -9 $primary
     primary=$backup
     wait $wget_pid
@@ -90,6 +102,10 @@ while [ $r -le "$ROUNDS" ]; do
     { echo "killed the primary at $got_at_kill of $size bytes"; cat /tmp/wget.err
       echo "net_failover stall_ms=$(cat /tmp/stall) bytes=$bytes sha256_ok=$ok resets=$resets"; } >/tmp/round.out
     section "net-ft-round-$r" $wrc /tmp/round.out
+    if [ "$(cat /tmp/stall)" -gt 5000 ]; then
+        { echo "killed at $(cs) (now); timeline:"; cat /tmp/timeline; echo "neighbours:"; ip neigh; echo "bridge:"; brctl showmacs br0; } >/tmp/tl.out 2>&1
+        section "net-ft-stall-$r" 0 /tmp/tl.out
+    fi
     r=$((r + 1))
     if [ $r -le "$ROUNDS" ]; then
         /bin/ftvm backup --witness $W --listen 127.0.0.1:$((7100 + r)) --key /tmp/k $R --net tap=ftvm-b$r >/dev/null 2>/tmp/backup$r.err &

@@ -30,6 +30,53 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// `struct ifreq` with a hardware address (`SIOCSIFHWADDR`).
+#[repr(C)]
+struct IfReqHw {
+    name: [u8; 16],
+    family: libc::c_ushort,
+    addr: [u8; 14],
+    _pad: [u8; 8],
+}
+
+const SIOCSIFHWADDR: libc::c_ulong = 0x8924;
+const ARPHRD_ETHER: libc::c_ushort = 1;
+
+/// The host-side address of a tap ftvm creates: `fe:` first, as libvirt
+/// does, so that a bridge never takes it. A Linux bridge without an
+/// address of its own takes the lowest of its ports'; when that port
+/// goes (a killed primary's tap) or a lower one joins (a new backup's),
+/// the bridge's address changes under its neighbours' ARP caches and the
+/// guest's frames to the host go nowhere until the guest asks again
+/// (measured in the lab: failovers stalled 60-180 s). The rest is from
+/// the name, so the same tap gets the same address.
+pub fn host_side_mac(name: &str) -> [u8; 6] {
+    let h = super::frame_digest(name.as_bytes()).to_le_bytes();
+    [0xfe, h[0], h[1], h[2], h[3], h[4]]
+}
+
+/// Sets `name`'s hardware address (a tap allows it while up).
+fn set_mac(name: &str, mac: [u8; 6]) -> std::io::Result<()> {
+    let mut req = IfReqHw { name: [0; 16], family: ARPHRD_ETHER, addr: [0; 14], _pad: [0; 8] };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    req.addr[..6].copy_from_slice(&mac);
+    // SAFETY: a plain datagram socket, closed below; no memory is shared.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: SIOCSIFHWADDR reads one `struct ifreq` (40 bytes on x86-64,
+    // the layout of `IfReqHw`), which lives across the call.
+    let r = unsafe { libc::ioctl(fd, SIOCSIFHWADDR, &mut req as *mut IfReqHw) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: `fd` is the socket opened above, closed once.
+    unsafe { libc::close(fd) };
+    if r < 0 {
+        return Err(err);
+    }
+    Ok(())
+}
+
 /// An open tap.
 pub struct Tap {
     file: Arc<File>,
@@ -43,12 +90,20 @@ impl Tap {
         let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun").map_err(NetError::NoTun)?;
         let mut req = IfReq { name: [0; 16], flags: IFF_TAP | IFF_NO_PI, _pad: [0; 22] };
         super::check_tap_name(name)?;
+        let existed = std::path::Path::new("/sys/class/net").join(name).exists();
         req.name[..name.len()].copy_from_slice(name.as_bytes());
         // SAFETY: TUNSETIFF reads and writes one `struct ifreq` (40 bytes
         // on x86-64, the layout of `IfReq`), which lives across the call.
         let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReq) };
         if r < 0 {
             return Err(NetError::Tap { name: name.into(), err: std::io::Error::last_os_error() });
+        }
+        if !existed {
+            // A tap someone else made keeps the address they gave it.
+            let mac = host_side_mac(name);
+            if let Err(e) = set_mac(name, mac) {
+                log::warn!("network: could not give tap {name} the address {}: {e}", super::format_mac(&mac));
+            }
         }
         log::info!("network: attached to tap {name}");
         Ok(Tap { file: Arc::new(file), name: name.into() })
