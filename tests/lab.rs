@@ -384,14 +384,15 @@ fn net_ft_lab() -> &'static Sections {
 /// primary, five times in a row (a new backup joins between rounds): the
 /// client's copy is whole, its connection never reset.
 #[test]
-// Its own lab session of up to 25 minutes, and on this 2-core host it
-// destabilizes the other lab sessions running beside it (CI, 2026-11-30):
-// run it alone with `cargo test --release --test lab -- --ignored`, or
-// `scripts/demo-net-failover.sh`.
-#[ignore]
 fn downloads_from_a_linux_guest_survive_the_primary_being_killed() {
     let lab = net_ft_lab();
     let err = lab.get("net-ft.stderr").map_or("", |s| s.text.as_str());
+    // A long pause's timeline (packet counters), to read whatever happens.
+    for r in 1..=5 {
+        if let Some(t) = lab.get(&format!("net-ft-stall-{r}")) {
+            eprintln!("round {r}, a long pause:\n{}", t.text);
+        }
+    }
     if let Some(f) = lab.get("net-ft-failed") {
         panic!("{}\n{err}", f.text);
     }

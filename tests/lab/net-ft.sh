@@ -56,6 +56,11 @@ r=1
 while [ $r -le "$ROUNDS" ]; do
     # The backup must hold the state before its primary dies.
     i=0; while ! /bin/ftvm status --witness $W --key /tmp/k 2>/dev/null | grep -q "holds the state" && [ $i -lt 3000 ]; do sleep 0.1; i=$((i + 1)); done
+    # ... and have caught up: a backup fresh from its snapshot acknowledges
+    # only as fast as it replays what came since, and output waits for it
+    # (here, on one emulated CPU, tens of seconds; not the failover's pause).
+    until=$(($(cs) + 12000))
+    while [ "$(/bin/ftvm status --witness $W --key /tmp/k 2>/dev/null | sed -n 's/.*(lag \([0-9]*\) exits).*/\1/p')" -gt 2000 ] 2>/dev/null && [ "$(cs)" -lt $until ]; do sleep 0.2; done
     kill -0 $primary 2>/dev/null || fail "round $r: the primary is gone before the kill"
     /bin/ftvm status --witness $W --key /tmp/k 2>&1 | grep -q "holds the state" || fail "round $r: no backup holds the state: $(/bin/ftvm status --witness $W --key /tmp/k 2>&1)"
     # The guest answers before the download starts (and the lab machine
