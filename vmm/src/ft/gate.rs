@@ -558,12 +558,18 @@ mod tests {
         }
     }
 
-    #[test]
-    fn frames_wait_for_the_ack_of_their_exit_and_a_backup_sends_none() {
-        let g = Gate::new(Role::Primary { need_ack: true });
+    /// A gate in `role` with a live lease, its frames going to a wire.
+    fn wired(role: Role) -> (Arc<Gate>, Wire) {
+        let g = Gate::new(role);
         let wire = Wire::default();
         g.set_frame_out(Box::new(wire.clone()));
         g.set_lease(BootInstant::now() + Duration::from_secs(5));
+        (g, wire)
+    }
+
+    #[test]
+    fn frames_wait_for_the_ack_of_their_exit_and_a_backup_sends_none() {
+        let (g, wire) = wired(Role::Primary { need_ack: true });
         g.send_frame(3, b"a");
         g.send_frame(4, b"b");
         assert!(wire.0.lock().unwrap().is_empty());
@@ -585,10 +591,7 @@ mod tests {
         h.set_lease(BootInstant::now() + Duration::from_secs(5));
         assert_eq!(w2.0.lock().unwrap().len(), 1);
         // A backup never transmits while it is one.
-        let b = Gate::new(Role::Silent);
-        let w3 = Wire::default();
-        b.set_frame_out(Box::new(w3.clone()));
-        b.set_lease(BootInstant::now() + Duration::from_secs(5));
+        let (b, w3) = wired(Role::Silent);
         b.send_frame(1, b"y");
         b.ack(1);
         assert!(w3.0.lock().unwrap().is_empty());
@@ -600,10 +603,7 @@ mod tests {
     /// replayed them (before or after the promotion), in order.
     #[test]
     fn a_promoted_backup_sends_the_frames_its_primary_did_not_and_no_other() {
-        let b = Gate::new(Role::Silent);
-        let wire = Wire::default();
-        b.set_frame_out(Box::new(wire.clone()));
-        b.set_lease(BootInstant::now() + Duration::from_secs(5));
+        let (b, wire) = wired(Role::Silent);
         // The log so far: frames at exits 3, 5, 5, 8; a mark says the
         // primary sent through exit 4 (its backup acked 4).
         b.frames_sent_elsewhere(0);
@@ -626,10 +626,7 @@ mod tests {
         assert_eq!(b.frame_counts(), (3, 0, 0));
         // A replayed frame the primary sent is not sent after promotion
         // either (a mark received before, replayed after).
-        let c = Gate::new(Role::Silent);
-        let w2 = Wire::default();
-        c.set_frame_out(Box::new(w2.clone()));
-        c.set_lease(BootInstant::now() + Duration::from_secs(5));
+        let (c, w2) = wired(Role::Silent);
         c.frames_sent_elsewhere(20);
         c.set_role(Role::Primary { need_ack: false });
         c.send_frame(15, b"old");
@@ -660,10 +657,7 @@ mod tests {
         let held = p.frames_held();
         assert_eq!((held.out_through, held.frames.len()), (2, 1));
         for promoted_first in [true, false] {
-            let b = Gate::new(Role::Silent);
-            let wire = Wire::default();
-            b.set_frame_out(Box::new(wire.clone()));
-            b.set_lease(BootInstant::now() + Duration::from_secs(5));
+            let (b, wire) = wired(Role::Silent);
             b.hold_frames(held.clone());
             if !promoted_first {
                 b.frames_sent_elsewhere(4);
@@ -690,10 +684,7 @@ mod tests {
         assert_eq!(p.frames_out(), 9, "f2 of exit 10 is held");
         let held = p.frames_held();
         assert_eq!((held.out_through, held.frames.clone()), (9, vec![(10, b"f2".to_vec())]));
-        let b = Gate::new(Role::Silent);
-        let wire = Wire::default();
-        b.set_frame_out(Box::new(wire.clone()));
-        b.set_lease(BootInstant::now() + Duration::from_secs(5));
+        let (b, wire) = wired(Role::Silent);
         b.hold_frames(held);
         b.frames_sent_elsewhere(p.frames_out());
         b.set_role(Role::Primary { need_ack: false });
@@ -704,10 +695,7 @@ mod tests {
 
     #[test]
     fn drain_waits_for_held_frames_too() {
-        let g = Gate::new(Role::Primary { need_ack: true });
-        let wire = Wire::default();
-        g.set_frame_out(Box::new(wire.clone()));
-        g.set_lease(BootInstant::now() + Duration::from_secs(5));
+        let (g, wire) = wired(Role::Primary { need_ack: true });
         g.send_frame(3, b"last");
         assert_eq!(g.pending_len(), 0, "no console output held");
         assert!(!g.drain(Duration::from_millis(20)), "drained with a frame held");

@@ -464,16 +464,22 @@ mod tests {
     use crate::ft::gate::Role;
     use std::net::TcpListener;
 
-    /// `read_acks` over a real connection: (the backup's writer, the
-    /// thread reading its acks, the log, the sent counter, the gate).
-    fn rig() -> (SecureWriter, std::thread::JoinHandle<()>, Arc<LogBuf>, Arc<AtomicUsize>, Arc<Gate>) {
+    /// A real authenticated connection: (the connecting side's reader and
+    /// writer, the accepting side's reader and writer).
+    fn connection() -> ((SecureReader, SecureWriter), (SecureReader, SecureWriter)) {
         let key = ClusterKey::from_bytes([9; 32]);
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let k2 = key.clone();
         let srv = std::thread::spawn(move || secure::accept(l.accept().unwrap().0, &k2).unwrap());
-        let (_r, w) = secure::connect(&addr, &key, CONNECT_TIMEOUT).unwrap();
-        let (r, _w) = srv.join().unwrap();
+        let connected = secure::connect(&addr, &key, CONNECT_TIMEOUT).unwrap();
+        (connected, srv.join().unwrap())
+    }
+
+    /// `read_acks` over a real connection: (the backup's writer, the
+    /// thread reading its acks, the log, the sent counter, the gate).
+    fn rig() -> (SecureWriter, std::thread::JoinHandle<()>, Arc<LogBuf>, Arc<AtomicUsize>, Arc<Gate>) {
+        let ((_r, w), (r, _w)) = connection();
         let (log, sent, gate) = (LogBuf::new(), Arc::new(AtomicUsize::new(0)), Gate::new(Role::Primary { need_ack: true }));
         let t = {
             let (log, sent, gate) = (log.clone(), sent.clone(), gate.clone());
@@ -510,13 +516,7 @@ mod tests {
     /// judged by the newest mark received, never an older one.
     #[test]
     fn a_mark_tells_the_gate_what_the_primary_sent_before_the_vcpu_sees_it() {
-        let key = ClusterKey::from_bytes([9; 32]);
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let k2 = key.clone();
-        let srv = std::thread::spawn(move || secure::accept(l.accept().unwrap().0, &k2).unwrap());
-        let (_pr, pw) = secure::connect(&addr, &key, CONNECT_TIMEOUT).unwrap();
-        let (br, bw) = srv.join().unwrap();
+        let ((_pr, pw), (br, bw)) = connection();
         let h = replay_log::Header { kernel_sha256: [1; 32], initrd_sha256: None, mem_bytes: 1 << 20, cmdline: String::new(), ftvm_version: "t".into(), kernel_name: "t".into(), net_mac: None };
         let mut w = LogWriter::new(pw, &h).unwrap();
         let at = |ordinal| replay_log::Position { ordinal, rip: 0x1000, exit: replay_log::ExitKind::Hlt };
