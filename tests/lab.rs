@@ -80,7 +80,7 @@ fn lab() -> &'static Sections {
     static LAB: OnceLock<Result<Sections, String>> = OnceLock::new();
     session(&LAB, || {
         let files = [(guest_out().join("bzImage"), "/g/bzImage"), (root().join("tests/lab/scenarios.sh"), "/scenarios.sh")];
-        run_lab(900, &files, &["sh", "/scenarios.sh"])
+        run_lab(1200, &files, &["sh", "/scenarios.sh"])
     })
 }
 

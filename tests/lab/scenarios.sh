@@ -5,14 +5,30 @@
 # tests/lab.rs to check.
 K="--kernel /g/vmlinux --initrd /g/initrd --mem 256M"
 R="--kernel /g/vmlinux --initrd /g/initrd"
+# Waits for a background role at most SECS; one still running then is said
+# stuck in /tmp/stuck.err (with the witness's view) and killed.
+await_exit() { # pid secs name witness
+    i=0
+    while kill -0 "$1" 2>/dev/null && [ $i -lt $(($2 * 10)) ]; do sleep 0.1; i=$((i + 1)); done
+    if kill -0 "$1" 2>/dev/null; then
+        echo "scenarios: $3 still running after $2 s: killed; the witness's view:" >>/tmp/stuck.err
+        /bin/ftvm status --witness "$4" --key /tmp/ft.key >>/tmp/stuck.err 2>&1
+        kill -9 "$1"; wait "$1"; return 124
+    fi
+    wait "$1"
+}
 section() { # name rc file
     echo "=== $1 rc=$2 ==="
     cat "$3"
     echo "=== end $1 ==="
 }
+# Every scenario and every wait is bounded, so one that hangs fails its own
+# test (rc 124 or the signal's, with what it printed) instead of running the
+# whole session into its timeout (CI, 2026-11-30: the session timed out and
+# every scenario's test failed, without a word on which one hung).
 run() { # name, command...
     name=$1; shift
-    "$@" >/tmp/$name.out 2>/tmp/$name.err
+    timeout -s KILL 300 "$@" >/tmp/$name.out 2>/tmp/$name.err
     rc=$?
     section "$name" $rc /tmp/$name.out
     section "$name.stderr" $rc /tmp/$name.err
@@ -56,12 +72,13 @@ C=$!
 i=0
 while ! grep -q FTVM-WORKLOAD-BEGIN /tmp/ft-console.out 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 sleep 1
+: >/tmp/stuck.err
 kill -9 $P
-wait $C
+await_exit $C 300 console $W
 rc=$?
-wait $B
+await_exit $B 60 "the backup (primary now)" $W || rc=124
 section ft-console $rc /tmp/ft-console.out
-cat /tmp/ft-console.err /tmp/ft-backup.err /tmp/ft-witness.err >/tmp/ft-all.err
+cat /tmp/stuck.err /tmp/ft-console.err /tmp/ft-backup.err /tmp/ft-witness.err >/tmp/ft-all.err
 section ft-console.stderr $rc /tmp/ft-all.err
 
 # Fault tolerance while a process spins: the primary is killed while a
@@ -85,22 +102,27 @@ sleep 2
 printf '(while :; do :; done) & sleep 1; echo before-$((6*7))\n' >&3
 i=0; while ! grep -q before-42 /tmp/fs-console.out 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 sleep 1
+: >/tmp/stuck.err
 kill -9 $P2
 sleep 3
 printf 'sleep 1; echo after-$((6*7)); kill $!; poweroff\n' >&3
-wait $C2
+await_exit $C2 300 console $W2
 rc=$?
 exec 3>&-
-wait $B2
+await_exit $B2 60 "the backup (primary now)" $W2 || rc=124
 section fs-console $rc /tmp/fs-console.out
-cat /tmp/fs-console.err /tmp/fs-backup.err /tmp/fs-witness.err >/tmp/fs-all.err
+cat /tmp/stuck.err /tmp/fs-console.err /tmp/fs-backup.err /tmp/fs-witness.err >/tmp/fs-all.err
 section fs-console.stderr $rc /tmp/fs-all.err
 
 # A CPU-bound process at the shell: without resyncs the guest never gets
 # another timer tick and the next command is never answered.
 mkfifo /tmp/spin.fifo
-# `sleep 1` ends only if timer ticks preempt the spinner.
-(sleep 16; printf '(while :; do :; done) & sleep 1; echo spin-$((6*7)); kill $!\n'; sleep 8; printf 'poweroff\n'; sleep 30) >/tmp/spin.fifo &
+# `sleep 1` ends only if timer ticks preempt the spinner. Typed once the
+# shell is up (as for typed input above), poweroff once it answered.
+seen() { i=0; while ! grep -q "$2" "$1" 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done; }
+(seen /tmp/linux-spin-record.out FTVM-WORKLOAD-END; sleep 2
+ printf '(while :; do :; done) & sleep 1; echo spin-$((6*7)); kill $!\n'
+ seen /tmp/linux-spin-record.out spin-42; sleep 1; printf 'poweroff\n'; sleep 30) >/tmp/spin.fifo &
 run linux-spin-record sh -c "/bin/ftvm record --log /tmp/spin.ftlog $K --cmdline quiet </tmp/spin.fifo"
 run linux-spin-replay /bin/ftvm replay --log /tmp/spin.ftlog $R
 run linux-spin-stats /bin/ftvm log stats /tmp/spin.ftlog

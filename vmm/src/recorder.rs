@@ -256,6 +256,17 @@ impl Recorder {
         self
     }
 
+    /// Tells the kicker the timer's next deadline (after every exit). Also
+    /// for a backup going live: its new kicker knows no deadline until
+    /// then, and a guest that computes on without exiting from where the
+    /// log ended would never be kicked for its timer.
+    pub fn arm_timer_kick(&self, m: &Machine) {
+        if let Some(k) = &self.kicker {
+            let pit = m.pit.lock().unwrap();
+            k.set_due(pit.next_deadline_ns(), pit.tick_ns());
+        }
+    }
+
     /// Marks and flushes if group commit says so (always with `force`).
     fn maybe_mark(&mut self, at: &mut ExitPoint, idle: bool, force: bool) -> Result<(), EngineError> {
         let Some(mk) = &mut self.marks else { return Ok(()) };
@@ -536,10 +547,7 @@ impl Inputs for Recorder {
                 }
                 self.maybe_mark(at, false, false)?;
                 self.arm_mark_kick(m, at)?;
-                if let Some(k) = &self.kicker {
-                    let pit = m.pit.lock().unwrap();
-                    k.set_due(pit.next_deadline_ns(), pit.tick_ns());
-                }
+                self.arm_timer_kick(m);
                 if self.transfers.as_ref().is_some_and(|t| t.pending()) && m.stop.get().is_none() {
                     self.transfer(m, at)?;
                 }

@@ -221,6 +221,7 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
         ready: m.ready.clone(),
         ready_at: ready_at.unwrap_or(u64::MAX),
         gate: gate.clone(),
+        resync: Default::default(),
     };
     let promoter = Promoter {
         witness: WitnessClient::new(&opts.witness, &opts.key),

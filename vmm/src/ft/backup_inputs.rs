@@ -89,6 +89,7 @@ impl BackupInputs {
         if let Some(input) = net {
             live = live.with_net(input);
         }
+        live.arm_timer_kick(m);
         self.live = Some(live);
         Ok(Flow::Continue)
     }

@@ -124,10 +124,12 @@ pub(super) fn keep_place(mut w: WitnessClient, m: Membership) -> Result<(), Role
             match w.backup_ping(&m.me, m.view.load(Ordering::Relaxed), m.ready(), m.applied.load(Ordering::Relaxed)) {
                 Ok(v) => m.view.store(v.number, Ordering::Relaxed),
                 // A refusal while the promotion is being granted is not a
-                // drop: the witness names us primary.
+                // drop: the witness names us primary. A view that cannot be
+                // read says nothing either way: the next ping asks again
+                // (rejoining then would stop a just-promoted primary).
                 Err(WitnessError::Refused { msg, .. })
                     if !m.promoted.load(Ordering::Relaxed)
-                        && w.view().map_or(true, |v| v.primary.as_deref() != Some(m.me.as_str())) =>
+                        && w.view().is_ok_and(|v| v.primary.as_deref() != Some(m.me.as_str())) =>
                 {
                     return m.rejoin(format!("the witness dropped this backup: {msg}"));
                 }
@@ -206,7 +208,10 @@ impl Promoter {
         self.m.promoted.store(true, Ordering::Relaxed);
         self.m.view.store(view.number, Ordering::Relaxed);
         log::info!("backup: promoted to primary of view {}; finishing the log, then going live", view.number);
-        let LogReceiver { log, to_vcpu, records, .. } = recv;
+        let LogReceiver { log, to_vcpu, records, resync, .. } = recv;
+        if resync.held() > 0 {
+            log::info!("backup: the log ends inside a resync ({} pages records without the vCPU state): going live from the exit before it", resync.held());
+        }
         let kit = Takeover {
             log,
             buf: self.log.clone(),

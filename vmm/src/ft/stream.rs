@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
-use replay_log::{Event, LogError, LogReader, LogWriter, Record};
+use replay_log::{Event, ExitKind, LogError, LogReader, LogWriter, Record};
 
 use super::gate::Gate;
 use super::key::ClusterKey;
@@ -373,6 +373,52 @@ pub struct LogReceiver {
     /// This backup's gate: each mark says which of the guest's frames the
     /// primary has sent (not to be sent again after a takeover).
     pub gate: Arc<Gate>,
+    /// A resync's pages, held until its vCPU state arrives (`ResyncUnit`).
+    pub resync: ResyncUnit,
+}
+
+/// A resync is one unit: its pages (one or more `Pages` records) and then
+/// the vCPU's state, all at one position between exits. The primary's log
+/// writer sends a large pages record as soon as it is written, so a primary
+/// that dies right then leaves a stream with the pages and not the state.
+/// Applied alone, they would put the guest's memory at the resync's point
+/// and its registers at the exit before it, and a backup going live there
+/// would run the guest on from that mix (kernel state changed twice: seen
+/// once in CI as a lab failover that never finished). So the receiver
+/// hands a resync's pages to the vCPU only with its state; pages whose
+/// state never came are never applied, and the backup goes live from the
+/// exit before the resync, which nothing released depended on (output is
+/// released only through marks, and a mark follows a whole exit).
+/// Holds one resync's pages at most: what the primary's dirty log had.
+#[derive(Default)]
+pub struct ResyncUnit {
+    pages: Vec<Record>,
+}
+
+impl ResyncUnit {
+    /// What of `rec` (and of the pages held before it) goes to the vCPU
+    /// now, in order.
+    pub fn pass(&mut self, rec: Record) -> Vec<Record> {
+        let resync_pages = matches!(rec.event, Event::Pages { .. }) && rec.pos.exit == ExitKind::Resync;
+        if resync_pages && self.pages.last().is_none_or(|p| p.pos.ordinal == rec.pos.ordinal) {
+            self.pages.push(rec);
+            return Vec::new();
+        }
+        // The state (or anything else: the replay judges a log that is
+        // not as a recorder writes it) releases what was held.
+        let mut out = std::mem::take(&mut self.pages);
+        if resync_pages {
+            self.pages.push(rec);
+        } else {
+            out.push(rec);
+        }
+        out
+    }
+
+    /// Pages held for a state that has not arrived.
+    pub fn held(&self) -> usize {
+        self.pages.len()
+    }
 }
 
 impl LogReceiver {
@@ -406,8 +452,10 @@ impl LogReceiver {
                         self.buf.trim_before(self.buf.len());
                         let _ = write_line(&mut self.ack, &format!("ACK {}", rec.pos.ordinal));
                     }
-                    if self.to_vcpu.send(rec).is_err() {
-                        return StreamEnd::Lost("the replaying vCPU stopped".into());
+                    for rec in self.resync.pass(rec) {
+                        if self.to_vcpu.send(rec).is_err() {
+                            return StreamEnd::Lost("the replaying vCPU stopped".into());
+                        }
                     }
                 }
                 Ok(None) => return StreamEnd::Lost("the primary closed the stream".into()),
@@ -539,6 +587,7 @@ mod tests {
             ready: Arc::new(AtomicBool::new(false)),
             ready_at: 0,
             gate: gate.clone(),
+            resync: ResyncUnit::default(),
         };
         let got = std::thread::scope(|sc| {
             let pump = sc.spawn(|| recv.pump());
@@ -566,6 +615,89 @@ mod tests {
         gate.set_lease(crate::ft::lease_clock::BootInstant::now() + Duration::from_secs(5));
         assert_eq!(gate.frame_counts(), (1, 0, 0));
         assert_eq!(gate.frames_sent_before(), 2);
+    }
+
+    fn header() -> replay_log::Header {
+        replay_log::Header { kernel_sha256: [1; 32], initrd_sha256: None, mem_bytes: 1 << 20, cmdline: String::new(), ftvm_version: "t".into(), kernel_name: "t".into(), net_mac: None }
+    }
+
+    /// A backup's receiver fed `recs` by a primary that then dies: what
+    /// reaches the replaying vCPU, and how many resync pages records it
+    /// held back.
+    fn received(recs: &[Record]) -> (Vec<Record>, usize) {
+        let ((_pr, pw), (br, bw)) = connection();
+        let mut w = LogWriter::new(pw, &header()).unwrap();
+        for r in recs {
+            w.append(r).unwrap();
+        }
+        w.flush().unwrap();
+        drop((w, _pr));
+        let buf = LogBuf::new();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut recv = LogReceiver {
+            reader: LogReader::new(br, "stream").unwrap(),
+            ack: bw,
+            log: LogWriter::new(crate::ft::listener::log_buf_writer(&buf), &header()).unwrap(),
+            buf,
+            to_vcpu: tx,
+            records: 0,
+            ready: Arc::new(AtomicBool::new(false)),
+            ready_at: 0,
+            gate: Gate::new(Role::Silent),
+            resync: ResyncUnit::default(),
+        };
+        let mut end = recv.pump();
+        while matches!(end, StreamEnd::Silent) {
+            end = recv.pump();
+        }
+        assert!(matches!(end, StreamEnd::Lost(_)));
+        assert_eq!(recv.records as usize, recs.len(), "every record was received");
+        (rx.try_iter().collect(), recv.resync.held())
+    }
+
+    fn at(ordinal: u64, exit: ExitKind) -> replay_log::Position {
+        replay_log::Position { ordinal, rip: 0x1000, exit }
+    }
+
+    fn pages(ordinal: u64) -> Record {
+        Record { pos: at(ordinal, ExitKind::Resync), event: Event::Pages { pages: vec![(0x2000, vec![7; 4096])] } }
+    }
+
+    /// The primary died after sending a resync's pages and before its
+    /// vCPU state: the pages must not be applied (memory at the resync,
+    /// registers at the exit before it), so a takeover goes live from
+    /// the last whole exit. Fails if the receiver passes records one by one.
+    #[test]
+    fn a_resync_cut_before_its_vcpu_state_never_reaches_the_vcpu() {
+        let before = [
+            Record { pos: at(3, ExitKind::Hlt), event: Event::Time { ns: 1 } },
+            Record { pos: at(3, ExitKind::Hlt), event: Event::Progress { frames_out: 0 } },
+        ];
+        let mut recs = before.to_vec();
+        recs.extend([pages(4), pages(4)]);
+        let (got, held) = received(&recs);
+        assert_eq!(got, before.to_vec(), "a resync's pages reached the vCPU without its state");
+        assert_eq!(held, 2);
+    }
+
+    /// With its state, a resync goes to the vCPU whole and in order, and
+    /// so does what follows; a second resync right after is its own unit.
+    #[test]
+    fn a_whole_resync_reaches_the_vcpu_in_order() {
+        let state = |o| Record { pos: at(o, ExitKind::Resync), event: Event::VcpuState { state: vec![1; 64] } };
+        let time = |o| Record { pos: at(o, ExitKind::Resync), event: Event::Time { ns: o } };
+        let recs = vec![pages(4), pages(4), state(4), time(4), pages(5), state(5), pages(6)];
+        let (got, held) = received(&recs);
+        assert_eq!(got, recs[..6].to_vec());
+        assert_eq!(held, 1, "the last resync's pages wait for its state");
+    }
+
+    /// Pages at an ordinary exit (an idle clear of the dirty log) are not
+    /// a resync: they pass at once.
+    #[test]
+    fn pages_at_an_exit_pass_at_once() {
+        let recs = vec![Record { pos: at(2, ExitKind::Hlt), event: Event::Pages { pages: vec![(0x3000, vec![1; 4096])] } }];
+        assert_eq!(received(&recs), (recs, 0));
     }
 
     #[test]
