@@ -54,7 +54,7 @@ set +e
 scripts/lab.sh --timeout "$timeout" --ftvm "$ftvm" \
     --file "$OUT/vmlinux:/g/vmlinux" \
     --file "$OUT/initramfs.cpio.gz:/g/initrd" \
-    --file "$ROOT/tests/lab/net-bench.sh:/net-bench.sh" \
+    --file "$ROOT/tests/lab/net-bench.sh:/net-bench.sh" --file "$ROOT/tests/lab/lib.sh:/lib.sh" \
     -- env BUDGET=$((timeout - 240)) ROUNDS="$rounds" NET_LINES="$lines" DL="$downloads" RPS_SECS="$secs" PINGS="$pings" sh /net-bench.sh \
     | tee "$raw" | sed -u 's/^/lab| /' >&2
 rcs=("${PIPESTATUS[@]}")

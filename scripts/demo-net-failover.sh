@@ -23,7 +23,7 @@ trap 'rm -f "$out"' EXIT
 rounds=${ROUNDS:-5}
 scripts/lab.sh --timeout $((400 + rounds * 220)) --ftvm "$FTVM" \
     --file guest/linux/out/vmlinux:/g/vmlinux --file guest/linux/out/initramfs.cpio.gz:/g/initrd \
-    --file tests/lab/net-ft.sh:/net-ft.sh -- env ROUNDS="$rounds" NET_LINES="${NET_LINES:-300000}" sh /net-ft.sh >"$out" || true
+    --file tests/lab/net-ft.sh:/net-ft.sh --file tests/lab/lib.sh:/lib.sh -- env ROUNDS="$rounds" NET_LINES="${NET_LINES:-300000}" sh /net-ft.sh >"$out" || true
 if grep -q '^=== net-ft-failed' "$out"; then
     sed -n '/^=== net-ft-failed/,/^=== end net-ft.stderr/p' "$out" >&2
 fi

@@ -3,8 +3,9 @@
 //! development machines' own /dev/kvm. One lab session runs every scenario
 //! (tests/lab/scenarios.sh); each test checks its part. gdb on a recording
 //! has a session of its own (tests/lab/gdb.sh), with gdb-minimal in it;
-//! so has the network card (tests/lab/net.sh) and the network card under
-//! fault tolerance (tests/lab/net-ft.sh). Sessions run one at a time.
+//! so have the primary killed at random moments (tests/lab/ft-kills.sh),
+//! the network card (tests/lab/net.sh) and the network card under fault
+//! tolerance (tests/lab/net-ft.sh). Sessions run one at a time.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,6 +48,7 @@ fn run_lab(timeout_s: u32, files: &[(PathBuf, &str)], cmd: &[&str]) -> Result<Se
     c.current_dir(root()).args(["--timeout", &timeout_s.to_string(), "--ftvm", env!("CARGO_BIN_EXE_ftvm")]);
     c.arg("--file").arg(format!("{}:/g/vmlinux", out.join("vmlinux").display()));
     c.arg("--file").arg(format!("{}:/g/initrd", out.join("initramfs.cpio.gz").display()));
+    c.arg("--file").arg(format!("{}:/lib.sh", root().join("tests/lab/lib.sh").display()));
     for (from, to) in files {
         c.arg("--file").arg(format!("{}:{to}", from.display()));
     }
@@ -185,6 +187,60 @@ fn linux_fails_over_from_a_killed_primary_with_nothing_lost_or_repeated() {
         let pos = c.text.find(w).unwrap();
         assert!(pos >= at, "{w:?} out of order:\n{}", c.text);
         at = pos;
+    }
+}
+
+/// The workload's lines that any run prints the same (not the clock's:
+/// uptimes, tick counts, the kernel's timestamped lines), from its start
+/// marker through its end marker.
+fn workload_lines(console: &str) -> Vec<String> {
+    let varies = |l: &str| l.starts_with('[') || l.contains("uptime") || l.contains("XT-PIC      timer");
+    console
+        .lines()
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .skip_while(|l| l != "FTVM-WORKLOAD-BEGIN")
+        .take_while(|l| l != "FTVM-WORKLOAD-END")
+        .filter(|l| !varies(l))
+        .collect()
+}
+
+const ROUNDS_OF_KILLS: u32 = 5;
+
+/// Random kills (tests/lab/ft-kills.sh): its own lab session, seeded.
+fn kills_lab() -> &'static Sections {
+    static LAB: OnceLock<Result<Sections, String>> = OnceLock::new();
+    session(&LAB, || {
+        let seed: u64 = std::env::var("FTVM_LAB_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64 % 2_147_483_648
+        });
+        eprintln!("ft-kills: seed {seed} (FTVM_LAB_SEED={seed} reruns these kill moments)");
+        let (rounds, seed) = (format!("ROUNDS={ROUNDS_OF_KILLS}"), format!("SEED={seed}"));
+        run_lab(1500, &[(root().join("tests/lab/ft-kills.sh"), "/ft-kills.sh")], &["env", &rounds, &seed, "sh", "/ft-kills.sh"])
+    })
+}
+
+/// The primary killed at a random moment of the Linux guest's boot or
+/// workload, five times (a fresh cluster each): the backup takes over and
+/// the console sees every line of the workload exactly once, in order,
+/// the same lines a plain run prints (the scenarios' `linux-run`), and
+/// the poweroff. Any moment may cut the log anywhere: inside a resync
+/// (pages sent, the vCPU state not), an exit's records, a mark.
+#[test]
+fn linux_survives_its_primary_killed_at_random_moments() {
+    let want = workload_lines(&sec("linux-run").text);
+    assert!(want.len() > 10, "the plain run's workload: {want:?}");
+    let lab = kills_lab();
+    for n in 1..=ROUNDS_OF_KILLS {
+        let c = lab.get(&format!("ft-kill-{n}")).unwrap_or_else(|| panic!("no round {n}"));
+        let err = &lab[&format!("ft-kill-{n}.stderr")].text;
+        eprintln!("{}", err.lines().next().unwrap_or(""));
+        let ctx = format!("round {n}:\n{}\n{err}", c.text);
+        assert_eq!(c.rc, 0, "{ctx}");
+        assert!(err.contains("live at exit"), "the backup never went live: {ctx}");
+        for marker in ["FTVM-LINUX-UP", "FTVM-WORKLOAD-BEGIN", "FTVM-WORKLOAD-END", "FTVM-LINUX-POWEROFF"] {
+            assert_eq!(c.text.matches(marker).count(), 1, "{marker} not exactly once: {ctx}");
+        }
+        assert_eq!(workload_lines(&c.text), want, "the workload's output differs from a plain run's: {ctx}");
     }
 }
 

@@ -8,11 +8,7 @@
 BP=$1
 K="--kernel /g/vmlinux --initrd /g/initrd --mem 256M"
 R="--kernel /g/vmlinux --initrd /g/initrd"
-section() { # name rc file
-    echo "=== $1 rc=$2 ==="
-    cat "$3"
-    echo "=== end $1 ==="
-}
+. /lib.sh
 
 /bin/ftvm record --log /tmp/gl.ftlog --no-stdin $K --cmdline "ftvm.poweroff=1 quiet" >/tmp/gdb-record.out 2>/tmp/gdb-record.err
 section gdb-record $? /tmp/gdb-record.err

@@ -48,8 +48,7 @@ now() {
 }
 note() { echo "NOTE $*"; }
 fail() { echo "FAIL $*"; }
-# Waits (up to $3 tenths of a second, default 3000) for a line in a file.
-await() { i=0; while ! grep -q "$2" "$1" 2>/dev/null && [ $i -lt "${3:-3000}" ]; do sleep 0.1; i=$((i + 1)); done; grep -q "$2" "$1"; }
+. /lib.sh # await
 join_bridge() { i=0; while [ ! -e "/sys/class/net/$1" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done; brctl addif br0 "$1" && ip link set "$1" up; }
 size_of() { stat -c %s "$1" 2>/dev/null || echo 0; }
 # Stamps each line of stdin with the time it arrived: "<cs> <line>".

@@ -13,15 +13,9 @@ R="--kernel /g/vmlinux --initrd /g/initrd"
 ROUNDS=${ROUNDS:-5}
 N=${NET_LINES:-300000}
 W=127.0.0.1:7000
-section() { # name rc file
-    echo "=== $1 rc=$2 ==="
-    cat "$3"
-    echo "=== end $1 ==="
-}
-await() { i=0; while ! grep -q "$2" "$1" 2>/dev/null && [ $i -lt "${3:-3000}" ]; do sleep 0.1; i=$((i + 1)); done; grep -q "$2" "$1"; }
+. /lib.sh
 # A role's tap appears once it runs; it joins the bridge.
 join_bridge() { i=0; while [ ! -e "/sys/class/net/$1" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done; brctl addif br0 "$1" && ip link set "$1" up; }
-cs() { cut -d' ' -f1 /proc/uptime | tr -d .; } # centiseconds
 # Everything the roles said, as the last section; then stop.
 finish() {
     cat /tmp/primary.err /tmp/backup*.err /tmp/witness.err /tmp/console.err 2>/dev/null | grep -v "log kept in memory" >/tmp/all.err

@@ -280,15 +280,54 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
     if matches!(out.ending, Ending::Stopped { .. }) {
         return Ok(ended(&m));
     }
-    m.over.store(true, Ordering::SeqCst);
     if inputs.is_live() {
+        m.over.store(true, Ordering::SeqCst);
         log::info!("primary: {msg}; {}; {}", out.summary(), inputs.summary());
         wind_down(&gate, &msg, &mut WitnessClient::new(&opts.witness, &opts.key), &m.me);
-        Ok(Ended::Done(msg, code))
-    } else {
-        log::info!("backup: replayed to the end in lockstep: {msg}; {}", inputs.summary());
-        Ok(Ended::Done(msg, 0))
+        return Ok(Ended::Done(msg, code));
     }
+    log::info!("backup: replayed to the end in lockstep: {msg}; {}", inputs.summary());
+    let promoted = stay_for_the_end(&m, &mut WitnessClient::new(&opts.witness, &opts.key));
+    m.over.store(true, Ordering::SeqCst);
+    if promoted {
+        // The guest had ended; the primary died before its last output
+        // was out. Ours is the same output (replayed): release it.
+        log::info!("primary: the guest had ended under the previous primary ({msg}); releasing its last output");
+        wind_down(&gate, &msg, &mut WitnessClient::new(&opts.witness, &opts.key), &m.me);
+        return Ok(Ended::Done(msg, code));
+    }
+    Ok(Ended::Done(msg, 0))
+}
+
+/// How long a backup that replayed to the guest's end waits for the
+/// primary to say the run ended: the primary's own wind-down gives up on
+/// a backup after 3 s and on its last output after 10 s.
+const END_WAIT: Duration = Duration::from_secs(15);
+
+/// A backup that replayed to the guest's end stays in the view until the
+/// run is said ended (the primary released its last output), so that a
+/// primary dying between our acknowledgement of the end and its release
+/// is taken over (by the promoter, as any takeover) instead of losing
+/// that output. True once promoted; false when the run ended, this
+/// membership ended, or after `END_WAIT`.
+fn stay_for_the_end(m: &Membership, w: &mut WitnessClient) -> bool {
+    let t0 = Instant::now();
+    while !m.promoted.load(Ordering::SeqCst) {
+        if m.over.load(Ordering::SeqCst) {
+            return false;
+        }
+        match w.status() {
+            Ok(st) if st.ended => return m.promoted.load(Ordering::SeqCst),
+            Ok(st) if st.view.backup.as_deref() != Some(m.me.as_str()) && st.view.primary.as_deref() != Some(m.me.as_str()) => return false,
+            _ => {}
+        }
+        if t0.elapsed() >= END_WAIT {
+            log::warn!("backup: the primary did not say within {} s that its guest's end is out; stopping", END_WAIT.as_secs());
+            return false;
+        }
+        std::thread::sleep(PING_INTERVAL);
+    }
+    true
 }
 
 /// Records the receiver may hold ahead of the replaying vCPU.

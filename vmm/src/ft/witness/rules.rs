@@ -243,6 +243,11 @@ impl State {
         if self.view.backup.as_deref() != Some(me) {
             return Err(format!("{me} is not the backup of view {n} (backup is {})", or_dash(&self.view.backup)));
         }
+        if self.ended {
+            // Said only once all of its output was out: nothing to take
+            // over (the backup that replayed to the end may stop).
+            return Err(format!("the guest of run {} ended: nothing to take over", or_dash(&self.view.run)));
+        }
         self.backup_seen = Some(now); // asking proves it is alive
         self.backup_ready = ready;
         if self.view.primary.is_none() {

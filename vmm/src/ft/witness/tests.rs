@@ -471,6 +471,18 @@ fn a_stalled_witness_does_not_count_its_own_silence_against_the_backup() {
     assert_eq!(c.primary_ping(P, 2, 10, 10, 0).unwrap(), v(3, Some(P), None));
 }
 
+/// A backup that replayed to the guest's end stays until the run is said
+/// ended (the primary's last output out) and asks for promotion if the
+/// primary dies first; once the run ended there is nothing to take over.
+#[test]
+fn a_backup_is_not_promoted_over_a_run_that_ended() {
+    let (_, mut c) = start_pair();
+    c.ended(P).unwrap();
+    watched(&mut c, T.lease + Duration::from_millis(50));
+    refused(c.promote(B, 2, true, true), "ended: nothing to take over");
+    assert_eq!(c.status().unwrap().view.primary.as_deref(), Some(P), "the view is left as it was");
+}
+
 #[test]
 fn a_run_whose_guest_ended_is_not_lost_and_a_new_one_needs_no_new_run() {
     let (_, mut c) = start();

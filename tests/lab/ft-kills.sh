@@ -1,0 +1,64 @@
+#!/bin/sh
+# Runs inside the lab: the Linux guest under fault tolerance, its primary
+# killed (kill -9) at a random moment of its boot or workload, ROUNDS times,
+# each round a fresh cluster. The moments come from SEED (printed by
+# tests/lab.rs; FTVM_LAB_SEED=N reruns one). Each round prints a section
+# "ft-kill-N" (what the console saw) and "ft-kill-N.stderr" (when the kill
+# came, and what the roles said); tests/lab.rs checks that the console saw
+# the workload's output whole, once, in order.
+K="--kernel /g/vmlinux --initrd /g/initrd --mem 256M"
+R="--kernel /g/vmlinux --initrd /g/initrd"
+ROUNDS=${ROUNDS:-5}
+seed=${SEED:-1}
+. /lib.sh
+# The next pseudo-random number below $1, in RND (no subshell: the seed moves).
+next() { seed=$(((seed * 1103515245 + 12345) % 2147483648)); RND=$((seed / 65536 % $1)); }
+ms() { echo $(($(cs) * 10)); } # ms since the lab booted
+
+ip link set lo up
+/bin/ftvm keygen --out /tmp/k 2>/dev/null
+n=1
+while [ $n -le "$ROUNDS" ]; do
+    base=$((7000 + n * 10))
+    W=127.0.0.1:$base
+    : >/tmp/stuck.err
+    /bin/ftvm witness --listen $W --key /tmp/k 2>/tmp/w.err &
+    wit=$!
+    sleep 0.5
+    /bin/ftvm backup --witness $W --listen 127.0.0.1:$((base + 1)) --key /tmp/k $R >/dev/null 2>/tmp/b.err &
+    b=$!
+    sleep 1
+    t0=$(ms)
+    /bin/ftvm primary --witness $W --listen 127.0.0.1:$((base + 2)) --key /tmp/k --no-stdin $K \
+        --cmdline "ftvm.poweroff=1 quiet" >/dev/null 2>/tmp/p.err &
+    p=$!
+    /bin/ftvm console --witness $W --key /tmp/k --give-up 60 >/tmp/c.out 2>/tmp/c.err &
+    c=$!
+    # Up to 4 s after a random point: the start (the kernel boots), the
+    # init's first line, or the workload's start; never later than the
+    # workload's end (after it, the last output is the dying primary's
+    # to release: not this test's).
+    next 3
+    case $RND in 0) after=start ;; 1) after=FTVM-LINUX-UP ;; *) after=FTVM-WORKLOAD-BEGIN ;; esac
+    [ $after = start ] || await /tmp/c.out $after 1200
+    next 4000
+    at=$(($(ms) - t0 + RND))
+    while [ $(($(ms) - t0)) -lt $at ] && ! grep -q FTVM-WORKLOAD-END /tmp/c.out 2>/dev/null; do sleep 0.05; done
+    killed=$(($(ms) - t0))
+    last=$(grep -a FTVM- /tmp/c.out | tail -1 | tr -d '\r')
+    kill -9 $p
+    await_exit $c 300 console $W /tmp/k
+    rc=$?
+    await_promoted $b $W /tmp/k
+    kill $wit 2>/dev/null; wait $wit 2>/dev/null
+    section "ft-kill-$n" $rc /tmp/c.out
+    {
+        echo "ft-kills: round $n: primary killed ${killed} ms after it started (aimed at ${at} ms: up to 4 s after ${after}; last marker seen: ${last:-none})"
+        cat /tmp/stuck.err /tmp/c.err
+        grep -v "log kept in memory" /tmp/b.err
+        cat /tmp/w.err
+    } >/tmp/round.err
+    section "ft-kill-$n.stderr" $rc /tmp/round.err
+    n=$((n + 1))
+done
+exit 0
