@@ -236,3 +236,75 @@ fn a_witness_killed_and_restarted_with_its_state_file_loses_nothing() {
     let mut primary = primary;
     assert_eq!(primary.wait(Duration::from_secs(10)), Some(0), "the primary did not carry on: {}", primary.err());
 }
+
+/// A relay in front of the backup (`backup --advertise` names it): passes
+/// the primary's stream on, and the backup's acknowledgements back until
+/// `acks_cut`, after which it swallows them (the connection stays up).
+/// Connections made after the cut (consoles, once the backup took over)
+/// pass both ways.
+fn ack_relay(to: String, acks_cut: Arc<AtomicBool>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let (Ok(c), Ok(s)) = (c, TcpStream::connect(&to)) else { continue };
+            let before_cut = !acks_cut.load(Ordering::SeqCst);
+            for (mut a, mut b, acks) in [(c.try_clone().unwrap(), s.try_clone().unwrap(), false), (s, c, before_cut)] {
+                let cut = acks_cut.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n @ 1..) = a.read(&mut buf) {
+                        if (acks && cut.load(Ordering::SeqCst)) || b.write_all(&buf[..n]).is_ok() {
+                            continue;
+                        }
+                        return;
+                    }
+                    let _ = b.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    at
+}
+
+/// The primary dies after its guest ended and the backup replayed the end,
+/// before the primary released its last output (the backup's last
+/// acknowledgements never reached it). The backup must not just stop
+/// because its replay is over: it takes over and releases that output,
+/// so the console sees every line and the end. (Before: the backup
+/// stopped, and the last second of output was lost.)
+#[test]
+fn the_last_output_survives_a_primary_dying_after_its_guest_ended() {
+    let (_witness, w) = start_witness();
+    let listen = addr();
+    let acks_cut = Arc::new(AtomicBool::new(false));
+    let relay = ack_relay(listen.clone(), acks_cut.clone());
+    let mut backup = Proc::spawn(&["backup", "--witness", &w, "--listen", &listen, "--advertise", &relay]);
+    wait_for("the backup to join", Duration::from_secs(20), || backup.err().contains("waiting for the primary"));
+    let (mut primary, _) = start_primary(&w, "seconds=4");
+    let mut console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
+    wait_for("output", Duration::from_secs(20), || console.out().contains("[0030]"));
+    // From here the primary hears no acknowledgement: it holds the rest.
+    acks_cut.store(true, Ordering::SeqCst);
+    wait_for("the backup to replay the guest's end", Duration::from_secs(20), || backup.err().contains("replayed to the end in lockstep"));
+    assert!(!console.out().contains("[done]"), "the end was released before the cut:\n{}", console.out());
+    primary.kill9();
+    assert_eq!(console.wait(Duration::from_secs(30)), Some(0), "console:\n{}\nbackup:\n{}", console.err(), backup.err());
+    check_console(&console.out(), 40).unwrap();
+    assert_eq!(backup.wait(Duration::from_secs(20)), Some(0), "{}", backup.err());
+    assert!(backup.err().contains("releasing its last output"), "{}", backup.err());
+    assert!(status(&w).contains("ended"), "{}", status(&w));
+}
+
+/// A backup that replayed to the guest's end, with a primary that says so,
+/// stops as soon as the witness says the run ended.
+#[test]
+fn a_backup_at_the_guests_end_stops_once_the_run_is_said_ended() {
+    let c = start(2);
+    let mut backup = c.backup;
+    let t0 = Instant::now();
+    assert_eq!(backup.wait(Duration::from_secs(40)), Some(0), "{}", backup.err());
+    assert!(backup.err().contains("replayed to the end in lockstep"), "{}", backup.err());
+    assert!(!backup.err().contains("did not say"), "{}", backup.err());
+    eprintln!("backup stopped {:.1} s after the start", t0.elapsed().as_secs_f64());
+}

@@ -105,6 +105,11 @@ enum Cmd {
         /// Where the primary streams its log (and, after a takeover, consoles connect).
         #[arg(long)]
         listen: String,
+        /// The address the witness names this backup by, for the primary
+        /// and consoles to connect to, when it is not --listen's (a NAT or
+        /// a relay in front of this backup).
+        #[arg(long, value_name = "HOST:PORT")]
+        advertise: Option<String>,
         #[command(flatten)]
         key: KeyArg,
         #[command(flatten)]
@@ -581,10 +586,10 @@ pub fn main() -> Result<i32> {
             let net = guest.net.as_ref().map(|n| ftvm::ft::net::FtNet::open(&n.tap)).transpose()?;
             Ok(ended(run_primary(PrimaryOpts { witness: witness.at()?, listen, key, progress: guest.verbose, new_run, net }, cfg)?))
         }
-        Cmd::Backup { witness, listen, key, guest: g, net } => {
+        Cmd::Backup { witness, listen, advertise, key, guest: g, net } => {
             let key = key.load()?;
             let net = net.as_ref().map(|n| ftvm::ft::net::FtNet::open(&n.tap)).transpose()?;
-            let opts = BackupOpts { witness: witness.at()?, listen, key, kernel: g.kernel, initrd: g.initrd, progress: g.verbose, net };
+            let opts = BackupOpts { witness: witness.at()?, listen, advertise, key, kernel: g.kernel, initrd: g.initrd, progress: g.verbose, net };
             Ok(ended(run_backup(opts)?))
         }
         Cmd::Console { witness, give_up, key } => {

@@ -32,6 +32,8 @@ use crate::vm::Vm;
 pub struct BackupOpts {
     pub witness: WitnessAt,
     pub listen: String,
+    /// The address the witness names it by, if not `listen`.
+    pub advertise: Option<String>,
     pub key: ClusterKey,
     pub kernel: Option<std::path::PathBuf>,
     pub initrd: Option<std::path::PathBuf>,
@@ -156,7 +158,7 @@ fn join(w: &mut WitnessClient, me: &str, first: bool) -> Result<View, RoleError>
 /// One membership: join, wait for the primary's stream, replay in
 /// lockstep, take over or be dropped.
 fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Route, first: bool) -> Result<Ended, RoleError> {
-    let me = new_member(&opts.listen);
+    let me = new_member(opts.advertise.as_deref().unwrap_or(&opts.listen));
     let mut witness = WitnessClient::new(&opts.witness, &opts.key);
     // The listener serves this membership before the witness names it,
     // so that a primary's first stream finds it.
