@@ -108,7 +108,7 @@ enum Cmd {
         /// The address the witness names this backup by, for the primary
         /// and consoles to connect to, when it is not --listen's (a NAT or
         /// a relay in front of this backup).
-        #[arg(long, value_name = "HOST:PORT")]
+        #[arg(long, value_name = "HOST:PORT", value_parser = parse_advertise)]
         advertise: Option<String>,
         #[command(flatten)]
         key: KeyArg,
@@ -279,6 +279,23 @@ struct GuestArgs {
     /// The card's MAC address (default 52:54:00:12:34:56).
     #[arg(long, requires = "net", value_parser = |s: &str| ftvm::net::parse_mac(s).map_err(|e| e.to_string()))]
     mac: Option<[u8; 6]>,
+}
+
+/// An address others connect to: HOST:PORT, nothing a member name or the
+/// witness's protocol would split on.
+fn parse_advertise(s: &str) -> Result<String, String> {
+    let bad = |why: &str| Err(format!("{s:?} is not HOST:PORT ({why})"));
+    let Some((host, port)) = s.rsplit_once(':') else { return bad("no port") };
+    if host.is_empty() {
+        return bad("no host");
+    }
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return bad("the port is not 1-65535");
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, '@' | '=' | ',')) {
+        return bad("spaces, '@', '=' and ',' are not allowed");
+    }
+    Ok(s.to_string())
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

@@ -289,8 +289,14 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
         return Ok(Ended::Done(msg, code));
     }
     log::info!("backup: replayed to the end in lockstep: {msg}; {}", inputs.summary());
-    let promoted = stay_for_the_end(&m, &mut WitnessClient::new(&opts.witness, &opts.key));
+    stay_for_the_end(&m, &mut WitnessClient::new(&opts.witness, &opts.key));
     m.over.store(true, Ordering::SeqCst);
+    // A promotion in flight is whole by now (the promoter holds this
+    // across its check of `over`, the request and the takeover).
+    let promoted = {
+        let _turn = m.promoting.lock().unwrap_or_else(|e| e.into_inner());
+        m.promoted.load(Ordering::SeqCst)
+    };
     if promoted {
         // The guest had ended; the primary died before its last output
         // was out. Ours is the same output (replayed): release it.
@@ -310,26 +316,24 @@ const END_WAIT: Duration = Duration::from_secs(15);
 /// run is said ended (the primary released its last output), so that a
 /// primary dying between our acknowledgement of the end and its release
 /// is taken over (by the promoter, as any takeover) instead of losing
-/// that output. True once promoted; false when the run ended, this
-/// membership ended, or after `END_WAIT`.
-fn stay_for_the_end(m: &Membership, w: &mut WitnessClient) -> bool {
+/// that output. Returns once promoted, once the run ended, once this
+/// membership ended, or after `END_WAIT` (twice that while the witness
+/// names it primary: a grant whose answer is still on its way).
+fn stay_for_the_end(m: &Membership, w: &mut WitnessClient) {
     let t0 = Instant::now();
-    while !m.promoted.load(Ordering::SeqCst) {
-        if m.over.load(Ordering::SeqCst) {
-            return false;
-        }
-        match w.status() {
-            Ok(st) if st.ended => return m.promoted.load(Ordering::SeqCst),
-            Ok(st) if st.view.backup.as_deref() != Some(m.me.as_str()) && st.view.primary.as_deref() != Some(m.me.as_str()) => return false,
-            _ => {}
-        }
-        if t0.elapsed() >= END_WAIT {
+    while !m.promoted.load(Ordering::SeqCst) && !m.over.load(Ordering::SeqCst) {
+        let named_primary = match w.status() {
+            Ok(st) if st.ended => return,
+            Ok(st) if st.view.primary.as_deref() == Some(m.me.as_str()) => true,
+            Ok(st) if st.view.backup.as_deref() != Some(m.me.as_str()) => return,
+            _ => false,
+        };
+        if t0.elapsed() >= END_WAIT && (!named_primary || t0.elapsed() >= 2 * END_WAIT) {
             log::warn!("backup: the primary did not say within {} s that its guest's end is out; stopping", END_WAIT.as_secs());
-            return false;
+            return;
         }
         std::thread::sleep(PING_INTERVAL);
     }
-    true
 }
 
 /// Records the receiver may hold ahead of the replaying vCPU.

@@ -41,6 +41,8 @@ pub(super) struct Membership {
     pub promoted: Arc<AtomicBool>,
     /// Set when the membership is over: its threads stop.
     pub over: Arc<AtomicBool>,
+    /// Held by the promoter from its check of `over` through a takeover.
+    pub promoting: Arc<Mutex<()>>,
     /// Why to join again, if this membership ends that way.
     pub rejoin_why: Arc<Mutex<Option<String>>>,
     pub stop: StopHandle,
@@ -55,6 +57,7 @@ impl Membership {
             applied: Arc::new(AtomicU64::new(0)),
             promoted: Arc::new(AtomicBool::new(false)),
             over: Arc::new(AtomicBool::new(false)),
+            promoting: Arc::new(Mutex::new(())),
             rejoin_why: Arc::new(Mutex::new(None)),
             stop: StopHandle::new(),
         }
@@ -167,6 +170,11 @@ impl Promoter {
                     lost = Some(why);
                 }
             }
+            // Held across the check, the request and the takeover: a
+            // membership that ends meanwhile (`over`) sees either no
+            // promotion or a whole one.
+            let turn = self.m.promoting.clone();
+            let _turn = turn.lock().unwrap_or_else(|e| e.into_inner());
             if self.m.over.load(Ordering::Relaxed) {
                 return;
             }
@@ -176,6 +184,13 @@ impl Promoter {
             let asked = BootInstant::now();
             match self.witness.promote(&self.m.me, view, lost.is_some(), self.m.ready()) {
                 Ok(Promotion::Granted(v)) => return self.take_over(recv, v, asked),
+                Err(WitnessError::Refused { .. }) if lost.is_some() && self.run_ended() => {
+                    // The primary put the guest's end out and said so: there
+                    // is nothing to take over. Returning drops `recv`: the
+                    // replay runs on through the records already received
+                    // (the end among them) and then sees the channel close.
+                    return;
+                }
                 Ok(Promotion::Wait) => {
                     if lost.is_some() {
                         std::thread::sleep(Duration::from_millis(20));
@@ -204,8 +219,24 @@ impl Promoter {
         }
     }
 
+    /// Whether the witness says the run's guest ended (its end is out). If
+    /// this backup is no longer in the view (the primary gave it up to put
+    /// the end out), its replay will not get there: it stops.
+    fn run_ended(&mut self) -> bool {
+        let Ok(st) = self.witness.status() else { return false };
+        if !st.ended {
+            return false;
+        }
+        if st.view.backup.as_deref() == Some(self.m.me.as_str()) {
+            log::info!("backup: the primary said its guest's end is out; finishing the replay");
+        } else {
+            self.m.over.store(true, Ordering::SeqCst);
+            self.m.stop.stop(Ending::Stopped { why: "backup: the run ended without this backup (the primary gave it up to put the end out); nothing to take over".into(), code: 0 });
+        }
+        true
+    }
+
     fn take_over(self, recv: LogReceiver, view: View, asked: BootInstant) {
-        self.m.promoted.store(true, Ordering::Relaxed);
         self.m.view.store(view.number, Ordering::Relaxed);
         log::info!("backup: promoted to primary of view {}; finishing the log, then going live", view.number);
         let LogReceiver { log, to_vcpu, records, resync, .. } = recv;
@@ -224,6 +255,7 @@ impl Promoter {
             }),
         };
         *self.slot.lock().unwrap() = Some(kit);
+        let promoted = self.m.promoted.clone();
         PrimaryDuty {
             me: self.m.me.clone(),
             key: self.key,
@@ -239,6 +271,9 @@ impl Promoter {
             acks: None,
         }
         .start(asked);
+        // Only now: whoever acts on it (a backup at the guest's end winding
+        // down) finds the gate with its lease and role set.
+        promoted.store(true, Ordering::SeqCst);
         drop(to_vcpu);
     }
 }
