@@ -21,7 +21,9 @@ n=1
 while [ $n -le "$ROUNDS" ]; do
     base=$((7000 + n * 10))
     W=127.0.0.1:$base
-    : >/tmp/stuck.err
+    # Emptied here, not by the roles' redirections: those happen in the
+    # children, after the waits below may have read last round's lines.
+    for f in stuck.err w.err b.err p.err c.out c.err; do : >/tmp/$f; done
     /bin/ftvm witness --listen $W --key /tmp/k 2>/tmp/w.err &
     wit=$!
     sleep 0.5
