@@ -40,13 +40,13 @@ while [ $n -le "$ROUNDS" ]; do
     t0=$(ms)
     /bin/ftvm console --witness $W --key /tmp/k --give-up 60 >/tmp/c.out 2>/tmp/c.err &
     c=$!
-    # Up to 4 s after a random point: the start (the kernel boots), the
+    # Up to 4 s after a random point: the backup holding the state (the kernel boots), the
     # init's first line, or the workload's start; never later than the
     # workload's end (after it, the last output is the dying primary's
     # to release: not this test's).
     next 3
-    case $RND in 0) after=start ;; 1) after=FTVM-LINUX-UP ;; *) after=FTVM-WORKLOAD-BEGIN ;; esac
-    [ $after = start ] || await /tmp/c.out $after 1200
+    case $RND in 0) after=ready ;; 1) after=FTVM-LINUX-UP ;; *) after=FTVM-WORKLOAD-BEGIN ;; esac
+    [ $after = ready ] || await /tmp/c.out $after 1200
     next 4000
     at=$(($(ms) - t0 + RND))
     while [ $(($(ms) - t0)) -lt $at ] && ! grep -q FTVM-WORKLOAD-END /tmp/c.out 2>/dev/null; do sleep 0.05; done
@@ -59,7 +59,7 @@ while [ $n -le "$ROUNDS" ]; do
     kill $wit 2>/dev/null; wait $wit 2>/dev/null
     section "ft-kill-$n" $rc /tmp/c.out
     {
-        echo "ft-kills: round $n: primary killed ${killed} ms after it started (aimed at ${at} ms: up to 4 s after ${after}; last marker seen: ${last:-none})"
+        echo "ft-kills: round $n: primary killed ${killed} ms after the backup held the state (aimed at ${at} ms: up to 4 s after ${after}; last marker seen: ${last:-none})"
         cat /tmp/stuck.err /tmp/c.err
         grep -v "log kept in memory" /tmp/b.err
         cat /tmp/w.err
