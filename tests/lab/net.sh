@@ -7,7 +7,6 @@ K="--kernel /g/vmlinux --initrd /g/initrd --mem 256M"
 R="--kernel /g/vmlinux --initrd /g/initrd"
 N=${NET_LINES:-200000}
 . /lib.sh
-# Waits (up to 5 minutes) for a line in a file.
 # The tap appears once ftvm runs; the lab's side of it gets its address.
 tapup() { i=0; while [ ! -e "/sys/class/net/$1" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done; ip addr add "$2" dev "$1" && ip link set "$1" up; }
 ip link set lo up

@@ -84,7 +84,7 @@ mkfifo /tmp/fs.fifo
 /bin/ftvm console --witness $W2 --key /tmp/ft.key --give-up 60 </tmp/fs.fifo >/tmp/fs-console.out 2>/tmp/fs-console.err &
 C2=$!
 exec 3>/tmp/fs.fifo
-i=0; while ! grep -q FTVM-WORKLOAD-END /tmp/fs-console.out 2>/dev/null && [ $i -lt 900 ]; do sleep 0.1; i=$((i+1)); done
+await /tmp/fs-console.out FTVM-WORKLOAD-END 1800
 sleep 2
 printf '(while :; do :; done) & sleep 1; echo before-$((6*7))\n' >&3
 i=0; while ! grep -q before-42 /tmp/fs-console.out 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
