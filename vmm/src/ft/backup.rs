@@ -282,14 +282,15 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
     if matches!(out.ending, Ending::Stopped { .. }) {
         return Ok(ended(&m));
     }
+    let mut w = WitnessClient::new(&opts.witness, &opts.key);
     if inputs.is_live() {
         m.over.store(true, Ordering::SeqCst);
         log::info!("primary: {msg}; {}; {}", out.summary(), inputs.summary());
-        wind_down(&gate, &msg, &mut WitnessClient::new(&opts.witness, &opts.key), &m.me);
+        wind_down(&gate, &msg, &mut w, &m.me);
         return Ok(Ended::Done(msg, code));
     }
     log::info!("backup: replayed to the end in lockstep: {msg}; {}", inputs.summary());
-    stay_for_the_end(&m, &mut WitnessClient::new(&opts.witness, &opts.key));
+    stay_for_the_end(&m, &mut w);
     m.over.store(true, Ordering::SeqCst);
     // A promotion in flight is whole by now (the promoter holds this
     // across its check of `over`, the request and the takeover).
@@ -301,7 +302,7 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
         // The guest had ended; the primary died before its last output
         // was out. Ours is the same output (replayed): release it.
         log::info!("primary: the guest had ended under the previous primary ({msg}); releasing its last output");
-        wind_down(&gate, &msg, &mut WitnessClient::new(&opts.witness, &opts.key), &m.me);
+        wind_down(&gate, &msg, &mut w, &m.me);
         return Ok(Ended::Done(msg, code));
     }
     Ok(Ended::Done(msg, 0))

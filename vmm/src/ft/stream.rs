@@ -396,23 +396,22 @@ pub struct ResyncUnit {
 }
 
 impl ResyncUnit {
-    /// What of `rec` (and of the pages held before it) goes to the vCPU
-    /// now, in order.
-    pub fn pass(&mut self, rec: Record) -> Vec<Record> {
+    /// Hands `send` what of `rec` (and of the pages held before it) goes
+    /// to the vCPU now, in order; false as soon as `send` fails.
+    pub fn pass(&mut self, rec: Record, mut send: impl FnMut(Record) -> bool) -> bool {
         let resync_pages = matches!(rec.event, Event::Pages { .. }) && rec.pos.exit == ExitKind::Resync;
         if resync_pages && self.pages.last().is_none_or(|p| p.pos.ordinal == rec.pos.ordinal) {
             self.pages.push(rec);
-            return Vec::new();
+            return true;
         }
         // The state (or anything else: the replay judges a log that is
         // not as a recorder writes it) releases what was held.
-        let mut out = std::mem::take(&mut self.pages);
+        let held = std::mem::take(&mut self.pages);
         if resync_pages {
             self.pages.push(rec);
-        } else {
-            out.push(rec);
+            return held.into_iter().all(send);
         }
-        out
+        held.into_iter().all(&mut send) && send(rec)
     }
 
     /// Pages held for a state that has not arrived.
@@ -452,10 +451,9 @@ impl LogReceiver {
                         self.buf.trim_before(self.buf.len());
                         let _ = write_line(&mut self.ack, &format!("ACK {}", rec.pos.ordinal));
                     }
-                    for rec in self.resync.pass(rec) {
-                        if self.to_vcpu.send(rec).is_err() {
-                            return StreamEnd::Lost("the replaying vCPU stopped".into());
-                        }
+                    let to_vcpu = &self.to_vcpu;
+                    if !self.resync.pass(rec, |r| to_vcpu.send(r).is_ok()) {
+                        return StreamEnd::Lost("the replaying vCPU stopped".into());
                     }
                 }
                 Ok(None) => return StreamEnd::Lost("the primary closed the stream".into()),
@@ -565,8 +563,7 @@ mod tests {
     #[test]
     fn a_mark_tells_the_gate_what_the_primary_sent_before_the_vcpu_sees_it() {
         let ((_pr, pw), (br, bw)) = connection();
-        let h = replay_log::Header { kernel_sha256: [1; 32], initrd_sha256: None, mem_bytes: 1 << 20, cmdline: String::new(), ftvm_version: "t".into(), kernel_name: "t".into(), net_mac: None };
-        let mut w = LogWriter::new(pw, &h).unwrap();
+        let mut w = LogWriter::new(pw, &header()).unwrap();
         let at = |ordinal| replay_log::Position { ordinal, rip: 0x1000, exit: replay_log::ExitKind::Hlt };
         w.append(&Record { pos: at(3), event: Event::Time { ns: 1 } }).unwrap();
         w.append(&Record { pos: at(4), event: Event::Progress { frames_out: 2 } }).unwrap();
@@ -575,20 +572,8 @@ mod tests {
         // The primary is gone: the stream ends after these.
         drop((w, _pr));
         let gate = Gate::new(Role::Silent);
-        let buf = LogBuf::new();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let mut recv = LogReceiver {
-            reader: LogReader::new(br, "stream").unwrap(),
-            ack: bw,
-            log: LogWriter::new(crate::ft::listener::log_buf_writer(&buf), &h).unwrap(),
-            buf,
-            to_vcpu: tx,
-            records: 0,
-            ready: Arc::new(AtomicBool::new(false)),
-            ready_at: 0,
-            gate: gate.clone(),
-            resync: ResyncUnit::default(),
-        };
+        let mut recv = receiver((br, bw), gate.clone(), tx);
         let got = std::thread::scope(|sc| {
             let pump = sc.spawn(|| recv.pump());
             // Records go to the vCPU after their mark reached the gate.
@@ -621,6 +606,23 @@ mod tests {
         replay_log::Header { kernel_sha256: [1; 32], initrd_sha256: None, mem_bytes: 1 << 20, cmdline: String::new(), ftvm_version: "t".into(), kernel_name: "t".into(), net_mac: None }
     }
 
+    /// A backup's receiver on the accepting side of `connection()`.
+    fn receiver((br, bw): (SecureReader, SecureWriter), gate: Arc<Gate>, to_vcpu: Sender<Record>) -> LogReceiver {
+        let buf = LogBuf::new();
+        LogReceiver {
+            reader: LogReader::new(br, "stream").unwrap(),
+            ack: bw,
+            log: LogWriter::new(crate::ft::listener::log_buf_writer(&buf), &header()).unwrap(),
+            buf,
+            to_vcpu,
+            records: 0,
+            ready: Arc::new(AtomicBool::new(false)),
+            ready_at: 0,
+            gate,
+            resync: ResyncUnit::default(),
+        }
+    }
+
     /// A backup's receiver fed `recs` by a primary that then dies: what
     /// reaches the replaying vCPU, and how many resync pages records it
     /// held back.
@@ -632,20 +634,8 @@ mod tests {
         }
         w.flush().unwrap();
         drop((w, _pr));
-        let buf = LogBuf::new();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let mut recv = LogReceiver {
-            reader: LogReader::new(br, "stream").unwrap(),
-            ack: bw,
-            log: LogWriter::new(crate::ft::listener::log_buf_writer(&buf), &header()).unwrap(),
-            buf,
-            to_vcpu: tx,
-            records: 0,
-            ready: Arc::new(AtomicBool::new(false)),
-            ready_at: 0,
-            gate: Gate::new(Role::Silent),
-            resync: ResyncUnit::default(),
-        };
+        let mut recv = receiver((br, bw), Gate::new(Role::Silent), tx);
         let mut end = recv.pump();
         while matches!(end, StreamEnd::Silent) {
             end = recv.pump();
