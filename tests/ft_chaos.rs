@@ -1337,6 +1337,46 @@ fn witness_paused_output_pauses_and_resumes_without_duplicates() {
     must(&mut fab, &console, outcome == Outcome::Completed, &format!("outcome {outcome:?}"));
 }
 
+/// A witness outage longer than the lease: the primary loses its lease
+/// and closes its log stream, so that the backup may ask to take over.
+/// Once the witness is back and says the primary lives, the primary
+/// streams again and the backup resumes the log it holds: same member, no
+/// second state transfer. So a primary dying right after is taken over.
+/// Before, the backup refused the second stream, was dropped two leases
+/// later and joined again with a state transfer, and a kill within it lost
+/// the VM (CI: FTVM_CHAOS_SEED=164246554516675, a witness restart, then a
+/// slow log link and a kill).
+#[test]
+fn after_a_witness_outage_the_backup_resumes_its_stream_and_takes_over_a_primary_dying_right_after() {
+    let (mut fab, b0, p0, mut console) = protected("seconds=8", "[0010]");
+    let first = member_in(&status(&fab.w), "backup");
+    let pid = fab.witness.child.id();
+    signal_pid(pid, libc::SIGSTOP);
+    fab.note("SIGSTOP witness for 2 s".into());
+    std::thread::sleep(Duration::from_secs(2));
+    signal_pid(pid, libc::SIGCONT);
+    fab.note("SIGCONT witness".into());
+    // Three leases: a backup refused a new stream is dropped after two.
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = status(&fab.w);
+    let kept = member_in(&st, "backup") == first && st.contains("holds the state");
+    must(&mut fab, &console, kept, &format!("1.5 s after the witness's return, the backup {first} holding the state is no longer the view's:\n{st}"));
+    let resumed = fab.members[p0].cur().is_some_and(|p| p.err().contains("resumes the log at offset"));
+    must(&mut fab, &console, resumed, "the primary did not stream again to the backup it had (a resumed stream)");
+    let perr = fab.members[p0].cur().unwrap().err();
+    // The backup's start: from boot (in the view from the start) or by state transfer.
+    let starts = perr.matches("state transfer to backup").count() + perr.matches("replays the log from boot").count();
+    fab.note("stream resumed; kill -9 p0".into());
+    fab.kill(p0);
+    let outcome = settle(&mut fab, &mut console, 80, PROGRESS_BOUND);
+    must(&mut fab, &console, outcome == Outcome::Completed, &format!("outcome {outcome:?}"));
+    must(&mut fab, &console, starts == 1, &format!("the backup was brought up {starts} times: the outage cost it its state"));
+    let now = member_in(&status(&fab.w), "primary");
+    must(&mut fab, &console, now == first, &format!("the VM went on under {now}, not under the backup {first} that held its state"));
+    let b = fab.members[b0].cur().unwrap().err();
+    must(&mut fab, &console, b.contains("with no state transfer") && b.contains("live at exit"), "the backup did not resume its stream and go live");
+}
+
 /// The seed's "view-server isolation": the primary and the backup both cut
 /// from the witness for 2 s (the console still reaches it). Output pauses,
 /// then resumes; every line once.

@@ -15,6 +15,7 @@ use super::held_frames::FramesHeld;
 use super::key::ClusterKey;
 use super::listener::{bind, log_buf_writer, serve_listener, wind_down, Endpoints, Incoming, LogStreams, RoleError, Route};
 use super::log_buf::LogBuf;
+use super::resume::{parse_from, Resume};
 use super::promoter::{keep_place, spawn, standing, Membership, Promoter, Standing};
 use super::secure::{SecureReader, SecureWriter};
 use super::stream::{ChannelSource, LogReceiver, MAX_SNAPSHOT_BYTES};
@@ -183,7 +184,7 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
             }
         }
     };
-    let Some(Opened { reader, write, stream_view, peer, silence, snap, ready_at }) = wait_for_stream(opts, kernel, &m, &log_rx, &taken)? else {
+    let Some(Opened { reader, write, stream_view, peer, silence, snap, ready_at, from }) = wait_for_stream(opts, kernel, &m, &log_rx, &taken)? else {
         return Ok(ended(&m));
     };
     let stream_name = format!("log stream from {peer}");
@@ -213,7 +214,9 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
     let marked = Arc::new(AtomicU64::new(0));
     let transfers = Transfers::new(h.clone());
     let backup_transfers = transfers.clone();
+    let resume = Some(Resume::new(from.1, from.0, reader.offset()));
     let recv = LogReceiver {
+        resume,
         reader,
         ack: write,
         log: own,
@@ -235,6 +238,8 @@ fn membership(opts: &BackupOpts, kernel: &crate::kernel::KernelImage, route: &Ro
         slot: slot.clone(),
         marked,
         input: in_rx,
+        streams: log_rx.clone(),
+        taken: taken.clone(),
     };
 
     let cfg = GuestConfig::for_log(&h, &stream_name, opts.kernel.as_deref(), opts.initrd.as_deref())?;
@@ -351,6 +356,8 @@ struct Opened {
     /// For a stream from boot: the exit through which the primary had
     /// released output before this backup joined.
     ready_at: Option<u64>,
+    /// The primary's offset of the first record, and the primary.
+    from: (u64, String),
 }
 
 /// Waits for the primary's log stream. While none comes, asks the witness
@@ -418,11 +425,16 @@ fn wait_for_stream(
                     // Not a stream to refuse and forget: the cluster runs another kernel.
                     return Ok((r, None));
                 }
-                read_snapshot(r.get_mut(), &name).map(|s| (r, Some(s)))
+                let start = read_snapshot(r.get_mut(), &name)?;
+                let from = super::read_line(r.get_mut())
+                    .map_err(|e| e.to_string())?
+                    .ok_or("the stream ended before the `FROM` line")?;
+                let from = parse_from(&from).ok_or_else(|| format!("{from:?} where `FROM <offset> <primary>` belongs"))?;
+                Ok((r, Some((start, from))))
             });
         match (opened, silence) {
-            (Ok((reader, Some((snap, ready_at)))), Ok(silence)) => {
-                return Ok(Some(Opened { reader, write, stream_view, peer, silence, snap, ready_at }))
+            (Ok((reader, Some(((snap, ready_at), from)))), Ok(silence)) => {
+                return Ok(Some(Opened { reader, write, stream_view, peer, silence, snap, ready_at, from }))
             }
             (Ok((reader, None)), _) => {
                 let h = reader.header();

@@ -68,6 +68,19 @@ impl LogBuf {
         g.marks.drain(..keep_from);
     }
 
+    /// Drops the bytes through the end of the last mark at or before
+    /// `ordinal` (a backup acknowledged it: it never needs them again).
+    pub fn trim_through_mark(&self, ordinal: u64) {
+        let end = {
+            let g = self.inner.lock().unwrap();
+            let i = g.marks.partition_point(|&(_, o)| o <= ordinal);
+            i.checked_sub(1).map(|i| g.marks[i].0)
+        };
+        if let Some(end) = end {
+            self.trim_before(end);
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -142,6 +155,27 @@ mod tests {
         LogBufWriter(log.clone()).write_all(b"abcdef").unwrap();
         assert_eq!(t.join().unwrap().unwrap(), b"def");
         assert!(log.read_from(6, Duration::from_millis(1)).unwrap().is_empty());
+    }
+
+    /// The log is kept from the end of the last acknowledged mark: what a
+    /// backup that resumes may still ask for.
+    #[test]
+    fn an_acknowledged_mark_drops_the_log_through_it() {
+        let log = LogBuf::new();
+        log.append(b"head");
+        log.mark_follows(3);
+        log.append(b"exit3");
+        log.mark_follows(7);
+        log.append(b"exit7");
+        log.append(b"more");
+        log.trim_through_mark(5);
+        assert_eq!((log.base(), log.len()), (9, 18));
+        assert_eq!(log.read_from(9, Duration::ZERO).unwrap(), b"exit7more");
+        assert_eq!(log.last_mark_within(18), Some(7));
+        log.trim_through_mark(7);
+        assert_eq!(log.base(), 14);
+        log.trim_through_mark(2);
+        assert_eq!(log.base(), 14, "an older mark never brings anything back");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod net;
 pub mod primary;
 pub mod promoter;
 pub mod remote_console;
+pub mod resume;
 pub mod secure;
 pub mod stream;
 pub mod lease_clock;

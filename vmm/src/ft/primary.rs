@@ -106,6 +106,7 @@ impl PrimaryDuty {
                     addr: addr_of(b).to_string(),
                     to: b.clone(),
                     view: v.number,
+                    me: self.me.clone(),
                     key: self.key.clone(),
                     log: self.log.clone(),
                     gate: self.gate.clone(),

@@ -17,7 +17,7 @@ use super::backup_inputs::{Takeover, TakeoverSlot};
 use super::gate::Gate;
 use super::key::ClusterKey;
 use super::lease_clock::BootInstant;
-use super::listener::RoleError;
+use super::listener::{Incoming, RoleError};
 use super::log_buf::LogBuf;
 use super::primary::PrimaryDuty;
 use super::stream::{LogReceiver, StreamEnd};
@@ -154,6 +154,10 @@ pub(super) struct Promoter {
     pub slot: TakeoverSlot,
     pub marked: Arc<AtomicU64>,
     pub input: Receiver<Vec<u8>>,
+    /// New log streams from the listener, once the first was lost ...
+    pub streams: Receiver<Incoming>,
+    /// ... which it hands over only while this is false.
+    pub taken: Arc<AtomicBool>,
 }
 
 impl Promoter {
@@ -166,9 +170,16 @@ impl Promoter {
                 StreamEnd::Lost(why) => {
                     if lost.is_none() && !self.m.over.load(Ordering::Relaxed) {
                         log::warn!("backup: lost the primary's log stream ({why}) after {} records", recv.records);
+                        // Its next stream, if it lives, resumes this one.
+                        self.taken.store(!recv.can_resume(), Ordering::SeqCst);
                     }
                     lost = Some(why);
                 }
+            }
+            // Resumed: the request below (not lost) tells the witness that
+            // the link works again, so that a later loss counts anew.
+            if lost.is_some() && self.resumed(&mut recv) {
+                lost = None;
             }
             // Held across the check, the request and the takeover: a
             // membership that ends meanwhile (`over`) sees either no
@@ -215,6 +226,23 @@ impl Promoter {
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
+            }
+        }
+    }
+
+    /// Takes a new stream from the primary in place of the lost one, if
+    /// one came (see `resume.rs`): true if the log goes on.
+    fn resumed(&mut self, recv: &mut LogReceiver) -> bool {
+        let Ok(incoming) = self.streams.try_recv() else { return false };
+        match recv.resume(incoming) {
+            Ok(at) => {
+                log::info!("backup: the primary streams again: resumed its log at offset {at}, after {} records, with no state transfer", recv.records);
+                true
+            }
+            Err(e) => {
+                log::warn!("backup: could not resume the primary's log stream: {e}; waiting for the witness");
+                self.taken.store(!recv.can_resume(), Ordering::SeqCst);
+                false
             }
         }
     }

@@ -10,8 +10,13 @@
 //! records from the first one after exit N on, or a line `BOOT` followed
 //! by the records from boot (a backup in the view from the start; `BOOT <n>`:
 //! output was released through exit n, so the backup can take over only
-//! once it holds the log that far), while the backup sends `ACK <ordinal>` lines back each time it
+//! once it holds the log that far), then a line `FROM <offset> <primary>`
+//! (where in the primary's log the records start: `resume.rs`), while the
+//! backup sends `ACK <ordinal>` lines back each time it
 //! has received the log through that ordinal (a high-water mark record).
+//! A backup that lost a stream of this primary's answers a new hello with
+//! `RESUME <offset> <primary>`: the header and the records from that
+//! offset follow, nothing else (`resume.rs`).
 //! The connection is authenticated and encrypted (`secure.rs`); its hello
 //! binds it to one view, and a new view means a new connection.
 //!
@@ -31,6 +36,7 @@ use replay_log::{Event, ExitKind, LogError, LogReader, LogWriter, Record};
 use super::gate::Gate;
 use super::key::ClusterKey;
 use super::log_buf::LogBuf;
+use super::resume::{self, Resume};
 use super::secure::{self, SecureReader, SecureWriter};
 use super::xfer::{Taken, Transfers};
 use super::witness::LEASE_MARGIN;
@@ -56,6 +62,9 @@ pub struct Sending {
     /// that incarnation only.
     pub to: String,
     pub view: u64,
+    /// This primary as the witness knows it: a backup resumes only the
+    /// log of the primary that streamed it (`resume.rs`).
+    pub me: String,
     /// The gate's acknowledgement generation for this backup (a late ack
     /// of a previous backup must not count).
     pub generation: u64,
@@ -152,7 +161,7 @@ pub fn run_sender(s: Sending) {
 }
 
 fn stream_once(s: &Sending) {
-    let Some((reader, mut conn)) = open(s) else { return };
+    let Some((reader, mut conn, answer)) = open(s) else { return };
     let addr = s.addr.clone();
     log::info!("primary: streaming the log to backup {addr} (view {})", s.view);
     // Bytes of the log handed to this connection so far.
@@ -168,7 +177,11 @@ fn stream_once(s: &Sending) {
         return;
     };
     let _ = conn.tcp().set_write_timeout(Some(WRITE_TIMEOUT));
-    if let Some(off) = start(&mut conn, s, &sent) {
+    let off = match answer {
+        Answer::Fresh => start(&mut conn, s, &sent),
+        Answer::Resume(at) => resume_at(&mut conn, s, &sent, at),
+    };
+    if let Some(off) = off {
         stream_records(&mut conn, s, &sent, off);
     }
     let _ = conn.tcp().shutdown(std::net::Shutdown::Both);
@@ -193,7 +206,7 @@ fn start(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize) -> Option<usi
         // waits for its acks from now on): it can take over only once it
         // holds the log through that exit.
         let released = s.gate.released_ordinal();
-        return match write_line(conn, &format!("BOOT {released}")) {
+        return match write_line(conn, &format!("BOOT {released}")).and_then(|()| write_line(conn, &resume::from_line(off, &s.me))) {
             Ok(()) => {
                 log::info!("primary: backup {addr} replays the log from boot");
                 Some(off)
@@ -206,7 +219,39 @@ fn start(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize) -> Option<usi
     }
     let taken = snapshot(s)?;
     let off = taken.offset;
-    transfer(conn, s, taken, sent).then_some(off)
+    if !transfer(conn, s, taken, sent) {
+        return None;
+    }
+    match write_line(conn, &resume::from_line(off, &s.me)) {
+        Ok(()) => Some(off),
+        Err(e) => {
+            log::warn!("primary: log stream to backup {addr} broke: {e}");
+            None
+        }
+    }
+}
+
+/// The backup lost a stream of ours and holds the log through offset
+/// `at`: send the header and go on from there, with no state transfer,
+/// if the log is still kept from there (it is kept from the last
+/// acknowledged mark, and a backup has at least what it acknowledged).
+fn resume_at(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize, at: usize) -> Option<usize> {
+    let addr = &s.addr;
+    let (base, len) = (s.log.base(), s.log.len());
+    if at < base || at > len {
+        log::warn!("primary: backup {addr} asks to resume the log at offset {at}, but this primary keeps it from {base} to {len} only");
+        return None;
+    }
+    if let Err(e) = send_header(conn, &s.transfers.guest) {
+        log::warn!("primary: sending the log header to backup {addr} failed: {e}");
+        return None;
+    }
+    sent.store(at, Ordering::SeqCst);
+    let mark = s.log.last_mark_within(at).unwrap_or(0);
+    // It holds the log that far: the lag throttle counts from there.
+    s.transfers.taken_at(mark);
+    log::info!("primary: backup {addr} resumes the log at offset {at} (after exit #{mark}): no state transfer");
+    Some(at)
 }
 
 /// Sends the snapshot; drops the log before it. False if the stream broke.
@@ -259,9 +304,9 @@ fn stream_records(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize, mut 
         if b.is_empty() || s.stop.load(Ordering::Relaxed) {
             continue;
         }
-        // A backup that joins later gets a snapshot: what this one was
-        // sent is not needed again.
-        s.log.trim_before(off);
+        // (The log is dropped as the backup acknowledges it, in
+        // `read_acks`, not as it is sent: a backup whose stream breaks
+        // resumes from what it received.)
         // Counted before the bytes leave, so an ack can never arrive for
         // a mark the ack reader does not yet count as sent.
         off += b.len();
@@ -275,9 +320,18 @@ fn stream_records(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize, mut 
     }
 }
 
+/// How the backup answered the hello.
+enum Answer {
+    /// `OK`: it has nothing from this primary; the header and the state follow.
+    Fresh,
+    /// `RESUME <offset> <primary>`: it lost a stream of ours and holds our
+    /// log through that offset.
+    Resume(usize),
+}
+
 /// Connects and says hello, retrying (a backup still starting, a listener
 /// busy with strangers) until the backup answers or leaves the view.
-fn open(s: &Sending) -> Option<(SecureReader, SecureWriter)> {
+fn open(s: &Sending) -> Option<(SecureReader, SecureWriter, Answer)> {
     let mut warned = false;
     while !s.stop.load(Ordering::Relaxed) {
         let tried = secure::connect(&s.addr, &s.key, CONNECT_TIMEOUT).and_then(|(mut r, mut w)| {
@@ -288,7 +342,11 @@ fn open(s: &Sending) -> Option<(SecureReader, SecureWriter)> {
             Ok((r, w, answer?))
         });
         match tried {
-            Ok((r, w, Some(l))) if l == "OK" => return Some((r, w)),
+            Ok((r, w, Some(l))) if l == "OK" => return Some((r, w, Answer::Fresh)),
+            Ok((r, w, Some(l))) if resume::parse_resume(&l).is_some_and(|(_, p)| p == s.me) => {
+                let at = resume::parse_resume(&l).map_or(0, |(at, _)| at);
+                return Some((r, w, Answer::Resume(at)));
+            }
             // Busy with a stream it may yet refuse, not yet the member the
             // view names (joining, rejoining), or anything else: ask again
             // while it is the view's backup (the duty thread stops us when
@@ -342,6 +400,9 @@ fn read_acks(mut r: SecureReader, addr: &str, log: &LogBuf, sent: &AtomicUsize, 
             return violation(&r, format!("it acknowledged exit #{n}, but the last high-water mark sent to it is #{bound}"));
         }
         gate.ack_from(generation, n);
+        // It holds the log through that mark: a stream of ours that breaks
+        // resumes after it at the earliest.
+        log.trim_through_mark(n);
     }
 }
 
@@ -375,6 +436,9 @@ pub struct LogReceiver {
     pub gate: Arc<Gate>,
     /// A resync's pages, held until its vCPU state arrives (`ResyncUnit`).
     pub resync: ResyncUnit,
+    /// Where this backup stands in the primary's log, while a lost stream
+    /// may be resumed (`resume.rs`).
+    pub resume: Option<Resume>,
 }
 
 /// A resync is one unit: its pages (one or more `Pages` records) and then
@@ -430,6 +494,7 @@ impl LogReceiver {
                     let mark = matches!(rec.event, Event::Progress { .. });
                     if let Event::Progress { frames_out } = rec.event {
                         if frames_out > rec.pos.ordinal {
+                            self.resume = None;
                             return StreamEnd::Lost(format!("a mark at exit {} says frames through exit {frames_out} were sent", rec.pos.ordinal));
                         }
                         self.buf.mark_follows(rec.pos.ordinal);
@@ -438,6 +503,7 @@ impl LogReceiver {
                         self.gate.frames_sent_elsewhere(frames_out);
                     }
                     if let Err(e) = self.log.append(&rec) {
+                        self.resume = None;
                         return StreamEnd::Lost(format!("keeping the log: {e}"));
                     }
                     if mark {
@@ -462,7 +528,13 @@ impl LogReceiver {
                 {
                     return StreamEnd::Silent
                 }
-                Err(e) => return StreamEnd::Lost(e.to_string()),
+                // A link that broke may be resumed; a stream that is not a
+                // log (corrupt, a protocol violation) is not.
+                Err(e @ (LogError::Io { .. } | LogError::Truncated { .. })) => return StreamEnd::Lost(e.to_string()),
+                Err(e) => {
+                    self.resume = None;
+                    return StreamEnd::Lost(e.to_string());
+                }
             }
         }
     }
@@ -505,14 +577,14 @@ impl RecordSource for ChannelSource {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ft::gate::Role;
     use std::net::TcpListener;
 
     /// A real authenticated connection: (the connecting side's reader and
     /// writer, the accepting side's reader and writer).
-    fn connection() -> ((SecureReader, SecureWriter), (SecureReader, SecureWriter)) {
+    pub(crate) fn connection() -> ((SecureReader, SecureWriter), (SecureReader, SecureWriter)) {
         let key = ClusterKey::from_bytes([9; 32]);
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
@@ -602,12 +674,12 @@ mod tests {
         assert_eq!(gate.frames_sent_before(), 2);
     }
 
-    fn header() -> replay_log::Header {
+    pub(crate) fn header() -> replay_log::Header {
         replay_log::Header { kernel_sha256: [1; 32], initrd_sha256: None, mem_bytes: 1 << 20, cmdline: String::new(), ftvm_version: "t".into(), kernel_name: "t".into(), net_mac: None }
     }
 
     /// A backup's receiver on the accepting side of `connection()`.
-    fn receiver((br, bw): (SecureReader, SecureWriter), gate: Arc<Gate>, to_vcpu: Sender<Record>) -> LogReceiver {
+    pub(crate) fn receiver((br, bw): (SecureReader, SecureWriter), gate: Arc<Gate>, to_vcpu: Sender<Record>) -> LogReceiver {
         let buf = LogBuf::new();
         LogReceiver {
             reader: LogReader::new(br, "stream").unwrap(),
@@ -620,6 +692,7 @@ mod tests {
             ready_at: 0,
             gate,
             resync: ResyncUnit::default(),
+            resume: None,
         }
     }
 

@@ -274,6 +274,9 @@ impl State {
         // nothing for a while (a slow primary) asks with lost=0 and must not
         // be dropped for it later.
         if !lost {
+            // Its link works (again: a stream the primary resumed after
+            // losing its lease for a while): a later loss starts anew.
+            self.promote_asked = None;
             return Ok(format!("result=wait {}", view_kv(&self.view)));
         }
         let first = *self.promote_asked.get_or_insert(now);
