@@ -429,7 +429,8 @@ fn wait_for_stream(
                 let from = super::read_line(r.get_mut())
                     .map_err(|e| e.to_string())?
                     .ok_or("the stream ended before the `FROM` line")?;
-                let from = parse_from(&from).ok_or_else(|| format!("{from:?} where `FROM <offset> <primary>` belongs"))?;
+                let from = parse_from(&from)
+                    .ok_or_else(|| format!("{from:?} where `FROM <offset> <primary>` belongs (a primary of another ftvm release?)"))?;
                 Ok((r, Some((start, from))))
             });
         match (opened, silence) {

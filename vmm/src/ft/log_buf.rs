@@ -1,9 +1,11 @@
-//! The log kept in memory by whichever VMM is primary: the records a
-//! backup has not been sent yet. A backup that joins gets a snapshot and
-//! the log from the snapshot's offset on (`xfer.rs`), so the bytes before
-//! what was last sent (or before the last snapshot) are dropped
-//! (`trim_before`): offsets stay absolute (bytes since the log began), the
-//! buffer holds only `[base, len)`.
+//! The log kept in memory by whichever VMM is primary: the records its
+//! backup has not acknowledged yet. A backup that joins gets a snapshot
+//! and the log from the snapshot's offset on (`xfer.rs`); one whose stream
+//! broke resumes from what it received (`resume.rs`), which is at least
+//! what it acknowledged. So the bytes before the last acknowledged mark
+//! (or before the last snapshot) are dropped (`trim_before`,
+//! `trim_through_mark`): offsets stay absolute (bytes since the log
+//! began), the buffer holds only `[base, len)`.
 //!
 //! It also knows where each high-water mark ends, so that the stream to a
 //! backup can tell which marks it has sent: an acknowledgement of anything
@@ -68,13 +70,20 @@ impl LogBuf {
         g.marks.drain(..keep_from);
     }
 
-    /// Drops the bytes through the end of the last mark at or before
-    /// `ordinal` (a backup acknowledged it: it never needs them again).
+    /// A backup acknowledged `ordinal`: drops the bytes it surely holds,
+    /// through the end of the *first* mark at that ordinal (or of the last
+    /// one before it). Two marks can share an ordinal (an idle exit is
+    /// marked before its wait and again after the time it logged), and an
+    /// acknowledgement of the first must not drop the bytes up to the
+    /// second: a backup whose stream broke in between resumes from there.
     pub fn trim_through_mark(&self, ordinal: u64) {
         let end = {
             let g = self.inner.lock().unwrap();
-            let i = g.marks.partition_point(|&(_, o)| o <= ordinal);
-            i.checked_sub(1).map(|i| g.marks[i].0)
+            let i = g.marks.partition_point(|&(_, o)| o < ordinal);
+            match g.marks.get(i) {
+                Some(&(end, o)) if o == ordinal => Some(end),
+                _ => i.checked_sub(1).map(|i| g.marks[i].0),
+            }
         };
         if let Some(end) = end {
             self.trim_before(end);
@@ -176,6 +185,24 @@ mod tests {
         assert_eq!(log.base(), 14);
         log.trim_through_mark(2);
         assert_eq!(log.base(), 14, "an older mark never brings anything back");
+    }
+
+    /// Two marks at one ordinal (an idle exit marked before its wait and
+    /// after it): an acknowledgement of that ordinal may be the first's,
+    /// so the bytes between them stay.
+    #[test]
+    fn an_acknowledgement_keeps_what_follows_the_first_mark_of_its_ordinal() {
+        let log = LogBuf::new();
+        log.append(b"head");
+        log.mark_follows(5);
+        log.append(b"idle5");
+        log.append(b"time5");
+        log.mark_follows(5);
+        log.append(b"done5");
+        log.trim_through_mark(5);
+        assert_eq!(log.base(), 9, "the bytes after the first mark at 5 were dropped");
+        log.trim_through_mark(6);
+        assert_eq!(log.base(), 19, "a later ordinal covers both");
     }
 
     #[test]

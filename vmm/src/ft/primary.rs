@@ -194,8 +194,9 @@ impl PrimaryDuty {
     }
 
     /// Without a backup no one will ever be sent the log kept so far (a
-    /// backup that joins gets a snapshot): drop it. With one, its sender
-    /// drops what it has sent. Says how much is kept, now and then.
+    /// backup that joins gets a snapshot): drop it. With one, the log is
+    /// dropped as the backup acknowledges it (`stream::read_acks`). Says
+    /// how much is kept, now and then.
     fn bound_log(&mut self) {
         if self.view.backup.is_none() {
             self.log.trim_before(self.log.len());

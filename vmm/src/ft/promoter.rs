@@ -233,6 +233,9 @@ impl Promoter {
     /// Takes a new stream from the primary in place of the lost one, if
     /// one came (see `resume.rs`): true if the log goes on.
     fn resumed(&mut self, recv: &mut LogReceiver) -> bool {
+        if self.m.over.load(Ordering::Relaxed) {
+            return false;
+        }
         let Ok(incoming) = self.streams.try_recv() else { return false };
         match recv.resume(incoming) {
             Ok(at) => {

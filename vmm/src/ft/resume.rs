@@ -23,7 +23,7 @@
 
 use std::time::Duration;
 
-use replay_log::{LogReader, FORMAT_VERSION};
+use replay_log::{LogError, LogReader, FORMAT_VERSION};
 
 use super::listener::Incoming;
 use super::stream::LogReceiver;
@@ -89,7 +89,7 @@ impl LogReceiver {
     /// the lost stream: answers `RESUME`, checks the header (the same guest
     /// as before) and reads on from there. Returns the offset it resumed at.
     /// A stream that breaks first leaves it as it was (the primary tries
-    /// again); one with another guest's header ends its resumptions.
+    /// again); a refusal, or another guest's header, ends its resumptions.
     pub fn resume(&mut self, incoming: Incoming) -> Result<u64, String> {
         let (reader, mut writer, _view) = incoming;
         let Some(r) = self.resume.clone() else {
@@ -101,7 +101,16 @@ impl LogReceiver {
         let name = format!("log stream from {peer} (resumed at offset {at})");
         write_line(&mut writer, &format!("RESUME {at} {}", r.primary)).map_err(|e| format!("{name}: {e}"))?;
         reader.tcp().set_read_timeout(Some(HEADER_TIMEOUT)).map_err(|e| format!("{name}: {e}"))?;
-        let mut new = LogReader::new(reader, &name).map_err(|e| e.to_string())?;
+        let mut new = match LogReader::new(reader, &name) {
+            Ok(r) => r,
+            // Not a log where the header belongs: the primary's `ERR`,
+            // refusing (it no longer keeps our offset). Stop asking.
+            Err(e @ LogError::NotALog { .. }) => {
+                self.resume = None;
+                return Err(format!("the primary refused to resume ({e})"));
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         if new.version() != FORMAT_VERSION || new.header() != self.reader.header() {
             self.resume = None;
             return Err(format!("{name}: its header is not the one of the stream it resumes"));
@@ -138,11 +147,15 @@ mod tests {
     fn a_stream_cut_inside_a_record_resumes_after_the_last_whole_one() {
         let log = LogBuf::new();
         let mut w = LogWriter::new(log_buf_writer(&log), &header()).unwrap();
+        let rec = |o: u64| Record { pos: Position { ordinal: o, rip: 0x1000 + o, exit: ExitKind::Hlt }, event: Event::Time { ns: o * 1000 } };
+        // The log before the backup's snapshot: its stream starts after it,
+        // so the primary's offsets are not the stream's.
+        for o in 1..=25 {
+            w.append(&rec(o)).unwrap();
+        }
         w.flush().unwrap();
         let start = log.len();
-        let recs: Vec<Record> = (1..=40u64)
-            .map(|o| Record { pos: Position { ordinal: o, rip: 0x1000 + o, exit: ExitKind::Hlt }, event: Event::Time { ns: o * 1000 } })
-            .collect();
+        let recs: Vec<Record> = (26..=65u64).map(rec).collect();
         let mut ends = vec![];
         for r in &recs {
             w.append(r).unwrap();
@@ -181,6 +194,18 @@ mod tests {
         pump_to_the_end(&mut recv);
         let got: Vec<Record> = rx.try_iter().collect();
         assert_eq!(got, recs, "records lost or repeated across the resumption");
+
+        // The primary refuses a later resumption (it no longer keeps the
+        // offset): the backup stops asking.
+        let ((mut pr3, mut pw3), incoming) = connection();
+        let refuse = std::thread::spawn(move || {
+            read_line(&mut pr3).unwrap().unwrap();
+            write_line(&mut pw3, "ERR cannot resume at offset 1: this primary keeps its log from 9 to 10 only").unwrap();
+            pw3.flush().unwrap();
+        });
+        assert!(recv.resume((incoming.0, incoming.1, 2)).is_err());
+        refuse.join().unwrap();
+        assert!(!recv.can_resume(), "a refused backup asks again");
     }
 
     /// A stream that ended in something that is not a log is not resumed:

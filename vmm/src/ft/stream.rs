@@ -239,7 +239,10 @@ fn resume_at(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize, at: usize
     let addr = &s.addr;
     let (base, len) = (s.log.base(), s.log.len());
     if at < base || at > len {
-        log::warn!("primary: backup {addr} asks to resume the log at offset {at}, but this primary keeps it from {base} to {len} only");
+        let why = format!("cannot resume at offset {at}: this primary keeps its log from {base} to {len} only");
+        log::warn!("primary: backup {addr} {why}");
+        // Where the header belongs: the backup stops asking to resume.
+        let _ = write_line(conn, &format!("ERR {why}"));
         return None;
     }
     if let Err(e) = send_header(conn, &s.transfers.guest) {
@@ -248,8 +251,13 @@ fn resume_at(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize, at: usize
     }
     sent.store(at, Ordering::SeqCst);
     let mark = s.log.last_mark_within(at).unwrap_or(0);
-    // It holds the log that far: the lag throttle counts from there.
+    // It holds the log that far (a mark ending before `at`, sent on an
+    // earlier stream of ours): the lag throttle counts from there, and it
+    // is acknowledged, as if it had said so again (output held since the
+    // lease lapsed goes out; the stall bound is that of a backup that has
+    // the state, not of one joining).
     s.transfers.taken_at(mark);
+    s.gate.ack_from(s.generation, mark);
     log::info!("primary: backup {addr} resumes the log at offset {at} (after exit #{mark}): no state transfer");
     Some(at)
 }
@@ -289,8 +297,8 @@ fn stream_records(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize, mut 
             // own lease ends LEASE_MARGIN earlier): closing the stream lets
             // the backup ask at once, without waiting for a witness request
             // of ours that may hang for seconds. Not earlier: a renewal a
-            // little late must not cost the backup its stream (it accepts
-            // one stream per membership, and would have to join again).
+            // little late would break the stream for nothing (it is
+            // resumed once we renew, but output waits meanwhile).
             log::warn!("primary: the lease ran out; closing the log stream to backup {addr}");
             break;
         }
