@@ -2,7 +2,7 @@
 //! view, renews its lease with the witness, and releases output under the
 //! output rule (`gate`).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +46,9 @@ pub(super) struct PrimaryDuty {
     pub(super) log_said: BootInstant,
     /// The backup's acknowledgement last seen, and since when.
     pub(super) acks: Option<(u64, BootInstant)>,
+    /// The backup member streamed to, and the highest log offset any
+    /// stream of ours sent it (what a resumption may claim at most).
+    pub(super) streamed: Option<(String, Arc<AtomicUsize>)>,
 }
 
 /// A backup whose acknowledgements do not move for this long while marks
@@ -95,9 +98,22 @@ impl PrimaryDuty {
         );
         match &v.backup {
             Some(b) => {
+                let streamed = match &self.streamed {
+                    Some((m, high)) if m == b => high.clone(),
+                    _ => {
+                        let high = Arc::new(AtomicUsize::new(0));
+                        self.streamed = Some((b.clone(), high.clone()));
+                        high
+                    }
+                };
                 // Before the gate waits for it: the lag throttle must not
-                // hold the guest against a backup that has nothing yet.
-                self.transfers.joining();
+                // hold the guest against a backup that has nothing yet. One
+                // that acknowledged our log before (the stream is opened
+                // again after our lease lapsed; it resumes) holds it that far.
+                match self.gate.acked() {
+                    acked if acked > 0 && streamed.load(Ordering::SeqCst) > 0 => self.transfers.taken_at(acked),
+                    _ => self.transfers.joining(),
+                }
                 let generation = self.gate.reset_acks();
                 self.gate.set_role(Role::Primary { need_ack: true });
                 let stop = Arc::new(AtomicBool::new(false));
@@ -111,6 +127,7 @@ impl PrimaryDuty {
                     log: self.log.clone(),
                     gate: self.gate.clone(),
                     generation,
+                    streamed,
                     stop,
                     transfers: self.transfers.clone(),
                 };
@@ -271,6 +288,7 @@ pub fn run_primary(opts: PrimaryOpts, cfg: GuestConfig) -> Result<(String, i32),
         stop: stop.clone(),
         log_said: BootInstant::now(),
         acks: None,
+        streamed: None,
     }
     .start(t0);
     let mut rec = Recorder::new(Some(writer), ConsoleInput::from_channel(in_rx))

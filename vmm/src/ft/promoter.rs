@@ -300,6 +300,7 @@ impl Promoter {
             stop: self.m.stop.clone(),
             log_said: BootInstant::now(),
             acks: None,
+            streamed: None,
         }
         .start(asked);
         // Only now: whoever acts on it (a backup at the guest's end winding

@@ -178,6 +178,17 @@ mod tests {
         pump_to_the_end(&mut recv);
         assert!(recv.can_resume(), "a broken link can be resumed");
 
+        // A primary that goes away before its header (killed, or it gave
+        // up waiting for our answer): the next one may still resume.
+        let ((mut pr1, pw1), incoming) = connection();
+        let gone = std::thread::spawn(move || {
+            read_line(&mut pr1).unwrap().unwrap();
+            drop((pr1, pw1));
+        });
+        assert!(recv.resume((incoming.0, incoming.1, 2)).is_err());
+        gone.join().unwrap();
+        assert!(recv.can_resume(), "a primary gone before its header ended the resumptions");
+
         let ((mut pr2, mut pw2), incoming) = connection();
         let primary = std::thread::spawn(move || {
             let line = read_line(&mut pr2).unwrap().unwrap();

@@ -68,6 +68,10 @@ pub struct Sending {
     /// The gate's acknowledgement generation for this backup (a late ack
     /// of a previous backup must not count).
     pub generation: u64,
+    /// The highest log offset ever sent to this backup member, by any
+    /// stream of ours: a resumption may ask for no more (what it claims
+    /// to hold counts as acknowledged, `resume_at`).
+    pub streamed: Arc<AtomicUsize>,
     pub key: ClusterKey,
     pub log: Arc<LogBuf>,
     pub gate: Arc<Gate>,
@@ -199,7 +203,7 @@ fn start(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize) -> Option<usi
     // The log from boot is all there (the backup was in the view from the
     // start): it replays from boot, nothing to snapshot.
     if let Some(off) = s.transfers.boot_records().filter(|&off| s.log.base() <= off) {
-        sent.store(off, Ordering::SeqCst);
+        note_sent(s, sent, off);
         // It has nothing yet: the throttle counts from boot.
         s.transfers.taken_at(0);
         // Output released before this backup was in the view (the gate
@@ -231,15 +235,25 @@ fn start(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize) -> Option<usi
     }
 }
 
+/// Bytes of the log through `off` are handed to this stream.
+fn note_sent(s: &Sending, sent: &AtomicUsize, off: usize) {
+    sent.store(off, Ordering::SeqCst);
+    s.streamed.fetch_max(off, Ordering::SeqCst);
+}
+
 /// The backup lost a stream of ours and holds the log through offset
 /// `at`: send the header and go on from there, with no state transfer,
 /// if the log is still kept from there (it is kept from the last
 /// acknowledged mark, and a backup has at least what it acknowledged).
 fn resume_at(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize, at: usize) -> Option<usize> {
     let addr = &s.addr;
-    let (base, len) = (s.log.base(), s.log.len());
-    if at < base || at > len {
-        let why = format!("cannot resume at offset {at}: this primary keeps its log from {base} to {len} only");
+    let (base, high) = (s.log.base(), s.streamed.load(Ordering::SeqCst));
+    if at < base || at > high {
+        let why = if at > high {
+            format!("cannot resume at offset {at}: this primary sent this backup its log up to offset {high} only")
+        } else {
+            format!("cannot resume at offset {at}: this primary keeps its log from offset {base} on only")
+        };
         log::warn!("primary: backup {addr} {why}");
         // Where the header belongs: the backup stops asking to resume.
         let _ = write_line(conn, &format!("ERR {why}"));
@@ -249,7 +263,7 @@ fn resume_at(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize, at: usize
         log::warn!("primary: sending the log header to backup {addr} failed: {e}");
         return None;
     }
-    sent.store(at, Ordering::SeqCst);
+    note_sent(s, sent, at);
     let mark = s.log.last_mark_within(at).unwrap_or(0);
     // It holds the log that far (a mark ending before `at`, sent on an
     // earlier stream of ours): the lag throttle counts from there, and it
@@ -267,7 +281,7 @@ fn transfer(conn: &mut SecureWriter, s: &Sending, taken: Taken, sent: &AtomicUsi
     let addr = &s.addr;
     // Nothing before the snapshot is ever needed again.
     s.log.trim_before(taken.offset);
-    sent.store(taken.offset, Ordering::SeqCst);
+    note_sent(s, sent, taken.offset);
     let t0 = std::time::Instant::now();
     let started = send_snapshot(conn, &taken);
     log::info!(
@@ -318,7 +332,7 @@ fn stream_records(conn: &mut SecureWriter, s: &Sending, sent: &AtomicUsize, mut 
         // Counted before the bytes leave, so an ack can never arrive for
         // a mark the ack reader does not yet count as sent.
         off += b.len();
-        sent.store(off, Ordering::SeqCst);
+        note_sent(s, sent, off);
         if let Err(e) = conn.write_all(&b) {
             if !s.stop.load(Ordering::Relaxed) {
                 log::warn!("primary: log stream to backup {addr} broke: {e}");
@@ -351,9 +365,16 @@ fn open(s: &Sending) -> Option<(SecureReader, SecureWriter, Answer)> {
         });
         match tried {
             Ok((r, w, Some(l))) if l == "OK" => return Some((r, w, Answer::Fresh)),
-            Ok((r, w, Some(l))) if resume::parse_resume(&l).is_some_and(|(_, p)| p == s.me) => {
-                let at = resume::parse_resume(&l).map_or(0, |(at, _)| at);
-                return Some((r, w, Answer::Resume(at)));
+            Ok((r, mut w, Some(l))) if resume::parse_resume(&l).is_some() => {
+                let (at, of) = resume::parse_resume(&l).unwrap_or_default();
+                if of == s.me {
+                    return Some((r, w, Answer::Resume(at)));
+                }
+                // Where the header belongs: it stops asking to resume.
+                let _ = write_line(&mut w, &format!("ERR this is primary {}, not {of}", s.me));
+                if !warned {
+                    log::warn!("primary: backup {} asks to resume the log of {of}, not this primary's; retrying while it is in the view", s.to);
+                }
             }
             // Busy with a stream it may yet refuse, not yet the member the
             // view names (joining, rejoining), or anything else: ask again
@@ -588,6 +609,7 @@ impl RecordSource for ChannelSource {
 pub(crate) mod tests {
     use super::*;
     use crate::ft::gate::Role;
+    use crate::ft::read_line;
     use std::net::TcpListener;
 
     /// A real authenticated connection: (the connecting side's reader and
@@ -769,6 +791,54 @@ pub(crate) mod tests {
     fn pages_at_an_exit_pass_at_once() {
         let recs = vec![Record { pos: at(2, ExitKind::Hlt), event: Event::Pages { pages: vec![(0x3000, vec![1; 4096])] } }];
         assert_eq!(received(&recs), (recs, 0));
+    }
+
+    /// The primary's side of a resumption: an offset it never sent, or no
+    /// longer keeps, is refused with a line the backup reads where the
+    /// header belongs; one it sent is taken up, counted as acknowledged
+    /// through the last mark before it, and the throttle counts from there.
+    #[test]
+    fn a_resumption_is_taken_only_within_what_was_sent_and_kept() {
+        let log = LogBuf::new();
+        log.append(b"header");
+        log.mark_follows(10);
+        log.append(b"records, mark 10");
+        log.mark_follows(20);
+        log.append(b"records, mark 20");
+        let e10 = 6 + 16;
+        let gate = Gate::new(Role::Primary { need_ack: true });
+        let s = Sending {
+            addr: "backup".into(),
+            to: "b@1".into(),
+            view: 2,
+            me: "p@1".into(),
+            generation: gate.reset_acks(),
+            streamed: Arc::new(AtomicUsize::new(e10 + 5)),
+            key: ClusterKey::from_bytes([9; 32]),
+            log: log.clone(),
+            gate: gate.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            transfers: Transfers::new(header()),
+        };
+        let sent = AtomicUsize::new(0);
+        let refused = |at: usize, why: &str| {
+            let ((_pr, mut pw), (mut br, _bw)) = connection();
+            assert_eq!(resume_at(&mut pw, &s, &sent, at), None, "{at}");
+            let line = read_line(&mut br).unwrap().unwrap();
+            assert!(line.starts_with("ERR ") && line.contains(why), "{line}");
+        };
+        // Mark 20 is kept but was never sent to this backup.
+        refused(log.len(), "sent this backup its log up to offset 27 only");
+        assert_eq!(gate.acked(), 0, "a claim past what was sent counted");
+
+        let ((_pr, mut pw), (br, _bw)) = connection();
+        assert_eq!(resume_at(&mut pw, &s, &sent, e10 + 3), Some(e10 + 3));
+        assert_eq!(LogReader::new(br, "resumed").unwrap().header(), &header());
+        assert_eq!(sent.load(Ordering::SeqCst), e10 + 3);
+        assert_eq!((gate.acked(), s.transfers.floor()), (10, 10));
+
+        log.trim_before(e10 + 1);
+        refused(e10, "keeps its log from offset 23 on only");
     }
 
     #[test]
