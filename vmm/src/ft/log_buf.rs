@@ -17,13 +17,24 @@ use std::time::Duration;
 
 #[derive(Default)]
 struct Inner {
-    /// The log's bytes from offset `base` on.
+    /// The log's bytes from offset `base` on, after `front` dropped ones:
+    /// trimming at every acknowledgement must not move the whole kept log
+    /// each time (under the lock the vCPU appends with), so the dropped
+    /// prefix is removed only once it is at least half of the buffer.
     bytes: Vec<u8>,
+    front: usize,
     base: usize,
     /// (offset just past the mark, its ordinal), in log order.
     marks: Vec<(usize, u64)>,
     /// A mark whose bytes the next append ends with.
     next_mark: Option<u64>,
+}
+
+impl Inner {
+    /// Offset of the end of the log.
+    fn end(&self) -> usize {
+        self.base + self.bytes.len() - self.front
+    }
 }
 
 #[derive(Default)]
@@ -40,7 +51,7 @@ impl LogBuf {
     /// Offset of the end of the log (bytes ever appended).
     pub fn len(&self) -> usize {
         let g = self.inner.lock().unwrap();
-        g.base + g.bytes.len()
+        g.end()
     }
 
     /// Offset of the first byte still held.
@@ -50,7 +61,8 @@ impl LogBuf {
 
     /// Bytes actually held (what `trim_before` keeps bounded).
     pub fn kept(&self) -> usize {
-        self.inner.lock().unwrap().bytes.len()
+        let g = self.inner.lock().unwrap();
+        g.bytes.len() - g.front
     }
 
     /// Drops the bytes before `offset` (no backup will ever need them: a
@@ -58,14 +70,16 @@ impl LogBuf {
     /// except the last one, so that `last_mark_within` still answers.
     pub fn trim_before(&self, offset: usize) {
         let mut g = self.inner.lock().unwrap();
-        let end = g.base + g.bytes.len();
-        let offset = offset.min(end);
+        let offset = offset.min(g.end());
         if offset <= g.base {
             return;
         }
-        let cut = offset - g.base;
-        g.bytes.drain(..cut);
+        g.front += offset - g.base;
         g.base = offset;
+        if 2 * g.front >= g.bytes.len() {
+            let front = std::mem::take(&mut g.front);
+            g.bytes.drain(..front);
+        }
         let keep_from = g.marks.partition_point(|&(e, _)| e <= offset).saturating_sub(1);
         g.marks.drain(..keep_from);
     }
@@ -98,7 +112,7 @@ impl LogBuf {
         let mut g = self.inner.lock().unwrap();
         g.bytes.extend_from_slice(b);
         if let Some(ord) = g.next_mark.take() {
-            let end = g.base + g.bytes.len();
+            let end = g.end();
             g.marks.push((end, ord));
         }
         drop(g);
@@ -129,12 +143,12 @@ impl LogBuf {
         let g = self.inner.lock().unwrap();
         let (g, _) = self
             .grew
-            .wait_timeout_while(g, timeout, |g| g.base + g.bytes.len() <= offset)
+            .wait_timeout_while(g, timeout, |g| g.end() <= offset)
             .unwrap();
         if offset < g.base {
             return Err(g.base);
         }
-        Ok(g.bytes.get(offset - g.base..).map(<[u8]>::to_vec).unwrap_or_default())
+        Ok(g.bytes.get(g.front + offset - g.base..).map(<[u8]>::to_vec).unwrap_or_default())
     }
 }
 
@@ -203,6 +217,24 @@ mod tests {
         assert_eq!(log.base(), 9, "the bytes after the first mark at 5 were dropped");
         log.trim_through_mark(6);
         assert_eq!(log.base(), 19, "a later ordinal covers both");
+    }
+
+    /// A small trim is only noted (the bytes move once the dropped part is
+    /// half the buffer): reads, lengths and later appends see no difference.
+    #[test]
+    fn a_trim_of_less_than_half_reads_the_same() {
+        let log = LogBuf::new();
+        log.append(b"0123456789");
+        log.trim_before(3);
+        assert_eq!((log.base(), log.len(), log.kept()), (3, 10, 7));
+        assert_eq!(log.read_from(5, Duration::ZERO).unwrap(), b"56789");
+        assert_eq!(log.read_from(2, Duration::ZERO), Err(3));
+        log.mark_follows(1);
+        log.append(b"ab");
+        assert_eq!(log.last_mark_within(12), Some(1));
+        log.trim_before(8);
+        assert_eq!(log.read_from(8, Duration::ZERO).unwrap(), b"89ab");
+        assert_eq!((log.base(), log.len(), log.kept()), (8, 12, 4));
     }
 
     #[test]
