@@ -46,8 +46,9 @@ fn stopped_backup_holds_output_while_the_guest_runs_on() {
     stopped_backup_holds_output(&fresh_embedded);
 }
 
-/// Rule 3 and identity: a stream for an older view, or for another
-/// incarnation at the backup's address, is refused.
+/// Rule 3 and identity: a stream for an older view, for another
+/// incarnation at the backup's address, or of another protocol version,
+/// is refused.
 #[test]
 fn log_stream_of_an_older_view_or_another_incarnation_is_refused() {
     let (_witness, wa) = start_witness();
@@ -62,14 +63,18 @@ fn log_stream_of_an_older_view_or_another_incarnation_is_refused() {
         line
     };
     // The backup joined view 1; a stream that claims view 0 is stale.
-    let line = hello(format!("FTVM-LOG view=0 to={me}\n"));
+    let line = hello(format!("FTVM-LOG/2 view=0 to={me}\n"));
     assert!(line.starts_with("ERR stale view 0"), "{line}");
     wait_for("the refusal on stderr", Duration::from_secs(2), || backup.err().contains("refused a log stream for view 0"));
     // A stream for the process that listened here before.
-    let line = hello(format!("FTVM-LOG view=1 to={b}@0123456789abcdef\n"));
+    let line = hello(format!("FTVM-LOG/2 view=1 to={b}@0123456789abcdef\n"));
     assert_eq!(line.trim(), format!("ERR this is {me}, not {b}@0123456789abcdef"));
-    let line = hello("FTVM-LOG view=1\n".to_string());
+    let line = hello("FTVM-LOG/2 view=1\n".to_string());
     assert_eq!(line.trim(), "ERR malformed hello");
+    // A primary of an ftvm release from before protocol versions.
+    let line = hello(format!("FTVM-LOG view=1 to={me}\n"));
+    assert!(line.starts_with("ERR log stream protocol 1, this backup speaks 2"), "{line}");
+    wait_for("the refusal on stderr", Duration::from_secs(2), || backup.err().contains("primary and backup must be the same ftvm release"));
 }
 
 #[test]

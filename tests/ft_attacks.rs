@@ -129,7 +129,7 @@ fn a_forged_log_is_not_taken_by_the_backup() {
     let forged = scratch().join("forged.ftlog");
     let o = ftvm().args(["record", "--no-stdin", "--cmdline", "seconds=1 lines=2", "--log"]).arg(&forged).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let mut stream = format!("FTVM-LOG view={} to={}\n", view_of(&w), member_of(&w, "backup")).into_bytes();
+    let mut stream = format!("{}\n", ftvm::ft::hello::hello(view_of(&w), &member_of(&w, "backup"))).into_bytes();
     stream.extend(std::fs::read(&forged).unwrap());
     let got = stranger(&b, &stream, Duration::from_secs(3));
     assert!(got.is_empty(), "the backup answered a stranger: {:?}", String::from_utf8_lossy(&got));
@@ -138,7 +138,7 @@ fn a_forged_log_is_not_taken_by_the_backup() {
     // Even a key holder's stream that is not a log is only refused: the
     // backup lives on and takes the next stream.
     let (mut r, mut wr) = secure::connect(&b, &key(), Duration::from_secs(2)).unwrap();
-    wr.write_all(format!("FTVM-LOG view={} to={}\n", view_of(&w), member_of(&w, "backup")).as_bytes()).unwrap();
+    wr.write_all(format!("{}\n", ftvm::ft::hello::hello(view_of(&w), &member_of(&w, "backup"))).as_bytes()).unwrap();
     assert_eq!(ftvm::ft::read_line(&mut r).unwrap().as_deref(), Some("OK"));
     wr.write_all(&[0x42; 4096]).unwrap();
     wait_for("the refusal", Duration::from_secs(5), || backup.err().contains("refused the log stream"));
@@ -210,7 +210,7 @@ fn acks_beyond_what_was_sent_are_refused() {
     let mut console = Proc::spawn(&["console", "--witness", &w, "--give-up", "15"]);
     let (mut r, mut wr) = secure::accept(l.accept().unwrap().0, &key()).unwrap();
     let hello = ftvm::ft::read_line(&mut r).unwrap().unwrap_or_default();
-    assert!(hello.starts_with("FTVM-LOG view="), "{hello}");
+    assert!(hello.starts_with("FTVM-LOG/2 view="), "{hello}");
     wr.write_all(b"OK\n").unwrap();
     let mut log = [0u8; 200];
     r.read_exact(&mut log).unwrap();
@@ -248,7 +248,7 @@ fn junk_does_not_crash_the_backup() {
     let cat = |a: &[u8], b: &[u8]| [a, b].concat();
     let attacks = [
         junk.clone(),
-        cat(b"FTVM-LOG view=99\n", &junk),
+        cat(b"FTVM-LOG/2 view=99\n", &junk),
         cat(&[0, 48], &[0x41; 48]),
         cat(&[0xff, 0xff], &junk),
         cat(&[0, 48], &junk),

@@ -13,7 +13,7 @@ use super::key::ClusterKey;
 use super::log_buf::{LogBuf, LogBufWriter};
 use super::remote_console;
 use super::secure::{self, Conn, SecureReader, SecureWriter};
-use super::stream::HELLO;
+use super::hello;
 use super::witness::WitnessError;
 use super::{read_line, write_line};
 
@@ -143,11 +143,14 @@ fn serve_conn(c: Conn, me: &str, gate: &Arc<Gate>, input: &Sender<Vec<u8>>, logs
             return;
         }
         remote_console::serve(writer, reader, from, gate.clone(), input.clone());
-    } else if let Some(rest) = hello.strip_prefix(&format!("{HELLO} view=")) {
-        let parsed = rest.split_once(" to=").and_then(|(v, to)| Some((v.parse::<u64>().ok()?, to)));
-        let Some((view, to)) = parsed else {
-            let _ = write_line(&mut writer, "ERR malformed hello");
-            return;
+    } else if hello::is_hello(&hello) {
+        let (view, to) = match hello::parse(&hello) {
+            Ok(p) => p,
+            Err(why) => {
+                log::warn!("backup: refused a log stream from {peer}: {why}");
+                let _ = write_line(&mut writer, &format!("ERR {why}"));
+                return;
+            }
         };
         let Some(LogStreams { tx, view: my_view, me, taken }) = logs else {
             let _ = write_line(&mut writer, "ERR this VMM is not a backup");

@@ -9,6 +9,7 @@ pub mod commit;
 pub mod gate;
 pub mod held;
 pub mod held_frames;
+pub mod hello;
 pub mod key;
 pub mod listener;
 pub mod log_buf;

@@ -1,5 +1,6 @@
 //! The log stream from primary to backup: a one-line hello that names the
-//! view and the backup's incarnation (`FTVM-LOG view=N to=ADDR@ID`), the backup's `OK` or `ERR ...`, then the log
+//! protocol version, the view and the backup's incarnation
+//! (`FTVM-LOG/2 view=N to=ADDR@ID`, `hello.rs`), the backup's `OK` or `ERR ...`, then the log
 //! header (replay-log format), then either a line `SNAPSHOT <len>` and
 //! `len` bytes of a snapshot of the VM taken at the end of some exit N
 //! (docs/SNAPSHOT.md; state transfer, `xfer.rs`), a line `TAIL <seq> <n>`
@@ -45,7 +46,6 @@ use crate::recorder::LogSink;
 use crate::stop::StopHandle;
 use crate::replay::RecordSource;
 
-pub const HELLO: &str = "FTVM-LOG";
 /// Between attempts to reach the backup.
 const RETRY: Duration = Duration::from_millis(100);
 /// For a connection, and for the backup's answer to the hello.
@@ -357,7 +357,7 @@ fn open(s: &Sending) -> Option<(SecureReader, SecureWriter, Answer)> {
     let mut warned = false;
     while !s.stop.load(Ordering::Relaxed) {
         let tried = secure::connect(&s.addr, &s.key, CONNECT_TIMEOUT).and_then(|(mut r, mut w)| {
-            write_line(&mut w, &format!("{HELLO} view={} to={}", s.view, s.to))?;
+            write_line(&mut w, &super::hello::hello(s.view, &s.to))?;
             r.tcp().set_read_timeout(Some(CONNECT_TIMEOUT))?;
             let answer = read_line(&mut r);
             r.tcp().set_read_timeout(None)?;
@@ -382,7 +382,7 @@ fn open(s: &Sending) -> Option<(SecureReader, SecureWriter, Answer)> {
             // it leaves the view).
             Ok((_, _, Some(l))) => {
                 if !warned {
-                    log::warn!("primary: backup {} refused the log stream ({l}); retrying while it is in the view", s.to);
+                    log::warn!("primary: backup {} refused the log stream ({}); retrying while it is in the view", s.to, super::hello::explain_refusal(&l));
                 }
             }
             Ok((_, _, None)) => {
