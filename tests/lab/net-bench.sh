@@ -145,6 +145,7 @@ one_plain() { # round mode
     fi
     echo "RESULT kind=end round=$r mode=$m rc=$rc"
     [ $rc = 0 ] || { fail "$m-$r: ftvm exited $rc"; tail -n 5 $W/$m.err | sed 's/^/FAIL |  /'; }
+    grep -h -e ' exits (' -e 'logged .* events' $W/$m.err 2>/dev/null | sed "s/^/NOTE $m-$r summary: /"
     if [ "$m" = record ]; then
         echo "RESULT kind=logfile round=$r bytes=$(size_of $W/rec.ftlog)"
         rm -f $W/rec.ftlog

@@ -31,6 +31,9 @@ pub fn parse(line: &str) -> Result<(u64, &str), String> {
     let rest = match rest.strip_prefix('/') {
         Some(r) => {
             let (v, r) = r.split_once(' ').unwrap_or((r, ""));
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err("malformed hello".into());
+            }
             match v.parse::<u32>() {
                 Ok(PROTOCOL) => r,
                 Ok(v) => return Err(mixed(v)),
@@ -83,7 +86,7 @@ mod tests {
 
     #[test]
     fn malformed_hellos_are_refused() {
-        for bad in ["FTVM-LOG/2 view=1", "FTVM-LOG/2 view=x to=a", "FTVM-LOG/2 view=1 to=", "FTVM-LOG/2 view=1 to=a b", "FTVM-LOG/x view=1 to=a", "FTVM-LOG/2view=1 to=a", "FTVM-LOG/"] {
+        for bad in ["FTVM-LOG/2 view=1", "FTVM-LOG/2 view=x to=a", "FTVM-LOG/2 view=1 to=", "FTVM-LOG/2 view=1 to=a b", "FTVM-LOG/x view=1 to=a", "FTVM-LOG/2view=1 to=a", "FTVM-LOG/", "FTVM-LOG/+2 view=1 to=a"] {
             assert_eq!(parse(bad), Err("malformed hello".to_string()), "{bad}");
         }
         for other in ["FTVM-LOGGER view=1 to=a", "CONSOLE from=1", ""] {

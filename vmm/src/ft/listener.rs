@@ -4,7 +4,7 @@
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
@@ -147,7 +147,14 @@ fn serve_conn(c: Conn, me: &str, gate: &Arc<Gate>, input: &Sender<Vec<u8>>, logs
         let (view, to) = match hello::parse(&hello) {
             Ok(p) => p,
             Err(why) => {
-                log::warn!("backup: refused a log stream from {peer}: {why}");
+                // A primary retries every 100 ms: say it once in a while.
+                static SAID: Mutex<Option<Instant>> = Mutex::new(None);
+                let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+                if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    *said = Some(Instant::now());
+                    log::warn!("backup: refused a log stream from {peer}: {why}");
+                }
+                drop(said);
                 let _ = write_line(&mut writer, &format!("ERR {why}"));
                 return;
             }

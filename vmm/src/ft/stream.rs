@@ -354,7 +354,8 @@ enum Answer {
 /// Connects and says hello, retrying (a backup still starting, a listener
 /// busy with strangers) until the backup answers or leaves the view.
 fn open(s: &Sending) -> Option<(SecureReader, SecureWriter, Answer)> {
-    let mut warned = false;
+    // What was said last: each retry says nothing new, a new reason is said.
+    let mut said = String::new();
     while !s.stop.load(Ordering::Relaxed) {
         let tried = secure::connect(&s.addr, &s.key, CONNECT_TIMEOUT).and_then(|(mut r, mut w)| {
             write_line(&mut w, &super::hello::hello(s.view, &s.to))?;
@@ -363,7 +364,7 @@ fn open(s: &Sending) -> Option<(SecureReader, SecureWriter, Answer)> {
             r.tcp().set_read_timeout(None)?;
             Ok((r, w, answer?))
         });
-        match tried {
+        let why = match tried {
             Ok((r, w, Some(l))) if l == "OK" => return Some((r, w, Answer::Fresh)),
             Ok((r, mut w, Some(l))) if resume::parse_resume(&l).is_some() => {
                 let (at, of) = resume::parse_resume(&l).unwrap_or_default();
@@ -372,31 +373,24 @@ fn open(s: &Sending) -> Option<(SecureReader, SecureWriter, Answer)> {
                 }
                 // Where the header belongs: it stops asking to resume.
                 let _ = write_line(&mut w, &format!("ERR this is primary {}, not {of}", s.me));
-                if !warned {
-                    log::warn!("primary: backup {} asks to resume the log of {of}, not this primary's; retrying while it is in the view", s.to);
-                }
+                format!("backup {} asks to resume the log of {of}, not this primary's; retrying while it is in the view", s.to)
             }
             // Busy with a stream it may yet refuse, not yet the member the
             // view names (joining, rejoining), or anything else: ask again
             // while it is the view's backup (the duty thread stops us when
             // it leaves the view).
-            Ok((_, _, Some(l))) => {
-                if !warned {
-                    log::warn!("primary: backup {} refused the log stream ({}); retrying while it is in the view", s.to, super::hello::explain_refusal(&l));
-                }
-            }
-            Ok((_, _, None)) => {
-                if !warned {
-                    log::warn!("primary: backup {} closed the connection during the hello; retrying", s.addr);
-                }
-            }
-            Err(e) => {
-                if !warned {
-                    log::warn!("primary: cannot stream to backup {}: {e}; retrying while it is in the view", s.addr);
-                }
-            }
+            Ok((_, _, Some(l))) => format!(
+                "backup {} refused the log stream ({}); retrying while it is in the view",
+                s.to,
+                super::hello::explain_refusal(&l)
+            ),
+            Ok((_, _, None)) => format!("backup {} closed the connection during the hello; retrying", s.addr),
+            Err(e) => format!("cannot stream to backup {}: {e}; retrying while it is in the view", s.addr),
+        };
+        if why != said {
+            log::warn!("primary: {why}");
+            said = why;
         }
-        warned = true;
         std::thread::sleep(RETRY);
     }
     None
