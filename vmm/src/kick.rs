@@ -188,7 +188,7 @@ impl Look {
         if now < due {
             return Some(Duration::from_nanos(due - now));
         }
-        if run % 2 == 0 || run == self.kicked_run {
+        if run.is_multiple_of(2) || run == self.kicked_run {
             // Out of the guest, or kicked already: the loop moves the
             // deadline once the timer fires; until then look again shortly
             // (another stay may need a kick).
