@@ -147,11 +147,12 @@ fn serve_conn(c: Conn, me: &str, gate: &Arc<Gate>, input: &Sender<Vec<u8>>, logs
         let (view, to) = match hello::parse(&hello) {
             Ok(p) => p,
             Err(why) => {
-                // A primary retries every 100 ms: say it once in a while.
-                static SAID: Mutex<Option<Instant>> = Mutex::new(None);
+                // A primary retries every 100 ms: a reason is said again
+                // only after a while.
+                static SAID: Mutex<Option<(String, Instant)>> = Mutex::new(None);
                 let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
-                if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                    *said = Some(Instant::now());
+                if said.as_ref().is_none_or(|(w, t)| *w != why || t.elapsed() >= Duration::from_secs(10)) {
+                    *said = Some((why.clone(), Instant::now()));
                     log::warn!("backup: refused a log stream from {peer}: {why}");
                 }
                 drop(said);
