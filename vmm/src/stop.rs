@@ -59,9 +59,6 @@ struct Inner {
     /// an atomic: the thread must not exit between reading the id and
     /// signalling it (the guard clears it under the same lock).
     vcpu_thread: Mutex<u64>,
-    /// The registered vCPU thread's CPU-time clock (`pthread_getcpuclockid`),
-    /// read under `vcpu_thread`'s lock for the same reason.
-    vcpu_clock: Mutex<Option<libc::clockid_t>>,
     /// Wakes threads that wait on something else (a record channel).
     wake_tx: Sender<()>,
     wake_rx: Receiver<()>,
@@ -74,7 +71,6 @@ impl Default for StopHandle {
             ending: Mutex::new(None),
             runs: AtomicU64::new(0),
             vcpu_thread: Mutex::new(0),
-            vcpu_clock: Mutex::new(None),
             wake_tx,
             wake_rx,
         }))
@@ -149,32 +145,9 @@ impl StopHandle {
     pub fn register_vcpu_thread(&self) -> VcpuThreadGuard {
         install_kick_handler();
         // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
-        let mut clock: libc::clockid_t = 0;
-        // SAFETY: `me` is this live thread; `clock` is a valid out pointer.
-        let clock = (unsafe { libc::pthread_getcpuclockid(me, &mut clock) } == 0).then_some(clock);
-        let mut guard = self.0.vcpu_thread.lock().unwrap();
-        *self.0.vcpu_clock.lock().unwrap() = clock;
-        *guard = me as u64;
+        let me = unsafe { libc::pthread_self() } as u64;
+        *self.0.vcpu_thread.lock().unwrap() = me;
         VcpuThreadGuard(self.clone())
-    }
-
-    /// CPU time (ns) the registered vCPU thread has used, its time in the
-    /// guest included; `None` without a registered thread. Tells a stay in
-    /// the guest that computed from one the host did not let run.
-    pub fn vcpu_cpu_ns(&self) -> Option<u64> {
-        let guard = self.0.vcpu_thread.lock().unwrap();
-        if *guard == 0 {
-            return None;
-        }
-        let clock = (*self.0.vcpu_clock.lock().unwrap())?;
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: `clock` belongs to the registered thread, which cannot
-        // exit while `guard` is held (its guard clears the id under this
-        // lock first); `ts` is a valid out pointer.
-        let ok = unsafe { libc::clock_gettime(clock, &mut ts) } == 0;
-        drop(guard);
-        ok.then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
     }
 }
 
