@@ -40,10 +40,14 @@ pub fn parse(line: &str) -> Result<(u64, &str), String> {
                 Err(_) => return Err("malformed hello".into()),
             }
         }
-        None if rest.starts_with(' ') => return Err(mixed(1)),
+        None if rest.starts_with(" view=") => return Err(mixed(1)),
         None => return Err("unknown hello".into()),
     };
-    let parsed = rest.strip_prefix("view=").and_then(|r| r.split_once(" to=")).and_then(|(v, to)| Some((v.parse::<u64>().ok()?, to)));
+    let digits = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+    let parsed = rest
+        .strip_prefix("view=")
+        .and_then(|r| r.split_once(" to="))
+        .and_then(|(v, to)| Some((v.parse::<u64>().ok().filter(|_| digits(v))?, to)));
     match parsed {
         Some((view, to)) if !to.is_empty() && !to.contains(' ') => Ok((view, to)),
         _ => Err("malformed hello".into()),
@@ -86,12 +90,14 @@ mod tests {
 
     #[test]
     fn malformed_hellos_are_refused() {
-        for bad in ["FTVM-LOG/2 view=1", "FTVM-LOG/2 view=x to=a", "FTVM-LOG/2 view=1 to=", "FTVM-LOG/2 view=1 to=a b", "FTVM-LOG/x view=1 to=a", "FTVM-LOG/2view=1 to=a", "FTVM-LOG/", "FTVM-LOG/+2 view=1 to=a"] {
+        for bad in ["FTVM-LOG/2 view=1", "FTVM-LOG/2 view=x to=a", "FTVM-LOG/2 view=1 to=", "FTVM-LOG/2 view=1 to=a b", "FTVM-LOG/x view=1 to=a", "FTVM-LOG/2view=1 to=a", "FTVM-LOG/", "FTVM-LOG/+2 view=1 to=a", "FTVM-LOG/2 view=+1 to=a"] {
             assert_eq!(parse(bad), Err("malformed hello".to_string()), "{bad}");
         }
         for other in ["FTVM-LOGGER view=1 to=a", "CONSOLE from=1", ""] {
             assert!(!is_hello(other), "{other}");
         }
+        // Not an older release's hello, just junk after the word.
+        assert_eq!(parse("FTVM-LOG junk"), Err("unknown hello".to_string()));
     }
 
     #[test]
